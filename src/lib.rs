@@ -1,1 +1,3 @@
+//! waldur-operator: a Kubernetes operator that makes Waldur OpenStack server groups declarative.
 
+pub mod waldur;

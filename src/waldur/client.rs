@@ -1,0 +1,568 @@
+//! One typed async method per server-group endpoint of Waldur's REST API.
+//!
+//! Every request goes through [`WaldurClient::send`], the single place that adds the token,
+//! measures, and classifies the answer. Reads (GET, HEAD) retry transient failures with
+//! jittered backoff; writes never retry, because a write that timed out may have been done.
+
+use std::fmt;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::WaldurError;
+use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
+use super::query::ListQuery;
+
+/// Waldur clamps larger pages to this size.
+pub const MAX_PAGE_SIZE: u32 = 300;
+/// A guard against a server whose `Link` header never ends.
+const MAX_PAGES: u32 = 10_000;
+
+/// An API token. It is shown as `***` wherever it is formatted.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into().trim().to_string())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// How to reach one Waldur.
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// Waldur's address, for example `https://waldur.example.com` (a trailing `/api/` is fine).
+    pub url: String,
+    pub token: Token,
+    /// The whole request, body included.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Extra CA certificates (PEM) trusted besides the system's.
+    pub ca_bundle_pem: Option<Vec<u8>>,
+    /// Skip TLS verification. Dangerous; the operator logs a warning when it is on.
+    pub insecure_skip_tls_verify: bool,
+    /// How many times a read is tried again after a transient failure.
+    pub read_retries: usize,
+    pub retry_min_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+impl ClientSettings {
+    pub fn new(url: impl Into<String>, token: Token) -> Self {
+        Self {
+            url: url.into(),
+            token,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            ca_bundle_pem: None,
+            insecure_skip_tls_verify: false,
+            read_retries: 3,
+            retry_min_delay: Duration::from_millis(200),
+            retry_max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The Waldur endpoints, named for metrics, logs and errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    List,
+    Count,
+    Retrieve,
+    Create,
+    CreateOnCollection,
+    Pull,
+    Delete,
+    Unlink,
+    SetErred,
+    SetOk,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::List => "list",
+            Self::Count => "count",
+            Self::Retrieve => "retrieve",
+            Self::Create => "create",
+            Self::CreateOnCollection => "create_collection",
+            Self::Pull => "pull",
+            Self::Delete => "delete",
+            Self::Unlink => "unlink",
+            Self::SetErred => "set_erred",
+            Self::SetOk => "set_ok",
+        }
+    }
+
+    /// Only reads are safe to send twice.
+    pub fn is_read(self) -> bool {
+        matches!(self, Self::List | Self::Count | Self::Retrieve)
+    }
+}
+
+/// What came back from a successful request.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// A client for one Waldur and one token. Cheap to clone.
+#[derive(Clone)]
+pub struct WaldurClient {
+    http: reqwest::Client,
+    /// `https://host[/prefix]`, without a trailing slash.
+    base: String,
+    token: Token,
+    backoff: ExponentialBuilder,
+}
+
+impl fmt::Debug for WaldurClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WaldurClient")
+            .field("base", &self.base)
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl WaldurClient {
+    pub fn new(settings: &ClientSettings) -> Result<Self, WaldurError> {
+        let base = normalise_base(&settings.url)?;
+        if settings.token.is_empty() {
+            return Err(WaldurError::Config("the Waldur token is empty".into()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("waldur-operator/", env!("CARGO_PKG_VERSION")))
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            .tls_danger_accept_invalid_certs(settings.insecure_skip_tls_verify);
+        if let Some(pem) = &settings.ca_bundle_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| WaldurError::Config(format!("the CA bundle is not valid PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(WaldurError::Config(
+                    "the CA bundle holds no certificate".into(),
+                ));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| WaldurError::Config(format!("cannot build the HTTP client: {e}")))?;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(settings.retry_min_delay)
+            .with_max_delay(settings.retry_max_delay)
+            .with_max_times(settings.read_retries)
+            .with_jitter();
+        Ok(Self {
+            http,
+            base,
+            token: settings.token.clone(),
+            backoff,
+        })
+    }
+
+    /// The base address requests go to, as normalised.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn groups_url(&self) -> String {
+        format!("{}/api/openstack-server-groups/", self.base)
+    }
+
+    fn group_url(&self, uuid: &WaldurUuid, action: Option<&str>) -> String {
+        match action {
+            Some(a) => format!("{}/api/openstack-server-groups/{uuid}/{a}/", self.base),
+            None => format!("{}/api/openstack-server-groups/{uuid}/", self.base),
+        }
+    }
+
+    /// Every visible server group matching `query`, all pages. `Link: rel="next"` says which
+    /// page comes next; only its page number is used, so a Waldur behind a proxy that writes
+    /// its own host into links is still read through the configured address.
+    pub async fn list(&self, query: &ListQuery) -> Result<Vec<ServerGroup>, WaldurError> {
+        let mut out = Vec::new();
+        let mut page = 1u32;
+        loop {
+            let params = query.params_for_page(page);
+            let answer = self
+                .read(Endpoint::List, || {
+                    self.request(Method::GET, &self.groups_url()).query(&params)
+                })
+                .await?;
+            let items: Vec<ServerGroup> = decode(Endpoint::List, &answer)?;
+            out.extend(items);
+            match next_page(&answer.headers) {
+                Some(next) if next > page && next <= MAX_PAGES => page = next,
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// How many server groups match `query`, from `X-Result-Count` of a HEAD request.
+    pub async fn count(&self, query: &ListQuery) -> Result<u64, WaldurError> {
+        let params = query.filter_params();
+        let answer = self
+            .read(Endpoint::Count, || {
+                self.request(Method::HEAD, &self.groups_url())
+                    .query(&params)
+            })
+            .await?;
+        result_count(&answer.headers).ok_or_else(|| {
+            WaldurError::malformed(
+                Endpoint::Count.as_str(),
+                answer.status.as_u16(),
+                "no X-Result-Count header",
+                &[],
+            )
+        })
+    }
+
+    /// One server group. `fields` asks for a sparse answer; empty means all fields.
+    pub async fn get(
+        &self,
+        uuid: &WaldurUuid,
+        fields: &[&str],
+    ) -> Result<ServerGroup, WaldurError> {
+        let params: Vec<(&str, &str)> = fields.iter().map(|f| ("field", *f)).collect();
+        let answer = self
+            .read(Endpoint::Retrieve, || {
+                self.request(Method::GET, &self.group_url(uuid, None))
+                    .query(&params)
+            })
+            .await?;
+        decode(Endpoint::Retrieve, &answer)
+    }
+
+    /// Creates a server group through the tenant action, the route real Waldur serves.
+    pub async fn create(
+        &self,
+        tenant: &WaldurUuid,
+        new: &NewServerGroup,
+    ) -> Result<ServerGroup, WaldurError> {
+        let url = format!(
+            "{}/api/openstack-tenants/{tenant}/create_server_group/",
+            self.base
+        );
+        let answer = self
+            .send(Endpoint::Create, self.request(Method::POST, &url).json(new))
+            .await?;
+        decode(Endpoint::Create, &answer)
+    }
+
+    /// Creates on the collection, as the public docs describe. Real servers answer 500 here;
+    /// it exists for API completeness and is not what the operator uses.
+    pub async fn create_on_collection(
+        &self,
+        tenant_url: &str,
+        new: &NewServerGroup,
+    ) -> Result<ServerGroup, WaldurError> {
+        let mut body = serde_json::to_value(new)
+            .map_err(|e| WaldurError::Config(format!("cannot encode the create request: {e}")))?;
+        if let Some(map) = body.as_object_mut() {
+            map.insert("tenant".into(), tenant_url.into());
+        }
+        let req = self.request(Method::POST, &self.groups_url()).json(&body);
+        let answer = self.send(Endpoint::CreateOnCollection, req).await?;
+        decode(Endpoint::CreateOnCollection, &answer)
+    }
+
+    /// Asks Waldur to re-read the group from OpenStack (202). Returns Waldur's message.
+    pub async fn pull(&self, uuid: &WaldurUuid) -> Result<String, WaldurError> {
+        self.action(Endpoint::Pull, uuid, "pull", None).await
+    }
+
+    /// Schedules deletion (202). The group is gone once a GET answers 404.
+    pub async fn delete(&self, uuid: &WaldurUuid) -> Result<(), WaldurError> {
+        let req = self.request(Method::DELETE, &self.group_url(uuid, None));
+        self.send(Endpoint::Delete, req).await.map(|_| ())
+    }
+
+    /// Removes Waldur's record only, leaving OpenStack untouched (staff only, 204).
+    pub async fn unlink(&self, uuid: &WaldurUuid) -> Result<(), WaldurError> {
+        let req = self.request(Method::POST, &self.group_url(uuid, Some("unlink")));
+        self.send(Endpoint::Unlink, req).await.map(|_| ())
+    }
+
+    /// Marks the group ERRED (staff only), for groups stuck in a transitional state.
+    pub async fn set_erred(
+        &self,
+        uuid: &WaldurUuid,
+        error_message: Option<&str>,
+        error_traceback: Option<&str>,
+    ) -> Result<String, WaldurError> {
+        let mut body = serde_json::Map::new();
+        if let Some(m) = error_message {
+            body.insert("error_message".into(), m.into());
+        }
+        if let Some(t) = error_traceback {
+            body.insert("error_traceback".into(), t.into());
+        }
+        let body = serde_json::Value::Object(body);
+        self.action(Endpoint::SetErred, uuid, "set_erred", Some(&body))
+            .await
+    }
+
+    /// Marks the group OK and clears its error fields (staff only).
+    pub async fn set_ok(&self, uuid: &WaldurUuid) -> Result<String, WaldurError> {
+        self.action(Endpoint::SetOk, uuid, "set_ok", None).await
+    }
+
+    async fn action(
+        &self,
+        endpoint: Endpoint,
+        uuid: &WaldurUuid,
+        action: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String, WaldurError> {
+        let mut req = self.request(Method::POST, &self.group_url(uuid, Some(action)));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let answer = self.send(endpoint, req).await?;
+        // The detail text is informative only; an empty or odd body is not an error.
+        let detail: Detail = serde_json::from_slice(&answer.body).unwrap_or_default();
+        Ok(detail.detail)
+    }
+
+    fn request(&self, method: Method, url: &str) -> RequestBuilder {
+        let mut auth = HeaderValue::from_str(&format!("Token {}", self.token.expose()))
+            .unwrap_or_else(|_| HeaderValue::from_static(""));
+        // Keeps the token out of any debug output of the request.
+        auth.set_sensitive(true);
+        self.http
+            .request(method, url)
+            .header(AUTHORIZATION, auth)
+            .header(reqwest::header::ACCEPT, "application/json")
+    }
+
+    /// A read, tried again on transient failures with jittered exponential backoff. A
+    /// `Retry-After` from Waldur stretches the wait when it asks for longer.
+    async fn read<F>(&self, endpoint: Endpoint, build: F) -> Result<Answer, WaldurError>
+    where
+        F: Fn() -> RequestBuilder,
+    {
+        debug_assert!(endpoint.is_read());
+        (|| async { self.send(endpoint, build()).await })
+            .retry(self.backoff)
+            .when(WaldurError::is_transient)
+            .adjust(|err, planned| match (err, planned) {
+                (
+                    WaldurError::Transient {
+                        retry_after: Some(asked),
+                        ..
+                    },
+                    Some(planned),
+                ) => Some(planned.max(*asked)),
+                (_, planned) => planned,
+            })
+            .notify(|err, wait| {
+                tracing::debug!(endpoint = endpoint.as_str(), error = %err, ?wait, "retrying Waldur read");
+            })
+            .await
+    }
+
+    /// Sends one request and reads the whole answer; anything but 2xx becomes a classified error.
+    async fn send(&self, endpoint: Endpoint, req: RequestBuilder) -> Result<Answer, WaldurError> {
+        let name = endpoint.as_str();
+        let response = req
+            .send()
+            .await
+            .map_err(|e| WaldurError::from_transport(name, &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| WaldurError::from_transport(name, &e))?;
+        if status.is_success() {
+            return Ok(Answer {
+                status,
+                headers,
+                body,
+            });
+        }
+        let retry_after = retry_after(&headers);
+        let err = WaldurError::from_response(name, status.as_u16(), &body, retry_after);
+        Err(self.redact(err))
+    }
+
+    /// A server that echoes the token back in an error body must not make it show in logs.
+    fn redact(&self, err: WaldurError) -> WaldurError {
+        let token = self.token.expose();
+        match err {
+            WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt,
+            } if excerpt.contains(token) => WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt: excerpt.replace(token, "***"),
+            },
+            WaldurError::Transient {
+                endpoint,
+                reason,
+                retry_after,
+            } if reason.contains(token) => WaldurError::Transient {
+                endpoint,
+                reason: reason.replace(token, "***"),
+                retry_after,
+            },
+            other => other,
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(endpoint: Endpoint, answer: &Answer) -> Result<T, WaldurError> {
+    serde_json::from_slice(&answer.body).map_err(|e| {
+        WaldurError::malformed(
+            endpoint.as_str(),
+            answer.status.as_u16(),
+            &format!("the body is not the expected JSON ({e})"),
+            &answer.body,
+        )
+    })
+}
+
+/// Accepts `https://host`, `https://host/`, `https://host/api/` and `https://host/prefix/api`.
+fn normalise_base(raw: &str) -> Result<String, WaldurError> {
+    let parsed = url::Url::parse(raw.trim())
+        .map_err(|e| WaldurError::Config(format!("the Waldur URL {raw:?} is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(WaldurError::Config(format!(
+            "the Waldur URL {raw:?} must be an http(s) address with a host"
+        )));
+    }
+    let mut base = parsed.as_str().trim_end_matches('/').to_string();
+    if let Some(stripped) = base.strip_suffix("/api") {
+        base = stripped.to_string();
+    }
+    Ok(base)
+}
+
+/// The page number in the `rel="next"` entry of a `Link` header.
+fn next_page(headers: &HeaderMap) -> Option<u32> {
+    headers
+        .get_all(reqwest::header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find(|entry| entry.contains("rel=\"next\"") || entry.contains("rel=next"))
+        .and_then(|entry| {
+            let target = entry.split(';').next()?.trim();
+            let target = target.trim_start_matches('<').trim_end_matches('>');
+            let url = url::Url::parse(target).ok()?;
+            url.query_pairs()
+                .find(|(k, _)| k == "page")
+                .and_then(|(_, v)| v.parse().ok())
+        })
+}
+
+fn result_count(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("x-result-count")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `Retry-After` in seconds; the HTTP-date form is rare from Waldur and is ignored.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(300)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_urls_are_normalised() {
+        for (raw, want) in [
+            ("https://w.example.com", "https://w.example.com"),
+            ("https://w.example.com/", "https://w.example.com"),
+            ("https://w.example.com/api/", "https://w.example.com"),
+            (
+                "https://w.example.com/waldur/api",
+                "https://w.example.com/waldur",
+            ),
+            ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ] {
+            assert_eq!(normalise_base(raw).unwrap(), want, "{raw}");
+        }
+        for bad in ["", "waldur.example.com", "ftp://w.example.com", "https://"] {
+            assert!(normalise_base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn next_page_comes_from_the_link_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            reqwest::header::LINK,
+            HeaderValue::from_static(
+                "<http://x/api/openstack-server-groups/?page=1&page_size=300>; rel=\"first\", \
+                 <http://x/api/openstack-server-groups/?page=3&page_size=300>; rel=\"next\", \
+                 <http://x/api/openstack-server-groups/?page=9&page_size=300>; rel=\"last\"",
+            ),
+        );
+        assert_eq!(next_page(&h), Some(3));
+        h.insert(
+            reqwest::header::LINK,
+            HeaderValue::from_static(
+                "<http://x/?page=1>; rel=\"first\", <http://x/?page=1>; rel=\"last\"",
+            ),
+        );
+        assert_eq!(next_page(&h), None);
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let settings = ClientSettings::new("https://w.example.com", Token::new("s3cr3t-t0ken"));
+        let client = WaldurClient::new(&settings).unwrap();
+        let shown = format!("{settings:?} {client:?}");
+        assert!(!shown.contains("s3cr3t-t0ken"), "{shown}");
+        assert!(shown.contains("***"));
+    }
+
+    #[test]
+    fn bad_settings_are_reported_before_any_request() {
+        let mut s = ClientSettings::new("https://w.example.com", Token::new(""));
+        assert!(
+            matches!(WaldurClient::new(&s), Err(WaldurError::Config(m)) if m.contains("empty"))
+        );
+        s.token = Token::new("t");
+        s.ca_bundle_pem = Some(b"not a certificate".to_vec());
+        assert!(
+            matches!(WaldurClient::new(&s), Err(WaldurError::Config(m)) if m.contains("CA bundle"))
+        );
+    }
+}

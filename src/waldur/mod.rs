@@ -1,0 +1,15 @@
+//! The Waldur REST client for OpenStack server groups. No Kubernetes types live here.
+//!
+//! Real Waldur differs from its public docs page in ways this module absorbs: creation goes
+//! through the tenant action, DELETE answers 202, states come in two vocabularies, pages are
+//! clamped at 300 and UUIDs come with or without dashes.
+
+mod client;
+mod error;
+mod model;
+mod query;
+
+pub use client::{ClientSettings, Endpoint, MAX_PAGE_SIZE, Token, WaldurClient};
+pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
+pub use model::{Instance, InvalidUuid, NewServerGroup, Policy, ServerGroup, State, WaldurUuid};
+pub use query::ListQuery;
