@@ -1,3 +1,4 @@
 //! waldur-operator: a Kubernetes operator that makes Waldur OpenStack server groups declarative.
 
+pub mod api;
 pub mod waldur;

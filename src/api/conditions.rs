@@ -1,0 +1,130 @@
+//! The `Ready` and `Synced` conditions: names, reasons, and the one rule for updating them.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const SYNCED: &str = "Synced";
+
+/// Reasons of `Ready`.
+pub mod ready_reason {
+    pub const AVAILABLE: &str = "Available";
+    pub const CREATING: &str = "Creating";
+    pub const UPDATING: &str = "Updating";
+    pub const DELETING: &str = "Deleting";
+    pub const ERRED: &str = "Erred";
+    pub const NOT_FOUND: &str = "NotFound";
+    pub const ALREADY_MANAGED: &str = "AlreadyManaged";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Nothing is known yet (first reconcile, or Waldur could not be reached).
+    pub const UNKNOWN: &str = "Unknown";
+}
+
+/// Reasons of `Synced`.
+#[allow(dead_code)] // used by the controller
+pub mod synced_reason {
+    pub const RECONCILED: &str = "ReconcileSuccess";
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+    pub const FORBIDDEN: &str = "Forbidden";
+    pub const WALDUR_UNAVAILABLE: &str = "WaldurUnavailable";
+    pub const CREDENTIALS_NOT_FOUND: &str = "CredentialsNotFound";
+    pub const CONFLICT: &str = "Conflict";
+    pub const PAUSED: &str = "Paused";
+    pub const ERROR: &str = "ReconcileError";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// Sets a condition in place. `lastTransitionTime` moves only when the status flips, so
+/// users (and `kubectl wait`) can tell how long a resource has been in its condition.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    observed_generation: Option<i64>,
+    now: &Time,
+) {
+    let existing = conditions.iter_mut().find(|c| c.type_ == type_);
+    match existing {
+        Some(c) => {
+            if c.status != status.as_str() {
+                c.last_transition_time = now.clone();
+                c.status = status.as_str().to_string();
+            }
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = observed_generation;
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status: status.as_str().to_string(),
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation,
+            last_transition_time: now.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_a_flip() {
+        let mut c = Vec::new();
+        set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::False,
+            "Creating",
+            "",
+            Some(1),
+            &at(10),
+        );
+        set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::False,
+            "Creating",
+            "still",
+            Some(1),
+            &at(20),
+        );
+        assert_eq!(c[0].last_transition_time, at(10));
+        assert_eq!(c[0].message, "still");
+        set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::True,
+            "Available",
+            "",
+            Some(2),
+            &at(30),
+        );
+        assert_eq!(c[0].last_transition_time, at(30));
+        assert_eq!(c[0].observed_generation, Some(2));
+        assert_eq!(c.len(), 1);
+    }
+}

@@ -1,0 +1,353 @@
+//! The `ServerGroup` custom resource: what users write (spec) and what the operator reports
+//! (status). The CRD generated from these types is checked in under `crds/`.
+
+mod conditions;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use crate::waldur::Policy;
+pub use conditions::{ConditionStatus, READY, SYNCED, ready_reason, set_condition};
+
+/// API group of every Waldur resource kind of this operator.
+pub const GROUP: &str = "openstack.waldur.com";
+/// Prefix of the operator's annotations.
+pub const ANNOTATION_PREFIX: &str = "openstack.waldur.com/";
+/// `"true"` stops all Waldur calls for the resource.
+pub const ANNOTATION_PAUSED: &str = "openstack.waldur.com/paused";
+/// A new token asks Waldur once to pull the group from OpenStack.
+pub const ANNOTATION_REQUEST_PULL: &str = "openstack.waldur.com/request-pull";
+/// A new token asks Waldur once to mark the group OK (staff).
+pub const ANNOTATION_REQUEST_SET_OK: &str = "openstack.waldur.com/request-set-ok";
+/// A new token asks Waldur once to mark the group ERRED (staff).
+pub const ANNOTATION_REQUEST_SET_ERRED: &str = "openstack.waldur.com/request-set-erred";
+/// Held while the Waldur group may still exist.
+pub const FINALIZER: &str = "openstack.waldur.com/server-group";
+
+/// A Waldur OpenStack server group: a set of VMs placed together (affinity) or apart
+/// (anti-affinity) by Nova. The operator creates it in Waldur, keeps its status true to what
+/// Waldur reports, and deletes it as `deletionPolicy` says.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "openstack.waldur.com",
+    doc = "A Waldur OpenStack server group, declared in Kubernetes. See spec for what to set and status for what Waldur reports.",
+    version = "v1alpha1",
+    kind = "ServerGroup",
+    plural = "servergroups",
+    singular = "servergroup",
+    shortname = "wsg",
+    category = "waldur",
+    namespaced,
+    status = "ServerGroupStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    printcolumn(name = "Policy", type_ = "string", json_path = ".status.policy"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Instances",
+        type_ = "integer",
+        json_path = ".status.instanceCount"
+    ),
+    printcolumn(
+        name = "Backend-ID",
+        type_ = "string",
+        json_path = ".status.backendId",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+// `import` is a CEL reserved word: Kubernetes exposes that property to rules as `__import__`.
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.__import__) || (has(self.tenant) && has(self.policy))",
+        "message": "spec.tenant and spec.policy are required unless spec.import binds an existing group"
+    },
+    {
+        "rule": "has(self.name) == has(oldSelf.name) && (!has(self.name) || self.name == oldSelf.name)",
+        "message": "spec.name is immutable: Waldur cannot rename a server group; create a new ServerGroup instead"
+    },
+    {
+        "rule": "has(self.description) == has(oldSelf.description) && (!has(self.description) || self.description == oldSelf.description)",
+        "message": "spec.description is immutable: Waldur cannot update a server group; create a new ServerGroup instead"
+    },
+    {
+        "rule": "has(self.policy) == has(oldSelf.policy) && (!has(self.policy) || self.policy == oldSelf.policy)",
+        "message": "spec.policy is immutable: Waldur cannot change a server group's policy; create a new ServerGroup instead"
+    },
+    {
+        "rule": "has(self.tenant) == has(oldSelf.tenant) && (!has(self.tenant) || self.tenant == oldSelf.tenant)",
+        "message": "spec.tenant is immutable: a server group cannot move between tenants; create a new ServerGroup instead"
+    },
+    {
+        "rule": "has(self.__import__) == has(oldSelf.__import__) && (!has(self.__import__) || self.__import__ == oldSelf.__import__)",
+        "message": "spec.import is immutable: to bind another group, create a new ServerGroup"
+    },
+    {
+        "rule": "self.managementPolicy == oldSelf.managementPolicy",
+        "message": "spec.managementPolicy is immutable: create a new ServerGroup to change who manages the group"
+    }
+]))]
+pub struct ServerGroupSpec {
+    /// How Nova places the group's VMs: affinity (same hypervisor), anti-affinity (different
+    /// hypervisors), or their soft variants (best effort). Waldur before 8.0.4 accepts affinity
+    /// only. Required unless import is set. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+
+    /// UUID of the Waldur OpenStack tenant to create the group in, dashed or not. Required
+    /// unless import is set. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+    ))]
+    pub tenant: Option<String>,
+
+    /// Name of the group in Waldur; defaults to metadata.name. Unique within the tenant,
+    /// 1 to 150 characters, not only spaces. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 150), regex(pattern = r"\S"))]
+    pub name: Option<String>,
+
+    /// Free text stored with the group in Waldur, up to 4096 characters. Immutable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub description: Option<String>,
+
+    /// A Secret in this namespace with the Waldur API token under key `token` and optionally
+    /// the Waldur address under key `url`. Defaults to the operator's own credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_ref: Option<CredentialsRef>,
+
+    /// What happens in Waldur when this resource is deleted: Delete deletes the group, Orphan
+    /// leaves it, Unlink removes only Waldur's record and leaves OpenStack alone (needs a staff
+    /// token). May be changed at any time, for example to Orphan to release a stuck deletion.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
+    /// Managed: the operator creates, recovers and deletes the group. Observe: the operator
+    /// only reads an existing group (set import) and never writes to Waldur. Immutable.
+    #[serde(default)]
+    pub management_policy: ManagementPolicy,
+
+    /// Bind an existing Waldur group instead of creating one: exactly one of uuid or
+    /// backendId. Immutable.
+    #[serde(default, rename = "import", skip_serializing_if = "Option::is_none")]
+    pub import: Option<ImportSource>,
+
+    /// How often a settled group is re-read from Waldur, as a duration such as 30s, 10m or
+    /// 1h. Defaults to the operator's --resync-period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub resync_period: Option<String>,
+}
+
+/// A Secret in the resource's namespace holding Waldur credentials.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct CredentialsRef {
+    /// Name of the Secret. Key `token` holds the API token; optional key `url` the Waldur address.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Which existing Waldur group to bind.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.uuid) != has(self.backendId)",
+    "message": "spec.import must name exactly one of uuid or backendId"
+}]))]
+pub struct ImportSource {
+    /// The Waldur UUID of the group, dashed or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+    ))]
+    pub uuid: Option<String>,
+    /// The Nova server-group id (Waldur's backend_id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub backend_id: Option<String>,
+}
+
+/// What to do in Waldur when the resource is deleted.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Delete the group in Waldur and OpenStack; the resource goes once Waldur confirms.
+    #[default]
+    Delete,
+    /// Leave the group in Waldur.
+    Orphan,
+    /// Remove only Waldur's record (staff token); OpenStack keeps the group.
+    Unlink,
+}
+
+/// Who manages the Waldur group.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ManagementPolicy {
+    /// Create, recover and delete as the spec says.
+    #[default]
+    Managed,
+    /// Only read; never write to Waldur.
+    Observe,
+}
+
+/// What Waldur reports about the group, and how the last reconcile went.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerGroupStatus {
+    /// The metadata.generation the status was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The group's Waldur UUID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// The group's Waldur API address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The Nova server-group id; empty until creation succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_id: Option<String>,
+    /// Waldur's state, in upper case: CREATION_SCHEDULED, CREATING, UPDATE_SCHEDULED, UPDATING,
+    /// DELETION_SCHEDULED, DELETING, OK or ERRED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The name as observed in Waldur.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The policy as observed in Waldur.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The VMs in the group, as Waldur reports them once the group is OK.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceStatus>,
+    /// How many VMs are in the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_count: Option<i64>,
+    /// Waldur's error message when the group is ERRED.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    /// When the group was last read from Waldur.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    /// Ready and Synced, in the metav1.Condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The request-* annotation tokens already acted on, so each request runs once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_requests: Option<HandledRequests>,
+    /// When the operator last asked Waldur to pull this ERRED group by itself, and how many
+    /// times in a row, to back off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pull: Option<AutoPull>,
+}
+
+/// A VM in the group.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    pub name: String,
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend_id: String,
+}
+
+/// The last token acted on for each request annotation.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HandledRequests {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_ok: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_erred: Option<String>,
+}
+
+/// Bookkeeping of the automatic pulls of an ERRED group.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoPull {
+    pub last_time: Time,
+    pub attempts: u32,
+}
+
+impl ServerGroup {
+    /// The name the group has (or will have) in Waldur.
+    pub fn waldur_name(&self) -> String {
+        self.spec
+            .name
+            .clone()
+            .or_else(|| self.metadata.name.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.annotation(ANNOTATION_PAUSED)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    }
+}
+
+/// The CRD as the operator installs and documents it.
+///
+/// schemars marks every `Option` as `nullable` (and adds `null` to enums). Kubernetes keeps an
+/// explicit `null` for nullable fields, which would make `name: null` a value that CEL rules and
+/// the controller must treat apart from "absent". Without `nullable`, the API server drops
+/// nulls, so absent is the only way to leave a field unset.
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = ServerGroup::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            strip_nullable(schema);
+        }
+    }
+    crd
+}
+
+fn strip_nullable(schema: &mut JSONSchemaProps) {
+    schema.nullable = None;
+    if let Some(values) = schema.enum_.as_mut() {
+        values.retain(|v| !v.0.is_null());
+    }
+    for prop in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        strip_nullable(prop);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        strip_nullable(items);
+    }
+}
+
+/// The CRD as YAML, as `waldur-operator crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    serde_yaml_ng::to_string(&crd())
+}
+
+#[cfg(test)]
+mod tests;
