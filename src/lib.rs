@@ -1,4 +1,5 @@
 //! waldur-operator: a Kubernetes operator that makes Waldur OpenStack server groups declarative.
 
 pub mod api;
+pub mod controller;
 pub mod waldur;

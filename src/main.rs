@@ -1,6 +1,237 @@
-fn main() {
-    match waldur_operator::api::crd_yaml() {
-        Ok(y) => print!("{y}"),
-        Err(e) => eprintln!("{e}"),
+//! The waldur-operator command line: `run` (the default) and `crd`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use tracing_subscriber::EnvFilter;
+
+use waldur_operator::api::{self, ServerGroup};
+use waldur_operator::controller::{self, ClientCache, DefaultCredentials, Settings, plan};
+use waldur_operator::waldur::{ClientSettings, Token};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "waldur-operator",
+    version,
+    about = "Makes Waldur OpenStack server groups declarative: reconciles ServerGroup resources with Waldur."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default when no command is given).
+    Run(RunArgs),
+    /// Print the ServerGroup CustomResourceDefinition as YAML, for `kubectl apply -f -`.
+    Crd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Waldur's address, for example https://waldur.example.com. Used by resources without a
+    /// credentialsRef, and by those whose Secret has no `url` key.
+    #[arg(long, env = "WALDUR_URL")]
+    waldur_url: Option<String>,
+    /// A file holding the default Waldur API token. The token may also come from the
+    /// WALDUR_TOKEN environment variable (never from a flag, which `ps` would show).
+    #[arg(long, env = "WALDUR_TOKEN_FILE")]
+    waldur_token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for Waldur, besides the system's.
+    #[arg(long, env = "WALDUR_CA_FILE")]
+    waldur_ca_file: Option<PathBuf>,
+    /// Do not verify Waldur's TLS certificate. Dangerous: for tests only.
+    #[arg(long, env = "WALDUR_INSECURE_SKIP_TLS_VERIFY")]
+    waldur_insecure_skip_tls_verify: bool,
+    /// Timeout of one Waldur request, such as 30s.
+    #[arg(long, env = "WALDUR_TIMEOUT", default_value = "30s", value_parser = duration)]
+    waldur_timeout: Duration,
+    /// Watch only this namespace; all namespaces when empty.
+    #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
+    namespace: String,
+    /// How often a settled group is re-read from Waldur, unless its spec.resyncPeriod says otherwise.
+    #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = duration)]
+    resync_period: Duration,
+    /// Ask Waldur to pull settled groups from OpenStack this often, such as 1h. Off by default:
+    /// Waldur re-syncs every 2 hours by itself.
+    #[arg(long, env = "PULL_INTERVAL", value_parser = duration)]
+    pull_interval: Option<Duration>,
+    /// How many resources are reconciled at once.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
+    /// Log filter: a level (error, warn, info, debug, trace) or a tracing directive list.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    plan::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s, 10m or 1h"))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => match api::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Run(args)) => run(args).await,
+        None => run(cli.run).await,
     }
+}
+
+fn init_logs(args: &RunArgs) {
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    init_logs(&args);
+    match start(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(args: RunArgs) -> Result<(), String> {
+    let credentials = client_cache(&args)?;
+    let kube = Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
+    let api: Api<ServerGroup> = if args.namespace.is_empty() {
+        Api::all(kube.clone())
+    } else {
+        Api::namespaced(kube.clone(), &args.namespace)
+    };
+    check_crd(&api).await?;
+    let settings = Settings {
+        resync_period: args.resync_period,
+        pull_interval: args.pull_interval,
+    };
+    tracing::info!(
+        namespace = if args.namespace.is_empty() { "(all)" } else { &args.namespace },
+        resync = ?args.resync_period,
+        concurrency = args.concurrency,
+        "waldur-operator {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    controller::run(
+        kube,
+        api,
+        settings,
+        credentials,
+        args.concurrency,
+        shutdown_signal(),
+    )
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn client_cache(args: &RunArgs) -> Result<ClientCache, String> {
+    let token = match &args.waldur_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --waldur-token-file {}: {e}", path.display()))?,
+        ),
+        None => std::env::var("WALDUR_TOKEN").ok(),
+    }
+    .map(Token::new)
+    .filter(|t| !t.is_empty());
+    let mut template =
+        ClientSettings::new(args.waldur_url.clone().unwrap_or_default(), Token::new(""));
+    template.timeout = args.waldur_timeout;
+    template.insecure_skip_tls_verify = args.waldur_insecure_skip_tls_verify;
+    if args.waldur_insecure_skip_tls_verify {
+        tracing::warn!(
+            "TLS verification of Waldur is OFF (--waldur-insecure-skip-tls-verify): anyone on the path can read the token"
+        );
+    }
+    if let Some(path) = &args.waldur_ca_file {
+        template.ca_bundle_pem = Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read --waldur-ca-file {}: {e}", path.display()))?,
+        );
+    }
+    let defaults = DefaultCredentials {
+        url: args.waldur_url.clone().filter(|u| !u.trim().is_empty()),
+        token,
+    };
+    if defaults.url.is_none() || defaults.token.is_none() {
+        tracing::warn!(
+            "no default Waldur URL or token: only resources with a credentialsRef can be reconciled"
+        );
+    }
+    let cache = ClientCache::new(template, defaults.clone());
+    // Bad settings (a malformed URL or CA bundle) stop the start, not the first reconcile.
+    if let (Some(url), Some(token)) = (&defaults.url, &defaults.token) {
+        cache.client(url, token).map_err(|e| e.to_string())?;
+    }
+    Ok(cache)
+}
+
+async fn check_crd(api: &Api<ServerGroup>) -> Result<(), String> {
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(
+            "the ServerGroup CRD is not installed in this cluster. Install it with \
+             `kubectl apply -f crds/` (or `waldur-operator crd | kubectl apply -f -`) and start again"
+                .into(),
+        ),
+        Err(e) => Err(format!("cannot list ServerGroups: {e}")),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
 }

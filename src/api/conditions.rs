@@ -20,7 +20,6 @@ pub mod ready_reason {
 }
 
 /// Reasons of `Synced`.
-#[allow(dead_code)] // used by the controller
 pub mod synced_reason {
     pub const RECONCILED: &str = "ReconcileSuccess";
     pub const UNAUTHORIZED: &str = "Unauthorized";

@@ -1,7 +1,7 @@
 //! The `ServerGroup` custom resource: what users write (spec) and what the operator reports
 //! (status). The CRD generated from these types is checked in under `crds/`.
 
-mod conditions;
+pub mod conditions;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray,

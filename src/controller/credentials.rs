@@ -1,0 +1,115 @@
+//! Which Waldur, with which token, a resource is reconciled against.
+//!
+//! A resource names a Secret in its own namespace (`token`, optional `url`), or uses the
+//! operator's defaults. The Secret is read on every reconcile, so a rotated token is used
+//! without a restart; clients are cached per (url, token) so connections are reused.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+use super::error::Error;
+use crate::api::ServerGroup;
+use crate::waldur::{ClientSettings, Token, WaldurClient};
+
+/// The operator's own Waldur address and token (flags and environment).
+#[derive(Clone, Debug, Default)]
+pub struct DefaultCredentials {
+    pub url: Option<String>,
+    pub token: Option<Token>,
+}
+
+/// Clients per (url, token), built from one template of timeouts and TLS settings.
+pub struct ClientCache {
+    template: ClientSettings,
+    defaults: DefaultCredentials,
+    clients: Mutex<HashMap<(String, Token), WaldurClient>>,
+}
+
+/// Old entries are dropped past this many, so rotated tokens do not pile up.
+const MAX_CLIENTS: usize = 256;
+
+impl ClientCache {
+    /// `template.url` and `template.token` are ignored; each client gets its own.
+    pub fn new(template: ClientSettings, defaults: DefaultCredentials) -> Self {
+        Self {
+            template,
+            defaults,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn client(&self, url: &str, token: &Token) -> Result<WaldurClient, Error> {
+        let key = (url.to_string(), token.clone());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let mut settings = self.template.clone();
+        settings.url = url.to_string();
+        settings.token = token.clone();
+        let client = WaldurClient::new(&settings)?;
+        if clients.len() >= MAX_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// The client for this resource, or `CredentialsNotFound` saying what is missing.
+    pub async fn for_resource(
+        &self,
+        kube: &kube::Client,
+        sg: &ServerGroup,
+    ) -> Result<WaldurClient, Error> {
+        let Some(reference) = &sg.spec.credentials_ref else {
+            let url = self.defaults.url.as_deref().ok_or_else(|| {
+                Error::CredentialsNotFound(
+                    "no spec.credentialsRef and the operator has no default Waldur URL (--waldur-url / WALDUR_URL)".into(),
+                )
+            })?;
+            let token = self.defaults.token.as_ref().ok_or_else(|| {
+                Error::CredentialsNotFound(
+                    "no spec.credentialsRef and the operator has no default token (WALDUR_TOKEN / --waldur-token-file)".into(),
+                )
+            })?;
+            return self.client(url, token);
+        };
+        let namespace = sg.metadata.namespace.as_deref().unwrap_or("default");
+        let secrets: Api<Secret> = Api::namespaced(kube.clone(), namespace);
+        let name = &reference.name;
+        let secret = secrets.get_opt(name).await?.ok_or_else(|| {
+            Error::CredentialsNotFound(format!("Secret {namespace}/{name} not found"))
+        })?;
+        let token = secret_value(&secret, "token")
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| {
+                Error::CredentialsNotFound(format!(
+                    "Secret {namespace}/{name} has no key \"token\""
+                ))
+            })?;
+        let url = secret_value(&secret, "url")
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .or_else(|| self.defaults.url.clone())
+            .ok_or_else(|| {
+                Error::CredentialsNotFound(format!(
+                    "Secret {namespace}/{name} has no key \"url\" and the operator has no default Waldur URL"
+                ))
+            })?;
+        self.client(&url, &Token::new(token))
+    }
+}
+
+fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).ok();
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .cloned()
+}

@@ -1,0 +1,121 @@
+//! The ServerGroup controller: planning (pure), reconcile (effects), status, credentials.
+
+pub mod credentials;
+mod error;
+pub mod plan;
+mod reconcile;
+mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client, Resource};
+
+use crate::api::ServerGroup;
+pub use credentials::{ClientCache, DefaultCredentials};
+pub use error::Error;
+pub use plan::Settings;
+pub use reconcile::reconcile;
+
+/// The field manager of the operator's server-side-apply writes.
+pub const MANAGER: &str = "waldur-operator";
+
+/// Everything a reconcile needs besides the object.
+pub struct Context {
+    pub kube: Client,
+    pub settings: Settings,
+    pub credentials: ClientCache,
+    pub reporter: Reporter,
+    /// All ServerGroups the operator sees, to refuse binding a group another resource holds.
+    pub store: Store<ServerGroup>,
+    /// Consecutive failures per object, for exponential backoff; cleared on success.
+    failures: Mutex<HashMap<ObjectRef<ServerGroup>, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        kube: Client,
+        settings: Settings,
+        credentials: ClientCache,
+        store: Store<ServerGroup>,
+    ) -> Self {
+        Self {
+            kube,
+            settings,
+            credentials,
+            reporter: Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            store,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_failure(&self, obj: &ServerGroup) -> u32 {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ObjectRef::from_obj(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn clear_failures(&self, obj: &ServerGroup) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&ObjectRef::from_obj(obj));
+    }
+}
+
+/// Exponential backoff after failed reconciles: 2 s doubling to 5 min, with jitter, so a
+/// failing Waldur is never hammered.
+pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(&obj);
+    let base = Duration::from_secs(2).saturating_mul(2u32.saturating_pow(failures.min(10) - 1));
+    let capped = base.min(Duration::from_secs(300));
+    let wait = capped.mul_f64(0.8 + 0.4 * rand::random::<f64>());
+    tracing::warn!(
+        name = obj.metadata.name.as_deref().unwrap_or_default(),
+        namespace = obj.metadata.namespace.as_deref().unwrap_or_default(),
+        error = %err,
+        retry_in = ?wait,
+        "reconcile failed"
+    );
+    Action::requeue(wait)
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    kube: Client,
+    api: Api<ServerGroup>,
+    settings: Settings,
+    credentials: ClientCache,
+    concurrency: u16,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (reader, writer) = reflector::store();
+    // The controller never reads managedFields; dropping them keeps the cache small.
+    let stream = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|sg: &mut ServerGroup| {
+            sg.meta_mut().managed_fields = None;
+        })
+        .reflect(writer)
+        .touched_objects();
+    let ctx = Arc::new(Context::new(kube, settings, credentials, reader.clone()));
+    Controller::for_stream(stream, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(name = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+}

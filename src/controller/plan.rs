@@ -1,0 +1,429 @@
+//! Pure decisions: from (spec, status, what Waldur answered) to the next thing to do.
+//!
+//! Nothing here performs I/O or reads a clock; `reconcile` carries the answers out. That keeps
+//! every rule of the design's reconcile steps table-testable.
+
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{
+    DeletionPolicy, ManagementPolicy, READY, ServerGroup, ServerGroupStatus, ready_reason,
+};
+use crate::waldur::{Policy, ServerGroup as WaldurGroup, State, WaldurUuid};
+
+/// Operator-wide settings that shape decisions.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often a settled group is re-read, unless the resource sets its own.
+    pub resync_period: Duration,
+    /// Pull settled groups this often; `None` leaves it to Waldur's own 2-hourly re-sync.
+    pub pull_interval: Option<Duration>,
+}
+
+/// How Waldur is asked where the group is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// GET by UUID.
+    Uuid(WaldurUuid),
+    /// List with `backend_id=` (an import by backend id, or a rebind after a re-import).
+    BackendId(String),
+    /// List the tenant's groups with this exact name: the group this resource may have created
+    /// before a crash lost the status write.
+    OwnCreation {
+        tenant: WaldurUuid,
+        name: String,
+        policy: Policy,
+    },
+}
+
+/// What to do once a lookup came back empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// Ask again another way.
+    Lookup(Lookup),
+    /// Create the group; `recreate` when a group this resource had is gone.
+    Create { recreate: bool },
+    /// Report `Ready=False NotFound`: imported and observed groups are never created.
+    NotFound,
+}
+
+/// A spec the controller cannot act on. The CRD's rules keep these out; an older CRD or an
+/// object written around the API server's validation can still carry them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecProblem {
+    #[error("spec.tenant and spec.policy are required unless spec.import is set")]
+    MissingTenantOrPolicy,
+    #[error("spec.tenant: {0}")]
+    BadTenant(String),
+    #[error("spec.import.uuid: {0}")]
+    BadImportUuid(String),
+    #[error("spec.import must name exactly one of uuid or backendId")]
+    BadImport,
+}
+
+/// The first place to look for the resource's group.
+pub fn first_lookup(sg: &ServerGroup) -> Result<Lookup, SpecProblem> {
+    let status_uuid = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.uuid.as_deref())
+        .and_then(|u| WaldurUuid::parse(u).ok());
+    if let Some(uuid) = status_uuid {
+        return Ok(Lookup::Uuid(uuid));
+    }
+    if let Some(import) = &sg.spec.import {
+        return match (&import.uuid, &import.backend_id) {
+            (Some(u), None) => WaldurUuid::parse(u)
+                .map(Lookup::Uuid)
+                .map_err(|e| SpecProblem::BadImportUuid(e.to_string())),
+            (None, Some(b)) => Ok(Lookup::BackendId(b.clone())),
+            _ => Err(SpecProblem::BadImport),
+        };
+    }
+    first_lookup_for_create(sg)
+}
+
+/// Where a group this resource created would be: its tenant, under its name.
+pub fn first_lookup_for_create(sg: &ServerGroup) -> Result<Lookup, SpecProblem> {
+    let (Some(tenant), Some(policy)) = (&sg.spec.tenant, sg.spec.policy) else {
+        return Err(SpecProblem::MissingTenantOrPolicy);
+    };
+    let tenant = WaldurUuid::parse(tenant).map_err(|e| SpecProblem::BadTenant(e.to_string()))?;
+    Ok(Lookup::OwnCreation {
+        tenant,
+        name: sg.waldur_name(),
+        policy,
+    })
+}
+
+/// The next step after `lookup` found nothing.
+pub fn after_missing(sg: &ServerGroup, lookup: &Lookup) -> Result<Missing, SpecProblem> {
+    let managed = sg.spec.management_policy == ManagementPolicy::Managed;
+    let imported = sg.spec.import.is_some();
+    let known_backend_id = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.backend_id.as_deref())
+        .filter(|b| !b.is_empty());
+    let had_uuid = sg.status.as_ref().and_then(|s| s.uuid.as_ref()).is_some();
+    match lookup {
+        // Waldur re-imports a group that survived in OpenStack under a new UUID: find it
+        // by its Nova id before concluding it is gone.
+        Lookup::Uuid(_) if had_uuid && known_backend_id.is_some() => Ok(Missing::Lookup(
+            Lookup::BackendId(known_backend_id.unwrap_or_default().to_string()),
+        )),
+        _ if imported || !managed => Ok(Missing::NotFound),
+        Lookup::Uuid(_) | Lookup::BackendId(_) => Ok(Missing::Create { recreate: had_uuid }),
+        Lookup::OwnCreation { .. } => Ok(Missing::Create { recreate: false }),
+    }
+}
+
+/// Which of the listed groups is the one this resource created: same policy, created no
+/// earlier than the resource (with slack for clocks that disagree), the oldest first.
+pub fn pick_own_creation<'a>(
+    candidates: &'a [WaldurGroup],
+    policy: Policy,
+    resource_created: Option<Timestamp>,
+) -> Option<&'a WaldurGroup> {
+    const CLOCK_SLACK: SignedDuration = SignedDuration::from_mins(5);
+    let not_before = resource_created.and_then(|t| t.checked_sub(CLOCK_SLACK).ok());
+    let mut fitting: Vec<&WaldurGroup> = candidates
+        .iter()
+        .filter(|g| g.policy == policy.as_str())
+        .filter(|g| match (not_before, g.created.parse::<Timestamp>()) {
+            (Some(nb), Ok(created)) => created >= nb,
+            // Without timestamps to compare, the exact name in the tenant is the best evidence.
+            _ => true,
+        })
+        .collect();
+    fitting.sort_by(|a, b| a.created.cmp(&b.created));
+    fitting.into_iter().next()
+}
+
+/// What a deleted resource needs next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing (more) to do in Waldur: drop the finalizer.
+    Release { reason: &'static str },
+    /// Find the group first.
+    Locate,
+    /// Send DELETE.
+    Delete(WaldurUuid),
+    /// Send unlink.
+    Unlink(WaldurUuid),
+    /// Waldur is working on it (deleting, or busy with another operation): look again soon.
+    Wait { state: String },
+}
+
+/// The deletion policy applied to what is known of the group. `observed` is `None` before a
+/// lookup and `Some(None)` when Waldur no longer has the group.
+pub fn cleanup(sg: &ServerGroup, observed: Option<Option<&WaldurGroup>>) -> Cleanup {
+    if sg.spec.management_policy == ManagementPolicy::Observe {
+        return Cleanup::Release {
+            reason: "observed groups are never deleted in Waldur",
+        };
+    }
+    match sg.spec.deletion_policy {
+        DeletionPolicy::Orphan => Cleanup::Release {
+            reason: "deletionPolicy is Orphan: the group stays in Waldur",
+        },
+        policy => match observed {
+            None => Cleanup::Locate,
+            Some(None) => Cleanup::Release {
+                reason: "the group is gone from Waldur",
+            },
+            Some(Some(group)) => {
+                let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
+                match (policy, &state) {
+                    // Unlink works from any state: it is the tool for stuck groups.
+                    (DeletionPolicy::Unlink, _) => Cleanup::Unlink(group.uuid.clone()),
+                    (_, State::Ok | State::Erred) => Cleanup::Delete(group.uuid.clone()),
+                    _ => Cleanup::Wait {
+                        state: state.to_string(),
+                    },
+                }
+            }
+        },
+    }
+}
+
+/// A Waldur write asked for by an annotation or by the recovery rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FollowUp {
+    /// `request-pull` with a token not yet acted on.
+    RequestedPull { token: String },
+    /// `request-set-ok` with a new token.
+    SetOk { token: String },
+    /// `request-set-erred` with a new token.
+    SetErred { token: String },
+    /// Pull an ERRED group that has a backend id: Waldur's own recovery path.
+    RecoveryPull { attempt: u32 },
+    /// `--pull-interval` is due for a settled group.
+    PeriodicPull,
+}
+
+/// The Waldur writes due now for an observed group, in the order to run them.
+pub fn follow_ups(
+    sg: &ServerGroup,
+    group: &WaldurGroup,
+    settings: &Settings,
+    now: Timestamp,
+) -> Vec<FollowUp> {
+    if sg.spec.management_policy == ManagementPolicy::Observe {
+        return vec![];
+    }
+    let status = sg.status.clone().unwrap_or_default();
+    let handled = status.handled_requests.clone().unwrap_or_default();
+    let new_token = |key: &str, done: &Option<String>| {
+        sg.annotation(key)
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && Some(*t) != done.as_deref())
+            .map(str::to_string)
+    };
+    let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
+    let mut out = Vec::new();
+    let mut pulling = false;
+    // A pull is refused (409) while Waldur is busy: keep the request until it can run.
+    if let Some(token) = new_token(crate::api::ANNOTATION_REQUEST_PULL, &handled.pull)
+        && state.is_settled()
+    {
+        out.push(FollowUp::RequestedPull { token });
+        pulling = true;
+    }
+    if !pulling && state == State::Erred && !group.backend_id.is_empty() {
+        let attempts = status.auto_pull.as_ref().map_or(0, |a| a.attempts);
+        let last = status.auto_pull.as_ref().map(|a| a.last_time.0);
+        if due(
+            last,
+            recovery_backoff(resync_of(sg, settings), attempts),
+            now,
+        ) {
+            out.push(FollowUp::RecoveryPull {
+                attempt: attempts + 1,
+            });
+            pulling = true;
+        }
+    }
+    if !pulling
+        && state == State::Ok
+        && let Some(interval) = settings.pull_interval
+    {
+        let last = status.auto_pull.as_ref().map(|a| a.last_time.0);
+        if due(last, interval, now) {
+            out.push(FollowUp::PeriodicPull);
+        }
+    }
+    // The staff recovery actions work from any state, so they never wait.
+    if let Some(token) = new_token(crate::api::ANNOTATION_REQUEST_SET_OK, &handled.set_ok) {
+        out.push(FollowUp::SetOk { token });
+    }
+    if let Some(token) = new_token(crate::api::ANNOTATION_REQUEST_SET_ERRED, &handled.set_erred) {
+        out.push(FollowUp::SetErred { token });
+    }
+    out
+}
+
+fn due(last: Option<Timestamp>, every: Duration, now: Timestamp) -> bool {
+    match last {
+        None => true,
+        Some(last) => SignedDuration::try_from(every)
+            .ok()
+            .and_then(|d| last.checked_add(d).ok())
+            .is_none_or(|next| next <= now),
+    }
+}
+
+/// Recovery pulls of an ERRED group: at most once per resync period, doubling after each
+/// attempt that did not help, up to a day.
+pub fn recovery_backoff(resync: Duration, attempts: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempts.saturating_sub(1).min(16));
+    resync
+        .saturating_mul(factor)
+        .min(Duration::from_secs(24 * 3600))
+}
+
+/// The resource's resync period, or the operator's default when unset or unreadable.
+pub fn resync_of(sg: &ServerGroup, settings: &Settings) -> Duration {
+    sg.spec
+        .resync_period
+        .as_deref()
+        .and_then(parse_duration)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(settings.resync_period)
+}
+
+/// Parses `90s`, `10m`, `1h30m`, `500ms`: the forms the CRD's pattern admits.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return None;
+        };
+        total = total.checked_add(unit.checked_mul(u32::try_from(n).ok()?)?)?;
+        rest = &rest[len..];
+    }
+    Some(total)
+}
+
+/// The `Ready` condition for an observed Waldur state: (is ready, reason, message).
+pub fn readiness(group: &WaldurGroup) -> (bool, &'static str, String) {
+    match group.state.clone().unwrap_or(State::Unknown(String::new())) {
+        State::Ok => (
+            true,
+            ready_reason::AVAILABLE,
+            "the group is OK in Waldur".into(),
+        ),
+        State::CreationScheduled | State::Creating => (
+            false,
+            ready_reason::CREATING,
+            "Waldur is creating the group in OpenStack".into(),
+        ),
+        State::UpdateScheduled | State::Updating => (
+            false,
+            ready_reason::UPDATING,
+            "Waldur is updating the group from OpenStack".into(),
+        ),
+        State::DeletionScheduled | State::Deleting => (
+            false,
+            ready_reason::DELETING,
+            "Waldur is deleting the group".into(),
+        ),
+        State::Erred => (
+            false,
+            ready_reason::ERRED,
+            if group.error_message.is_empty() {
+                "Waldur reports the group as ERRED without a message".into()
+            } else {
+                group.error_message.clone()
+            },
+        ),
+        State::Unknown(label) => (
+            false,
+            ready_reason::UNKNOWN,
+            format!("Waldur reports an unknown state {label:?}"),
+        ),
+    }
+}
+
+/// Whether the last attempt for this generation was rejected by Waldur as invalid, in which
+/// case the same request must not be sent again until the spec changes.
+pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {
+    let Some(status) = &sg.status else {
+        return false;
+    };
+    status.uuid.is_none()
+        && status.conditions.iter().any(|c| {
+            c.type_ == READY
+                && c.reason == ready_reason::INVALID_SPEC
+                && c.observed_generation == sg.metadata.generation
+        })
+}
+
+/// When to look again: soon (backing off) while Waldur is busy, at the resync period with
+/// ±10 % jitter when settled. `busy_for` is how long the group has been transitional;
+/// `jitter` is a number in [0, 1) chosen by the caller.
+pub fn requeue_after(
+    sg: &ServerGroup,
+    state: Option<&State>,
+    busy_for: Duration,
+    settings: &Settings,
+    jitter: f64,
+) -> Duration {
+    match state {
+        Some(s) if s.is_transitional() => {
+            // 1 s, growing with a quarter of the time spent waiting, capped at 30 s.
+            (busy_for / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
+        }
+        _ => resync_of(sg, settings).mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0)),
+    }
+}
+
+/// The status fields that mirror the observed group.
+pub fn mirror(status: &mut ServerGroupStatus, group: &WaldurGroup) {
+    status.uuid = Some(group.uuid.to_string());
+    status.url = Some(group.url.clone()).filter(|u| !u.is_empty());
+    status.backend_id = Some(group.backend_id.clone());
+    status.state = group.state.as_ref().map(|s| s.to_string());
+    status.name = Some(group.name.clone());
+    status.policy = Some(group.policy.clone());
+    // Waldur computes instances from VM records; they mean something once the group is OK.
+    let ok = group.state == Some(State::Ok);
+    status.instances = if ok {
+        group
+            .instances
+            .iter()
+            .map(|i| crate::api::InstanceStatus {
+                name: i.name.clone(),
+                uuid: i.uuid.to_string(),
+                backend_id: i.backend_id.clone(),
+            })
+            .collect()
+    } else {
+        vec![]
+    };
+    status.instance_count = Some(status.instances.len() as i64);
+    status.error_message = Some(group.error_message.clone()).filter(|m| !m.is_empty());
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

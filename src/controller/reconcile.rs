@@ -1,0 +1,805 @@
+//! Effects: carries out what `plan` decides, against Waldur and the Kubernetes API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::Context;
+use super::error::Error;
+use super::plan::{self, Cleanup, FollowUp, Lookup, Missing};
+use super::status;
+use crate::api::conditions::{
+    ConditionStatus, READY, SYNCED, ready_reason, set_condition, synced_reason,
+};
+use crate::api::{
+    AutoPull, FINALIZER, HandledRequests, ManagementPolicy, ServerGroup, ServerGroupStatus,
+};
+use crate::waldur::{
+    ErrorKind, ListQuery, NewServerGroup, ServerGroup as WaldurGroup, State, WaldurClient,
+    WaldurError, WaldurUuid,
+};
+
+/// How soon to look again after asking Waldur to do something asynchronous.
+const SOON: Duration = Duration::from_secs(2);
+
+/// Reconciles one ServerGroup: the design's seven steps.
+pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let r = Reconciler::new(sg.clone(), ctx.clone());
+    let result = r.run().await;
+    match &result {
+        Ok(_) => ctx.clear_failures(&sg),
+        Err(e) => r.report_failure(e).await,
+    }
+    result
+}
+
+/// How the group was found, for Events and the status write that binds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Binding {
+    Known,
+    Imported,
+    Adopted,
+    Rebound,
+    Created,
+    Recreated,
+}
+
+enum Located {
+    Found(WaldurGroup, Binding),
+    NotFound(String),
+    AlreadyManaged(String),
+    /// Waldur rejected the create: terminal for this generation.
+    Rejected(WaldurError),
+}
+
+struct Reconciler {
+    sg: Arc<ServerGroup>,
+    ctx: Arc<Context>,
+    api: Api<ServerGroup>,
+    recorder: Recorder,
+    now: Time,
+}
+
+impl Reconciler {
+    fn new(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Self {
+        let namespace = sg.namespace().unwrap_or_else(|| "default".into());
+        Self {
+            api: Api::namespaced(ctx.kube.clone(), &namespace),
+            recorder: Recorder::new(ctx.kube.clone(), ctx.reporter.clone()),
+            now: Time(Timestamp::now()),
+            sg,
+            ctx,
+        }
+    }
+
+    async fn run(&self) -> Result<Action, Error> {
+        if self.sg.is_paused() {
+            self.write_status(false, |s| {
+                self.synced(
+                    s,
+                    false,
+                    synced_reason::PAUSED,
+                    "reconciliation is paused by the openstack.waldur.com/paused annotation",
+                );
+            })
+            .await?;
+            return Ok(Action::await_change());
+        }
+        if self.sg.meta().deletion_timestamp.is_some() {
+            return self.cleanup().await;
+        }
+        if self.sg.spec.management_policy == ManagementPolicy::Managed && !self.has_finalizer() {
+            self.add_finalizer().await?;
+        }
+        if plan::rejected_for_this_generation(&self.sg) {
+            // Same spec, same answer: wait for the user to change it.
+            return Ok(Action::await_change());
+        }
+        let client = self
+            .ctx
+            .credentials
+            .for_resource(&self.ctx.kube, &self.sg)
+            .await?;
+        match self.locate(&client, true).await? {
+            Located::Found(group, binding) => self.observe(&client, group, binding).await,
+            Located::NotFound(message) => {
+                self.write_status(true, |s| {
+                    self.ready(s, false, ready_reason::NOT_FOUND, &message);
+                    self.synced(s, true, synced_reason::RECONCILED, "");
+                })
+                .await?;
+                Ok(self.settled_requeue())
+            }
+            Located::AlreadyManaged(owner) => {
+                let message = format!("the Waldur group is already managed by ServerGroup {owner}");
+                self.event(
+                    EventType::Warning,
+                    ready_reason::ALREADY_MANAGED,
+                    "Bind",
+                    &message,
+                )
+                .await;
+                self.write_status(false, |s| {
+                    self.ready(s, false, ready_reason::ALREADY_MANAGED, &message);
+                    self.synced(s, true, synced_reason::RECONCILED, "");
+                })
+                .await?;
+                Ok(self.settled_requeue())
+            }
+            Located::Rejected(err) => {
+                let message = err.to_string();
+                self.event(
+                    EventType::Warning,
+                    ready_reason::INVALID_SPEC,
+                    "Create",
+                    &message,
+                )
+                .await;
+                self.write_status(false, |s| {
+                    self.ready(s, false, ready_reason::INVALID_SPEC, &message);
+                    self.synced(s, false, ready_reason::INVALID_SPEC, &message);
+                })
+                .await?;
+                Ok(Action::await_change())
+            }
+        }
+    }
+
+    /// Step 4: find the group, creating it when this resource should have one and has none.
+    /// With `may_create` false (deletion) a missing group is simply reported missing.
+    async fn locate(&self, client: &WaldurClient, may_create: bool) -> Result<Located, Error> {
+        let mut lookup = plan::first_lookup(&self.sg)?;
+        let known = self.status_uuid();
+        loop {
+            if let Some(group) = self.look(client, &lookup).await? {
+                if known.as_ref() == Some(&group.uuid) {
+                    return Ok(Located::Found(group, Binding::Known));
+                }
+                if let Some(owner) = self.owner_of(&group.uuid) {
+                    return Ok(Located::AlreadyManaged(owner));
+                }
+                let binding = match (&lookup, known.is_some()) {
+                    (Lookup::BackendId(_), true) => Binding::Rebound,
+                    (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
+                    _ => Binding::Imported,
+                };
+                return Ok(Located::Found(group, binding));
+            }
+            match plan::after_missing(&self.sg, &lookup)? {
+                Missing::Lookup(next) => lookup = next,
+                Missing::NotFound => {
+                    return Ok(Located::NotFound(not_found_message(&lookup)));
+                }
+                Missing::Create { .. } if !may_create => {
+                    return Ok(Located::NotFound(not_found_message(&lookup)));
+                }
+                Missing::Create { recreate } => {
+                    // The leak check: a crash after Waldur's 201 and before the status write
+                    // left a group this resource made; bind it instead of making another.
+                    if !matches!(lookup, Lookup::OwnCreation { .. })
+                        && let Ok(own) = plan::first_lookup_for_create(&self.sg)
+                        && let Some(group) = self.look(client, &own).await?
+                        && self.owner_of(&group.uuid).is_none()
+                    {
+                        return Ok(Located::Found(group, Binding::Adopted));
+                    }
+                    return self.create(client, recreate).await;
+                }
+            }
+        }
+    }
+
+    async fn look(
+        &self,
+        client: &WaldurClient,
+        lookup: &Lookup,
+    ) -> Result<Option<WaldurGroup>, Error> {
+        match lookup {
+            Lookup::Uuid(uuid) => match client.get(uuid, &[]).await {
+                Ok(g) => Ok(Some(g)),
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            Lookup::BackendId(backend_id) => {
+                let found = client
+                    .list(&ListQuery::new().backend_id(backend_id))
+                    .await?;
+                // Several rows can carry one Nova id briefly (a re-import racing a delete):
+                // prefer one that is not on its way out.
+                Ok(found
+                    .iter()
+                    .find(|g| !matches!(g.state, Some(State::DeletionScheduled | State::Deleting)))
+                    .or(found.first())
+                    .cloned())
+            }
+            Lookup::OwnCreation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let candidates = client
+                    .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
+                    .await?;
+                let created = self.sg.meta().creation_timestamp.as_ref().map(|t| t.0);
+                Ok(plan::pick_own_creation(&candidates, *policy, created).cloned())
+            }
+        }
+    }
+
+    async fn create(&self, client: &WaldurClient, recreate: bool) -> Result<Located, Error> {
+        let Lookup::OwnCreation {
+            tenant,
+            name,
+            policy,
+        } = plan::first_lookup_for_create(&self.sg)?
+        else {
+            return Ok(Located::NotFound("nothing to create from".into()));
+        };
+        let new = NewServerGroup {
+            name,
+            policy,
+            description: self.sg.spec.description.clone(),
+        };
+        let group = match client.create(&tenant, &new).await {
+            Ok(group) => group,
+            Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
+            Err(e) => return Err(e.into()),
+        };
+        // Write the UUID at once: from here on a crash cannot lose track of the group.
+        self.write_status(false, |s| {
+            s.auto_pull = None;
+            plan::mirror(s, &group);
+            let (_, reason, message) = plan::readiness(&group);
+            self.ready(s, false, reason, &message);
+        })
+        .await?;
+        let binding = if recreate {
+            Binding::Recreated
+        } else {
+            Binding::Created
+        };
+        Ok(Located::Found(group, binding))
+    }
+
+    /// Steps 5 to 7: mirror the group into status, run due follow-ups, and requeue.
+    async fn observe(
+        &self,
+        client: &WaldurClient,
+        group: WaldurGroup,
+        binding: Binding,
+    ) -> Result<Action, Error> {
+        self.announce_binding(&group, binding).await;
+        let mut handled = self.status().handled_requests.unwrap_or_default();
+        let mut auto_pull = self.status().auto_pull;
+        let mut busy = false;
+        for follow_up in plan::follow_ups(&self.sg, &group, &self.ctx.settings, self.now.0) {
+            busy |= self
+                .follow_up(client, &group, &follow_up, &mut handled, &mut auto_pull)
+                .await?;
+        }
+        if group.state == Some(State::Ok) && auto_pull.as_ref().is_some_and(|a| a.attempts > 0) {
+            // Recovered: the next ERRED spell starts its backoff afresh.
+            auto_pull = None;
+        }
+        let previous_state = self.status().state;
+        let (ready, reason, message) = plan::readiness(&group);
+        self.write_status(true, |s| {
+            plan::mirror(s, &group);
+            s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
+            s.auto_pull = auto_pull.clone();
+            self.ready(s, ready, reason, &message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await?;
+        let state = group.state.as_ref().map(State::to_string);
+        if previous_state.is_some() && previous_state != state {
+            let note = format!(
+                "Waldur state {} -> {}",
+                previous_state.as_deref().unwrap_or("none"),
+                state.as_deref().unwrap_or("none")
+            );
+            let kind = if group.state == Some(State::Erred) {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            self.event(kind, "StateChanged", "Observe", &note).await;
+        }
+        if busy {
+            return Ok(Action::requeue(SOON));
+        }
+        Ok(Action::requeue(plan::requeue_after(
+            &self.sg,
+            group.state.as_ref(),
+            self.busy_for(),
+            &self.ctx.settings,
+            rand::random(),
+        )))
+    }
+
+    /// Runs one follow-up. Returns whether Waldur is now busy with it.
+    async fn follow_up(
+        &self,
+        client: &WaldurClient,
+        group: &WaldurGroup,
+        follow_up: &FollowUp,
+        handled: &mut HandledRequests,
+        auto_pull: &mut Option<AutoPull>,
+    ) -> Result<bool, Error> {
+        let uuid = &group.uuid;
+        match follow_up {
+            FollowUp::RequestedPull { token } => {
+                let result = client.pull(uuid).await;
+                self.requested(
+                    result.map(|_| ()),
+                    "PullRequested",
+                    "Pull",
+                    token,
+                    &mut handled.pull,
+                )
+                .await
+            }
+            FollowUp::SetOk { token } => {
+                let result = client.set_ok(uuid).await;
+                self.requested(
+                    result.map(|_| ()),
+                    "SetOkRequested",
+                    "SetOk",
+                    token,
+                    &mut handled.set_ok,
+                )
+                .await?;
+                Ok(false)
+            }
+            FollowUp::SetErred { token } => {
+                let message = format!(
+                    "set through the openstack.waldur.com/request-set-erred annotation (token {token})"
+                );
+                let result = client.set_erred(uuid, Some(&message), None).await;
+                self.requested(
+                    result.map(|_| ()),
+                    "SetErredRequested",
+                    "SetErred",
+                    token,
+                    &mut handled.set_erred,
+                )
+                .await?;
+                Ok(false)
+            }
+            FollowUp::RecoveryPull { attempt } => {
+                let note = format!(
+                    "the group is ERRED; asked Waldur to pull it from OpenStack (attempt {attempt})"
+                );
+                self.pull_by_itself(client, uuid, &note, *attempt, auto_pull)
+                    .await
+            }
+            FollowUp::PeriodicPull => {
+                self.pull_by_itself(
+                    client,
+                    uuid,
+                    "periodic pull (--pull-interval)",
+                    0,
+                    auto_pull,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn pull_by_itself(
+        &self,
+        client: &WaldurClient,
+        uuid: &WaldurUuid,
+        note: &str,
+        attempts: u32,
+        auto_pull: &mut Option<AutoPull>,
+    ) -> Result<bool, Error> {
+        match client.pull(uuid).await {
+            Ok(_) => {
+                *auto_pull = Some(AutoPull {
+                    last_time: self.now.clone(),
+                    attempts,
+                });
+                self.event(EventType::Normal, "PullRequested", "Pull", note)
+                    .await;
+                Ok(true)
+            }
+            // Busy (409) or nothing to pull (400): look again at the next resync.
+            Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::Invalid) => {
+                *auto_pull = Some(AutoPull {
+                    last_time: self.now.clone(),
+                    attempts,
+                });
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records an annotation request as handled once Waldur has answered it for good. A 409
+    /// (busy) leaves it pending; a 400 or 403 is final and reported, so it is not retried.
+    async fn requested(
+        &self,
+        result: Result<(), WaldurError>,
+        reason: &str,
+        action: &str,
+        token: &str,
+        handled: &mut Option<String>,
+    ) -> Result<bool, Error> {
+        match result {
+            Ok(()) => {
+                *handled = Some(token.to_string());
+                self.event(
+                    EventType::Normal,
+                    reason,
+                    action,
+                    &format!("requested by annotation (token {token})"),
+                )
+                .await;
+                Ok(true)
+            }
+            Err(e) if e.kind() == ErrorKind::Conflict => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Invalid
+                        | ErrorKind::Forbidden
+                        | ErrorKind::NotFound
+                        | ErrorKind::Unexpected
+                ) =>
+            {
+                *handled = Some(token.to_string());
+                self.event(
+                    EventType::Warning,
+                    &format!("{action}Failed"),
+                    action,
+                    &e.to_string(),
+                )
+                .await;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn announce_binding(&self, group: &WaldurGroup, binding: Binding) {
+        let uuid = &group.uuid;
+        let (reason, note) = match binding {
+            Binding::Known => return,
+            Binding::Created => ("Created", format!("created Waldur server group {uuid}")),
+            Binding::Recreated => (
+                "Recreated",
+                format!(
+                    "the Waldur group {} was gone; created {uuid} in its place",
+                    self.status().uuid.unwrap_or_default()
+                ),
+            ),
+            Binding::Adopted => (
+                "Adopted",
+                format!("found Waldur server group {uuid} created earlier for this resource"),
+            ),
+            Binding::Imported => (
+                "Adopted",
+                format!("bound existing Waldur server group {uuid}"),
+            ),
+            Binding::Rebound => (
+                "Rebound",
+                format!(
+                    "Waldur re-imported backend id {} under a new UUID: {} -> {uuid}",
+                    group.backend_id,
+                    self.status().uuid.unwrap_or_default()
+                ),
+            ),
+        };
+        self.event(EventType::Normal, reason, "Bind", &note).await;
+    }
+
+    /// Step 2: the deletion policy.
+    async fn cleanup(&self) -> Result<Action, Error> {
+        if !self.has_finalizer() {
+            return Ok(Action::await_change());
+        }
+        let mut decision = plan::cleanup(&self.sg, None);
+        if decision == Cleanup::Locate {
+            let client = self
+                .ctx
+                .credentials
+                .for_resource(&self.ctx.kube, &self.sg)
+                .await?;
+            let group = match self.locate(&client, false).await? {
+                Located::Found(group, _) => Some(group),
+                // Held by another resource: not ours to delete.
+                Located::AlreadyManaged(_) | Located::NotFound(_) | Located::Rejected(_) => None,
+            };
+            decision = plan::cleanup(&self.sg, Some(group.as_ref()));
+            if let Some(action) = self.carry_out(&client, &decision).await? {
+                return Ok(action);
+            }
+        }
+        if let Cleanup::Release { reason } = decision {
+            self.remove_finalizer().await?;
+            let event = if self.sg.spec.deletion_policy == crate::api::DeletionPolicy::Orphan {
+                "Orphaned"
+            } else {
+                "Deleted"
+            };
+            self.event(EventType::Normal, event, "Delete", reason).await;
+        }
+        Ok(Action::await_change())
+    }
+
+    /// Sends DELETE or unlink, or waits. `None` means the finalizer may go.
+    async fn carry_out(
+        &self,
+        client: &WaldurClient,
+        decision: &Cleanup,
+    ) -> Result<Option<Action>, Error> {
+        match decision {
+            Cleanup::Delete(uuid) => match client.delete(uuid).await {
+                Ok(()) => {
+                    self.event(
+                        EventType::Normal,
+                        "DeleteRequested",
+                        "Delete",
+                        &format!("asked Waldur to delete {uuid}"),
+                    )
+                    .await;
+                    self.deleting_status("Waldur is deleting the group").await?;
+                    Ok(Some(Action::requeue(SOON)))
+                }
+                Err(e) if e.is_not_found() => Ok(None),
+                // Busy with another operation: ask again shortly.
+                Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                Err(e) => Err(e.into()),
+            },
+            Cleanup::Unlink(uuid) => match client.unlink(uuid).await {
+                Ok(()) => {
+                    self.event(
+                        EventType::Normal,
+                        "Unlinked",
+                        "Delete",
+                        &format!("removed Waldur's record of {uuid}; OpenStack keeps the group"),
+                    )
+                    .await;
+                    Ok(None)
+                }
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            Cleanup::Wait { state } => {
+                self.deleting_status(&format!(
+                    "waiting for Waldur to finish ({state}) before deleting"
+                ))
+                .await?;
+                Ok(Some(Action::requeue(SOON)))
+            }
+            Cleanup::Release { .. } | Cleanup::Locate => Ok(None),
+        }
+    }
+
+    async fn deleting_status(&self, message: &str) -> Result<(), Error> {
+        self.write_status(true, |s| {
+            self.ready(s, false, ready_reason::DELETING, message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await
+    }
+
+    /// Reports a failed reconcile in `Synced` and as a Warning Event, with Waldur's message.
+    async fn report_failure(&self, err: &Error) {
+        let message = err.message();
+        self.event(EventType::Warning, err.reason(), "Reconcile", &message)
+            .await;
+        let result = self
+            .write_status(false, |s| {
+                self.synced(s, false, err.reason(), &message);
+                if !s.conditions.iter().any(|c| c.type_ == READY) {
+                    self.ready(
+                        s,
+                        false,
+                        ready_reason::UNKNOWN,
+                        "the operator could not reach a conclusion yet; see Synced",
+                    );
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not write the failure into status");
+        }
+    }
+
+    fn ready(&self, s: &mut ServerGroupStatus, ok: bool, reason: &str, message: &str) {
+        let status = if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        set_condition(
+            &mut s.conditions,
+            READY,
+            status,
+            reason,
+            message,
+            self.sg.metadata.generation,
+            &self.now,
+        );
+    }
+
+    fn synced(&self, s: &mut ServerGroupStatus, ok: bool, reason: &str, message: &str) {
+        let status = if ok {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        };
+        set_condition(
+            &mut s.conditions,
+            SYNCED,
+            status,
+            reason,
+            message,
+            self.sg.metadata.generation,
+            &self.now,
+        );
+    }
+
+    async fn write_status(
+        &self,
+        read_waldur: bool,
+        change: impl FnOnce(&mut ServerGroupStatus),
+    ) -> Result<(), Error> {
+        if let Some(next) = status::next_status(&self.sg, read_waldur, &self.now, change) {
+            status::write(&self.api, &self.sg, &next).await?;
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> ServerGroupStatus {
+        self.sg.status.clone().unwrap_or_default()
+    }
+
+    fn status_uuid(&self) -> Option<WaldurUuid> {
+        self.sg
+            .status
+            .as_ref()?
+            .uuid
+            .as_deref()
+            .and_then(|u| WaldurUuid::parse(u).ok())
+    }
+
+    /// How long the group has been in its current transitional Ready reason.
+    fn busy_for(&self) -> Duration {
+        self.status()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY && c.status == "False")
+            .and_then(|c| {
+                self.now
+                    .0
+                    .duration_since(c.last_transition_time.0)
+                    .try_into()
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
+
+    fn settled_requeue(&self) -> Action {
+        Action::requeue(plan::requeue_after(
+            &self.sg,
+            None,
+            Duration::ZERO,
+            &self.ctx.settings,
+            rand::random(),
+        ))
+    }
+
+    /// Another ServerGroup whose status holds this UUID, as `namespace/name`.
+    fn owner_of(&self, uuid: &WaldurUuid) -> Option<String> {
+        let me = self.sg.uid();
+        self.ctx.store.state().iter().find_map(|other| {
+            let theirs = other.status.as_ref()?.uuid.as_deref()?;
+            let same = WaldurUuid::parse(theirs).ok().as_ref() == Some(uuid);
+            (same && other.uid() != me).then(|| {
+                format!(
+                    "{}/{}",
+                    other.namespace().unwrap_or_default(),
+                    other.name_any()
+                )
+            })
+        })
+    }
+
+    fn has_finalizer(&self) -> bool {
+        self.sg.finalizers().iter().any(|f| f == FINALIZER)
+    }
+
+    /// Adds the finalizer with a JSON patch guarded by `test`, so a concurrent change to the
+    /// finalizer list fails (409) instead of being overwritten.
+    async fn add_finalizer(&self) -> Result<(), Error> {
+        let patch = if self.sg.finalizers().is_empty() {
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        } else {
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": self.sg.finalizers()},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+            ])
+        };
+        self.json_patch(patch).await
+    }
+
+    async fn remove_finalizer(&self) -> Result<(), Error> {
+        let Some(index) = self.sg.finalizers().iter().position(|f| f == FINALIZER) else {
+            return Ok(());
+        };
+        let patch = json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
+        ]);
+        match self.json_patch(patch).await {
+            // Already gone: the object was deleted once the last finalizer went.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn json_patch(&self, patch: serde_json::Value) -> Result<(), Error> {
+        let patch: json_patch::Patch =
+            serde_json::from_value(patch).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+        self.api
+            .patch(
+                &self.sg.name_any(),
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn event(&self, type_: EventType, reason: &str, action: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(truncate(note, 1000)),
+            action: action.to_string(),
+            secondary: None,
+        };
+        let reference = self.sg.object_ref(&());
+        if let Err(e) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+fn not_found_message(lookup: &Lookup) -> String {
+    match lookup {
+        Lookup::Uuid(uuid) => {
+            format!("Waldur has no server group {uuid} visible to these credentials")
+        }
+        Lookup::BackendId(b) => {
+            format!("Waldur has no server group with backend id {b:?} visible to these credentials")
+        }
+        Lookup::OwnCreation { tenant, name, .. } => {
+            format!("tenant {tenant} has no server group named {name:?}")
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
