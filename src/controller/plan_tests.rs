@@ -1,1 +1,517 @@
+use std::collections::BTreeMap;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::*;
+use crate::api::{
+    ANNOTATION_REQUEST_PULL, ANNOTATION_REQUEST_SET_ERRED, ANNOTATION_REQUEST_SET_OK, AutoPull,
+    HandledRequests, ImportSource, ServerGroupSpec,
+};
+
+const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+const UUID: &str = "4c3e00000000000000000000000000aa";
+
+fn uuid(s: &str) -> WaldurUuid {
+    WaldurUuid::parse(s).unwrap()
+}
+
+fn settings() -> Settings {
+    Settings {
+        resync_period: Duration::from_secs(600),
+        pull_interval: None,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Managed,
+    ImportUuid,
+    ImportBackendId,
+    Observe,
+}
+
+fn resource(mode: Mode, status_uuid: Option<&str>, backend_id: Option<&str>) -> ServerGroup {
+    let mut spec = ServerGroupSpec {
+        policy: Some(Policy::AntiAffinity),
+        tenant: Some(TENANT.into()),
+        ..Default::default()
+    };
+    match mode {
+        Mode::Managed => {}
+        Mode::ImportUuid => {
+            spec.import = Some(ImportSource {
+                uuid: Some(UUID.into()),
+                backend_id: None,
+            })
+        }
+        Mode::ImportBackendId => {
+            spec.import = Some(ImportSource {
+                uuid: None,
+                backend_id: Some("nova-1".into()),
+            })
+        }
+        Mode::Observe => {
+            spec.management_policy = ManagementPolicy::Observe;
+            spec.import = Some(ImportSource {
+                uuid: Some(UUID.into()),
+                backend_id: None,
+            });
+        }
+    }
+    let mut sg = ServerGroup::new("web", spec);
+    sg.metadata.generation = Some(1);
+    if status_uuid.is_some() || backend_id.is_some() {
+        sg.status = Some(ServerGroupStatus {
+            uuid: status_uuid.map(str::to_string),
+            backend_id: backend_id.map(str::to_string),
+            ..Default::default()
+        });
+    }
+    sg
+}
+
+fn group(state: State, backend_id: &str) -> WaldurGroup {
+    WaldurGroup {
+        uuid: uuid(UUID),
+        state: Some(state),
+        backend_id: backend_id.into(),
+        policy: "anti-affinity".into(),
+        ..Default::default()
+    }
+}
+
+fn own() -> Lookup {
+    Lookup::OwnCreation {
+        tenant: uuid(TENANT),
+        name: "web".into(),
+        policy: Policy::AntiAffinity,
+    }
+}
+
+#[test]
+fn the_first_lookup_prefers_status_then_import_then_own_creation() {
+    let known = "11111111111111111111111111111111";
+    let cases = [
+        (resource(Mode::Managed, None, None), Ok(own())),
+        (
+            resource(Mode::Managed, Some(known), None),
+            Ok(Lookup::Uuid(uuid(known))),
+        ),
+        (
+            resource(Mode::ImportUuid, None, None),
+            Ok(Lookup::Uuid(uuid(UUID))),
+        ),
+        (
+            resource(Mode::ImportUuid, Some(known), None),
+            Ok(Lookup::Uuid(uuid(known))),
+        ),
+        (
+            resource(Mode::ImportBackendId, None, None),
+            Ok(Lookup::BackendId("nova-1".into())),
+        ),
+        (
+            resource(Mode::Observe, None, None),
+            Ok(Lookup::Uuid(uuid(UUID))),
+        ),
+    ];
+    for (sg, want) in cases {
+        assert_eq!(
+            first_lookup(&sg),
+            want,
+            "{:?} {:?}",
+            sg.spec.import,
+            sg.status
+        );
+    }
+}
+
+#[test]
+fn a_spec_without_tenant_or_policy_is_a_problem_not_a_panic() {
+    let mut sg = resource(Mode::Managed, None, None);
+    sg.spec.tenant = None;
+    assert_eq!(first_lookup(&sg), Err(SpecProblem::MissingTenantOrPolicy));
+    let mut sg = resource(Mode::Managed, None, None);
+    sg.spec.tenant = Some("nope".into());
+    assert!(matches!(first_lookup(&sg), Err(SpecProblem::BadTenant(_))));
+    let mut sg = resource(Mode::ImportUuid, None, None);
+    sg.spec.import = Some(ImportSource::default());
+    assert_eq!(first_lookup(&sg), Err(SpecProblem::BadImport));
+}
+
+#[test]
+fn what_follows_a_missing_group_for_every_mode() {
+    let known = Some("11111111111111111111111111111111");
+    let by_uuid = Lookup::Uuid(uuid(UUID));
+    let by_backend = Lookup::BackendId("nova-1".into());
+    // (mode, status uuid, status backend id, lookup that came back empty, expected)
+    let cases = [
+        // Never seen a group: create it.
+        (
+            Mode::Managed,
+            None,
+            None,
+            own(),
+            Missing::Create { recreate: false },
+        ),
+        // Had a group but never a backend id (create failed, row deleted): recreate.
+        (
+            Mode::Managed,
+            known,
+            Some(""),
+            by_uuid.clone(),
+            Missing::Create { recreate: true },
+        ),
+        // Had a backend id: it may be back under a new UUID.
+        (
+            Mode::Managed,
+            known,
+            Some("nova-1"),
+            by_uuid.clone(),
+            Missing::Lookup(by_backend.clone()),
+        ),
+        // Not re-imported either: recreate.
+        (
+            Mode::Managed,
+            known,
+            Some("nova-1"),
+            by_backend.clone(),
+            Missing::Create { recreate: true },
+        ),
+        // Imports and observed groups are never created.
+        (
+            Mode::ImportUuid,
+            None,
+            None,
+            by_uuid.clone(),
+            Missing::NotFound,
+        ),
+        (
+            Mode::ImportUuid,
+            known,
+            Some("nova-1"),
+            by_uuid.clone(),
+            Missing::Lookup(by_backend.clone()),
+        ),
+        (
+            Mode::ImportUuid,
+            known,
+            Some("nova-1"),
+            by_backend.clone(),
+            Missing::NotFound,
+        ),
+        (
+            Mode::ImportBackendId,
+            None,
+            None,
+            by_backend.clone(),
+            Missing::NotFound,
+        ),
+        (
+            Mode::Observe,
+            None,
+            None,
+            by_uuid.clone(),
+            Missing::NotFound,
+        ),
+        (
+            Mode::Observe,
+            known,
+            Some("nova-1"),
+            by_backend.clone(),
+            Missing::NotFound,
+        ),
+    ];
+    for (mode, status_uuid, backend, lookup, want) in cases {
+        let sg = resource(mode, status_uuid, backend);
+        assert_eq!(
+            after_missing(&sg, &lookup),
+            Ok(want.clone()),
+            "{mode:?} {status_uuid:?} {backend:?} {lookup:?}"
+        );
+    }
+}
+
+#[test]
+fn own_creation_is_recognised_by_policy_and_creation_time() {
+    let created = "2026-11-27T12:00:00Z".parse::<Timestamp>().unwrap();
+    let mut older = group(State::Ok, "a");
+    older.created = "2026-11-27T10:00:00Z".into();
+    let mut other_policy = group(State::Ok, "b");
+    other_policy.policy = "affinity".into();
+    other_policy.created = "2026-11-27T12:00:01Z".into();
+    let mut ours = group(State::CreationScheduled, "");
+    ours.created = "2026-11-27T12:00:02Z".into();
+    let candidates = vec![older.clone(), other_policy.clone(), ours.clone()];
+    assert_eq!(
+        pick_own_creation(&candidates, Policy::AntiAffinity, Some(created)),
+        Some(&ours)
+    );
+    assert_eq!(
+        pick_own_creation(&[older, other_policy], Policy::AntiAffinity, Some(created)),
+        None
+    );
+}
+
+#[test]
+fn cleanup_follows_the_deletion_policy_and_waldur_state() {
+    use crate::api::DeletionPolicy::*;
+    let ok = group(State::Ok, "nova-1");
+    let erred = group(State::Erred, "");
+    let creating = group(State::Creating, "");
+    let deleting = group(State::Deleting, "nova-1");
+    let released = |c: &Cleanup| matches!(c, Cleanup::Release { .. });
+    for (policy, observed, check) in [
+        (
+            Delete,
+            None,
+            &(|c: &Cleanup| *c == Cleanup::Locate) as &dyn Fn(&Cleanup) -> bool,
+        ),
+        (Delete, Some(None), &released),
+        (Delete, Some(Some(&ok)), &|c: &Cleanup| {
+            *c == Cleanup::Delete(uuid(UUID))
+        }),
+        (Delete, Some(Some(&erred)), &|c: &Cleanup| {
+            *c == Cleanup::Delete(uuid(UUID))
+        }),
+        (
+            Delete,
+            Some(Some(&creating)),
+            &|c: &Cleanup| matches!(c, Cleanup::Wait { state } if state == "CREATING"),
+        ),
+        (Delete, Some(Some(&deleting)), &|c: &Cleanup| {
+            matches!(c, Cleanup::Wait { .. })
+        }),
+        (Orphan, None, &released),
+        (Orphan, Some(Some(&ok)), &released),
+        (Unlink, None, &|c: &Cleanup| *c == Cleanup::Locate),
+        (Unlink, Some(Some(&creating)), &|c: &Cleanup| {
+            *c == Cleanup::Unlink(uuid(UUID))
+        }),
+        (Unlink, Some(None), &released),
+    ] {
+        let mut sg = resource(Mode::Managed, Some(UUID), None);
+        sg.spec.deletion_policy = policy;
+        let got = cleanup(&sg, observed);
+        assert!(check(&got), "{policy:?} {observed:?} -> {got:?}");
+    }
+    // Observe never deletes, whatever the deletion policy says.
+    let mut sg = resource(Mode::Observe, Some(UUID), None);
+    sg.spec.deletion_policy = Delete;
+    assert!(released(&cleanup(&sg, Some(Some(&ok)))));
+}
+
+fn annotated(pairs: &[(&str, &str)], handled: HandledRequests) -> ServerGroup {
+    let mut sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    sg.metadata.annotations = Some(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    );
+    sg.status.as_mut().unwrap().handled_requests = Some(handled);
+    sg
+}
+
+#[test]
+fn each_request_annotation_acts_once_per_token() {
+    let now = Timestamp::from_second(10_000).unwrap();
+    let ok = group(State::Ok, "nova-1");
+    let s = settings();
+    let sg = annotated(
+        &[(ANNOTATION_REQUEST_PULL, "a")],
+        HandledRequests::default(),
+    );
+    assert_eq!(
+        follow_ups(&sg, &ok, &s, now),
+        vec![FollowUp::RequestedPull { token: "a".into() }]
+    );
+    let done = HandledRequests {
+        pull: Some("a".into()),
+        ..Default::default()
+    };
+    let sg = annotated(&[(ANNOTATION_REQUEST_PULL, "a")], done.clone());
+    assert_eq!(follow_ups(&sg, &ok, &s, now), vec![]);
+    let sg = annotated(&[(ANNOTATION_REQUEST_PULL, "b")], done);
+    assert_eq!(
+        follow_ups(&sg, &ok, &s, now),
+        vec![FollowUp::RequestedPull { token: "b".into() }]
+    );
+    // A pull waits while Waldur is busy; set-ok and set-erred work from any state.
+    let creating = group(State::Creating, "");
+    let sg = annotated(
+        &[
+            (ANNOTATION_REQUEST_PULL, "p"),
+            (ANNOTATION_REQUEST_SET_OK, "o"),
+            (ANNOTATION_REQUEST_SET_ERRED, "e"),
+        ],
+        HandledRequests::default(),
+    );
+    assert_eq!(
+        follow_ups(&sg, &creating, &s, now),
+        vec![
+            FollowUp::SetOk { token: "o".into() },
+            FollowUp::SetErred { token: "e".into() }
+        ]
+    );
+    // Observe never writes to Waldur.
+    let mut observed = sg.clone();
+    observed.spec.management_policy = ManagementPolicy::Observe;
+    assert_eq!(follow_ups(&observed, &ok, &s, now), vec![]);
+}
+
+#[test]
+fn erred_groups_with_a_backend_id_are_pulled_with_backoff() {
+    let s = settings();
+    let erred = group(State::Erred, "nova-1");
+    let sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    let now = Timestamp::from_second(100_000).unwrap();
+    assert_eq!(
+        follow_ups(&sg, &erred, &s, now),
+        vec![FollowUp::RecoveryPull { attempt: 1 }]
+    );
+    // No backend id: nothing to pull from (Waldur would answer 400).
+    assert_eq!(follow_ups(&sg, &group(State::Erred, ""), &s, now), vec![]);
+    // After attempt 2, the next waits 2 resync periods (20 min), not one.
+    let mut tried = sg.clone();
+    tried.status.as_mut().unwrap().auto_pull = Some(AutoPull {
+        last_time: Time(Timestamp::from_second(100_000 - 15 * 60).unwrap()),
+        attempts: 2,
+    });
+    assert_eq!(follow_ups(&tried, &erred, &s, now), vec![]);
+    let later = Timestamp::from_second(100_000 + 6 * 60).unwrap();
+    assert_eq!(
+        follow_ups(&tried, &erred, &s, later),
+        vec![FollowUp::RecoveryPull { attempt: 3 }]
+    );
+    assert_eq!(
+        recovery_backoff(Duration::from_secs(600), 1),
+        Duration::from_secs(600)
+    );
+    assert_eq!(
+        recovery_backoff(Duration::from_secs(600), 40),
+        Duration::from_secs(86_400)
+    );
+}
+
+#[test]
+fn periodic_pulls_only_when_configured_and_due() {
+    let ok = group(State::Ok, "nova-1");
+    let sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    let now = Timestamp::from_second(100_000).unwrap();
+    assert_eq!(follow_ups(&sg, &ok, &settings(), now), vec![]);
+    let s = Settings {
+        pull_interval: Some(Duration::from_secs(3600)),
+        ..settings()
+    };
+    assert_eq!(follow_ups(&sg, &ok, &s, now), vec![FollowUp::PeriodicPull]);
+    let mut recent = sg.clone();
+    recent.status.as_mut().unwrap().auto_pull = Some(AutoPull {
+        last_time: Time(Timestamp::from_second(99_000).unwrap()),
+        attempts: 0,
+    });
+    assert_eq!(follow_ups(&recent, &ok, &s, now), vec![]);
+}
+
+#[test]
+fn readiness_for_every_waldur_state() {
+    let cases = [
+        (State::Ok, true, ready_reason::AVAILABLE),
+        (State::CreationScheduled, false, ready_reason::CREATING),
+        (State::Creating, false, ready_reason::CREATING),
+        (State::UpdateScheduled, false, ready_reason::UPDATING),
+        (State::Updating, false, ready_reason::UPDATING),
+        (State::DeletionScheduled, false, ready_reason::DELETING),
+        (State::Deleting, false, ready_reason::DELETING),
+        (State::Erred, false, ready_reason::ERRED),
+        (State::Unknown("NEW".into()), false, ready_reason::UNKNOWN),
+    ];
+    for (state, ready, reason) in cases {
+        let (r, why, _) = readiness(&group(state.clone(), ""));
+        assert_eq!((r, why), (ready, reason), "{state}");
+    }
+    let mut erred = group(State::Erred, "");
+    erred.error_message = "Quota exceeded".into();
+    assert_eq!(readiness(&erred).2, "Quota exceeded");
+}
+
+#[test]
+fn a_rejected_generation_is_not_retried_until_the_spec_changes() {
+    let mut sg = resource(Mode::Managed, None, None);
+    let now = Time(Timestamp::from_second(1).unwrap());
+    let mut status = ServerGroupStatus::default();
+    crate::api::set_condition(
+        &mut status.conditions,
+        READY,
+        crate::api::ConditionStatus::False,
+        ready_reason::INVALID_SPEC,
+        "x",
+        Some(1),
+        &now,
+    );
+    sg.status = Some(status);
+    assert!(rejected_for_this_generation(&sg));
+    sg.metadata.generation = Some(2);
+    assert!(!rejected_for_this_generation(&sg));
+}
+
+#[test]
+fn requeue_is_fast_while_busy_and_jittered_at_resync_when_settled() {
+    let sg = resource(Mode::Managed, Some(UUID), None);
+    let s = settings();
+    assert_eq!(
+        requeue_after(&sg, Some(&State::Creating), Duration::ZERO, &s, 0.5),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        requeue_after(
+            &sg,
+            Some(&State::Creating),
+            Duration::from_secs(600),
+            &s,
+            0.5
+        ),
+        Duration::from_secs(30)
+    );
+    assert_eq!(
+        requeue_after(&sg, Some(&State::Ok), Duration::ZERO, &s, 0.0),
+        Duration::from_secs(540)
+    );
+    assert_eq!(
+        requeue_after(&sg, Some(&State::Ok), Duration::ZERO, &s, 1.0),
+        Duration::from_secs(660)
+    );
+    let mut own = sg.clone();
+    own.spec.resync_period = Some("1h".into());
+    assert_eq!(
+        requeue_after(&own, Some(&State::Erred), Duration::ZERO, &s, 0.5),
+        Duration::from_secs(3600)
+    );
+}
+
+#[test]
+fn durations_parse_in_the_crd_pattern_forms() {
+    assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+    assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    for bad in ["", "10", "m", "1d", "-1s", "1.5h"] {
+        assert_eq!(parse_duration(bad), None, "{bad}");
+    }
+}
+
+#[test]
+fn instances_are_mirrored_only_once_the_group_is_ok() {
+    let mut g = group(State::Ok, "nova-1");
+    g.instances = vec![crate::waldur::Instance {
+        name: "vm1".into(),
+        uuid: uuid(TENANT),
+        backend_id: "i-1".into(),
+    }];
+    let mut status = ServerGroupStatus::default();
+    mirror(&mut status, &g);
+    assert_eq!(status.instance_count, Some(1));
+    assert_eq!(status.instances[0].name, "vm1");
+    g.state = Some(State::Updating);
+    mirror(&mut status, &g);
+    assert_eq!(status.instance_count, Some(0));
+    assert_eq!(status.state.as_deref(), Some("UPDATING"));
+}

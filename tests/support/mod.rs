@@ -1,0 +1,200 @@
+//! Shared test set-up: the real reconcile, a fake Kubernetes API and the Waldur simulator.
+#![allow(dead_code)]
+
+pub mod fake_kube;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use waldur_operator::api::ServerGroup;
+use waldur_operator::controller::{self, ClientCache, Context, DefaultCredentials, Settings};
+use waldur_operator::waldur::{ClientSettings, Token, WaldurClient};
+use waldur_sim::{SimConfig, Simulator};
+
+pub use fake_kube::FakeKube;
+
+pub const NS: &str = "team-a";
+pub const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+pub const PLURAL: &str = "servergroups";
+
+pub struct Harness {
+    pub kube: FakeKube,
+    pub sim: Simulator,
+    pub ctx: Arc<Context>,
+    writer: std::sync::Mutex<Writer<ServerGroup>>,
+}
+
+impl Harness {
+    /// The operator's default credentials are the simulator's staff token.
+    pub async fn new(config: SimConfig) -> Self {
+        let staff = config.staff_token.clone();
+        let sim = Simulator::start(config)
+            .await
+            .expect("the simulator starts");
+        let kube = FakeKube::default();
+        let (reader, writer) = reflector::store();
+        let mut template = ClientSettings::new("", Token::new(""));
+        template.read_retries = 1;
+        template.retry_min_delay = Duration::from_millis(10);
+        let credentials = ClientCache::new(
+            template,
+            DefaultCredentials {
+                url: Some(sim.base_url()),
+                token: Some(Token::new(staff)),
+            },
+        );
+        let settings = Settings {
+            resync_period: Duration::from_secs(600),
+            pull_interval: None,
+        };
+        let ctx = Arc::new(Context::new(kube.client(), settings, credentials, reader));
+        Self {
+            kube,
+            sim,
+            ctx,
+            writer: std::sync::Mutex::new(writer),
+        }
+    }
+
+    pub async fn fast() -> Self {
+        Self::new(SimConfig {
+            delays: waldur_sim::Delays::fast(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// A staff client straight to the simulator, for out-of-band changes.
+    pub fn staff_client(&self) -> WaldurClient {
+        let token = Token::new(SimConfig::default().staff_token);
+        WaldurClient::new(&ClientSettings::new(self.sim.base_url(), token)).unwrap()
+    }
+
+    pub fn apply(&self, name: &str, spec: Value) {
+        self.kube.create(
+            PLURAL,
+            json!({
+                "apiVersion": "openstack.waldur.com/v1alpha1",
+                "kind": "ServerGroup",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": spec,
+            }),
+        );
+    }
+
+    pub fn secret(&self, name: &str, token: &str) {
+        use base64_like::encode;
+        self.kube.create(
+            "secrets",
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": NS},
+                "data": {"token": encode(token)},
+            }),
+        );
+    }
+
+    pub fn sg(&self, name: &str) -> Option<ServerGroup> {
+        self.kube
+            .get(PLURAL, NS, name)
+            .map(|v| serde_json::from_value(v).expect("a ServerGroup"))
+    }
+
+    /// Runs the real reconcile once on the object as stored now.
+    pub async fn reconcile(
+        &self,
+        name: &str,
+    ) -> Result<kube::runtime::controller::Action, controller::Error> {
+        self.refresh_store();
+        let sg = self.sg(name).expect("the object exists");
+        controller::reconcile(Arc::new(sg), self.ctx.clone()).await
+    }
+
+    /// Reconciles until `done` holds (or the object is gone when `done` takes None), as the
+    /// controller's requeues would, failing after `limit`.
+    pub async fn converge(
+        &self,
+        name: &str,
+        done: impl Fn(Option<&ServerGroup>) -> bool,
+    ) -> Option<ServerGroup> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let current = self.sg(name);
+            if done(current.as_ref()) {
+                return current;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "did not converge: {current:#?}\nevents: {:?}",
+                self.kube.event_reasons(name)
+            );
+            if current.is_some() {
+                let _ = self.reconcile(name).await;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn refresh_store(&self) {
+        let mut writer = self.writer.lock().unwrap();
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for obj in self.kube.list(PLURAL) {
+            let sg: ServerGroup = serde_json::from_value(obj).unwrap();
+            writer.apply_watcher_event(&watcher::Event::InitApply(sg));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+    }
+}
+
+/// (status, reason, message) of a condition.
+pub fn condition(sg: &ServerGroup, type_: &str) -> Option<(String, String, String)> {
+    sg.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+pub fn is_ready(sg: Option<&ServerGroup>) -> bool {
+    sg.and_then(|s| condition(s, "Ready"))
+        .is_some_and(|c| c.0 == "True")
+}
+
+pub fn reason_is(
+    type_: &'static str,
+    reason: &'static str,
+) -> impl Fn(Option<&ServerGroup>) -> bool {
+    move |sg| {
+        sg.and_then(|s| condition(s, type_))
+            .is_some_and(|c| c.1 == reason)
+    }
+}
+
+/// Base64 without pulling in a crate for one test helper.
+mod base64_like {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    pub fn encode(s: &str) -> String {
+        let bytes = s.as_bytes();
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+}
