@@ -1,0 +1,419 @@
+//! `/__sim/...`: the out-of-band control plane for tests, scripts and benchmarks in other
+//! processes. Never authenticated, never faulted, never counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State as AxState;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::config::Delays;
+use crate::error::json_response;
+use crate::faults::{ENDPOINTS, FailRule, Faults};
+use crate::model::State;
+use crate::server::Shared;
+use crate::world::Caller;
+
+/// Plain-text reference of the control plane, served at `GET /__sim/` and printed by `--help`.
+pub const CONTROL_HELP: &str = "\
+Control plane (no auth; faults and counters ignore it):
+  GET  /__sim/                   this text
+  GET  /__sim/stats              request counters {\"total\":N,\"endpoints\":{\"list\":N,...}}
+  POST /__sim/stats/reset        zero the counters
+  GET  /__sim/groups             every server-group row, as staff sees it
+  GET  /__sim/openstack          OpenStack's groups per tenant
+  POST /__sim/openstack/create   {\"tenant_uuid\",\"name\",\"policy\"} -> {\"backend_id\"} (imported by the next re-sync)
+  POST /__sim/openstack/delete   {\"backend_id\"} or {\"uuid\"} (row uuid): remove the group from OpenStack
+  POST /__sim/openstack/update   {\"backend_id\",\"name\"?,\"policy\"?}: change it in OpenStack
+  POST /__sim/resync             run Waldur's tenant re-sync now -> {\"deleted\",\"imported\",\"recovered\"}
+  POST /__sim/state              {\"uuid\",\"state\"}: force a row's state (either vocabulary)
+  POST /__sim/instances          {\"uuid\",\"instances\":[{\"name\",\"backend_id\"}]}: attach VMs
+  POST /__sim/tenants            {\"uuid\",\"ok\"?,\"user_visible\"?}: add or change a tenant (ok=false -> 409 on create)
+  POST /__sim/delays             {\"schedule_ms\",\"run_ms\"}: worker timing for new operations
+  GET  /__sim/faults             current faults
+  POST /__sim/faults             any of {\"latency_ms\":N, \"fail_next\":{\"count\":N,\"status\":503,\"endpoint\":\"create\"?},
+                                 \"failing\":502|null, \"drop_next\":N, \"slow_body_ms\":N|null,
+                                 \"fail_creates\":N, \"fail_deletes\":N}
+  POST /__sim/faults/clear       remove every fault
+Endpoint names: list count retrieve create create_collection pull delete unlink set_erred set_ok update other
+";
+
+pub(crate) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/__sim", get(help))
+        .route("/__sim/", get(help))
+        .route("/__sim/stats", get(stats))
+        .route("/__sim/stats/reset", post(reset_stats))
+        .route("/__sim/groups", get(groups))
+        .route("/__sim/openstack", get(openstack))
+        .route("/__sim/openstack/create", post(openstack_create))
+        .route("/__sim/openstack/delete", post(openstack_delete))
+        .route("/__sim/openstack/update", post(openstack_update))
+        .route("/__sim/resync", post(resync))
+        .route("/__sim/state", post(force_state))
+        .route("/__sim/instances", post(instances))
+        .route("/__sim/tenants", post(tenants))
+        .route("/__sim/delays", post(delays))
+        .route("/__sim/faults", get(get_faults).post(set_faults))
+        .route("/__sim/faults/clear", post(clear_faults))
+}
+
+type Shared_ = AxState<Arc<Shared>>;
+
+fn bad(msg: impl std::fmt::Display) -> Response {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({ "detail": msg.to_string() }),
+    )
+}
+
+fn ok(body: Value) -> Response {
+    json_response(StatusCode::OK, &body)
+}
+
+/// Errors come back as a boxed ready-made 400 so handlers can `return *e`.
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| Box::new(bad(e)))
+}
+
+async fn help() -> Response {
+    CONTROL_HELP.into_response()
+}
+
+async fn stats(AxState(s): Shared_) -> Response {
+    ok(s.counters().to_json())
+}
+
+async fn reset_stats(AxState(s): Shared_) -> Response {
+    *s.counters() = Default::default();
+    ok(json!({"detail": "Counters reset."}))
+}
+
+async fn groups(AxState(s): Shared_) -> Response {
+    let world = s.world();
+    let rows: Vec<Value> = world
+        .rows_sorted()
+        .into_iter()
+        .map(|r| world.render(r, &s.base_url))
+        .collect();
+    ok(Value::Array(rows))
+}
+
+async fn openstack(AxState(s): Shared_) -> Response {
+    let world = s.world();
+    let mut out = serde_json::Map::new();
+    for (tenant, groups) in &world.openstack {
+        let list: Vec<Value> = groups
+            .iter()
+            .map(|g| json!({"backend_id": g.backend_id, "name": g.name, "policy": g.policy}))
+            .collect();
+        out.insert(tenant.clone(), Value::Array(list));
+    }
+    ok(Value::Object(out))
+}
+
+#[derive(Deserialize)]
+struct OsCreate {
+    tenant_uuid: Option<String>,
+    name: String,
+    #[serde(default)]
+    policy: String,
+}
+
+async fn openstack_create(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: OsCreate = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let mut world = s.world();
+    let tenant = match req.tenant_uuid {
+        Some(t) => t,
+        None => match world.tenants.keys().next() {
+            Some(t) => t.clone(),
+            None => return bad("no tenant"),
+        },
+    };
+    let backend_id = world.openstack_create(&tenant, &req.name, &req.policy);
+    json_response(StatusCode::CREATED, &json!({ "backend_id": backend_id }))
+}
+
+#[derive(Deserialize)]
+struct OsDelete {
+    backend_id: Option<String>,
+    uuid: Option<String>,
+}
+
+async fn openstack_delete(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: OsDelete = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let Some(id) = req.backend_id.or(req.uuid) else {
+        return bad("give backend_id or uuid");
+    };
+    if s.world().openstack_delete(&id) {
+        ok(json!({"detail": "Deleted in OpenStack."}))
+    } else {
+        json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"detail": "No such group in OpenStack."}),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct OsUpdate {
+    backend_id: String,
+    name: Option<String>,
+    policy: Option<String>,
+}
+
+async fn openstack_update(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: OsUpdate = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    if s.world()
+        .openstack_update(&req.backend_id, req.name.as_deref(), req.policy.as_deref())
+    {
+        ok(json!({"detail": "Updated in OpenStack."}))
+    } else {
+        json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"detail": "No such group in OpenStack."}),
+        )
+    }
+}
+
+async fn resync(AxState(s): Shared_) -> Response {
+    let report = s.world().resync();
+    ok(serde_json::to_value(report).unwrap_or(Value::Null))
+}
+
+#[derive(Deserialize)]
+struct ForceState {
+    uuid: String,
+    state: String,
+}
+
+async fn force_state(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: ForceState = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let Some(state) = State::parse_any(&req.state) else {
+        return bad(format!("unknown state {:?}", req.state));
+    };
+    let mut world = s.world();
+    if !world.force_state(&req.uuid, state) {
+        return json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."}));
+    }
+    match world.visible_row(Caller::Staff, &req.uuid) {
+        Some(row) => ok(world.render(row, &s.base_url)),
+        None => json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."})),
+    }
+}
+
+#[derive(Deserialize)]
+struct InstanceSpec {
+    name: String,
+    #[serde(default)]
+    backend_id: String,
+}
+
+#[derive(Deserialize)]
+struct Instances {
+    uuid: String,
+    #[serde(default)]
+    instances: Vec<InstanceSpec>,
+}
+
+async fn instances(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: Instances = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let list = req
+        .instances
+        .into_iter()
+        .map(|i| (i.name, i.backend_id))
+        .collect();
+    let mut world = s.world();
+    if !world.set_instances(&req.uuid, list) {
+        return json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."}));
+    }
+    match world.visible_row(Caller::Staff, &req.uuid) {
+        Some(row) => ok(world.render(row, &s.base_url)),
+        None => json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."})),
+    }
+}
+
+#[derive(Deserialize)]
+struct TenantReq {
+    uuid: String,
+    ok: Option<bool>,
+    user_visible: Option<bool>,
+}
+
+async fn tenants(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: TenantReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let mut world = s.world();
+    let id = world.add_tenant(&req.uuid, req.user_visible.unwrap_or(false));
+    let Some(t) = world.tenants.get_mut(&id) else {
+        return bad("tenant vanished");
+    };
+    if let Some(ok_) = req.ok {
+        t.ok = ok_;
+    }
+    if let Some(v) = req.user_visible {
+        t.user_visible = v;
+    }
+    ok(
+        json!({"uuid": t.uuid, "name": t.name, "ok": t.ok, "user_visible": t.user_visible,
+              "project_uuid": t.project_uuid, "customer_uuid": t.customer_uuid}),
+    )
+}
+
+#[derive(Deserialize)]
+struct DelaysReq {
+    schedule_ms: u64,
+    run_ms: u64,
+}
+
+async fn delays(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: DelaysReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    s.world().delays = Delays {
+        schedule: Duration::from_millis(req.schedule_ms),
+        run: Duration::from_millis(req.run_ms),
+    };
+    ok(json!({"schedule_ms": req.schedule_ms, "run_ms": req.run_ms}))
+}
+
+fn fault_state(s: &Shared) -> Value {
+    let faults = serde_json::to_value(&*s.faults()).unwrap_or(Value::Null);
+    let world = s.world();
+    json!({"faults": faults, "fail_creates": world.fail_creates, "fail_deletes": world.fail_deletes})
+}
+
+async fn get_faults(AxState(s): Shared_) -> Response {
+    ok(fault_state(&s))
+}
+
+/// Distinguishes an absent field from an explicit `null`.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct FailNext {
+    count: usize,
+    #[serde(default = "default_status")]
+    status: u16,
+    endpoint: Option<String>,
+}
+
+fn default_status() -> u16 {
+    503
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsReq {
+    latency_ms: Option<u64>,
+    fail_next: Option<FailNext>,
+    #[serde(default, deserialize_with = "present")]
+    failing: Option<Option<u16>>,
+    drop_next: Option<usize>,
+    #[serde(default, deserialize_with = "present")]
+    slow_body_ms: Option<Option<u64>>,
+    fail_creates: Option<usize>,
+    fail_deletes: Option<usize>,
+}
+
+async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: FaultsReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    if let Some(f) = &req.fail_next {
+        if let Some(e) = &f.endpoint
+            && !ENDPOINTS.contains(&e.as_str())
+        {
+            return bad(format!("unknown endpoint {e:?}"));
+        }
+        if StatusCode::from_u16(f.status).is_err() {
+            return bad(format!("invalid status {}", f.status));
+        }
+    }
+    if let Some(Some(st)) = req.failing
+        && StatusCode::from_u16(st).is_err()
+    {
+        return bad(format!("invalid status {st}"));
+    }
+    {
+        let mut faults = s.faults();
+        if let Some(ms) = req.latency_ms {
+            faults.latency = Duration::from_millis(ms);
+        }
+        if let Some(f) = req.fail_next
+            && f.count > 0
+        {
+            faults.fail_rules.push(FailRule {
+                remaining: f.count,
+                status: f.status,
+                endpoint: f.endpoint,
+            });
+        }
+        if let Some(failing) = req.failing {
+            faults.failing = failing.filter(|st| *st != 0);
+        }
+        if let Some(n) = req.drop_next {
+            faults.drop_next = n;
+        }
+        if let Some(ms) = req.slow_body_ms {
+            faults.slow_body = ms.filter(|ms| *ms > 0).map(Duration::from_millis);
+        }
+    }
+    {
+        let mut world = s.world();
+        if let Some(n) = req.fail_creates {
+            world.fail_creates = n;
+        }
+        if let Some(n) = req.fail_deletes {
+            world.fail_deletes = n;
+        }
+    }
+    ok(fault_state(&s))
+}
+
+async fn clear_faults(AxState(s): Shared_) -> Response {
+    *s.faults() = Faults::default();
+    {
+        let mut world = s.world();
+        world.fail_creates = 0;
+        world.fail_deletes = 0;
+    }
+    ok(fault_state(&s))
+}

@@ -1,0 +1,144 @@
+//! Injected faults and per-endpoint request counters.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Endpoint names used by the counters and by endpoint-scoped faults.
+pub const ENDPOINTS: [&str; 12] = [
+    "list",
+    "count",
+    "retrieve",
+    "create",
+    "create_collection",
+    "pull",
+    "delete",
+    "unlink",
+    "set_erred",
+    "set_ok",
+    "update",
+    "other",
+];
+
+/// "Answer the next `remaining` requests (to `endpoint`, or any) with `status`."
+#[derive(Debug, Clone, Serialize)]
+pub struct FailRule {
+    pub remaining: usize,
+    pub status: u16,
+    pub endpoint: Option<String>,
+}
+
+/// Current fault settings; they apply to `/api/...` requests only, never to `/__sim/...`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Faults {
+    /// Added to every request before it is handled.
+    #[serde(rename = "latency_ms", serialize_with = "ser_ms")]
+    pub latency: Duration,
+    pub fail_rules: Vec<FailRule>,
+    /// Burst mode: every request answers this status until cleared.
+    pub failing: Option<u16>,
+    /// Requests whose connection is closed without any response.
+    pub drop_next: usize,
+    /// Delay before each chunk of a response body.
+    #[serde(rename = "slow_body_ms", serialize_with = "ser_opt_ms")]
+    pub slow_body: Option<Duration>,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ser_opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_ms(d, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// What to do with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Close the connection without answering.
+    Drop,
+    /// Answer this status with an HTML body.
+    Fail(u16),
+}
+
+impl Faults {
+    /// Decides the fate of one request and consumes one-shot faults.
+    pub fn decide(&mut self, endpoint: &str) -> Verdict {
+        if self.drop_next > 0 {
+            self.drop_next -= 1;
+            return Verdict::Drop;
+        }
+        if let Some(status) = self.failing {
+            return Verdict::Fail(status);
+        }
+        let hit = self
+            .fail_rules
+            .iter_mut()
+            .find(|r| r.remaining > 0 && r.endpoint.as_deref().is_none_or(|e| e == endpoint));
+        if let Some(rule) = hit {
+            rule.remaining -= 1;
+            let status = rule.status;
+            self.fail_rules.retain(|r| r.remaining > 0);
+            return Verdict::Fail(status);
+        }
+        Verdict::Pass
+    }
+}
+
+/// Requests per endpoint since start or the last reset.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub by_endpoint: BTreeMap<String, u64>,
+    pub total: u64,
+}
+
+impl Counters {
+    pub fn hit(&mut self, endpoint: &str) {
+        *self.by_endpoint.entry(endpoint.to_string()).or_default() += 1;
+        self.total += 1;
+    }
+
+    pub fn get(&self, endpoint: &str) -> u64 {
+        self.by_endpoint.get(endpoint).copied().unwrap_or(0)
+    }
+
+    /// `{"total": n, "endpoints": {"list": n, ...}}` with every known endpoint present.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut endpoints = serde_json::Map::new();
+        for e in ENDPOINTS {
+            endpoints.insert(e.to_string(), self.get(e).into());
+        }
+        serde_json::json!({"total": self.total, "endpoints": endpoints})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_scoped_failures_only_hit_that_endpoint() {
+        let mut f = Faults {
+            fail_rules: vec![FailRule {
+                remaining: 2,
+                status: 503,
+                endpoint: Some("create".into()),
+            }],
+            ..Faults::default()
+        };
+        assert_eq!(f.decide("list"), Verdict::Pass);
+        assert_eq!(f.decide("create"), Verdict::Fail(503));
+        assert_eq!(f.decide("create"), Verdict::Fail(503));
+        assert_eq!(f.decide("create"), Verdict::Pass);
+        assert!(f.fail_rules.is_empty());
+        f.drop_next = 1;
+        f.failing = Some(502);
+        assert_eq!(f.decide("list"), Verdict::Drop);
+        assert_eq!(f.decide("list"), Verdict::Fail(502));
+    }
+}

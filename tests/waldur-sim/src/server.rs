@@ -1,0 +1,430 @@
+//! The simulator handle, its HTTP server loop and its background workers.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tower_service::Service;
+
+use crate::config::{Delays, SimConfig};
+use crate::faults::{Counters, FailRule, Faults};
+use crate::model::State;
+use crate::world::{Job, ResyncReport, World};
+
+/// State shared by the handle, the HTTP handlers and the workers.
+pub(crate) struct Shared {
+    world: Mutex<World>,
+    faults: Mutex<Faults>,
+    counters: Mutex<Counters>,
+    pub base_url: String,
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Poisoning only means another thread panicked mid-update; the data is still usable for a test
+/// server, and refusing to serve would hide the original panic behind a cascade of new ones.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        lock(&self.world)
+    }
+    pub fn faults(&self) -> MutexGuard<'_, Faults> {
+        lock(&self.faults)
+    }
+    pub fn counters(&self) -> MutexGuard<'_, Counters> {
+        lock(&self.counters)
+    }
+}
+
+/// Lets a request handler close its own connection without answering (injected drop).
+#[derive(Clone)]
+pub(crate) struct ConnCtl(pub Arc<Notify>);
+
+/// Runs an accepted operation's state transitions in the background, as Waldur's Celery workers do.
+pub(crate) fn spawn_job(shared: &Arc<Shared>, job: Job) {
+    let shared = Arc::clone(shared);
+    let delays = shared.world().delays;
+    tokio::spawn(async move {
+        match job {
+            Job::Create {
+                uuid,
+                gen_,
+                failure,
+            } => {
+                tokio::time::sleep(delays.schedule).await;
+                if !shared
+                    .world()
+                    .advance(&uuid, gen_, State::CreationScheduled, State::Creating)
+                {
+                    return;
+                }
+                tokio::time::sleep(delays.run).await;
+                shared.world().finish_create(&uuid, gen_, failure);
+            }
+            Job::Delete {
+                uuid,
+                gen_,
+                fail,
+                was_ok,
+            } => {
+                tokio::time::sleep(delays.schedule).await;
+                if !shared
+                    .world()
+                    .advance(&uuid, gen_, State::DeletionScheduled, State::Deleting)
+                {
+                    return;
+                }
+                tokio::time::sleep(delays.run).await;
+                shared.world().finish_delete(&uuid, gen_, fail, was_ok);
+            }
+            Job::Pull { uuid, gen_ } => {
+                tokio::time::sleep(delays.schedule).await;
+                if !shared
+                    .world()
+                    .advance(&uuid, gen_, State::UpdateScheduled, State::Updating)
+                {
+                    return;
+                }
+                tokio::time::sleep(delays.run).await;
+                shared.world().finish_pull(&uuid, gen_);
+            }
+        }
+    });
+}
+
+/// A running simulated Waldur. Cheap to clone; all clones drive the same server.
+#[derive(Clone)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator")
+            .field("base_url", &self.shared.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Starts a simulator on an ephemeral port of 127.0.0.1.
+    pub async fn start(config: SimConfig) -> std::io::Result<Simulator> {
+        Self::start_on(config, SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0)).await
+    }
+
+    /// Starts a simulator on the given address (port 0 = ephemeral).
+    pub async fn start_on(config: SimConfig, addr: SocketAddr) -> std::io::Result<Simulator> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        // A wildcard bind is reachable on loopback; URLs must name a concrete host.
+        let url_addr = if local.ip().is_unspecified() {
+            let ip = match local.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            };
+            SocketAddr::new(ip, local.port())
+        } else {
+            local
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            world: Mutex::new(World::new(&config)),
+            faults: Mutex::new(Faults::default()),
+            counters: Mutex::new(Counters::default()),
+            base_url: format!("http://{url_addr}"),
+            addr: local,
+            shutdown,
+        });
+        let router = crate::api::router(Arc::clone(&shared));
+        tokio::spawn(accept_loop(listener, router, shutdown_rx.clone()));
+        if let Some(every) = config.resync_interval.filter(|d| !d.is_zero()) {
+            tokio::spawn(resync_loop(Arc::clone(&shared), every, shutdown_rx));
+        }
+        tracing::info!(base_url = %shared.base_url, "Waldur simulator listening");
+        Ok(Simulator { shared })
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// The bound socket address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.shared.addr
+    }
+
+    /// Stops accepting connections and closes open ones. Background workers finish quietly.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+
+    // ----- counters -----
+
+    /// Requests to one endpoint (`list`, `count`, `retrieve`, `create`, `create_collection`,
+    /// `pull`, `delete`, `unlink`, `set_erred`, `set_ok`, `update`, `other`).
+    pub fn requests(&self, endpoint: &str) -> u64 {
+        self.shared.counters().get(endpoint)
+    }
+
+    /// All `/api/...` requests, faulted ones included.
+    pub fn total_requests(&self) -> u64 {
+        self.shared.counters().total
+    }
+
+    pub fn reset_counters(&self) {
+        *self.shared.counters() = Counters::default();
+    }
+
+    /// `{"total": n, "endpoints": {...}}`, as `GET /__sim/stats` serves it.
+    pub fn stats(&self) -> serde_json::Value {
+        self.shared.counters().to_json()
+    }
+
+    // ----- out of band -----
+
+    /// Every row, oldest first, as the staff API renders it.
+    pub fn groups(&self) -> Vec<serde_json::Value> {
+        let world = self.shared.world();
+        world
+            .rows_sorted()
+            .into_iter()
+            .map(|r| world.render(r, &self.shared.base_url))
+            .collect()
+    }
+
+    /// One row (UUID dashed or not), as the staff API renders it.
+    pub fn group(&self, uuid: &str) -> Option<serde_json::Value> {
+        let world = self.shared.world();
+        world
+            .visible_row(crate::world::Caller::Staff, uuid)
+            .map(|r| world.render(r, &self.shared.base_url))
+    }
+
+    /// Adds a tenant in state OK. The user token sees it when `user_tenants` was empty.
+    pub fn add_tenant(&self, uuid: &str) {
+        self.shared.world().add_tenant(uuid, false);
+    }
+
+    /// Adds a tenant and says whether the user token may see it (when not seeing all tenants).
+    pub fn add_tenant_with_visibility(&self, uuid: &str, user_visible: bool) {
+        let mut world = self.shared.world();
+        let id = world.add_tenant(uuid, user_visible);
+        if let Some(t) = world.tenants.get_mut(&id) {
+            t.user_visible = user_visible;
+        }
+    }
+
+    /// A tenant not in OK makes create_server_group answer 409.
+    pub fn set_tenant_ok(&self, uuid: &str, ok: bool) {
+        let mut world = self.shared.world();
+        let id = crate::model::normalize_uuid(uuid).unwrap_or_else(|| uuid.to_string());
+        if let Some(t) = world.tenants.get_mut(&id) {
+            t.ok = ok;
+        }
+    }
+
+    /// Deletes a group in OpenStack, by Nova id or by the Waldur row UUID. False if none.
+    pub fn openstack_delete(&self, backend_id: &str) -> bool {
+        self.shared.world().openstack_delete(backend_id)
+    }
+
+    /// Creates a group directly in OpenStack; the next re-sync imports it. Returns the Nova id.
+    pub fn openstack_create(&self, tenant_uuid: &str, name: &str, policy: &str) -> String {
+        self.shared
+            .world()
+            .openstack_create(tenant_uuid, name, policy)
+    }
+
+    /// Changes a group's name and/or policy in OpenStack (seen by pull and re-sync).
+    pub fn openstack_update(
+        &self,
+        backend_id: &str,
+        name: Option<&str>,
+        policy: Option<&str>,
+    ) -> bool {
+        self.shared
+            .world()
+            .openstack_update(backend_id, name, policy)
+    }
+
+    /// `(backend_id, name, policy)` of every group OpenStack has in the tenant.
+    pub fn openstack_groups(&self, tenant_uuid: &str) -> Vec<(String, String, String)> {
+        let id =
+            crate::model::normalize_uuid(tenant_uuid).unwrap_or_else(|| tenant_uuid.to_string());
+        self.shared
+            .world()
+            .openstack
+            .get(&id)
+            .map(|gs| {
+                gs.iter()
+                    .map(|g| (g.backend_id.clone(), g.name.clone(), g.policy.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Puts a row in a state (either vocabulary accepted) and stops any worker on it; a
+    /// transitional state stays until something else changes it. False if no such row or state.
+    pub fn force_state(&self, uuid: &str, state: &str) -> bool {
+        match State::parse_any(state) {
+            Some(st) => self.shared.world().force_state(uuid, st),
+            None => false,
+        }
+    }
+
+    /// Replaces the VMs attached to a group: `(name, backend_id)` each.
+    pub fn set_instances(&self, uuid: &str, instances: Vec<(String, String)>) -> bool {
+        self.shared.world().set_instances(uuid, instances)
+    }
+
+    /// The next `n` accepted creates end ERRED in OpenStack.
+    pub fn fail_next_creates(&self, n: usize) {
+        self.shared.world().fail_creates = n;
+    }
+
+    /// The next `n` accepted deletes fail in OpenStack (OK → ERRED; from ERRED the row still goes).
+    pub fn fail_next_deletes(&self, n: usize) {
+        self.shared.world().fail_deletes = n;
+    }
+
+    /// Runs Waldur's tenant re-sync now.
+    pub async fn resync_now(&self) {
+        self.shared.world().resync();
+    }
+
+    /// Runs the re-sync now and says what it changed.
+    pub fn resync_report(&self) -> ResyncReport {
+        self.shared.world().resync()
+    }
+
+    /// Changes worker timing for operations accepted from now on.
+    pub fn set_delays(&self, delays: Delays) {
+        self.shared.world().delays = delays;
+    }
+
+    // ----- faults (apply to /api/... only) -----
+
+    /// Added before every request is handled.
+    pub fn set_latency(&self, d: Duration) {
+        self.shared.faults().latency = d;
+    }
+
+    /// The next `n` requests, whatever the endpoint, answer `status` with an HTML body.
+    pub fn fail_next_requests(&self, n: usize, status: u16) {
+        self.add_fail_rule(n, status, None);
+    }
+
+    /// The next `n` requests to `endpoint` (a counter name) answer `status` with an HTML body.
+    pub fn fail_next_requests_for(&self, endpoint: &str, n: usize, status: u16) {
+        self.add_fail_rule(n, status, Some(endpoint.to_string()));
+    }
+
+    fn add_fail_rule(&self, n: usize, status: u16, endpoint: Option<String>) {
+        if n > 0 {
+            self.shared.faults().fail_rules.push(FailRule {
+                remaining: n,
+                status,
+                endpoint,
+            });
+        }
+    }
+
+    /// Burst mode: every request answers `status` until called with `None`.
+    pub fn set_failing(&self, status: Option<u16>) {
+        self.shared.faults().failing = status;
+    }
+
+    /// The next `n` requests get their connection closed without any response.
+    pub fn drop_next_connections(&self, n: usize) {
+        self.shared.faults().drop_next = n;
+    }
+
+    /// Response bodies are sent in a few chunks with this delay before each; `None` = normal.
+    pub fn set_slow_body(&self, d: Option<Duration>) {
+        self.shared.faults().slow_body = d;
+    }
+
+    /// Clears every request fault (latency, failures, drops, slow bodies) and OpenStack failures.
+    pub fn clear_faults(&self) {
+        *self.shared.faults() = Faults::default();
+        let mut world = self.shared.world();
+        world.fail_creates = 0;
+        world.fail_deletes = 0;
+    }
+}
+
+/// Resolves once shutdown was requested (or the handle is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it here, not in the caller's select.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn accept_loop(listener: TcpListener, router: Router, shutdown: watch::Receiver<bool>) {
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    tokio::spawn(serve_connection(stream, router.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    tracing::info!("Waldur simulator stopped");
+}
+
+/// Serves one connection with hyper directly (not `axum::serve`) so a handler can make the
+/// connection vanish mid-request: that is how injected drops look like resets to clients.
+async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch::Receiver<bool>) {
+    let ctl = ConnCtl(Arc::new(Notify::new()));
+    let req_ctl = ctl.clone();
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(req_ctl.clone());
+        let mut router = router.clone();
+        async move { router.call(req).await }
+    });
+    let conn =
+        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = &mut conn => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = ctl.0.notified() => {
+            tracing::debug!("dropping connection (injected fault)");
+        }
+        _ = stopped(&mut shutdown) => {}
+    }
+}
+
+async fn resync_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once; Waldur's first re-sync comes a period after start.
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                shared.world().resync();
+            }
+            _ = stopped(&mut shutdown) => break,
+        }
+    }
+}

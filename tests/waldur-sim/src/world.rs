@@ -1,0 +1,829 @@
+//! The simulated Waldur database and the simulated OpenStack behind it. Everything here is
+//! synchronous and runs under one mutex; the HTTP layer and the background workers call in.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde_json::{Value, json};
+
+use crate::config::{Delays, SimConfig, Vocabulary};
+use crate::error::ApiError;
+use crate::model::{
+    Instance, NovaGroup, Row, State, Tenant, new_dashed_uuid, new_hex_uuid, normalize_uuid,
+    now_micros, render_row,
+};
+
+/// Who is calling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Staff,
+    User,
+}
+
+/// A background transition to run after a request was accepted.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Create {
+        uuid: String,
+        gen_: u64,
+        /// `Some(message)` when OpenStack will refuse the group.
+        failure: Option<String>,
+    },
+    Delete {
+        uuid: String,
+        gen_: u64,
+        /// OpenStack refuses the deletion.
+        fail: bool,
+        /// The row was OK (not ERRED) when deletion was requested.
+        was_ok: bool,
+    },
+    Pull {
+        uuid: String,
+        gen_: u64,
+    },
+}
+
+/// What a re-sync changed.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ResyncReport {
+    /// Rows removed because their group is not in OpenStack.
+    pub deleted: Vec<String>,
+    /// New rows (new UUIDs) for OpenStack groups Waldur had no row for.
+    pub imported: Vec<String>,
+    /// ERRED rows set back to OK.
+    pub recovered: Vec<String>,
+}
+
+pub struct World {
+    pub vocabulary: Vocabulary,
+    pub affinity_only: bool,
+    pub pre_8_0_0: bool,
+    pub delays: Delays,
+    pub staff_token: String,
+    pub user_token: String,
+    /// The user token sees every tenant (config `user_tenants` empty).
+    pub user_sees_all: bool,
+    pub tenants: BTreeMap<String, Tenant>,
+    pub rows: HashMap<String, Row>,
+    /// Nova server groups per tenant UUID.
+    pub openstack: BTreeMap<String, Vec<NovaGroup>>,
+    pub fail_creates: usize,
+    pub fail_deletes: usize,
+    next_seq: u64,
+    next_gen: u64,
+    last_ts: i64,
+}
+
+fn norm_or_raw(s: &str) -> String {
+    normalize_uuid(s).unwrap_or_else(|| s.trim().to_ascii_lowercase())
+}
+
+impl World {
+    pub fn new(config: &SimConfig) -> World {
+        let user_tenants: HashSet<String> =
+            config.user_tenants.iter().map(|t| norm_or_raw(t)).collect();
+        let mut world = World {
+            vocabulary: config.vocabulary,
+            affinity_only: config.affinity_only,
+            pre_8_0_0: config.pre_8_0_0,
+            delays: config.delays,
+            staff_token: config.staff_token.clone(),
+            user_token: config.user_token.clone(),
+            user_sees_all: user_tenants.is_empty(),
+            tenants: BTreeMap::new(),
+            rows: HashMap::new(),
+            openstack: BTreeMap::new(),
+            fail_creates: 0,
+            fail_deletes: 0,
+            next_seq: 0,
+            next_gen: 0,
+            last_ts: 0,
+        };
+        for t in &config.tenants {
+            let uuid = norm_or_raw(t);
+            let visible = user_tenants.contains(&uuid);
+            world.add_tenant(&uuid, visible);
+        }
+        world
+    }
+
+    /// Adds a tenant in state OK (no-op if it exists). Returns its normalised UUID.
+    pub fn add_tenant(&mut self, uuid: &str, user_visible: bool) -> String {
+        let uuid = norm_or_raw(uuid);
+        self.tenants
+            .entry(uuid.clone())
+            .or_insert_with(|| Tenant::new(&uuid, user_visible));
+        self.openstack.entry(uuid.clone()).or_default();
+        uuid
+    }
+
+    /// Strictly increasing timestamps, so `created` ordering is total and stable.
+    fn tick(&mut self) -> i64 {
+        let now = now_micros().max(self.last_ts + 1);
+        self.last_ts = now;
+        now
+    }
+
+    fn bump_gen(&mut self) -> u64 {
+        self.next_gen += 1;
+        self.next_gen
+    }
+
+    // ----- auth and visibility -----
+
+    /// DRF TokenAuthentication, plus bearer tokens as newer servers accept.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Caller, ApiError> {
+        let Some(header) = authorization else {
+            return Err(ApiError::Unauthorized(
+                "Authentication credentials were not provided.",
+            ));
+        };
+        let mut parts = header.split_whitespace();
+        let scheme = parts.next().unwrap_or("");
+        if !scheme.eq_ignore_ascii_case("token") && !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(ApiError::Unauthorized(
+                "Authentication credentials were not provided.",
+            ));
+        }
+        let Some(key) = parts.next() else {
+            return Err(ApiError::Unauthorized(
+                "Invalid token header. No credentials provided.",
+            ));
+        };
+        if parts.next().is_some() {
+            return Err(ApiError::Unauthorized(
+                "Invalid token header. Token string should not contain spaces.",
+            ));
+        }
+        if key == self.staff_token {
+            Ok(Caller::Staff)
+        } else if key == self.user_token {
+            Ok(Caller::User)
+        } else {
+            Err(ApiError::Unauthorized("Invalid token."))
+        }
+    }
+
+    pub fn tenant_visible(&self, caller: Caller, tenant_uuid: &str) -> bool {
+        match caller {
+            Caller::Staff => self.tenants.contains_key(tenant_uuid),
+            Caller::User => self
+                .tenants
+                .get(tenant_uuid)
+                .is_some_and(|t| self.user_sees_all || t.user_visible),
+        }
+    }
+
+    /// The row with that UUID (dashed or not) if this caller may see it.
+    pub fn visible_row(&self, caller: Caller, raw_uuid: &str) -> Option<&Row> {
+        let uuid = normalize_uuid(raw_uuid)?;
+        let row = self.rows.get(&uuid)?;
+        self.tenant_visible(caller, &row.tenant_uuid).then_some(row)
+    }
+
+    pub fn render(&self, row: &Row, base: &str) -> Value {
+        render_row(
+            row,
+            self.tenants.get(&row.tenant_uuid),
+            self.vocabulary,
+            base,
+        )
+    }
+
+    /// All rows, oldest first.
+    pub fn rows_sorted(&self) -> Vec<&Row> {
+        let mut rows: Vec<&Row> = self.rows.values().collect();
+        rows.sort_by_key(|r| (r.created, r.seq));
+        rows
+    }
+
+    // ----- API operations -----
+
+    /// `POST /api/openstack-tenants/{uuid}/create_server_group/`.
+    pub fn create(
+        &mut self,
+        caller: Caller,
+        raw_tenant: &str,
+        body: &[u8],
+    ) -> Result<(String, Job), ApiError> {
+        let tenant_uuid = normalize_uuid(raw_tenant).ok_or(ApiError::NotFound)?;
+        if !self.tenant_visible(caller, &tenant_uuid) {
+            return Err(ApiError::NotFound);
+        }
+        // Waldur runs the tenant's state validator before it looks at the body.
+        if !self.tenants.get(&tenant_uuid).is_some_and(|t| t.ok) {
+            return Err(ApiError::Conflict(
+                "Valid states for operation: OK.".to_string(),
+            ));
+        }
+        let data = parse_body(body)?;
+        let req = validate_create(&data, self.affinity_only)?;
+        if self
+            .rows
+            .values()
+            .any(|r| r.tenant_uuid == tenant_uuid && r.name == req.name)
+        {
+            return Err(ApiError::Invalid(json!({
+                "non_field_errors": ["Server group name should be unique."]
+            })));
+        }
+        let failure = if req.policy.is_empty() {
+            Some(
+                "Invalid input for field/attribute policies. Value: []. [] is too short"
+                    .to_string(),
+            )
+        } else if self.fail_creates > 0 {
+            self.fail_creates -= 1;
+            Some(
+                "Unable to create server group: simulated OpenStack failure (injected)."
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        let now = self.tick();
+        let gen_ = self.bump_gen();
+        self.next_seq += 1;
+        let uuid = new_hex_uuid();
+        let row = Row {
+            seq: self.next_seq,
+            uuid: uuid.clone(),
+            name: req.name,
+            description: req.description,
+            policy: req.policy,
+            state: State::CreationScheduled,
+            backend_id: String::new(),
+            error_message: String::new(),
+            error_traceback: String::new(),
+            tenant_uuid,
+            created: now,
+            modified: now,
+            instances: Vec::new(),
+            op_gen: gen_,
+        };
+        tracing::info!(uuid = %row.uuid, name = %row.name, policy = %row.policy, "server group creation scheduled");
+        self.rows.insert(uuid.clone(), row);
+        Ok((
+            uuid.clone(),
+            Job::Create {
+                uuid,
+                gen_,
+                failure,
+            },
+        ))
+    }
+
+    /// `DELETE /api/openstack-server-groups/{uuid}/`.
+    pub fn delete(&mut self, caller: Caller, raw_uuid: &str) -> Result<Job, ApiError> {
+        let (uuid, state) = self
+            .visible_row(caller, raw_uuid)
+            .map(|r| (r.uuid.clone(), r.state))
+            .ok_or(ApiError::NotFound)?;
+        if !state.is_settled() {
+            return Err(ApiError::Conflict(
+                "Valid states for operation: OK, ERRED.".to_string(),
+            ));
+        }
+        let fail = if self.fail_deletes > 0 {
+            self.fail_deletes -= 1;
+            true
+        } else {
+            false
+        };
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let row = self.rows.get_mut(&uuid).ok_or(ApiError::NotFound)?;
+        row.state = State::DeletionScheduled;
+        row.op_gen = gen_;
+        row.modified = now;
+        tracing::info!(%uuid, "server group deletion scheduled");
+        Ok(Job::Delete {
+            uuid,
+            gen_,
+            fail,
+            was_ok: state == State::Ok,
+        })
+    }
+
+    /// `POST .../{uuid}/pull/`.
+    pub fn pull(&mut self, caller: Caller, raw_uuid: &str) -> Result<Job, ApiError> {
+        let uuid = self
+            .visible_row(caller, raw_uuid)
+            .map(|r| r.uuid.clone())
+            .ok_or(ApiError::NotFound)?;
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let row = self.rows.get_mut(&uuid).ok_or(ApiError::NotFound)?;
+        if !row.state.is_settled() {
+            return Err(ApiError::Conflict(
+                "Valid states for operation: OK, ERRED.".to_string(),
+            ));
+        }
+        if row.backend_id.is_empty() {
+            return Err(ApiError::Invalid(json!([
+                "Resource does not have backend ID."
+            ])));
+        }
+        row.state = State::UpdateScheduled;
+        row.op_gen = gen_;
+        row.modified = now;
+        Ok(Job::Pull { uuid, gen_ })
+    }
+
+    /// `POST .../{uuid}/unlink/`: the record goes, OpenStack keeps the group.
+    pub fn unlink(&mut self, caller: Caller, raw_uuid: &str) -> Result<(), ApiError> {
+        let uuid = self
+            .visible_row(caller, raw_uuid)
+            .map(|r| r.uuid.clone())
+            .ok_or(ApiError::NotFound)?;
+        self.rows.remove(&uuid);
+        tracing::info!(%uuid, "server group unlinked");
+        Ok(())
+    }
+
+    /// `set_ok` / `set_erred`: any state, synchronously; stops any running worker.
+    pub fn set_state_action(
+        &mut self,
+        caller: Caller,
+        raw_uuid: &str,
+        state: State,
+        error_message: String,
+        error_traceback: String,
+    ) -> Result<(), ApiError> {
+        let uuid = self
+            .visible_row(caller, raw_uuid)
+            .map(|r| r.uuid.clone())
+            .ok_or(ApiError::NotFound)?;
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let row = self.rows.get_mut(&uuid).ok_or(ApiError::NotFound)?;
+        row.state = state;
+        row.op_gen = gen_;
+        row.modified = now;
+        row.error_message = error_message;
+        row.error_traceback = error_traceback;
+        Ok(())
+    }
+
+    // ----- background worker steps -----
+
+    /// Moves the row from `from` to `to` if no other operation took it over. False = stop.
+    pub fn advance(&mut self, uuid: &str, gen_: u64, from: State, to: State) -> bool {
+        let now = self.tick();
+        match self.rows.get_mut(uuid) {
+            Some(row) if row.op_gen == gen_ && row.state == from => {
+                row.state = to;
+                row.modified = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn finish_create(&mut self, uuid: &str, gen_: u64, failure: Option<String>) {
+        let now = self.tick();
+        let Some(row) = self.rows.get_mut(uuid) else {
+            return;
+        };
+        if row.op_gen != gen_ || row.state != State::Creating {
+            return;
+        }
+        row.modified = now;
+        match failure {
+            Some(message) => {
+                row.state = State::Erred;
+                row.error_message = message;
+                row.error_traceback =
+                    "Traceback (most recent call last):\n  ...\nnovaclient.exceptions.BadRequest"
+                        .to_string();
+                tracing::info!(%uuid, "server group creation failed in OpenStack");
+            }
+            None => {
+                let backend_id = new_dashed_uuid();
+                self.openstack
+                    .entry(row.tenant_uuid.clone())
+                    .or_default()
+                    .push(NovaGroup {
+                        backend_id: backend_id.clone(),
+                        name: row.name.clone(),
+                        policy: row.policy.clone(),
+                    });
+                // backend_id is set in the same step as OK, as Waldur's executor does.
+                row.backend_id = backend_id;
+                row.state = State::Ok;
+                row.error_message.clear();
+                row.error_traceback.clear();
+                tracing::info!(%uuid, backend_id = %row.backend_id, "server group created");
+            }
+        }
+    }
+
+    pub fn finish_delete(&mut self, uuid: &str, gen_: u64, fail: bool, was_ok: bool) {
+        let now = self.tick();
+        let Some(row) = self.rows.get_mut(uuid) else {
+            return;
+        };
+        if row.op_gen != gen_ || row.state != State::Deleting {
+            return;
+        }
+        if fail && was_ok {
+            row.state = State::Erred;
+            row.modified = now;
+            row.error_message =
+                "Unable to delete server group: simulated OpenStack failure (injected)."
+                    .to_string();
+            tracing::info!(%uuid, "server group deletion failed in OpenStack");
+            return;
+        }
+        let backend_id = row.backend_id.clone();
+        let tenant = row.tenant_uuid.clone();
+        // A failed OpenStack delete from ERRED still drops the row; the group stays in Nova.
+        if !fail
+            && !backend_id.is_empty()
+            && let Some(groups) = self.openstack.get_mut(&tenant)
+        {
+            groups.retain(|g| g.backend_id != backend_id);
+        }
+        self.rows.remove(uuid);
+        tracing::info!(%uuid, "server group deleted");
+    }
+
+    pub fn finish_pull(&mut self, uuid: &str, gen_: u64) {
+        let now = self.tick();
+        let Some(row) = self.rows.get_mut(uuid) else {
+            return;
+        };
+        if row.op_gen != gen_ || row.state != State::Updating {
+            return;
+        }
+        row.modified = now;
+        let found = self
+            .openstack
+            .get(&row.tenant_uuid)
+            .and_then(|gs| gs.iter().find(|g| g.backend_id == row.backend_id));
+        match found {
+            Some(g) => {
+                row.name = g.name.clone();
+                row.policy = g.policy.clone();
+                row.state = State::Ok;
+                row.error_message.clear();
+                row.error_traceback.clear();
+            }
+            None => {
+                row.state = State::Erred;
+                row.error_message = format!(
+                    "Server group {} could not be found (HTTP 404).",
+                    row.backend_id
+                );
+            }
+        }
+    }
+
+    // ----- Waldur's periodic tenant re-sync -----
+
+    pub fn resync(&mut self) -> ResyncReport {
+        let mut report = ResyncReport::default();
+        let now = self.tick();
+        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
+        for tenant in tenants {
+            let groups = self.openstack.get(&tenant).cloned().unwrap_or_default();
+            // Rows in OK/ERRED whose group is gone (or never existed) are deleted.
+            let doomed: Vec<String> = self
+                .rows
+                .values()
+                .filter(|r| r.tenant_uuid == tenant && r.state.is_settled())
+                .filter(|r| !groups.iter().any(|g| g.backend_id == r.backend_id))
+                .map(|r| r.uuid.clone())
+                .collect();
+            for uuid in doomed {
+                self.rows.remove(&uuid);
+                report.deleted.push(uuid);
+            }
+            for g in &groups {
+                let existing = self
+                    .rows
+                    .values()
+                    .find(|r| r.tenant_uuid == tenant && r.backend_id == g.backend_id)
+                    .map(|r| r.uuid.clone());
+                match existing {
+                    Some(uuid) => {
+                        let gen_ = self.bump_gen();
+                        let Some(row) = self.rows.get_mut(&uuid) else {
+                            continue;
+                        };
+                        if !row.state.is_settled() {
+                            continue;
+                        }
+                        let mut changed = row.name != g.name || row.policy != g.policy;
+                        row.name = g.name.clone();
+                        row.policy = g.policy.clone();
+                        if row.state == State::Erred {
+                            row.state = State::Ok;
+                            row.error_message.clear();
+                            row.error_traceback.clear();
+                            report.recovered.push(uuid.clone());
+                            changed = true;
+                        }
+                        if changed {
+                            row.modified = now;
+                            row.op_gen = gen_;
+                        }
+                    }
+                    None => {
+                        let uuid = self.import(&tenant, g, now);
+                        report.imported.push(uuid);
+                    }
+                }
+            }
+        }
+        if !(report.deleted.is_empty() && report.imported.is_empty() && report.recovered.is_empty())
+        {
+            tracing::info!(
+                deleted = report.deleted.len(),
+                imported = report.imported.len(),
+                recovered = report.recovered.len(),
+                "tenant re-sync changed server groups"
+            );
+        }
+        report
+    }
+
+    fn import(&mut self, tenant: &str, g: &NovaGroup, now: i64) -> String {
+        let gen_ = self.bump_gen();
+        self.next_seq += 1;
+        let uuid = new_hex_uuid();
+        self.rows.insert(
+            uuid.clone(),
+            Row {
+                seq: self.next_seq,
+                uuid: uuid.clone(),
+                name: g.name.clone(),
+                description: String::new(),
+                policy: g.policy.clone(),
+                state: State::Ok,
+                backend_id: g.backend_id.clone(),
+                error_message: String::new(),
+                error_traceback: String::new(),
+                tenant_uuid: tenant.to_string(),
+                created: now,
+                modified: now,
+                instances: Vec::new(),
+                op_gen: gen_,
+            },
+        );
+        uuid
+    }
+
+    // ----- out-of-band operations -----
+
+    /// Removes a group from OpenStack by Nova id, or by the UUID of the Waldur row pointing at it.
+    pub fn openstack_delete(&mut self, id: &str) -> bool {
+        let backend_id = match normalize_uuid(id).and_then(|u| self.rows.get(&u)) {
+            Some(row) => row.backend_id.clone(),
+            None => id.to_string(),
+        };
+        if backend_id.is_empty() {
+            return false;
+        }
+        let mut removed = false;
+        for groups in self.openstack.values_mut() {
+            let before = groups.len();
+            groups.retain(|g| g.backend_id != backend_id);
+            removed |= groups.len() != before;
+        }
+        removed
+    }
+
+    /// Creates a group directly in OpenStack (Waldur learns of it at the next re-sync).
+    pub fn openstack_create(&mut self, tenant_uuid: &str, name: &str, policy: &str) -> String {
+        let tenant = norm_or_raw(tenant_uuid);
+        let backend_id = new_dashed_uuid();
+        self.openstack.entry(tenant).or_default().push(NovaGroup {
+            backend_id: backend_id.clone(),
+            name: name.to_string(),
+            policy: policy.to_string(),
+        });
+        backend_id
+    }
+
+    /// Renames or re-policies a group in OpenStack, so pull and re-sync have something to copy.
+    pub fn openstack_update(
+        &mut self,
+        backend_id: &str,
+        name: Option<&str>,
+        policy: Option<&str>,
+    ) -> bool {
+        for g in self.openstack.values_mut().flatten() {
+            if g.backend_id == backend_id {
+                if let Some(n) = name {
+                    g.name = n.to_string();
+                }
+                if let Some(p) = policy {
+                    g.policy = p.to_string();
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn force_state(&mut self, raw_uuid: &str, state: State) -> bool {
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        match normalize_uuid(raw_uuid).and_then(|u| self.rows.get_mut(&u)) {
+            Some(row) => {
+                row.state = state;
+                row.op_gen = gen_;
+                row.modified = now;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn set_instances(&mut self, raw_uuid: &str, instances: Vec<(String, String)>) -> bool {
+        match normalize_uuid(raw_uuid).and_then(|u| self.rows.get_mut(&u)) {
+            Some(row) => {
+                row.instances = instances
+                    .into_iter()
+                    .map(|(name, backend_id)| Instance {
+                        uuid: new_hex_uuid(),
+                        name,
+                        backend_id,
+                    })
+                    .collect();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The request body as JSON; an empty body is an empty form, as DRF treats it.
+pub fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::Parse(e.to_string()))
+}
+
+/// Python's name for a JSON value's type, for DRF's "Expected a dictionary" message.
+fn py_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "NoneType",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float",
+        Value::Number(_) => "int",
+        Value::String(_) => "str",
+        Value::Array(_) => "list",
+        Value::Object(_) => "dict",
+    }
+}
+
+/// Python's `str()` of a JSON value, as DRF puts it in messages.
+fn py_str(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "True".to_string(),
+        Value::Bool(false) => "False".to_string(),
+        Value::Null => "None".to_string(),
+        other => other.to_string(),
+    }
+}
+
+pub struct CreateRequest {
+    pub name: String,
+    pub description: String,
+    pub policy: String,
+}
+
+pub const POLICIES: [&str; 4] = [
+    "affinity",
+    "anti-affinity",
+    "soft-affinity",
+    "soft-anti-affinity",
+];
+
+/// DRF `CharField` (trimmed). `Ok(None)` when the field is absent.
+fn char_field(
+    data: &serde_json::Map<String, Value>,
+    key: &str,
+    required: bool,
+    allow_blank: bool,
+    max_len: usize,
+) -> Result<Option<String>, String> {
+    let Some(v) = data.get(key) else {
+        return if required {
+            Err("This field is required.".to_string())
+        } else {
+            Ok(None)
+        };
+    };
+    let s = match v {
+        Value::Null => return Err("This field may not be null.".to_string()),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return Err("Not a valid string.".to_string()),
+    };
+    let s = s.trim().to_string();
+    if s.is_empty() && !allow_blank {
+        return Err("This field may not be blank.".to_string());
+    }
+    if s.chars().count() > max_len {
+        return Err(format!(
+            "Ensure this field has no more than {max_len} characters."
+        ));
+    }
+    Ok(Some(s))
+}
+
+/// The create serializer's field validation; all field errors are reported together.
+pub fn validate_create(data: &Value, affinity_only: bool) -> Result<CreateRequest, ApiError> {
+    let Value::Object(map) = data else {
+        return Err(ApiError::Invalid(json!({
+            "non_field_errors": [format!("Invalid data. Expected a dictionary, but got {}.", py_type(data))]
+        })));
+    };
+    let mut errors = serde_json::Map::new();
+    let name = char_field(map, "name", true, false, 150)
+        .map_err(|e| errors.insert("name".into(), json!([e])))
+        .ok()
+        .flatten();
+    let description = char_field(map, "description", false, true, 4096)
+        .map_err(|e| errors.insert("description".into(), json!([e])))
+        .ok()
+        .flatten();
+    let allowed: &[&str] = if affinity_only {
+        &POLICIES[..1]
+    } else {
+        &POLICIES
+    };
+    let policy = match map.get("policy") {
+        None => Some(String::new()),
+        Some(Value::Null) => {
+            errors.insert("policy".into(), json!(["This field may not be null."]));
+            None
+        }
+        Some(v) => {
+            let s = py_str(v);
+            if s.is_empty() || (v.is_string() && allowed.contains(&s.as_str())) {
+                Some(s)
+            } else {
+                errors.insert(
+                    "policy".into(),
+                    json!([format!("\"{s}\" is not a valid choice.")]),
+                );
+                None
+            }
+        }
+    };
+    match (name, policy) {
+        (Some(name), Some(policy)) if errors.is_empty() => Ok(CreateRequest {
+            name,
+            description: description.unwrap_or_default(),
+            policy,
+        }),
+        _ => Err(ApiError::Invalid(Value::Object(errors))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_validation_messages() {
+        let err = |v: Value, aff: bool| match validate_create(&v, aff) {
+            Err(ApiError::Invalid(body)) => body,
+            other => panic!("expected 400, got {:?}", other.map(|r| r.name)),
+        };
+        assert_eq!(
+            err(json!({}), false),
+            json!({"name": ["This field is required."]})
+        );
+        assert_eq!(
+            err(json!({"name": "   "}), false),
+            json!({"name": ["This field may not be blank."]})
+        );
+        assert_eq!(
+            err(json!({"name": "x".repeat(151), "policy": "bogus"}), false),
+            json!({"name": ["Ensure this field has no more than 150 characters."],
+                   "policy": ["\"bogus\" is not a valid choice."]})
+        );
+        assert_eq!(
+            err(json!({"name": "a", "policy": "anti-affinity"}), true),
+            json!({"policy": ["\"anti-affinity\" is not a valid choice."]})
+        );
+        assert_eq!(
+            err(json!({"name": "a", "description": "d".repeat(4097)}), false),
+            json!({"description": ["Ensure this field has no more than 4096 characters."]})
+        );
+        assert_eq!(
+            err(json!([1]), false),
+            json!({"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
+        );
+        let ok = validate_create(&json!({"name": " web ", "policy": "affinity"}), true);
+        assert!(matches!(ok, Ok(ref r) if r.name == "web" && r.policy == "affinity"));
+        let blank = validate_create(&json!({"name": "web"}), false);
+        assert!(matches!(blank, Ok(ref r) if r.policy.is_empty()));
+    }
+}

@@ -1,0 +1,1433 @@
+//! Drives the simulator over raw HTTP and checks it behaves like the Waldur contract says.
+
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use waldur_sim::{DEFAULT_TENANT, Delays, SimConfig, Simulator, Vocabulary};
+
+const STAFF: &str = "staff-token";
+const USER: &str = "user-token";
+const OTHER_TENANT: &str = "0f0e0d0c0b0a49988776655443322110";
+
+/// `OpenStackServerGroup` from the published 8.0.5 schema: every property, nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ServerGroup {
+    url: String,
+    uuid: String,
+    name: String,
+    description: String,
+    service_name: String,
+    service_settings: String,
+    service_settings_uuid: String,
+    service_settings_state: String,
+    service_settings_error_message: String,
+    project: String,
+    project_name: String,
+    project_uuid: String,
+    customer: String,
+    customer_uuid: String,
+    customer_name: String,
+    customer_native_name: String,
+    customer_abbreviation: String,
+    error_message: String,
+    error_traceback: String,
+    resource_type: String,
+    state: String,
+    created: String,
+    modified: String,
+    backend_id: String,
+    access_url: Option<String>,
+    tenant: String,
+    tenant_name: String,
+    tenant_uuid: String,
+    policy: String,
+    display_name: String,
+    instances: Vec<NestedInstance>,
+    marketplace_offering_uuid: Option<String>,
+    marketplace_offering_name: Option<String>,
+    marketplace_offering_plugin_options: Option<serde_json::Map<String, Value>>,
+    marketplace_category_uuid: Option<String>,
+    marketplace_category_name: Option<String>,
+    marketplace_resource_uuid: Option<String>,
+    marketplace_plan_uuid: Option<String>,
+    marketplace_resource_state: Option<String>,
+    is_usage_based: Option<bool>,
+    is_limit_based: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NestedInstance {
+    backend_id: Option<String>,
+    name: String,
+    uuid: String,
+}
+
+/// `OpenStackServerGroupFieldEnum` from the schema: the names `?field=` accepts.
+const FIELD_ENUM: [&str; 41] = [
+    "access_url",
+    "backend_id",
+    "created",
+    "customer",
+    "customer_abbreviation",
+    "customer_name",
+    "customer_native_name",
+    "customer_uuid",
+    "description",
+    "display_name",
+    "error_message",
+    "error_traceback",
+    "instances",
+    "is_limit_based",
+    "is_usage_based",
+    "marketplace_category_name",
+    "marketplace_category_uuid",
+    "marketplace_offering_name",
+    "marketplace_offering_plugin_options",
+    "marketplace_offering_uuid",
+    "marketplace_plan_uuid",
+    "marketplace_resource_state",
+    "marketplace_resource_uuid",
+    "modified",
+    "name",
+    "policy",
+    "project",
+    "project_name",
+    "project_uuid",
+    "resource_type",
+    "service_name",
+    "service_settings",
+    "service_settings_error_message",
+    "service_settings_state",
+    "service_settings_uuid",
+    "state",
+    "tenant",
+    "tenant_name",
+    "tenant_uuid",
+    "url",
+    "uuid",
+];
+
+struct Harness {
+    sim: Simulator,
+    http: reqwest::Client,
+}
+
+impl Harness {
+    async fn start(config: SimConfig) -> Harness {
+        let sim = Simulator::start(config).await.expect("simulator starts");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        Harness { sim, http }
+    }
+
+    async fn fast() -> Harness {
+        Self::start(fast_config()).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.sim.base_url())
+    }
+
+    fn groups_url(&self) -> String {
+        self.url("/api/openstack-server-groups/")
+    }
+
+    fn group_url(&self, uuid: &str) -> String {
+        self.url(&format!("/api/openstack-server-groups/{uuid}/"))
+    }
+
+    fn create_url(&self, tenant: &str) -> String {
+        self.url(&format!(
+            "/api/openstack-tenants/{tenant}/create_server_group/"
+        ))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> reqwest::Response {
+        let mut req = self.http.request(method, url);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Token {t}"));
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    async fn get(&self, url: &str, token: &str) -> reqwest::Response {
+        self.send(Method::GET, url, Some(token), None).await
+    }
+
+    async fn post(&self, url: &str, token: &str, body: Option<Value>) -> reqwest::Response {
+        self.send(Method::POST, url, Some(token), body).await
+    }
+
+    async fn delete(&self, uuid: &str, token: &str) -> reqwest::Response {
+        self.send(Method::DELETE, &self.group_url(uuid), Some(token), None)
+            .await
+    }
+
+    /// `GET` the collection with a query string; must be 200.
+    async fn list(&self, query: &str) -> Vec<Value> {
+        let url = format!("{}?{query}", self.groups_url());
+        let resp = self.get(&url, USER).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{url}");
+        resp.json().await.expect("json")
+    }
+
+    /// Creates through the tenant action and returns the 201 body.
+    async fn create(&self, name: &str, policy: &str) -> Value {
+        let resp = self
+            .post(
+                &self.create_url(DEFAULT_TENANT),
+                USER,
+                Some(json!({"name": name, "policy": policy})),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "create {name}");
+        resp.json().await.expect("json")
+    }
+
+    /// Creates and waits for OK; returns (uuid, backend_id).
+    async fn create_ok(&self, name: &str) -> (String, String) {
+        let body = self.create(name, "anti-affinity").await;
+        let uuid = body["uuid"].as_str().expect("uuid").to_string();
+        let row = self.wait_state(&uuid, "OK").await;
+        (
+            uuid,
+            row["backend_id"].as_str().expect("backend_id").to_string(),
+        )
+    }
+
+    /// Polls the simulator (not the API, so counters stay clean) until the row has the state.
+    async fn wait_state(&self, uuid: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let row = self.sim.group(uuid);
+            if let Some(r) = &row
+                && r["state"] == state
+            {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{uuid} never reached {state}: {row:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_gone(&self, uuid: &str) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.sim.group(uuid).is_some() {
+            assert!(Instant::now() < deadline, "{uuid} never went away");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Slow enough that a poll cannot miss an intermediate state on a loaded machine.
+fn observing_config() -> SimConfig {
+    SimConfig {
+        delays: Delays {
+            schedule: Duration::from_millis(150),
+            run: Duration::from_millis(150),
+        },
+        ..SimConfig::default()
+    }
+}
+
+fn fast_config() -> SimConfig {
+    SimConfig {
+        delays: Delays::fast(),
+        ..SimConfig::default()
+    }
+}
+
+fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn is_hex32(s: &str) -> bool {
+    s.len() == 32
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+}
+
+fn dashed(hex: &str) -> String {
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// `2026-11-27T12:00:00.123456Z`
+fn is_drf_datetime(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 27
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'.'
+        && b[26] == b'Z'
+}
+
+#[tokio::test]
+async fn create_returns_201_with_the_schema_shape_and_runs_to_ok() {
+    let h = Harness::start(observing_config()).await;
+    let resp = h
+        .post(
+            &h.create_url(&dashed(DEFAULT_TENANT)),
+            USER,
+            Some(json!({"name": "web", "policy": "anti-affinity", "description": "front"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let raw: Value = resp.json().await.expect("json");
+    let mut keys: Vec<&str> = raw
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, FIELD_ENUM.to_vec(), "exactly the schema's field set");
+    let sg: ServerGroup = serde_json::from_value(raw.clone()).expect("schema shape");
+    assert_eq!(sg.state, "CREATION_SCHEDULED");
+    assert_eq!(sg.backend_id, "");
+    assert!(sg.instances.is_empty());
+    assert_eq!(sg.name, "web");
+    assert_eq!(sg.description, "front");
+    assert_eq!(sg.policy, "anti-affinity");
+    assert_eq!(sg.resource_type, "OpenStack.ServerGroup");
+    assert_eq!(sg.tenant_uuid, DEFAULT_TENANT);
+    assert!(
+        sg.tenant
+            .ends_with(&format!("/api/openstack-tenants/{DEFAULT_TENANT}/"))
+    );
+    for id in [
+        &sg.uuid,
+        &sg.project_uuid,
+        &sg.customer_uuid,
+        &sg.service_settings_uuid,
+    ] {
+        assert!(is_hex32(id), "{id} is 32 lowercase hex");
+    }
+    assert!(is_drf_datetime(&sg.created), "{}", sg.created);
+    assert!(is_drf_datetime(&sg.modified), "{}", sg.modified);
+    assert_eq!(sg.url, h.group_url(&sg.uuid));
+
+    // The url is usable at once, and dashed UUIDs are accepted in paths.
+    let got = h.get(&sg.url, USER).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    let got = h.get(&h.group_url(&dashed(&sg.uuid)), USER).await;
+    assert_eq!(got.status(), StatusCode::OK);
+    let body: Value = got.json().await.expect("json");
+    assert_eq!(body["uuid"], sg.uuid.as_str());
+
+    // CREATION_SCHEDULED -> CREATING -> OK, with backend_id set only at OK.
+    let creating = h.wait_state(&sg.uuid, "CREATING").await;
+    assert_eq!(creating["backend_id"], "");
+    let ok = h.wait_state(&sg.uuid, "OK").await;
+    let backend = ok["backend_id"].as_str().expect("backend id");
+    assert_eq!(backend.len(), 36, "Nova id {backend}");
+    assert_eq!(h.sim.openstack_groups(DEFAULT_TENANT).len(), 1);
+    let fetched: ServerGroup = h
+        .get(&sg.url, USER)
+        .await
+        .json()
+        .await
+        .expect("schema shape");
+    assert_eq!(fetched.state, "OK");
+    assert_eq!(fetched.backend_id, backend);
+}
+
+#[tokio::test]
+async fn collection_post_is_a_500_html_page_and_saves_nothing() {
+    let h = Harness::fast().await;
+    let resp = h
+        .post(
+            &h.groups_url(),
+            USER,
+            Some(json!({"name": "web", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    assert!(
+        resp.text()
+            .await
+            .expect("body")
+            .contains("Server Error (500)")
+    );
+    assert!(h.sim.groups().is_empty());
+    assert_eq!(h.sim.requests("create_collection"), 1);
+    assert_eq!(h.sim.requests("create"), 0);
+}
+
+#[tokio::test]
+async fn delete_is_202_then_404_and_transitional_states_conflict() {
+    let h = Harness::start(observing_config()).await;
+    let created = h.create("db", "affinity").await;
+    let uuid = created["uuid"].as_str().expect("uuid").to_string();
+
+    // Transitional: delete and pull are 409 with Waldur's message.
+    for resp in [
+        h.delete(&uuid, USER).await,
+        h.post(&format!("{}pull/", h.group_url(&uuid)), USER, None)
+            .await,
+    ] {
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(
+            body,
+            json!({"detail": "Valid states for operation: OK, ERRED."})
+        );
+    }
+
+    h.wait_state(&uuid, "OK").await;
+    let resp = h.delete(&uuid, USER).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({"detail": "Deletion was scheduled."}));
+    let row: Value = h
+        .get(&h.group_url(&uuid), USER)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(row["state"], "DELETION_SCHEDULED");
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::CONFLICT);
+    h.wait_state(&uuid, "DELETING").await;
+    h.wait_gone(&uuid).await;
+    let resp = h.get(&h.group_url(&uuid), USER).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({"detail": "Not found."}));
+    assert!(
+        h.sim.openstack_groups(DEFAULT_TENANT).is_empty(),
+        "gone in OpenStack too"
+    );
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn pull_rereads_openstack_and_needs_a_backend_id() {
+    let h = Harness::start(observing_config()).await;
+    let (uuid, backend) = h.create_ok("app").await;
+    assert!(
+        h.sim
+            .openstack_update(&backend, Some("renamed"), Some("soft-affinity"))
+    );
+    let pull_url = format!("{}pull/", h.group_url(&uuid));
+    let resp = h.post(&pull_url, USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"detail": "Pull operation was successfully scheduled."})
+    );
+    assert_eq!(
+        h.sim.group(&uuid).expect("row")["state"],
+        "UPDATE_SCHEDULED"
+    );
+    h.wait_state(&uuid, "UPDATING").await;
+    let row = h.wait_state(&uuid, "OK").await;
+    assert_eq!(row["name"], "renamed");
+    assert_eq!(row["policy"], "soft-affinity");
+
+    // Gone in OpenStack: the pull ends ERRED with a message.
+    assert!(h.sim.openstack_delete(&backend));
+    assert_eq!(
+        h.post(&pull_url, USER, None).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let row = h.wait_state(&uuid, "ERRED").await;
+    assert_ne!(row["error_message"], "");
+
+    // A failed create has no backend id: pull is a 400 bare list.
+    h.sim.fail_next_creates(1);
+    let failed = h.create("broken", "affinity").await;
+    let failed_uuid = failed["uuid"].as_str().expect("uuid");
+    let row = h.wait_state(failed_uuid, "ERRED").await;
+    assert_eq!(row["backend_id"], "");
+    assert_ne!(row["error_message"], "");
+    let resp = h
+        .post(&format!("{}pull/", h.group_url(failed_uuid)), USER, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!(["Resource does not have backend ID."]));
+}
+
+#[tokio::test]
+async fn empty_policy_is_accepted_but_errs_in_openstack() {
+    let h = Harness::fast().await;
+    let body = h.create("nopolicy", "").await;
+    assert_eq!(body["policy"], "");
+    let row = h
+        .wait_state(body["uuid"].as_str().expect("uuid"), "ERRED")
+        .await;
+    assert_eq!(row["backend_id"], "");
+    assert!(h.sim.openstack_groups(DEFAULT_TENANT).is_empty());
+}
+
+#[tokio::test]
+async fn failed_openstack_delete_errs_and_a_second_delete_removes_the_row() {
+    let h = Harness::fast().await;
+    let (uuid, backend) = h.create_ok("sticky").await;
+    h.sim.fail_next_deletes(2);
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::ACCEPTED);
+    let row = h.wait_state(&uuid, "ERRED").await;
+    assert_ne!(row["error_message"], "");
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::ACCEPTED);
+    h.wait_gone(&uuid).await;
+    // OpenStack still has it, so Waldur's next re-sync brings it back under a new UUID.
+    assert_eq!(h.sim.openstack_groups(DEFAULT_TENANT).len(), 1);
+    let report = h.sim.resync_report();
+    assert_eq!(report.imported.len(), 1);
+    assert_ne!(report.imported[0], uuid);
+    let back = h.sim.group(&report.imported[0]).expect("imported");
+    assert_eq!(back["backend_id"], backend.as_str());
+    assert_eq!(back["state"], "OK");
+}
+
+#[tokio::test]
+async fn pagination_clamps_at_300_with_link_and_count() {
+    let h = Harness::fast().await;
+    for i in 0..301 {
+        h.sim
+            .openstack_create(DEFAULT_TENANT, &format!("g{i:03}"), "affinity");
+    }
+    h.sim.resync_now().await;
+    assert_eq!(h.sim.groups().len(), 301);
+
+    let resp = h
+        .get(&format!("{}?page_size=1000", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "301");
+    let link = header(&resp, "link").to_string();
+    let base = h.groups_url();
+    assert!(
+        link.contains(&format!("<{base}?page=2&page_size=1000>; rel=\"next\"")),
+        "{link}"
+    );
+    assert!(link.contains(&format!("<{base}?page=1&page_size=1000>; rel=\"first\"")));
+    assert!(link.contains(&format!("<{base}?page=2&page_size=1000>; rel=\"last\"")));
+    assert!(!link.contains("rel=\"prev\""));
+    let page: Vec<Value> = resp.json().await.expect("json");
+    assert_eq!(page.len(), 300, "page_size clamped to 300");
+
+    let resp = h
+        .get(&format!("{}?page_size=300&page=2", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let link = header(&resp, "link").to_string();
+    assert!(
+        link.contains("rel=\"prev\"") && !link.contains("rel=\"next\""),
+        "{link}"
+    );
+    let page: Vec<Value> = resp.json().await.expect("json");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0]["name"], "g300", "default order is by creation");
+
+    let resp = h
+        .get(&format!("{}?page_size=300&page=3", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({"detail": "Invalid page."}));
+
+    // Default page size is 10; other query parameters are kept in the links.
+    let resp = h
+        .get(&format!("{}?name=g1&field=uuid", h.groups_url()), USER)
+        .await;
+    assert_eq!(header(&resp, "x-result-count"), "100");
+    let link = header(&resp, "link").to_string();
+    assert!(
+        link.contains(&format!("<{base}?field=uuid&name=g1&page=2>; rel=\"next\"")),
+        "{link}"
+    );
+    assert!(link.contains(&format!(
+        "<{base}?field=uuid&name=g1&page=10>; rel=\"last\""
+    )));
+    let page: Vec<Value> = resp.json().await.expect("json");
+    assert_eq!(page.len(), 10);
+
+    // HEAD counts with the same filters and sends no body.
+    let resp = h
+        .send(
+            Method::HEAD,
+            &format!("{}?name=g29", h.groups_url()),
+            Some(USER),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "10", "g290..g299");
+    assert_eq!(h.sim.requests("count"), 1);
+
+    // Page 1 of an empty result is fine.
+    let resp = h
+        .get(&format!("{}?name=nothing-matches", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "0");
+    assert!(header(&resp, "link").contains("rel=\"last\""));
+    let page: Vec<Value> = resp.json().await.expect("json");
+    assert!(page.is_empty());
+}
+
+#[tokio::test]
+async fn sparse_fields_and_filters() {
+    let h = Harness::fast().await;
+    h.sim.add_tenant(OTHER_TENANT);
+    let (a, a_backend) = h.create_ok("Alpha-web").await;
+    let b = h.create("beta-db", "affinity").await["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+    let resp = h
+        .post(
+            &h.create_url(OTHER_TENANT),
+            USER,
+            Some(json!({"name": "gamma", "policy": "affinity", "description": "Big Pool"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let c: Value = resp.json().await.expect("json");
+
+    let names = |rows: &[Value]| {
+        rows.iter()
+            .map(|r| r["name"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+
+    let rows = h
+        .list("field=uuid&field=state&field=backend_id&field=bogus")
+        .await;
+    assert_eq!(rows.len(), 3);
+    let mut keys: Vec<&String> = rows[0].as_object().expect("object").keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["backend_id", "state", "uuid"]);
+    let one: Value = h
+        .get(&format!("{}?field=name", h.group_url(&a)), USER)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(one, json!({"name": "Alpha-web"}));
+
+    assert_eq!(names(&h.list("name=ALPHA").await), ["Alpha-web"]);
+    assert!(h.list("name_exact=alpha-web").await.is_empty());
+    assert_eq!(names(&h.list("name_exact=beta-db").await), ["beta-db"]);
+    assert_eq!(
+        names(
+            &h.list(&format!("tenant_uuid={}", dashed(OTHER_TENANT)))
+                .await
+        ),
+        ["gamma"]
+    );
+    let tenant_url = c["tenant"].as_str().expect("tenant url");
+    assert_eq!(
+        names(&h.list(&format!("tenant={tenant_url}")).await),
+        ["gamma"]
+    );
+    assert_eq!(
+        names(
+            &h.list(&format!(
+                "project_uuid={}",
+                c["project_uuid"].as_str().expect("p")
+            ))
+            .await
+        ),
+        ["gamma"]
+    );
+    assert_eq!(
+        names(
+            &h.list(&format!(
+                "customer_uuid={}",
+                c["customer_uuid"].as_str().expect("c")
+            ))
+            .await
+        ),
+        ["gamma"]
+    );
+    assert_eq!(
+        names(&h.list(&format!("backend_id={a_backend}")).await),
+        ["Alpha-web"]
+    );
+    assert_eq!(
+        names(&h.list(&format!("uuid={}", dashed(&b))).await),
+        ["beta-db"]
+    );
+    assert_eq!(names(&h.list("description=pool").await), ["gamma"]);
+    assert_eq!(names(&h.list("state=OK").await), ["Alpha-web"]);
+    assert_eq!(h.list("state=OK&state=CREATION_SCHEDULED").await.len(), 3);
+    assert_eq!(
+        names(&h.list("o=-name").await),
+        ["gamma", "beta-db", "Alpha-web"]
+    );
+    assert_eq!(
+        names(&h.list("o=name").await),
+        ["Alpha-web", "beta-db", "gamma"]
+    );
+    assert_eq!(
+        names(&h.list("o=-created").await),
+        ["gamma", "beta-db", "Alpha-web"]
+    );
+
+    let resp = h
+        .get(&format!("{}?tenant_uuid=nope", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({"tenant_uuid": ["Enter a valid UUID."]}));
+    let resp = h
+        .get(&format!("{}?state=Erred", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"state": ["Select a valid choice. Erred is not one of the available choices."]})
+    );
+}
+
+#[tokio::test]
+async fn legacy_vocabulary_is_spoken_and_filtered_strictly() {
+    let h = Harness::start(SimConfig {
+        vocabulary: Vocabulary::Legacy,
+        ..fast_config()
+    })
+    .await;
+    let body = h.create("old", "affinity").await;
+    assert_eq!(body["state"], "Creation Scheduled");
+    let uuid = body["uuid"].as_str().expect("uuid").to_string();
+    h.wait_state(&uuid, "OK").await;
+    assert!(h.sim.force_state(&uuid, "ERRED"));
+    let row: Value = h
+        .get(&h.group_url(&uuid), USER)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(row["state"], "Erred");
+    let resp = h
+        .get(&format!("{}?state=Erred", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "1");
+    let resp = h
+        .get(&format!("{}?state=ERRED", h.groups_url()), USER)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(h.sim.force_state(&uuid, "Deletion Scheduled"));
+    assert_eq!(
+        h.sim.group(&uuid).expect("row")["state"],
+        "Deletion Scheduled"
+    );
+}
+
+#[tokio::test]
+async fn create_validation_matches_drf() {
+    let h = Harness::start(SimConfig {
+        affinity_only: true,
+        ..fast_config()
+    })
+    .await;
+    let url = h.create_url(DEFAULT_TENANT);
+    let cases = [
+        (
+            json!({"policy": "affinity"}),
+            json!({"name": ["This field is required."]}),
+        ),
+        (
+            json!({"name": "  ", "policy": "affinity"}),
+            json!({"name": ["This field may not be blank."]}),
+        ),
+        (
+            json!({"name": "n".repeat(151), "policy": "affinity"}),
+            json!({"name": ["Ensure this field has no more than 150 characters."]}),
+        ),
+        (
+            json!({"name": "x", "policy": "affinity", "description": "d".repeat(4097)}),
+            json!({"description": ["Ensure this field has no more than 4096 characters."]}),
+        ),
+        (
+            json!({"name": "x", "policy": "anti-affinity"}),
+            json!({"policy": ["\"anti-affinity\" is not a valid choice."]}),
+        ),
+        (
+            json!({"name": "x", "policy": "sideways"}),
+            json!({"policy": ["\"sideways\" is not a valid choice."]}),
+        ),
+    ];
+    for (req, expected) in cases {
+        let resp = h.post(&url, USER, Some(req.clone())).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{req}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body, expected, "{req}");
+    }
+
+    // Exactly 150 characters is fine; then the same name again is not.
+    let long = "n".repeat(150);
+    assert_eq!(
+        h.post(
+            &url,
+            USER,
+            Some(json!({"name": long, "policy": "affinity"}))
+        )
+        .await
+        .status(),
+        StatusCode::CREATED
+    );
+    let resp = h
+        .post(
+            &url,
+            USER,
+            Some(json!({"name": long, "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"non_field_errors": ["Server group name should be unique."]})
+    );
+
+    let resp = h
+        .http
+        .post(&url)
+        .header("Authorization", format!("Token {USER}"))
+        .header("Content-Type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("JSON parse error - ")),
+        "{body}"
+    );
+
+    // Unknown tenant: 404. Tenant not OK: 409.
+    let resp = h
+        .post(
+            &h.create_url(OTHER_TENANT),
+            USER,
+            Some(json!({"name": "x", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    h.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    let resp = h
+        .post(&url, USER, Some(json!({"name": "y", "policy": "affinity"})))
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let body: Value = resp.json().await.expect("json");
+    assert!(body["detail"].is_string());
+    h.sim.set_tenant_ok(DEFAULT_TENANT, true);
+    let resp = h
+        .post(&url, USER, Some(json!({"name": "y", "policy": "affinity"})))
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn auth_staff_actions_and_visibility() {
+    let h = Harness::start(SimConfig {
+        tenants: vec![DEFAULT_TENANT.into(), OTHER_TENANT.into()],
+        user_tenants: vec![DEFAULT_TENANT.into()],
+        ..fast_config()
+    })
+    .await;
+
+    let resp = h.send(Method::GET, &h.groups_url(), None, None).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(header(&resp, "www-authenticate"), "Token");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"detail": "Authentication credentials were not provided."})
+    );
+    let resp = h.get(&h.groups_url(), "wrong").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body, json!({"detail": "Invalid token."}));
+    let resp = h
+        .http
+        .get(h.groups_url())
+        .header("Authorization", format!("Bearer {USER}"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    // The user cannot see or create in the other tenant; staff can.
+    let resp = h
+        .post(
+            &h.create_url(OTHER_TENANT),
+            USER,
+            Some(json!({"name": "hidden", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = h
+        .post(
+            &h.create_url(OTHER_TENANT),
+            STAFF,
+            Some(json!({"name": "hidden", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let hidden: Value = resp.json().await.expect("json");
+    let hidden_uuid = hidden["uuid"].as_str().expect("uuid").to_string();
+    assert_eq!(
+        h.get(&h.group_url(&hidden_uuid), USER).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.get(&h.group_url(&hidden_uuid), STAFF).await.status(),
+        StatusCode::OK
+    );
+    let resp = h.get(&h.groups_url(), USER).await;
+    assert_eq!(header(&resp, "x-result-count"), "0");
+    let resp = h.get(&h.groups_url(), STAFF).await;
+    assert_eq!(header(&resp, "x-result-count"), "1");
+    h.wait_state(&hidden_uuid, "OK").await;
+    assert_eq!(
+        h.delete(&hidden_uuid, USER).await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let (uuid, backend) = h.create_ok("mine").await;
+    for action in ["unlink", "set_ok", "set_erred"] {
+        let resp = h
+            .post(&format!("{}{action}/", h.group_url(&uuid)), USER, None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{action}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(
+            body,
+            json!({"detail": "You do not have permission to perform this action."})
+        );
+    }
+
+    // set_erred / set_ok work from any state, synchronously.
+    assert!(h.sim.force_state(&uuid, "DELETING"));
+    let resp = h
+        .post(
+            &format!("{}set_erred/", h.group_url(&uuid)),
+            STAFF,
+            Some(json!({"error_message": "stuck", "error_traceback": "tb"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.json::<Value>().await.expect("json")["detail"].is_string());
+    let row = h.sim.group(&uuid).expect("row");
+    assert_eq!(
+        (row["state"].as_str(), row["error_message"].as_str()),
+        (Some("ERRED"), Some("stuck"))
+    );
+    let resp = h
+        .post(&format!("{}set_ok/", h.group_url(&uuid)), STAFF, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let row = h.sim.group(&uuid).expect("row");
+    assert_eq!(
+        (row["state"].as_str(), row["error_message"].as_str()),
+        (Some("OK"), Some(""))
+    );
+
+    // Unlink: the row goes at once, OpenStack keeps the group, re-sync re-imports it anew.
+    let resp = h
+        .post(&format!("{}unlink/", h.group_url(&uuid)), STAFF, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert!(resp.bytes().await.expect("body").is_empty());
+    assert_eq!(
+        h.get(&h.group_url(&uuid), STAFF).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    h.sim.resync_now().await;
+    let rows: Vec<Value> = h
+        .get(&format!("{}?backend_id={backend}", h.groups_url()), USER)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(rows.len(), 1);
+    assert_ne!(rows[0]["uuid"], uuid.as_str());
+    assert_eq!(rows[0]["state"], "OK");
+    assert_eq!(rows[0]["name"], "mine");
+
+    // Updates are refused.
+    for method in [Method::PATCH, Method::PUT] {
+        let resp = h
+            .send(
+                method.clone(),
+                &h.group_url(&hidden_uuid),
+                Some(STAFF),
+                Some(json!({"name": "x"})),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(
+            body,
+            json!({"detail": format!("Method \"{method}\" not allowed.")})
+        );
+    }
+    assert_eq!(h.sim.requests("update"), 2);
+}
+
+#[tokio::test]
+async fn set_ok_and_set_erred_are_missing_before_8_0_0() {
+    let h = Harness::start(SimConfig {
+        pre_8_0_0: true,
+        ..fast_config()
+    })
+    .await;
+    let (uuid, _) = h.create_ok("old").await;
+    for action in ["set_ok", "set_erred"] {
+        let resp = h
+            .post(&format!("{}{action}/", h.group_url(&uuid)), STAFF, None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{action}");
+    }
+    assert_eq!(h.sim.group(&uuid).expect("row")["state"], "OK");
+}
+
+#[tokio::test]
+async fn unknown_paths_are_json_404s() {
+    let h = Harness::fast().await;
+    for path in [
+        "/api/nothing-here/",
+        "/api/openstack-server-groups",
+        "/api/openstack-server-groups/6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e/explode/",
+        "/elsewhere",
+    ] {
+        let resp = h.get(&h.url(path), USER).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body, json!({"detail": "Not found."}));
+    }
+    assert_eq!(
+        h.get(&h.group_url("not-a-uuid"), USER).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn resync_deletes_reimports_and_recovers() {
+    let h = Harness::fast().await;
+    let (gone, gone_backend) = h.create_ok("gone").await;
+    let (erred, _) = h.create_ok("erred").await;
+    let (renamed, renamed_backend) = h.create_ok("renamed").await;
+    h.sim.fail_next_creates(1);
+    let failed = h.create("failed", "affinity").await["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+    h.wait_state(&failed, "ERRED").await;
+    // Slow workers for this one, so it is still in flight during the re-sync.
+    h.sim.set_delays(Delays {
+        schedule: Duration::from_millis(300),
+        run: Duration::from_millis(20),
+    });
+    let busy = h.create("busy", "affinity").await["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+
+    assert!(h.sim.openstack_delete(&gone_backend));
+    assert!(h.sim.force_state(&erred, "ERRED"));
+    assert!(
+        h.sim
+            .openstack_update(&renamed_backend, Some("new-name"), None)
+    );
+    let foreign = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "made-in-horizon", "affinity");
+    let report = h.sim.resync_report();
+
+    let mut deleted = report.deleted.clone();
+    deleted.sort();
+    let mut expected = vec![gone.clone(), failed.clone()];
+    expected.sort();
+    assert_eq!(deleted, expected, "rows without an OpenStack group go");
+    assert_eq!(report.recovered, vec![erred.clone()]);
+    assert_eq!(report.imported.len(), 1);
+    assert!(h.sim.group(&gone).is_none());
+    assert!(h.sim.group(&failed).is_none());
+    assert_eq!(h.sim.group(&erred).expect("row")["state"], "OK");
+    assert_eq!(h.sim.group(&renamed).expect("row")["name"], "new-name");
+    let imported = h.sim.group(&report.imported[0]).expect("imported");
+    assert_eq!(imported["backend_id"], foreign.as_str());
+    assert_eq!(imported["state"], "OK");
+    assert_eq!(imported["name"], "made-in-horizon");
+    // A create still in flight is left alone and finishes normally.
+    assert!(h.sim.group(&busy).is_some());
+    h.wait_state(&busy, "OK").await;
+    assert!(
+        h.sim.resync_report().imported.is_empty(),
+        "nothing imported twice"
+    );
+}
+
+#[tokio::test]
+async fn periodic_resync_runs_by_itself() {
+    let h = Harness::start(SimConfig {
+        resync_interval: Some(Duration::from_millis(30)),
+        ..fast_config()
+    })
+    .await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "appears", "affinity");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !h
+        .sim
+        .groups()
+        .iter()
+        .any(|g| g["backend_id"] == backend.as_str())
+    {
+        assert!(Instant::now() < deadline, "never imported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn instances_can_be_attached_out_of_band() {
+    let h = Harness::fast().await;
+    let (uuid, _) = h.create_ok("vms").await;
+    assert!(h.sim.set_instances(
+        &uuid,
+        vec![
+            ("vm1".into(), "nova-1".into()),
+            ("vm2".into(), "nova-2".into())
+        ]
+    ));
+    let sg: ServerGroup = h
+        .get(&h.group_url(&uuid), USER)
+        .await
+        .json()
+        .await
+        .expect("schema");
+    assert_eq!(sg.instances.len(), 2);
+    assert_eq!(sg.instances[0].name, "vm1");
+    assert_eq!(sg.instances[0].backend_id.as_deref(), Some("nova-1"));
+    assert!(is_hex32(&sg.instances[0].uuid));
+}
+
+#[tokio::test]
+async fn injected_5xx_bursts_and_latency() {
+    let h = Harness::fast().await;
+    h.sim.fail_next_requests(2, 503);
+    for _ in 0..2 {
+        let resp = h.get(&h.groups_url(), USER).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(header(&resp, "content-type").starts_with("text/html"));
+        assert!(resp.text().await.expect("body").contains("503"));
+    }
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+
+    h.sim.fail_next_requests_for("create", 1, 502);
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "a", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert!(h.sim.groups().is_empty(), "a failed request saves nothing");
+
+    h.sim.set_failing(Some(504));
+    for _ in 0..3 {
+        assert_eq!(
+            h.get(&h.groups_url(), USER).await.status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+    // The control plane is never faulted.
+    let stats: Value = h
+        .http
+        .get(h.url("/__sim/stats"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["endpoints"]["list"], 7);
+    assert_eq!(stats["endpoints"]["create"], 1);
+    h.sim.set_failing(None);
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+
+    h.sim.set_latency(Duration::from_millis(150));
+    let started = Instant::now();
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    h.sim.set_latency(Duration::ZERO);
+}
+
+#[tokio::test]
+async fn dropped_connections_are_client_errors_not_responses() {
+    let h = Harness::fast().await;
+    // Warm a pooled keep-alive connection first: the drop must hit it mid-request too.
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    h.sim.drop_next_connections(2);
+    for _ in 0..2 {
+        let err = h
+            .http
+            .get(h.groups_url())
+            .header("Authorization", format!("Token {USER}"))
+            .send()
+            .await
+            .expect_err("no HTTP response");
+        assert!(!err.is_status(), "{err:?}");
+    }
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    assert_eq!(h.sim.requests("list"), 4);
+}
+
+#[tokio::test]
+async fn slow_bodies_arrive_late_but_whole() {
+    let h = Harness::fast().await;
+    h.create("slow", "affinity").await;
+    h.sim.set_slow_body(Some(Duration::from_millis(40)));
+    let started = Instant::now();
+    let resp = h.get(&h.groups_url(), USER).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let headers_at = started.elapsed();
+    let rows: Vec<Value> = resp.json().await.expect("whole body");
+    assert_eq!(rows.len(), 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(160),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        headers_at < Duration::from_millis(140),
+        "headers come first: {headers_at:?}"
+    );
+
+    // A client read timeout shorter than the trickle fails.
+    let impatient = reqwest::Client::builder()
+        .read_timeout(Duration::from_millis(20))
+        .build()
+        .expect("client");
+    let result = async {
+        impatient
+            .get(h.groups_url())
+            .header("Authorization", format!("Token {USER}"))
+            .send()
+            .await?
+            .bytes()
+            .await
+    }
+    .await;
+    assert!(result.is_err());
+}
+
+#[tokio::test]
+async fn counters_per_endpoint_and_over_http() {
+    let h = Harness::fast().await;
+    let (uuid, _) = h.create_ok("counted").await;
+    h.get(&h.groups_url(), USER).await;
+    h.get(&h.group_url(&uuid), USER).await;
+    h.post(&format!("{}pull/", h.group_url(&uuid)), USER, None)
+        .await;
+    h.wait_state(&uuid, "OK").await;
+    h.delete(&uuid, USER).await;
+    h.send(Method::HEAD, &h.groups_url(), Some(USER), None)
+        .await;
+    h.get(&h.url("/api/unknown/"), USER).await;
+    for (endpoint, n) in [
+        ("create", 1),
+        ("list", 1),
+        ("retrieve", 1),
+        ("pull", 1),
+        ("delete", 1),
+        ("count", 1),
+        ("other", 1),
+        ("unlink", 0),
+    ] {
+        assert_eq!(h.sim.requests(endpoint), n, "{endpoint}");
+    }
+    assert_eq!(h.sim.total_requests(), 7);
+
+    let stats: Value = h
+        .http
+        .get(h.url("/__sim/stats"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(stats["total"], 7);
+    assert_eq!(stats["endpoints"]["create"], 1);
+    assert_eq!(stats["endpoints"]["set_ok"], 0);
+
+    let resp = h
+        .http
+        .post(h.url("/__sim/stats/reset"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.sim.total_requests(), 0);
+    h.sim.reset_counters();
+    assert_eq!(h.sim.requests("create"), 0);
+}
+
+#[tokio::test]
+async fn control_plane_over_http() {
+    let h = Harness::fast().await;
+    let (uuid, backend) = h.create_ok("remote").await;
+    let post = |path: &str, body: Value| {
+        let req = h.http.post(h.url(path)).json(&body);
+        async move { req.send().await.expect("sent") }
+    };
+
+    let resp = post(
+        "/__sim/faults",
+        json!({"fail_next": {"count": 1, "status": 500, "endpoint": "retrieve"}, "latency_ms": 0}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    assert_eq!(
+        h.get(&h.group_url(&uuid), USER).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let resp = post("/__sim/faults", json!({"failing": 503})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        h.get(&h.groups_url(), USER).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    post("/__sim/faults", json!({"failing": null})).await;
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    post("/__sim/faults", json!({"drop_next": 1})).await;
+    assert!(
+        h.http
+            .get(h.groups_url())
+            .header("Authorization", format!("Token {USER}"))
+            .send()
+            .await
+            .is_err()
+    );
+    let resp = post("/__sim/faults", json!({"no_such_fault": 1})).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        post("/__sim/faults/clear", json!({})).await.status(),
+        StatusCode::OK
+    );
+
+    let resp = post("/__sim/state", json!({"uuid": uuid, "state": "UPDATING"})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::CONFLICT);
+    post("/__sim/state", json!({"uuid": uuid, "state": "OK"})).await;
+
+    let resp = post(
+        "/__sim/instances",
+        json!({"uuid": uuid, "instances": [{"name": "vm", "backend_id": "n1"}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        h.sim.group(&uuid).expect("row")["instances"][0]["name"],
+        "vm"
+    );
+
+    let resp = post("/__sim/openstack/delete", json!({"uuid": uuid})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = post("/__sim/openstack/delete", json!({"backend_id": backend})).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = post(
+        "/__sim/openstack/create",
+        json!({"tenant_uuid": DEFAULT_TENANT, "name": "horizon", "policy": "affinity"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: Value = resp.json().await.expect("json");
+    let report: Value = post("/__sim/resync", json!({}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(report["deleted"], json!([uuid]));
+    assert_eq!(report["imported"].as_array().map(Vec::len), Some(1));
+    let groups: Vec<Value> = h
+        .http
+        .get(h.url("/__sim/groups"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["backend_id"], created["backend_id"]);
+
+    let resp = post("/__sim/tenants", json!({"uuid": OTHER_TENANT, "ok": false})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = h
+        .post(
+            &h.create_url(OTHER_TENANT),
+            USER,
+            Some(json!({"name": "x", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let help = h
+        .http
+        .get(h.url("/__sim/"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(help.contains("/__sim/faults"));
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving() {
+    let h = Harness::fast().await;
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+    h.sim.shutdown();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let fresh = reqwest::Client::new();
+    assert!(fresh.get(h.groups_url()).send().await.is_err());
+}
