@@ -457,3 +457,26 @@ async fn waldur_outage_is_reported_then_recovers() {
     h.converge("web", is_ready).await;
     assert_eq!(h.sim.groups().len(), 1);
 }
+
+#[tokio::test]
+async fn a_409_on_delete_is_retried_until_waldur_accepts() {
+    let h = Harness::fast().await;
+    h.apply("web", spec("affinity"));
+    h.converge("web", is_ready).await;
+    h.sim.fail_next_requests_for("delete", 2, 409);
+    h.kube.delete(PLURAL, NS, "web");
+    h.reconcile("web").await.unwrap();
+    h.reconcile("web").await.unwrap();
+    assert!(
+        h.sg("web").is_some(),
+        "a refused DELETE keeps the finalizer"
+    );
+    assert_eq!(h.sim.groups().len(), 1);
+    h.converge("web", |sg| sg.is_none()).await;
+    assert_eq!(
+        h.sim.requests("delete"),
+        3,
+        "two refusals, then the accepted DELETE"
+    );
+    assert!(h.sim.groups().is_empty());
+}

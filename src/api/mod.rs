@@ -33,6 +33,8 @@ pub const FINALIZER: &str = "openstack.waldur.com/server-group";
 /// A Waldur OpenStack server group: a set of VMs placed together (affinity) or apart
 /// (anti-affinity) by Nova. The operator creates it in Waldur, keeps its status true to what
 /// Waldur reports, and deletes it as `deletionPolicy` says.
+// clippy reads the repeated `type_ = "string"` of the printer columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "openstack.waldur.com",

@@ -121,11 +121,11 @@ pub fn after_missing(sg: &ServerGroup, lookup: &Lookup) -> Result<Missing, SpecP
 
 /// Which of the listed groups is the one this resource created: same policy, created no
 /// earlier than the resource (with slack for clocks that disagree), the oldest first.
-pub fn pick_own_creation<'a>(
-    candidates: &'a [WaldurGroup],
+pub fn pick_own_creation(
+    candidates: &[WaldurGroup],
     policy: Policy,
     resource_created: Option<Timestamp>,
-) -> Option<&'a WaldurGroup> {
+) -> Option<&WaldurGroup> {
     const CLOCK_SLACK: SignedDuration = SignedDuration::from_mins(5);
     let not_before = resource_created.and_then(|t| t.checked_sub(CLOCK_SLACK).ok());
     let mut fitting: Vec<&WaldurGroup> = candidates

@@ -52,7 +52,7 @@ enum Binding {
 }
 
 enum Located {
-    Found(WaldurGroup, Binding),
+    Found(Box<WaldurGroup>, Binding),
     NotFound(String),
     AlreadyManaged(String),
     /// Waldur rejected the create: terminal for this generation.
@@ -108,7 +108,7 @@ impl Reconciler {
             .for_resource(&self.ctx.kube, &self.sg)
             .await?;
         match self.locate(&client, true).await? {
-            Located::Found(group, binding) => self.observe(&client, group, binding).await,
+            Located::Found(group, binding) => self.observe(&client, *group, binding).await,
             Located::NotFound(message) => {
                 self.write_status(true, |s| {
                     self.ready(s, false, ready_reason::NOT_FOUND, &message);
@@ -160,7 +160,7 @@ impl Reconciler {
         loop {
             if let Some(group) = self.look(client, &lookup).await? {
                 if known.as_ref() == Some(&group.uuid) {
-                    return Ok(Located::Found(group, Binding::Known));
+                    return Ok(Located::Found(Box::new(group), Binding::Known));
                 }
                 if let Some(owner) = self.owner_of(&group.uuid) {
                     return Ok(Located::AlreadyManaged(owner));
@@ -170,7 +170,7 @@ impl Reconciler {
                     (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
                     _ => Binding::Imported,
                 };
-                return Ok(Located::Found(group, binding));
+                return Ok(Located::Found(Box::new(group), binding));
             }
             match plan::after_missing(&self.sg, &lookup)? {
                 Missing::Lookup(next) => lookup = next,
@@ -188,7 +188,7 @@ impl Reconciler {
                         && let Some(group) = self.look(client, &own).await?
                         && self.owner_of(&group.uuid).is_none()
                     {
-                        return Ok(Located::Found(group, Binding::Adopted));
+                        return Ok(Located::Found(Box::new(group), Binding::Adopted));
                     }
                     return self.create(client, recreate).await;
                 }
@@ -265,7 +265,7 @@ impl Reconciler {
         } else {
             Binding::Created
         };
-        Ok(Located::Found(group, binding))
+        Ok(Located::Found(Box::new(group), binding))
     }
 
     /// Steps 5 to 7: mirror the group into status, run due follow-ups, and requeue.
@@ -514,7 +514,7 @@ impl Reconciler {
                 .for_resource(&self.ctx.kube, &self.sg)
                 .await?;
             let group = match self.locate(&client, false).await? {
-                Located::Found(group, _) => Some(group),
+                Located::Found(group, _) => Some(*group),
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_) | Located::NotFound(_) | Located::Rejected(_) => None,
             };
