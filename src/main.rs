@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
+use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
 use tracing_subscriber::EnvFilter;
 
@@ -130,11 +132,15 @@ async fn start(args: RunArgs) -> Result<(), String> {
     let kube = Client::try_default()
         .await
         .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
-    let api: Api<ServerGroup> = if args.namespace.is_empty() {
-        Api::all(kube.clone())
-    } else {
-        Api::namespaced(kube.clone(), &args.namespace)
-    };
+    let (api, secrets): (Api<ServerGroup>, Api<PartialObjectMeta<Secret>>) =
+        if args.namespace.is_empty() {
+            (Api::all(kube.clone()), Api::all(kube.clone()))
+        } else {
+            (
+                Api::namespaced(kube.clone(), &args.namespace),
+                Api::namespaced(kube.clone(), &args.namespace),
+            )
+        };
     check_crd(&api).await?;
     let settings = Settings {
         resync_period: args.resync_period,
@@ -150,6 +156,7 @@ async fn start(args: RunArgs) -> Result<(), String> {
     controller::run(
         kube,
         api,
+        secrets,
         settings,
         credentials,
         args.concurrency,

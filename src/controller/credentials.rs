@@ -103,6 +103,21 @@ impl ClientCache {
     }
 }
 
+/// The ServerGroups whose `credentialsRef` names the Secret `namespace/name`: the ones to
+/// reconcile again when that Secret changes, so a fixed or rotated token is used at once.
+pub fn referencing(
+    groups: &[std::sync::Arc<ServerGroup>],
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> Vec<kube::runtime::reflector::ObjectRef<ServerGroup>> {
+    groups
+        .iter()
+        .filter(|sg| sg.metadata.namespace.as_deref() == namespace)
+        .filter(|sg| sg.spec.credentials_ref.as_ref().map(|r| r.name.as_str()) == name)
+        .map(|sg| kube::runtime::reflector::ObjectRef::from_obj(sg.as_ref()))
+        .collect()
+}
+
 fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
         return String::from_utf8(v.0.clone()).ok();
@@ -112,4 +127,38 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
         .as_ref()
         .and_then(|d| d.get(key))
         .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CredentialsRef, ServerGroupSpec};
+    use std::sync::Arc;
+
+    fn sg(ns: &str, name: &str, secret: Option<&str>) -> Arc<ServerGroup> {
+        let mut sg = ServerGroup::new(
+            name,
+            ServerGroupSpec {
+                credentials_ref: secret.map(|s| CredentialsRef { name: s.into() }),
+                ..Default::default()
+            },
+        );
+        sg.metadata.namespace = Some(ns.into());
+        Arc::new(sg)
+    }
+
+    #[test]
+    fn a_secret_change_wakes_only_the_resources_that_use_it() {
+        let groups = vec![
+            sg("team-a", "uses", Some("waldur")),
+            sg("team-a", "other-secret", Some("other")),
+            sg("team-b", "same-name-other-namespace", Some("waldur")),
+            sg("team-a", "defaults", None),
+        ];
+        let woken: Vec<String> = referencing(&groups, Some("team-a"), Some("waldur"))
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(woken, vec!["uses".to_string()]);
+    }
 }

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -92,6 +94,7 @@ pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Ac
 pub async fn run(
     kube: Client,
     api: Api<ServerGroup>,
+    secrets: Api<PartialObjectMeta<Secret>>,
     settings: Settings,
     credentials: ClientCache,
     concurrency: u16,
@@ -107,7 +110,19 @@ pub async fn run(
         .reflect(writer)
         .touched_objects();
     let ctx = Arc::new(Context::new(kube, settings, credentials, reader.clone()));
+    // Metadata only: the operator reads a Secret's data when it needs it, and keeps no copy.
+    let secret_changes = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let groups = reader.clone();
     Controller::for_stream(stream, reader)
+        .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
+            credentials::referencing(
+                &groups.state(),
+                secret.metadata.namespace.as_deref(),
+                secret.metadata.name.as_deref(),
+            )
+        })
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
