@@ -2,4 +2,8 @@
 
 pub mod api;
 pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod server;
+pub mod telemetry;
 pub mod waldur;

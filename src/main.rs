@@ -9,11 +9,17 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
-use tracing_subscriber::EnvFilter;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use waldur_operator::api::{self, ServerGroup};
+use waldur_operator::controller::index::ReadPath;
 use waldur_operator::controller::{self, ClientCache, DefaultCredentials, Settings, plan};
-use waldur_operator::waldur::{ClientSettings, Token};
+use waldur_operator::leader::{self, LeaseSettings};
+use waldur_operator::metrics::Metrics;
+use waldur_operator::server::{self, Health};
+use waldur_operator::telemetry;
+use waldur_operator::waldur::{ClientSettings, Limiter, Limits, Token};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,7 +37,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the controller (the default when no command is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the ServerGroup CustomResourceDefinition as YAML, for `kubectl apply -f -`.
     Crd,
 }
@@ -74,6 +80,44 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Requests to Waldur in flight at once, across all resources and credentials.
+    #[arg(long, env = "WALDUR_MAX_IN_FLIGHT", default_value_t = 16)]
+    waldur_max_in_flight: usize,
+    /// Requests to Waldur per second, sustained (0: no rate limit). A 429 pauses all requests
+    /// for its Retry-After.
+    #[arg(long, env = "WALDUR_RATE", default_value_t = 20.0)]
+    waldur_rate: f64,
+    /// How reconciles read Waldur: one list sweep per credentials into an index (batched), or
+    /// one GET per resource (per-object, for comparison).
+    #[arg(long, env = "READ_PATH", value_enum, default_value_t = ReadPathArg::Batched)]
+    read_path: ReadPathArg,
+    /// How often the batched read path sweeps while any group is changing.
+    #[arg(long, env = "BUSY_SWEEP", default_value = "2s", value_parser = duration)]
+    busy_sweep: Duration,
+    /// Address of /metrics, /healthz, /readyz and /debug/loglevel.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Elect a leader through a coordination.k8s.io Lease; only the leader reconciles.
+    #[arg(long, env = "LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "waldur-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; defaults to POD_NAMESPACE, else "default".
+    #[arg(long, env = "LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long a lease stays valid without renewal.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How long before expiry the holder renews.
+    #[arg(long, env = "LEASE_GRACE", default_value = "5s", value_parser = duration)]
+    lease_grace: Duration,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ReadPathArg {
+    Batched,
+    PerObject,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -101,23 +145,24 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Run(args)) => run(args).await,
+        Some(Command::Run(args)) => run(*args).await,
         None => run(cli.run).await,
     }
 }
 
-fn init_logs(args: &RunArgs) {
-    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 async fn run(args: RunArgs) -> ExitCode {
-    init_logs(&args);
-    match start(args).await {
+    let format = match args.log_format {
+        LogFormat::Json => telemetry::LogFormat::Json,
+        LogFormat::Text => telemetry::LogFormat::Text,
+    };
+    let logs = match telemetry::init(&args.log_level, format) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match start(args, logs).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -127,8 +172,17 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn start(args: RunArgs) -> Result<(), String> {
-    let credentials = client_cache(&args)?;
+async fn start(args: RunArgs, logs: telemetry::LogControl) -> Result<(), String> {
+    let metrics = Metrics::new();
+    let limiter = Arc::new(Limiter::new(Limits {
+        max_in_flight: args.waldur_max_in_flight,
+        rate_per_second: args.waldur_rate,
+    }));
+    let credentials = Arc::new(
+        client_cache(&args)?
+            .with_limiter(limiter)
+            .with_observer(Arc::new(metrics.clone())),
+    );
     let kube = Client::try_default()
         .await
         .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
@@ -142,27 +196,69 @@ async fn start(args: RunArgs) -> Result<(), String> {
             )
         };
     check_crd(&api).await?;
-    let settings = Settings {
-        resync_period: args.resync_period,
-        pull_interval: args.pull_interval,
+    let health = Arc::new(Health::new(args.leader_elect));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        listener,
+        server::router(metrics.clone(), health.clone(), Some(logs)),
+        leader::stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let runtime = || controller::Runtime {
+        kube: kube.clone(),
+        api: api.clone(),
+        secrets: secrets.clone(),
+        settings: Settings {
+            resync_period: args.resync_period,
+            pull_interval: args.pull_interval,
+        },
+        credentials: credentials.clone(),
+        concurrency: args.concurrency,
+        read_path: match args.read_path {
+            ReadPathArg::Batched => ReadPath::Batched,
+            ReadPathArg::PerObject => ReadPath::PerObject,
+        },
+        busy_sweep: args.busy_sweep,
+        metrics: metrics.clone(),
+        health: health.clone(),
     };
     tracing::info!(
         namespace = if args.namespace.is_empty() { "(all)" } else { &args.namespace },
         resync = ?args.resync_period,
         concurrency = args.concurrency,
+        leader_elect = args.leader_elect,
         "waldur-operator {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    controller::run(
-        kube,
-        api,
-        secrets,
-        settings,
-        credentials,
-        args.concurrency,
-        shutdown_signal(),
-    )
-    .await;
+    if args.leader_elect {
+        let lease = LeaseSettings {
+            name: args.lease_name.clone(),
+            namespace: args
+                .lease_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "default".into()),
+            identity: std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("waldur-operator-{:08x}", rand::random::<u32>())),
+            duration: args.lease_duration,
+            grace: args.lease_grace,
+        };
+        leader::run_when_leading(&kube, &lease, &health, &metrics, stop_rx.clone(), runtime)
+            .await?;
+    } else {
+        health
+            .leader
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        metrics.leader.set(1);
+        controller::run(runtime(), leader::stopped(stop_rx.clone())).await;
+    }
+    let _ = server.await;
     tracing::info!("stopped");
     Ok(())
 }

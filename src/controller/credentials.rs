@@ -5,14 +5,14 @@
 //! without a restart; clients are cached per (url, token) so connections are reused.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::error::Error;
 use crate::api::ServerGroup;
-use crate::waldur::{ClientSettings, Token, WaldurClient};
+use crate::waldur::{ClientSettings, Limiter, Observer, Token, WaldurClient};
 
 /// The operator's own Waldur address and token (flags and environment).
 #[derive(Clone, Debug, Default)]
@@ -26,6 +26,15 @@ pub struct ClientCache {
     template: ClientSettings,
     defaults: DefaultCredentials,
     clients: Mutex<HashMap<(String, Token), WaldurClient>>,
+    limiter: Option<Arc<Limiter>>,
+    observer: Option<Arc<dyn Observer>>,
+}
+
+/// A client and a key naming its credentials (address and a fingerprint of the token, never
+/// the token itself), to share per-credentials state such as the read index.
+pub struct Credentials {
+    pub key: String,
+    pub client: WaldurClient,
 }
 
 /// Old entries are dropped past this many, so rotated tokens do not pile up.
@@ -38,7 +47,20 @@ impl ClientCache {
             template,
             defaults,
             clients: Mutex::new(HashMap::new()),
+            limiter: None,
+            observer: None,
         }
+    }
+
+    /// Every client shares this limiter: one budget for all requests to Waldur.
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn client(&self, url: &str, token: &Token) -> Result<WaldurClient, Error> {
@@ -50,7 +72,13 @@ impl ClientCache {
         let mut settings = self.template.clone();
         settings.url = url.to_string();
         settings.token = token.clone();
-        let client = WaldurClient::new(&settings)?;
+        let mut client = WaldurClient::new(&settings)?;
+        if let Some(l) = &self.limiter {
+            client = client.with_limiter(l.clone());
+        }
+        if let Some(o) = &self.observer {
+            client = client.with_observer(o.clone());
+        }
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }
@@ -63,7 +91,20 @@ impl ClientCache {
         &self,
         kube: &kube::Client,
         sg: &ServerGroup,
-    ) -> Result<WaldurClient, Error> {
+    ) -> Result<Credentials, Error> {
+        let (url, token) = self.resolve(kube, sg).await?;
+        let client = self.client(&url, &token)?;
+        Ok(Credentials {
+            key: format!("{url}#{:016x}", fingerprint(&token)),
+            client,
+        })
+    }
+
+    async fn resolve(
+        &self,
+        kube: &kube::Client,
+        sg: &ServerGroup,
+    ) -> Result<(String, Token), Error> {
         let Some(reference) = &sg.spec.credentials_ref else {
             let url = self.defaults.url.as_deref().ok_or_else(|| {
                 Error::CredentialsNotFound(
@@ -75,7 +116,7 @@ impl ClientCache {
                     "no spec.credentialsRef and the operator has no default token (WALDUR_TOKEN / --waldur-token-file)".into(),
                 )
             })?;
-            return self.client(url, token);
+            return Ok((url.to_string(), token.clone()));
         };
         let namespace = sg.metadata.namespace.as_deref().unwrap_or("default");
         let secrets: Api<Secret> = Api::namespaced(kube.clone(), namespace);
@@ -99,8 +140,15 @@ impl ClientCache {
                     "Secret {namespace}/{name} has no key \"url\" and the operator has no default Waldur URL"
                 ))
             })?;
-        self.client(&url, &Token::new(token))
+        Ok((url, Token::new(token)))
     }
+}
+
+fn fingerprint(token: &Token) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    token.expose().hash(&mut h);
+    h.finish()
 }
 
 /// The ServerGroups whose `credentialsRef` names the Secret `namespace/name`: the ones to

@@ -2,6 +2,7 @@
 
 pub mod credentials;
 mod error;
+pub mod index;
 pub mod plan;
 mod reconcile;
 mod status;
@@ -20,6 +21,8 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource};
 
 use crate::api::ServerGroup;
+use crate::metrics::Metrics;
+use crate::server::Health;
 pub use credentials::{ClientCache, DefaultCredentials};
 pub use error::Error;
 pub use plan::Settings;
@@ -32,19 +35,22 @@ pub const MANAGER: &str = "waldur-operator";
 pub struct Context {
     pub kube: Client,
     pub settings: Settings,
-    pub credentials: ClientCache,
+    pub credentials: Arc<ClientCache>,
     pub reporter: Reporter,
     /// All ServerGroups the operator sees, to refuse binding a group another resource holds.
     pub store: Store<ServerGroup>,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
     failures: Mutex<HashMap<ObjectRef<ServerGroup>, u32>>,
+    /// The batched read path; `None` reads Waldur once per resource per reconcile.
+    pub index: Option<Arc<index::WaldurIndex>>,
+    pub metrics: Metrics,
 }
 
 impl Context {
     pub fn new(
         kube: Client,
         settings: Settings,
-        credentials: ClientCache,
+        credentials: Arc<ClientCache>,
         store: Store<ServerGroup>,
     ) -> Self {
         Self {
@@ -57,7 +63,19 @@ impl Context {
             },
             store,
             failures: Mutex::new(HashMap::new()),
+            index: None,
+            metrics: Metrics::new(),
         }
+    }
+
+    pub fn with_index(mut self, index: Arc<index::WaldurIndex>) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn record_failure(&self, obj: &ServerGroup) -> u32 {
@@ -90,28 +108,58 @@ pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(wait)
 }
 
+/// What the controller runs with.
+pub struct Runtime {
+    pub kube: Client,
+    pub api: Api<ServerGroup>,
+    pub secrets: Api<PartialObjectMeta<Secret>>,
+    pub settings: Settings,
+    pub credentials: Arc<ClientCache>,
+    pub concurrency: u16,
+    pub read_path: index::ReadPath,
+    /// How often the batched read path sweeps while anything is in flight.
+    pub busy_sweep: Duration,
+    pub metrics: Metrics,
+    pub health: Arc<Health>,
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
-    kube: Client,
-    api: Api<ServerGroup>,
-    secrets: Api<PartialObjectMeta<Secret>>,
-    settings: Settings,
-    credentials: ClientCache,
-    concurrency: u16,
+    rt: Runtime,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (reader, writer) = reflector::store();
     // The controller never reads managedFields; dropping them keeps the cache small.
-    let stream = watcher(api, watcher::Config::default().any_semantic())
+    let stream = watcher(rt.api, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|sg: &mut ServerGroup| {
             sg.meta_mut().managed_fields = None;
         })
         .reflect(writer)
         .touched_objects();
-    let ctx = Arc::new(Context::new(kube, settings, credentials, reader.clone()));
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    let mut ctx = Context::new(rt.kube, rt.settings.clone(), rt.credentials, reader.clone())
+        .with_metrics(rt.metrics.clone());
+    if rt.read_path == index::ReadPath::Batched {
+        let timing = index::SweepTiming {
+            busy: rt.busy_sweep,
+            settled: rt.settings.resync_period,
+            after_write: Duration::from_secs(30),
+        };
+        ctx = ctx.with_index(Arc::new(index::WaldurIndex::new(
+            timing,
+            reader.clone(),
+            wake_tx,
+        )));
+    }
+    let ctx = Arc::new(ctx);
+    tokio::spawn(watch_cache(
+        reader.clone(),
+        rt.metrics.clone(),
+        rt.health.clone(),
+    ));
     // Metadata only: the operator reads a Secret's data when it needs it, and keeps no copy.
-    let secret_changes = watcher(secrets, watcher::Config::default())
+    let secret_changes = watcher(rt.secrets, watcher::Config::default())
         .default_backoff()
         .touched_objects();
     let groups = reader.clone();
@@ -123,7 +171,8 @@ pub async fn run(
                 secret.metadata.name.as_deref(),
             )
         })
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .reconcile_on(wake_rx)
+        .with_config(kube::runtime::controller::Config::default().concurrency(rt.concurrency))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -133,4 +182,19 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Marks the process ready once the cache holds its first full list, and keeps the
+/// resources-by-state gauge current.
+async fn watch_cache(store: Store<ServerGroup>, metrics: Metrics, health: Arc<Health>) {
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    health
+        .synced
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    loop {
+        metrics.count_resources(&store.state());
+        tokio::time::sleep(Duration::from_secs(15)).await;
+    }
 }

@@ -13,6 +13,7 @@ use serde_json::json;
 
 use super::Context;
 use super::error::Error;
+use super::index::{Answer, Shard};
 use super::plan::{self, Cleanup, FollowUp, Lookup, Missing};
 use super::status;
 use crate::api::conditions::{
@@ -31,13 +32,44 @@ const SOON: Duration = Duration::from_secs(2);
 
 /// Reconciles one ServerGroup: the design's seven steps.
 pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let r = Reconciler::new(sg.clone(), ctx.clone());
     let result = r.run().await;
     match &result {
         Ok(_) => ctx.clear_failures(&sg),
         Err(e) => r.report_failure(e).await,
     }
+    let reason = result.as_ref().err().map(Error::reason);
+    ctx.metrics.reconciled(started.elapsed(), reason);
     result
+}
+
+/// A Waldur client with, on the batched read path, the index of its credentials.
+struct Waldur {
+    client: WaldurClient,
+    shard: Option<Arc<Shard>>,
+}
+
+impl std::ops::Deref for Waldur {
+    type Target = WaldurClient;
+    fn deref(&self) -> &WaldurClient {
+        &self.client
+    }
+}
+
+impl Waldur {
+    /// After a write: the index must not answer for this group until it has seen the change.
+    fn written(&self, uuid: &WaldurUuid) {
+        if let Some(shard) = &self.shard {
+            shard.written(uuid);
+        }
+    }
+
+    fn record(&self, group: &WaldurGroup) {
+        if let Some(shard) = &self.shard {
+            shard.record(group);
+        }
+    }
 }
 
 /// How the group was found, for Events and the status write that binds it.
@@ -65,6 +97,9 @@ struct Reconciler {
     api: Api<ServerGroup>,
     recorder: Recorder,
     now: Time,
+    /// The status as this reconcile last wrote it: the base for the next write, so that one
+    /// reconcile never writes the same status twice.
+    latest: tokio::sync::Mutex<Option<ServerGroupStatus>>,
 }
 
 impl Reconciler {
@@ -74,6 +109,7 @@ impl Reconciler {
             api: Api::namespaced(ctx.kube.clone(), &namespace),
             recorder: Recorder::new(ctx.kube.clone(), ctx.reporter.clone()),
             now: Time(Timestamp::now()),
+            latest: tokio::sync::Mutex::new(None),
             sg,
             ctx,
         }
@@ -102,11 +138,7 @@ impl Reconciler {
             // Same spec, same answer: wait for the user to change it.
             return Ok(Action::await_change());
         }
-        let client = self
-            .ctx
-            .credentials
-            .for_resource(&self.ctx.kube, &self.sg)
-            .await?;
+        let client = self.waldur().await?;
         match self.locate(&client, true).await? {
             Located::Found(group, binding) => self.observe(&client, *group, binding).await,
             Located::NotFound(message) => {
@@ -154,7 +186,7 @@ impl Reconciler {
 
     /// Step 4: find the group, creating it when this resource should have one and has none.
     /// With `may_create` false (deletion) a missing group is simply reported missing.
-    async fn locate(&self, client: &WaldurClient, may_create: bool) -> Result<Located, Error> {
+    async fn locate(&self, client: &Waldur, may_create: bool) -> Result<Located, Error> {
         let mut lookup = plan::first_lookup(&self.sg)?;
         let known = self.status_uuid();
         loop {
@@ -196,14 +228,16 @@ impl Reconciler {
         }
     }
 
-    async fn look(
-        &self,
-        client: &WaldurClient,
-        lookup: &Lookup,
-    ) -> Result<Option<WaldurGroup>, Error> {
+    async fn look(&self, client: &Waldur, lookup: &Lookup) -> Result<Option<WaldurGroup>, Error> {
+        if let Some(answer) = self.look_in_index(client, lookup) {
+            return Ok(answer);
+        }
         match lookup {
             Lookup::Uuid(uuid) => match client.get(uuid, &[]).await {
-                Ok(g) => Ok(Some(g)),
+                Ok(g) => {
+                    client.record(&g);
+                    Ok(Some(g))
+                }
                 Err(e) if e.is_not_found() => Ok(None),
                 Err(e) => Err(e.into()),
             },
@@ -233,7 +267,54 @@ impl Reconciler {
         }
     }
 
-    async fn create(&self, client: &WaldurClient, recreate: bool) -> Result<Located, Error> {
+    /// The index's answer, when it has a trustworthy one. A group the index misses is asked
+    /// for directly (the miss may be a group created after the sweep began), so only hits
+    /// and lists of own creations come from the index.
+    fn look_in_index(&self, client: &Waldur, lookup: &Lookup) -> Option<Option<WaldurGroup>> {
+        let shard = client.shard.as_ref()?;
+        match lookup {
+            Lookup::Uuid(uuid) => match shard.lookup_uuid(uuid) {
+                Answer::Found(g) => Some(Some((*g).clone())),
+                Answer::Missing | Answer::Unknown => None,
+            },
+            Lookup::BackendId(backend_id) => match shard.lookup_backend_id(backend_id) {
+                Answer::Found(g) => Some(Some((*g).clone())),
+                Answer::Missing | Answer::Unknown => None,
+            },
+            Lookup::OwnCreation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let candidates = shard.by_tenant_and_name(tenant, name)?;
+                let created = self.sg.meta().creation_timestamp.as_ref().map(|t| t.0);
+                Some(plan::pick_own_creation(&candidates, *policy, created).cloned())
+            }
+        }
+    }
+
+    /// The client for this resource's credentials, and its index shard on the batched path.
+    async fn waldur(&self) -> Result<Waldur, Error> {
+        let creds = self
+            .ctx
+            .credentials
+            .for_resource(&self.ctx.kube, &self.sg)
+            .await?;
+        let shard = match &self.ctx.index {
+            Some(index) => {
+                let shard = index.shard(&creds.key, &creds.client);
+                shard.wait_complete(Duration::from_secs(30)).await;
+                Some(shard)
+            }
+            None => None,
+        };
+        Ok(Waldur {
+            client: creds.client,
+            shard,
+        })
+    }
+
+    async fn create(&self, client: &Waldur, recreate: bool) -> Result<Located, Error> {
         let Lookup::OwnCreation {
             tenant,
             name,
@@ -248,16 +329,22 @@ impl Reconciler {
             description: self.sg.spec.description.clone(),
         };
         let group = match client.create(&tenant, &new).await {
-            Ok(group) => group,
+            Ok(group) => {
+                client.record(&group);
+                group
+            }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
             Err(e) => return Err(e.into()),
         };
         // Write the UUID at once: from here on a crash cannot lose track of the group.
-        self.write_status(false, |s| {
+        // It is the whole status the observation that follows would write, so that one
+        // write, not two, records the creation.
+        self.write_status(true, |s| {
             s.auto_pull = None;
             plan::mirror(s, &group);
             let (_, reason, message) = plan::readiness(&group);
             self.ready(s, false, reason, &message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
         })
         .await?;
         let binding = if recreate {
@@ -271,7 +358,7 @@ impl Reconciler {
     /// Steps 5 to 7: mirror the group into status, run due follow-ups, and requeue.
     async fn observe(
         &self,
-        client: &WaldurClient,
+        client: &Waldur,
         group: WaldurGroup,
         binding: Binding,
     ) -> Result<Action, Error> {
@@ -327,7 +414,7 @@ impl Reconciler {
     /// Runs one follow-up. Returns whether Waldur is now busy with it.
     async fn follow_up(
         &self,
-        client: &WaldurClient,
+        client: &Waldur,
         group: &WaldurGroup,
         follow_up: &FollowUp,
         handled: &mut HandledRequests,
@@ -337,6 +424,7 @@ impl Reconciler {
         match follow_up {
             FollowUp::RequestedPull { token } => {
                 let result = client.pull(uuid).await;
+                client.written(uuid);
                 self.requested(
                     result.map(|_| ()),
                     "PullRequested",
@@ -348,6 +436,7 @@ impl Reconciler {
             }
             FollowUp::SetOk { token } => {
                 let result = client.set_ok(uuid).await;
+                client.written(uuid);
                 self.requested(
                     result.map(|_| ()),
                     "SetOkRequested",
@@ -363,6 +452,7 @@ impl Reconciler {
                     "set through the openstack.waldur.com/request-set-erred annotation (token {token})"
                 );
                 let result = client.set_erred(uuid, Some(&message), None).await;
+                client.written(uuid);
                 self.requested(
                     result.map(|_| ()),
                     "SetErredRequested",
@@ -395,13 +485,15 @@ impl Reconciler {
 
     async fn pull_by_itself(
         &self,
-        client: &WaldurClient,
+        client: &Waldur,
         uuid: &WaldurUuid,
         note: &str,
         attempts: u32,
         auto_pull: &mut Option<AutoPull>,
     ) -> Result<bool, Error> {
-        match client.pull(uuid).await {
+        let result = client.pull(uuid).await;
+        client.written(uuid);
+        match result {
             Ok(_) => {
                 *auto_pull = Some(AutoPull {
                     last_time: self.now.clone(),
@@ -508,11 +600,7 @@ impl Reconciler {
         }
         let mut decision = plan::cleanup(&self.sg, None);
         if decision == Cleanup::Locate {
-            let client = self
-                .ctx
-                .credentials
-                .for_resource(&self.ctx.kube, &self.sg)
-                .await?;
+            let client = self.waldur().await?;
             let group = match self.locate(&client, false).await? {
                 Located::Found(group, _) => Some(*group),
                 // Held by another resource: not ours to delete.
@@ -538,41 +626,47 @@ impl Reconciler {
     /// Sends DELETE or unlink, or waits. `None` means the finalizer may go.
     async fn carry_out(
         &self,
-        client: &WaldurClient,
+        client: &Waldur,
         decision: &Cleanup,
     ) -> Result<Option<Action>, Error> {
         match decision {
-            Cleanup::Delete(uuid) => match client.delete(uuid).await {
-                Ok(()) => {
-                    self.event(
-                        EventType::Normal,
-                        "DeleteRequested",
-                        "Delete",
-                        &format!("asked Waldur to delete {uuid}"),
-                    )
-                    .await;
-                    self.deleting_status("Waldur is deleting the group").await?;
-                    Ok(Some(Action::requeue(SOON)))
+            Cleanup::Delete(uuid) => {
+                match client.delete(uuid).await.inspect(|_| client.written(uuid)) {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "DeleteRequested",
+                            "Delete",
+                            &format!("asked Waldur to delete {uuid}"),
+                        )
+                        .await;
+                        self.deleting_status("Waldur is deleting the group").await?;
+                        Ok(Some(Action::requeue(SOON)))
+                    }
+                    Err(e) if e.is_not_found() => Ok(None),
+                    // Busy with another operation: ask again shortly.
+                    Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                    Err(e) => Err(e.into()),
                 }
-                Err(e) if e.is_not_found() => Ok(None),
-                // Busy with another operation: ask again shortly.
-                Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
-                Err(e) => Err(e.into()),
-            },
-            Cleanup::Unlink(uuid) => match client.unlink(uuid).await {
-                Ok(()) => {
-                    self.event(
-                        EventType::Normal,
-                        "Unlinked",
-                        "Delete",
-                        &format!("removed Waldur's record of {uuid}; OpenStack keeps the group"),
-                    )
-                    .await;
-                    Ok(None)
+            }
+            Cleanup::Unlink(uuid) => {
+                match client.unlink(uuid).await.inspect(|_| client.written(uuid)) {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "Unlinked",
+                            "Delete",
+                            &format!(
+                                "removed Waldur's record of {uuid}; OpenStack keeps the group"
+                            ),
+                        )
+                        .await;
+                        Ok(None)
+                    }
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e.into()),
                 }
-                Err(e) if e.is_not_found() => Ok(None),
-                Err(e) => Err(e.into()),
-            },
+            }
             Cleanup::Wait { state } => {
                 self.deleting_status(&format!(
                     "waiting for Waldur to finish ({state}) before deleting"
@@ -654,8 +748,17 @@ impl Reconciler {
         read_waldur: bool,
         change: impl FnOnce(&mut ServerGroupStatus),
     ) -> Result<(), Error> {
-        if let Some(next) = status::next_status(&self.sg, read_waldur, &self.now, change) {
+        let mut latest = self.latest.lock().await;
+        let current = latest.as_ref().or(self.sg.status.as_ref());
+        if let Some(next) = status::next_status(
+            current,
+            self.sg.metadata.generation,
+            read_waldur,
+            &self.now,
+            change,
+        ) {
             status::write(&self.api, &self.sg, &next).await?;
+            *latest = Some(next);
         }
         Ok(())
     }

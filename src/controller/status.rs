@@ -17,15 +17,16 @@ const SYNC_TIME_REFRESH: SignedDuration = SignedDuration::from_hours(1);
 /// is stored, or `None` when writing it would change nothing a user could see.
 /// `read_waldur` says this reconcile read the group from Waldur, so `lastSyncTime` may move.
 pub fn next_status(
-    sg: &ServerGroup,
+    current: Option<&ServerGroupStatus>,
+    generation: Option<i64>,
     read_waldur: bool,
     now: &Time,
     change: impl FnOnce(&mut ServerGroupStatus),
 ) -> Option<ServerGroupStatus> {
-    let current = sg.status.clone().unwrap_or_default();
+    let current = current.cloned().unwrap_or_default();
     let mut next = current.clone();
     change(&mut next);
-    next.observed_generation = sg.metadata.generation;
+    next.observed_generation = generation;
     let mut comparable = next.clone();
     comparable.last_sync_time = current.last_sync_time.clone();
     let changed = comparable != current;
@@ -86,7 +87,13 @@ mod tests {
         };
         let sg = resource(Some(status));
         assert_eq!(
-            next_status(&sg, true, &at(1_060), |s| s.state = Some("OK".into())),
+            next_status(
+                sg.status.as_ref(),
+                sg.metadata.generation,
+                true,
+                &at(1_060),
+                |s| s.state = Some("OK".into())
+            ),
             None
         );
     }
@@ -99,7 +106,14 @@ mod tests {
             last_sync_time: Some(at(1_000)),
             ..Default::default()
         }));
-        let next = next_status(&sg, true, &at(1_060), |s| s.state = Some("OK".into())).unwrap();
+        let next = next_status(
+            sg.status.as_ref(),
+            sg.metadata.generation,
+            true,
+            &at(1_060),
+            |s| s.state = Some("OK".into()),
+        )
+        .unwrap();
         assert_eq!(next.state.as_deref(), Some("OK"));
         assert_eq!(next.observed_generation, Some(3));
         assert_eq!(next.last_sync_time, Some(at(1_060)));
@@ -113,9 +127,25 @@ mod tests {
             ..Default::default()
         };
         let sg = resource(Some(status));
-        let next = next_status(&sg, true, &at(1_000 + 3_600), |_| {}).unwrap();
+        let next = next_status(
+            sg.status.as_ref(),
+            sg.metadata.generation,
+            true,
+            &at(1_000 + 3_600),
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(next.last_sync_time, Some(at(4_600)));
         // Without a Waldur read the time must not move.
-        assert_eq!(next_status(&sg, false, &at(1_000 + 7_200), |_| {}), None);
+        assert_eq!(
+            next_status(
+                sg.status.as_ref(),
+                sg.metadata.generation,
+                false,
+                &at(1_000 + 7_200),
+                |_| {}
+            ),
+            None
+        );
     }
 }

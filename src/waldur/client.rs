@@ -5,7 +5,8 @@
 //! jittered backoff; writes never retry, because a write that timed out may have been done.
 
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -13,6 +14,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::WaldurError;
+use super::limiter::Limiter;
 use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
 use super::query::ListQuery;
 
@@ -117,6 +119,11 @@ impl Endpoint {
     }
 }
 
+/// Told about every request, for metrics. `status` is `None` when no answer came.
+pub trait Observer: Send + Sync {
+    fn observe(&self, endpoint: Endpoint, status: Option<u16>, elapsed: Duration, queued: Duration);
+}
+
 /// What came back from a successful request.
 struct Answer {
     status: StatusCode,
@@ -132,6 +139,8 @@ pub struct WaldurClient {
     base: String,
     token: Token,
     backoff: ExponentialBuilder,
+    limiter: Option<Arc<Limiter>>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl fmt::Debug for WaldurClient {
@@ -177,7 +186,21 @@ impl WaldurClient {
             base,
             token: settings.token.clone(),
             backoff,
+            limiter: None,
+            observer: None,
         })
+    }
+
+    /// Sends every request through `limiter` (shared with other clients).
+    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Reports every request to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The base address requests go to, as normalised.
@@ -383,6 +406,40 @@ impl WaldurClient {
 
     /// Sends one request and reads the whole answer; anything but 2xx becomes a classified error.
     async fn send(&self, endpoint: Endpoint, req: RequestBuilder) -> Result<Answer, WaldurError> {
+        let slot = match &self.limiter {
+            Some(l) => Some(l.acquire().await),
+            None => None,
+        };
+        let queued = slot.as_ref().map(|s| s.waited).unwrap_or_default();
+        let started = Instant::now();
+        let result = self.exchange(endpoint, req).await;
+        drop(slot);
+        let status = match &result {
+            Ok(a) => Some(a.status.as_u16()),
+            Err(e) => e.status(),
+        };
+        if let Some(o) = &self.observer {
+            o.observe(endpoint, status, started.elapsed(), queued);
+        }
+        if let (
+            Some(limiter),
+            Err(WaldurError::Transient {
+                status: Some(429),
+                retry_after,
+                ..
+            }),
+        ) = (&self.limiter, &result)
+        {
+            limiter.pause_for(retry_after.unwrap_or(Duration::from_secs(1)));
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        endpoint: Endpoint,
+        req: RequestBuilder,
+    ) -> Result<Answer, WaldurError> {
         let name = endpoint.as_str();
         let response = req
             .send()
@@ -423,10 +480,12 @@ impl WaldurClient {
                 endpoint,
                 reason,
                 retry_after,
+                status,
             } if reason.contains(token) => WaldurError::Transient {
                 endpoint,
                 reason: reason.replace(token, "***"),
                 retry_after,
+                status,
             },
             other => other,
         }

@@ -86,6 +86,8 @@ pub enum WaldurError {
         reason: String,
         /// From a `Retry-After` header, when Waldur sent one.
         retry_after: Option<Duration>,
+        /// The HTTP status, when an answer came at all.
+        status: Option<u16>,
     },
     #[error("Waldur rejected the credentials ({endpoint}): {detail}")]
     Unauthorized {
@@ -138,6 +140,20 @@ impl WaldurError {
 
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
+    }
+
+    /// The HTTP status Waldur answered with, when there was an answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Transient { status, .. } => *status,
+            Self::Unauthorized { .. } => Some(401),
+            Self::Forbidden { .. } => Some(403),
+            Self::NotFound { .. } => Some(404),
+            Self::Conflict { .. } => Some(409),
+            Self::Invalid { .. } => Some(400),
+            Self::Unexpected { status, .. } => Some(*status),
+            Self::Config(_) => None,
+        }
     }
 
     pub fn is_not_found(&self) -> bool {
@@ -209,6 +225,7 @@ impl WaldurError {
                 endpoint,
                 reason: format!("HTTP {status}: {}", excerpt(body)),
                 retry_after,
+                status: Some(status),
             },
             _ => Self::Unexpected {
                 endpoint,
@@ -235,6 +252,7 @@ impl WaldurError {
             endpoint,
             reason: format!("{what}: {}", error_chain(err)),
             retry_after: None,
+            status: None,
         }
     }
 

@@ -6,10 +6,12 @@
 
 mod client;
 mod error;
+mod limiter;
 mod model;
 mod query;
 
-pub use client::{ClientSettings, Endpoint, MAX_PAGE_SIZE, Token, WaldurClient};
+pub use client::{ClientSettings, Endpoint, MAX_PAGE_SIZE, Observer, Token, WaldurClient};
 pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
+pub use limiter::{Limiter, Limits, Slot};
 pub use model::{Instance, InvalidUuid, NewServerGroup, Policy, ServerGroup, State, WaldurUuid};
 pub use query::ListQuery;

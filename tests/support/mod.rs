@@ -50,7 +50,12 @@ impl Harness {
             resync_period: Duration::from_secs(600),
             pull_interval: None,
         };
-        let ctx = Arc::new(Context::new(kube.client(), settings, credentials, reader));
+        let ctx = Arc::new(Context::new(
+            kube.client(),
+            settings,
+            Arc::new(credentials),
+            reader,
+        ));
         Self {
             kube,
             sim,

@@ -1,0 +1,385 @@
+//! The batched read path: per set of credentials, one loop lists every visible server group
+//! (sparse fields, 300 a page) into an in-memory index, and reconciles read the index instead
+//! of sending one GET per resource. When a sweep finds a group changed, only the resources
+//! bound to that group are woken.
+//!
+//! The index is written through by the operator's own writes (a created group is in it at
+//! once) and marks groups it has just asked Waldur to change as dirty, so that a reconcile
+//! right after a write reads Waldur directly rather than the sweep's older picture.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::channel::mpsc::UnboundedSender;
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::time::Instant;
+
+use crate::api::ServerGroup;
+use crate::waldur::{ListQuery, ServerGroup as WaldurGroup, WaldurClient, WaldurError, WaldurUuid};
+
+/// The fields a sweep asks for: everything the controller reads, nothing else.
+pub const SWEEP_FIELDS: &[&str] = &[
+    "uuid",
+    "url",
+    "name",
+    "policy",
+    "state",
+    "backend_id",
+    "instances",
+    "error_message",
+    "tenant_uuid",
+    "created",
+];
+
+/// How reconciles read Waldur.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPath {
+    /// One list sweep per credentials feeds an index (the default).
+    Batched,
+    /// One GET per resource per reconcile: what most operators do; kept for comparison.
+    PerObject,
+}
+
+/// Timing of the sweeps.
+#[derive(Clone, Copy, Debug)]
+pub struct SweepTiming {
+    /// While any group is transitional or a write is recent.
+    pub busy: Duration,
+    /// When everything is settled: the resync period.
+    pub settled: Duration,
+    /// How long after a write the loop stays busy, even if the group looks settled.
+    pub after_write: Duration,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    by_uuid: HashMap<WaldurUuid, Arc<WaldurGroup>>,
+    by_backend: HashMap<String, WaldurUuid>,
+    /// Set after the first complete sweep: before it, a miss proves nothing.
+    complete: bool,
+}
+
+impl Snapshot {
+    fn insert(&mut self, group: WaldurGroup) {
+        if !group.backend_id.is_empty() {
+            self.by_backend
+                .insert(group.backend_id.clone(), group.uuid.clone());
+        }
+        self.by_uuid.insert(group.uuid.clone(), Arc::new(group));
+    }
+
+    fn any_transitional(&self) -> bool {
+        self.by_uuid
+            .values()
+            .any(|g| g.state.as_ref().is_none_or(|s| s.is_transitional()))
+    }
+}
+
+/// What the index can say about a group.
+#[derive(Debug, PartialEq)]
+pub enum Answer {
+    Found(Arc<WaldurGroup>),
+    /// A complete sweep did not see it, and nothing was written to it since.
+    Missing,
+    /// Ask Waldur: the index has no complete picture, or the group was just written.
+    Unknown,
+}
+
+/// One set of credentials' view of Waldur.
+pub struct Shard {
+    client: WaldurClient,
+    snapshot: RwLock<Snapshot>,
+    /// Groups written since the sweep that is under way started, with the write's time.
+    dirty: Mutex<HashMap<WaldurUuid, Instant>>,
+    /// Groups created (or read) since the sweep under way started: a sweep that began
+    /// before them cannot know them, so they are carried over into its snapshot.
+    recent: Mutex<HashMap<WaldurUuid, (Instant, WaldurGroup)>>,
+    busy_until: Mutex<Instant>,
+    wake: tokio::sync::Notify,
+    /// Turns true after the first complete sweep.
+    complete: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shard {
+    /// Waits (up to `limit`) for the first complete sweep, so that a burst of reconciles at
+    /// start-up reads one listing instead of sending one request each.
+    pub async fn wait_complete(&self, limit: Duration) {
+        let mut rx = self.complete.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+    }
+
+    fn new(client: WaldurClient) -> Self {
+        Self {
+            client,
+            snapshot: RwLock::new(Snapshot::default()),
+            dirty: Mutex::new(HashMap::new()),
+            recent: Mutex::new(HashMap::new()),
+            busy_until: Mutex::new(Instant::now()),
+            wake: tokio::sync::Notify::new(),
+            complete: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    pub fn lookup_uuid(&self, uuid: &WaldurUuid) -> Answer {
+        if self.is_dirty(uuid) {
+            return Answer::Unknown;
+        }
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        match snap.by_uuid.get(uuid) {
+            Some(g) => Answer::Found(g.clone()),
+            None if snap.complete => Answer::Missing,
+            None => Answer::Unknown,
+        }
+    }
+
+    pub fn lookup_backend_id(&self, backend_id: &str) -> Answer {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        match snap
+            .by_backend
+            .get(backend_id)
+            .and_then(|u| snap.by_uuid.get(u))
+        {
+            Some(g) if !self.is_dirty(&g.uuid) => Answer::Found(g.clone()),
+            Some(_) => Answer::Unknown,
+            None if snap.complete => Answer::Missing,
+            None => Answer::Unknown,
+        }
+    }
+
+    /// Groups in `tenant` named exactly `name`, or `None` when the index cannot say.
+    pub fn by_tenant_and_name(&self, tenant: &WaldurUuid, name: &str) -> Option<Vec<WaldurGroup>> {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        if !snap.complete {
+            return None;
+        }
+        Some(
+            snap.by_uuid
+                .values()
+                .filter(|g| &g.tenant_uuid == tenant && g.name == name)
+                .map(|g| (**g).clone())
+                .collect(),
+        )
+    }
+
+    /// A group the operator just created or read: known at once, before the next sweep.
+    pub fn record(&self, group: &WaldurGroup) {
+        // Lock order: snapshot, then recent (as in `sweep`), so a sweep swapping the
+        // snapshot cannot slip between the two inserts and drop the group.
+        {
+            let mut snap = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+            snap.insert(group.clone());
+            self.recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(group.uuid.clone(), (Instant::now(), group.clone()));
+        }
+        self.stay_busy();
+    }
+
+    /// The operator asked Waldur to change this group: read it directly until a sweep that
+    /// started after now has seen it.
+    pub fn written(&self, uuid: &WaldurUuid) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uuid.clone(), Instant::now());
+        self.stay_busy();
+    }
+
+    fn is_dirty(&self, uuid: &WaldurUuid) -> bool {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(uuid)
+    }
+
+    fn stay_busy(&self) {
+        // The sweep loop reads this to decide its pace; a write makes it look again soon.
+        *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Instant::now() + Duration::from_secs(30);
+        self.wake.notify_one();
+    }
+
+    /// One sweep: list everything, swap the snapshot, and return the UUIDs whose group changed,
+    /// appeared or disappeared.
+    pub async fn sweep(&self) -> Result<Vec<WaldurUuid>, WaldurError> {
+        let started = Instant::now();
+        let groups = self
+            .client
+            .list(&ListQuery::new().fields(SWEEP_FIELDS))
+            .await?;
+        let mut next = Snapshot {
+            complete: true,
+            ..Default::default()
+        };
+        for g in groups {
+            next.insert(g);
+        }
+        let changed = {
+            let mut snap = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.retain(|_, (at, _)| *at >= started);
+            for (uuid, (_, group)) in recent.iter() {
+                if !next.by_uuid.contains_key(uuid) {
+                    next.insert(group.clone());
+                }
+            }
+            drop(recent);
+            let changed = diff(&snap.by_uuid, &next.by_uuid);
+            *snap = next;
+            changed
+        };
+        self.complete.send_replace(true);
+        // Writes before the sweep started are now reflected; later ones stay dirty.
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, at| *at >= started);
+        Ok(changed)
+    }
+
+    fn next_pause(&self, timing: &SweepTiming) -> Duration {
+        let busy = self
+            .snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .any_transitional()
+            || *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) > Instant::now();
+        if busy { timing.busy } else { timing.settled }
+    }
+}
+
+fn diff(
+    old: &HashMap<WaldurUuid, Arc<WaldurGroup>>,
+    new: &HashMap<WaldurUuid, Arc<WaldurGroup>>,
+) -> Vec<WaldurUuid> {
+    let mut changed: Vec<WaldurUuid> = new
+        .iter()
+        .filter(|(uuid, g)| old.get(*uuid).is_none_or(|o| o != *g))
+        .map(|(uuid, _)| uuid.clone())
+        .collect();
+    changed.extend(old.keys().filter(|u| !new.contains_key(*u)).cloned());
+    changed
+}
+
+/// All shards, and the channel that wakes resources.
+pub struct WaldurIndex {
+    shards: Mutex<HashMap<String, Arc<Shard>>>,
+    timing: SweepTiming,
+    store: Store<ServerGroup>,
+    wake: UnboundedSender<ObjectRef<ServerGroup>>,
+}
+
+impl WaldurIndex {
+    pub fn new(
+        timing: SweepTiming,
+        store: Store<ServerGroup>,
+        wake: UnboundedSender<ObjectRef<ServerGroup>>,
+    ) -> Self {
+        Self {
+            shards: Mutex::new(HashMap::new()),
+            timing,
+            store,
+            wake,
+        }
+    }
+
+    /// The shard for these credentials, starting its sweep loop on first use.
+    pub fn shard(self: &Arc<Self>, key: &str, client: &WaldurClient) -> Arc<Shard> {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = shards.get(key) {
+            return s.clone();
+        }
+        let shard = Arc::new(Shard::new(client.clone()));
+        shards.insert(key.to_string(), shard.clone());
+        let me = Arc::downgrade(self);
+        let looping = Arc::downgrade(&shard);
+        tokio::spawn(async move { sweep_loop(me, looping).await });
+        shard
+    }
+
+    fn wake_bound_to(&self, changed: &[WaldurUuid]) {
+        if changed.is_empty() {
+            return;
+        }
+        let changed: HashSet<&WaldurUuid> = changed.iter().collect();
+        for sg in self.store.state() {
+            let bound = sg
+                .status
+                .as_ref()
+                .and_then(|s| s.uuid.as_deref())
+                .and_then(|u| WaldurUuid::parse(u).ok());
+            if bound.is_some_and(|u| changed.contains(&u)) {
+                let _ = self.wake.unbounded_send(ObjectRef::from_obj(sg.as_ref()));
+            }
+        }
+    }
+}
+
+async fn sweep_loop(index: std::sync::Weak<WaldurIndex>, shard: std::sync::Weak<Shard>) {
+    let mut failures = 0u32;
+    loop {
+        let (Some(index), Some(shard)) = (index.upgrade(), shard.upgrade()) else {
+            return;
+        };
+        let pause = match shard.sweep().await {
+            Ok(changed) => {
+                failures = 0;
+                index.wake_bound_to(&changed);
+                shard.next_pause(&index.timing)
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, "Waldur sweep failed");
+                // Back off while Waldur fails: never a hot loop.
+                (index.timing.busy * 2u32.saturating_pow(failures.min(6))).min(index.timing.settled)
+            }
+        };
+        let busy = index.timing.busy;
+        drop(index);
+        {
+            let swept = Instant::now();
+            let wake = shard.wake.notified();
+            tokio::pin!(wake);
+            // A write wakes a settled loop early, but never sooner than the busy pace allows.
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = &mut wake => tokio::time::sleep_until(swept + busy.min(pause)).await,
+            }
+        }
+        drop(shard);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::waldur::State;
+
+    fn g(uuid: &str, state: State) -> WaldurGroup {
+        WaldurGroup {
+            uuid: WaldurUuid::parse(uuid).unwrap(),
+            state: Some(state),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn diff_names_changed_new_and_gone_groups_only() {
+        let a = "00000000000000000000000000000001";
+        let b = "00000000000000000000000000000002";
+        let c = "00000000000000000000000000000003";
+        let old: HashMap<_, _> = [(a, State::Ok), (b, State::Creating)]
+            .into_iter()
+            .map(|(u, s)| (WaldurUuid::parse(u).unwrap(), Arc::new(g(u, s))))
+            .collect();
+        let new: HashMap<_, _> = [(a, State::Ok), (c, State::Ok)]
+            .into_iter()
+            .map(|(u, s)| (WaldurUuid::parse(u).unwrap(), Arc::new(g(u, s))))
+            .collect();
+        let mut changed: Vec<String> = diff(&old, &new).iter().map(|u| u.to_string()).collect();
+        changed.sort();
+        assert_eq!(changed, vec![b.to_string(), c.to_string()]);
+    }
+}
