@@ -97,8 +97,16 @@ pub struct Shard {
     recent: Mutex<HashMap<WaldurUuid, (Instant, WaldurGroup)>>,
     busy_until: Mutex<Instant>,
     wake: tokio::sync::Notify,
-    /// Turns true after the first complete sweep.
-    complete: tokio::sync::watch::Sender<bool>,
+    /// Whether a sweep has finished yet, and how.
+    complete: tokio::sync::watch::Sender<SweepState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SweepState {
+    Pending,
+    /// The last sweep failed: reconciles go to Waldur directly and meet the error themselves.
+    Failed,
+    Complete,
 }
 
 impl Shard {
@@ -106,7 +114,7 @@ impl Shard {
     /// start-up reads one listing instead of sending one request each.
     pub async fn wait_complete(&self, limit: Duration) {
         let mut rx = self.complete.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != SweepState::Pending)).await;
     }
 
     fn new(client: WaldurClient) -> Self {
@@ -117,7 +125,7 @@ impl Shard {
             recent: Mutex::new(HashMap::new()),
             busy_until: Mutex::new(Instant::now()),
             wake: tokio::sync::Notify::new(),
-            complete: tokio::sync::watch::Sender::new(false),
+            complete: tokio::sync::watch::Sender::new(SweepState::Pending),
         }
     }
 
@@ -230,7 +238,7 @@ impl Shard {
             *snap = next;
             changed
         };
-        self.complete.send_replace(true);
+        self.complete.send_replace(SweepState::Complete);
         // Writes before the sweep started are now reflected; later ones stay dirty.
         self.dirty
             .lock()
@@ -331,6 +339,13 @@ async fn sweep_loop(index: std::sync::Weak<WaldurIndex>, shard: std::sync::Weak<
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
+                shard.complete.send_if_modified(|s| {
+                    let was_pending = *s == SweepState::Pending;
+                    if was_pending {
+                        *s = SweepState::Failed;
+                    }
+                    was_pending
+                });
                 tracing::warn!(error = %e, "Waldur sweep failed");
                 // Back off while Waldur fails: never a hot loop.
                 (index.timing.busy * 2u32.saturating_pow(failures.min(6))).min(index.timing.settled)

@@ -271,6 +271,11 @@ impl Reconciler {
     /// for directly (the miss may be a group created after the sweep began), so only hits
     /// and lists of own creations come from the index.
     fn look_in_index(&self, client: &Waldur, lookup: &Lookup) -> Option<Option<WaldurGroup>> {
+        // A deletion decides a write from what it reads: it reads Waldur, not a sweep's
+        // older picture, so it does not send a DELETE that Waldur would refuse.
+        if self.sg.meta().deletion_timestamp.is_some() {
+            return None;
+        }
         let shard = client.shard.as_ref()?;
         match lookup {
             Lookup::Uuid(uuid) => match shard.lookup_uuid(uuid) {

@@ -10,6 +10,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use waldur_operator::api::ServerGroup;
+use waldur_operator::controller::index::{ReadPath, SweepTiming, WaldurIndex};
 use waldur_operator::controller::{self, ClientCache, Context, DefaultCredentials, Settings};
 use waldur_operator::waldur::{ClientSettings, Token, WaldurClient};
 use waldur_sim::{SimConfig, Simulator};
@@ -30,6 +31,10 @@ pub struct Harness {
 impl Harness {
     /// The operator's default credentials are the simulator's staff token.
     pub async fn new(config: SimConfig) -> Self {
+        Self::with_mode(config, ReadPath::PerObject).await
+    }
+
+    pub async fn with_mode(config: SimConfig, mode: ReadPath) -> Self {
         let staff = config.staff_token.clone();
         let sim = Simulator::start(config)
             .await
@@ -50,12 +55,23 @@ impl Harness {
             resync_period: Duration::from_secs(600),
             pull_interval: None,
         };
-        let ctx = Arc::new(Context::new(
+        let mut ctx = Context::new(
             kube.client(),
             settings,
             Arc::new(credentials),
-            reader,
-        ));
+            reader.clone(),
+        );
+        if mode == ReadPath::Batched {
+            let timing = SweepTiming {
+                busy: Duration::from_millis(30),
+                settled: Duration::from_secs(600),
+                after_write: Duration::from_secs(30),
+            };
+            // Wake-ups are not needed: `converge` reconciles on its own schedule.
+            let (wake, _) = futures::channel::mpsc::unbounded();
+            ctx = ctx.with_index(Arc::new(WaldurIndex::new(timing, reader, wake)));
+        }
+        let ctx = Arc::new(ctx);
         Self {
             kube,
             sim,
@@ -70,6 +86,14 @@ impl Harness {
             ..Default::default()
         })
         .await
+    }
+
+    pub async fn fast_mode(mode: ReadPath) -> Self {
+        let config = SimConfig {
+            delays: waldur_sim::Delays::fast(),
+            ..Default::default()
+        };
+        Self::with_mode(config, mode).await
     }
 
     /// A staff client straight to the simulator, for out-of-band changes.
