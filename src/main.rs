@@ -21,6 +21,10 @@ use waldur_operator::server::{self, Health};
 use waldur_operator::telemetry;
 use waldur_operator::waldur::{ClientSettings, Limiter, Limits, Token};
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "waldur-operator",

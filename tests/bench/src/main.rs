@@ -1,0 +1,354 @@
+//! The operator's benchmark: N ServerGroups across 10 namespaces, created against the
+//! Kubernetes API test server and the Waldur simulator (both in this process), reconciled by
+//! the operator binary running as a separate process. It prints one table, one row per read
+//! path, and with `--check` exits non-zero when a request-count target is missed.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::api::{ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use kube_test_server::TestServer;
+use serde_json::{Value, json};
+use waldur_sim::{Delays, SimConfig, Simulator};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    about = "Benchmark: time to Ready, Waldur requests per resource, Kubernetes writes per resource, operator peak RSS"
+)]
+struct Args {
+    /// How many ServerGroups (spread over 10 namespaces).
+    #[arg(long, default_value_t = 10_000)]
+    n: usize,
+    /// Latency the simulated Waldur adds to every request, in ms.
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Total create transition in the simulated Waldur (half scheduled, half creating), in ms.
+    #[arg(long, default_value_t = 2_000)]
+    transition_ms: u64,
+    /// The operator's limit on Waldur requests in flight.
+    #[arg(long, default_value_t = 16)]
+    in_flight: usize,
+    /// The operator's reconcile concurrency.
+    #[arg(long, default_value_t = 64)]
+    concurrency: u16,
+    /// The resync period given to the operator; the settled phase is measured over one period.
+    #[arg(long, default_value = "20s")]
+    resync: String,
+    /// Which read paths to run, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Mode::Batched, Mode::PerObject])]
+    modes: Vec<Mode>,
+    /// The operator binary (build it with `cargo build --release`).
+    #[arg(long, default_value = "target/release/waldur-operator")]
+    operator: PathBuf,
+    /// Give up waiting for Ready after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// Exit non-zero when a request-count target is missed (counts, not times).
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Batched,
+    PerObject,
+}
+
+impl Mode {
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Batched => "batched",
+            Mode::PerObject => "per-object",
+        }
+    }
+}
+
+struct Row {
+    mode: Mode,
+    ready_secs: f64,
+    create_per_resource: f64,
+    resync_per_resource: f64,
+    kube_writes_per_resource: f64,
+    peak_rss_mib: f64,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if !args.operator.exists() {
+        eprintln!(
+            "no operator binary at {}: run `cargo build --release` first",
+            args.operator.display()
+        );
+        std::process::exit(2);
+    }
+    let mut rows = Vec::new();
+    for mode in args.modes.clone() {
+        match run(&args, mode).await {
+            Ok(row) => rows.push(row),
+            Err(e) => {
+                eprintln!("benchmark failed ({}): {e}", mode.flag());
+                std::process::exit(1);
+            }
+        }
+    }
+    print_table(&args, &rows);
+    if args.check && !targets_met(&rows) {
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
+    let kube_server = TestServer::start().await.map_err(|e| e.to_string())?;
+    let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
+    kube_server.install_crd(crd)?;
+    let half = Duration::from_millis(args.transition_ms / 2);
+    let sim = Simulator::start(SimConfig {
+        delays: Delays {
+            schedule: half,
+            run: half,
+        },
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    sim.set_latency(Duration::from_millis(args.latency_ms));
+
+    let dir = std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml("default"))
+        .map_err(|e| e.to_string())?;
+    let client = client(&kube_server).await?;
+
+    let mut operator = tokio::process::Command::new(&args.operator)
+        .arg("run")
+        .env("KUBECONFIG", &kubeconfig)
+        .env("WALDUR_URL", sim.base_url())
+        .env("WALDUR_TOKEN", SimConfig::default().staff_token)
+        .env("WALDUR_MAX_IN_FLIGHT", args.in_flight.to_string())
+        .env("WALDUR_RATE", "0")
+        .env("CONCURRENCY", args.concurrency.to_string())
+        .env("RESYNC_PERIOD", &args.resync)
+        .env("READ_PATH", mode.flag())
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", args.operator.display()))?;
+    let pid = operator.id().ok_or("the operator exited at once")?;
+
+    // Apply all resources at once, as a GitOps sync of a large repository would.
+    sim.reset_counters();
+    let writes_before = kube_server.writes("servergroups");
+    let started = Instant::now();
+    create_all(&client, args.n).await?;
+    let bench_writes = kube_server.writes("servergroups") - writes_before;
+    wait_all_ready(
+        &client,
+        args.n,
+        Duration::from_secs(args.timeout_secs),
+        &mut operator,
+    )
+    .await?;
+    let ready_secs = started.elapsed().as_secs_f64();
+    let create_requests = sim.total_requests();
+    let kube_writes = kube_server.writes("servergroups") - writes_before - bench_writes;
+
+    // Settled: everything is OK; count Waldur requests over one resync period.
+    let resync =
+        waldur_operator::controller::plan::parse_duration(&args.resync).ok_or("bad --resync")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sim.reset_counters();
+    tokio::time::sleep(resync).await;
+    let resync_requests = sim.total_requests();
+    let peak_rss = peak_rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+    let _ = operator.kill().await;
+    kube_server.shutdown();
+    sim.shutdown();
+    let n = args.n as f64;
+    Ok(Row {
+        mode,
+        ready_secs,
+        create_per_resource: create_requests as f64 / n,
+        resync_per_resource: resync_requests as f64 / n,
+        kube_writes_per_resource: kube_writes as f64 / n,
+        peak_rss_mib: peak_rss,
+    })
+}
+
+async fn client(server: &TestServer) -> Result<Client, String> {
+    let kubeconfig =
+        Kubeconfig::from_yaml(&server.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+fn manifest(i: usize) -> Value {
+    json!({
+        "apiVersion": "openstack.waldur.com/v1alpha1",
+        "kind": "ServerGroup",
+        "metadata": {"name": format!("sg-{i:05}"), "namespace": format!("team-{}", i % 10)},
+        "spec": {
+            "policy": "anti-affinity",
+            "tenant": waldur_sim::DEFAULT_TENANT,
+            "deletionPolicy": "Delete",
+        }
+    })
+}
+
+async fn create_all(client: &Client, n: usize) -> Result<(), String> {
+    stream::iter(0..n)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                let obj = manifest(i);
+                let ns = obj["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string();
+                let api: Api<kube::api::DynamicObject> =
+                    Api::namespaced_with(client, &ns, &resource());
+                let obj: kube::api::DynamicObject =
+                    serde_json::from_value(obj).map_err(|e| e.to_string())?;
+                api.create(&PostParams::default(), &obj)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<(), String>(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<()>()
+        .await
+}
+
+fn resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "openstack.waldur.com".into(),
+        version: "v1alpha1".into(),
+        api_version: "openstack.waldur.com/v1alpha1".into(),
+        kind: "ServerGroup".into(),
+        plural: "servergroups".into(),
+    }
+}
+
+/// Ready for the current generation, as `kubectl wait --for=condition=Ready` would judge it.
+fn is_ready(obj: &kube::api::DynamicObject) -> bool {
+    let generation = obj.metadata.generation;
+    obj.data["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| {
+            c["type"] == "Ready"
+                && c["status"] == "True"
+                && c["observedGeneration"].as_i64() == generation
+        })
+}
+
+async fn wait_all_ready(
+    client: &Client,
+    n: usize,
+    timeout: Duration,
+    operator: &mut tokio::process::Child,
+) -> Result<(), String> {
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &resource());
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = operator.try_wait() {
+            return Err(format!("the operator exited: {status}"));
+        }
+        let list = api
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let ready = list.items.iter().filter(|o| is_ready(o)).count();
+        if ready >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("only {ready} of {n} Ready after {timeout:?}"));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The process's peak resident set size, from the kernel (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn targets_met(rows: &[Row]) -> bool {
+    let mut ok = true;
+    for r in rows {
+        if r.mode == Mode::Batched {
+            ok &= check(
+                "Waldur requests per resource during creation <= 1.1",
+                r.create_per_resource <= 1.1,
+            );
+            ok &= check(
+                "Waldur requests per resource per settled resync <= 0.01",
+                r.resync_per_resource <= 0.01,
+            );
+        } else {
+            // Jitter spreads the per-object reads around the window, so allow a little below 1.
+            ok &= check(
+                "per-object mode reads about once per resource per resync (>= 0.9)",
+                r.resync_per_resource >= 0.9,
+            );
+        }
+        ok &= check(
+            "Kubernetes writes per resource <= 4",
+            r.kube_writes_per_resource <= 4.0,
+        );
+    }
+    ok
+}
+
+fn check(what: &str, ok: bool) -> bool {
+    println!("{} {what}", if ok { "PASS" } else { "FAIL" });
+    ok
+}
+
+fn print_table(args: &Args, rows: &[Row]) {
+    let bound = 1.5
+        * (args.n as f64 * args.latency_ms as f64 / 1000.0 / args.in_flight as f64
+            + args.transition_ms as f64 / 1000.0);
+    println!(
+        "\nN = {}, Waldur latency {} ms, create transition {} ms, in-flight limit {}, resync {} (time target: {:.1} s)\n",
+        args.n, args.latency_ms, args.transition_ms, args.in_flight, args.resync, bound
+    );
+    println!(
+        "| read path | N | Waldur latency | all Ready (s) | Waldur req/resource, creation | Waldur req/resource/resync, settled | Kubernetes writes/resource | operator peak RSS (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} ms | {:.1} | {:.3} | {:.4} | {:.2} | {:.1} |",
+            r.mode.flag(),
+            args.n,
+            args.latency_ms,
+            r.ready_secs,
+            r.create_per_resource,
+            r.resync_per_resource,
+            r.kube_writes_per_resource,
+            r.peak_rss_mib
+        );
+    }
+}
