@@ -96,11 +96,15 @@ struct RunArgs {
     #[arg(long, env = "READ_PATH", value_enum, default_value_t = ReadPathArg::Batched)]
     read_path: ReadPathArg,
     /// How often the batched read path sweeps while any group is changing.
-    #[arg(long, env = "BUSY_SWEEP", default_value = "2s", value_parser = duration)]
+    #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = duration)]
     busy_sweep: Duration,
-    /// Address of /metrics, /healthz, /readyz and /debug/loglevel.
+    /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Address of /debug/loglevel (GET shows, PUT changes the log filter). Loopback by default:
+    /// reach it with `kubectl port-forward`.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:8081")]
+    admin_addr: SocketAddr,
     /// Elect a leader through a coordination.k8s.io Lease; only the leader reconciles.
     #[arg(long, env = "LEADER_ELECT")]
     leader_elect: bool,
@@ -205,9 +209,17 @@ async fn start(args: RunArgs, logs: telemetry::LogControl) -> Result<(), String>
         .await
         .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
     let server = tokio::spawn(server::serve(
         listener,
-        server::router(metrics.clone(), health.clone(), Some(logs)),
+        server::router(metrics.clone(), health.clone()),
+        leader::stopped(stop_rx.clone()),
+    ));
+    tokio::spawn(server::serve(
+        admin,
+        server::admin_router(logs),
         leader::stopped(stop_rx.clone()),
     ));
     tokio::spawn(async move {

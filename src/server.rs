@@ -1,4 +1,6 @@
-//! The operator's own HTTP port: `/metrics`, `/healthz`, `/readyz` and `/debug/loglevel`.
+//! The operator's own HTTP endpoints: `/metrics`, `/healthz` and `/readyz` on the metrics port,
+//! and `/debug/loglevel` on a separate admin port that listens on loopback by default, so that
+//! only someone allowed to `kubectl port-forward` to the pod can change the log level.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,16 +57,27 @@ struct AppState {
     logs: Option<LogControl>,
 }
 
-pub fn router(metrics: Metrics, health: Arc<Health>, logs: Option<LogControl>) -> Router {
+/// `/metrics`, `/healthz`, `/readyz`: read-only, safe to expose to the cluster.
+pub fn router(metrics: Metrics, health: Arc<Health>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .route("/debug/loglevel", get(log_level).put(set_log_level))
         .with_state(AppState {
             metrics,
             health,
-            logs,
+            logs: None,
+        })
+}
+
+/// `/debug/loglevel`: changes the running process, so it belongs on the admin port.
+pub fn admin_router(logs: LogControl) -> Router {
+    Router::new()
+        .route("/debug/loglevel", get(log_level).put(set_log_level))
+        .with_state(AppState {
+            metrics: Metrics::new(),
+            health: Arc::new(Health::default()),
+            logs: Some(logs),
         })
 }
 

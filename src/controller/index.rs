@@ -96,6 +96,8 @@ pub struct Shard {
     /// before them cannot know them, so they are carried over into its snapshot.
     recent: Mutex<HashMap<WaldurUuid, (Instant, WaldurGroup)>>,
     busy_until: Mutex<Instant>,
+    /// How long a write keeps the sweeps at the busy pace.
+    after_write: Duration,
     wake: tokio::sync::Notify,
     /// Whether a sweep has finished yet, and how.
     complete: tokio::sync::watch::Sender<SweepState>,
@@ -117,9 +119,10 @@ impl Shard {
         let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != SweepState::Pending)).await;
     }
 
-    fn new(client: WaldurClient) -> Self {
+    fn new(client: WaldurClient, after_write: Duration) -> Self {
         Self {
             client,
+            after_write,
             snapshot: RwLock::new(Snapshot::default()),
             dirty: Mutex::new(HashMap::new()),
             recent: Mutex::new(HashMap::new()),
@@ -205,7 +208,7 @@ impl Shard {
     fn stay_busy(&self) {
         // The sweep loop reads this to decide its pace; a write makes it look again soon.
         *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) =
-            Instant::now() + Duration::from_secs(30);
+            Instant::now() + self.after_write;
         self.wake.notify_one();
     }
 
@@ -299,7 +302,7 @@ impl WaldurIndex {
         if let Some(s) = shards.get(key) {
             return s.clone();
         }
-        let shard = Arc::new(Shard::new(client.clone()));
+        let shard = Arc::new(Shard::new(client.clone(), self.timing.after_write));
         shards.insert(key.to_string(), shard.clone());
         let me = Arc::downgrade(self);
         let looping = Arc::downgrade(&shard);

@@ -144,7 +144,7 @@ pub async fn run(
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,
             settled: rt.settings.resync_period,
-            after_write: Duration::from_secs(30),
+            after_write: Duration::from_secs(10),
         };
         ctx = ctx.with_index(Arc::new(index::WaldurIndex::new(
             timing,

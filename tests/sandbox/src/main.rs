@@ -111,9 +111,10 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.metrics_listen))?;
     tokio::spawn(server::serve(
         listener,
-        server::router(metrics.clone(), health.clone(), Some(logs)),
+        server::router(metrics.clone(), health.clone()),
         std::future::pending(),
     ));
+    let _ = logs;
 
     print_welcome(&args, &sim);
     let runtime = Runtime {
