@@ -296,6 +296,19 @@ mod scenarios {
                 .unwrap_or_default()
                 .contains(&FINALIZER.to_string())
         );
+        if let Some(server) = &env.server {
+            let reasons: Vec<String> = server
+                .list("events.k8s.io", "events")
+                .iter()
+                .filter(|e| e["regarding"]["name"] == "web")
+                .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+                .collect();
+            assert!(reasons.contains(&"Created".to_string()), "{reasons:?}");
+            assert!(
+                !reasons.contains(&"Adopted".to_string()),
+                "its own creation is not an adoption: {reasons:?}"
+            );
+        }
         // A spec change makes the old Ready stale until the operator has seen the new
         // generation: paused, it never does, so Ready must not count.
         env.annotate("web", "openstack.waldur.com/paused", Some("true"))

@@ -44,6 +44,8 @@ pub struct Context {
     /// The batched read path; `None` reads Waldur once per resource per reconcile.
     pub index: Option<Arc<index::WaldurIndex>>,
     pub metrics: Metrics,
+    /// Statuses this process wrote that the watch may not have delivered yet, by uid.
+    own_writes: Mutex<HashMap<String, (u64, crate::api::ServerGroupStatus)>>,
 }
 
 impl Context {
@@ -65,6 +67,59 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             index: None,
             metrics: Metrics::new(),
+            own_writes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Remembers a status this process wrote, with the resourceVersion the write produced.
+    fn wrote_status(
+        &self,
+        obj: &ServerGroup,
+        resource_version: Option<&str>,
+        status: &crate::api::ServerGroupStatus,
+    ) {
+        let (Some(uid), Some(rv)) = (
+            obj.metadata.uid.clone(),
+            resource_version.and_then(|v| v.parse().ok()),
+        ) else {
+            return;
+        };
+        let mut map = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of deleted objects are never caught up with; do not let them pile up.
+        if map.len() > 50_000 {
+            map.clear();
+        }
+        map.insert(uid, (rv, status.clone()));
+    }
+
+    /// Reads its own writes: when the cache still holds an object older than a status this
+    /// process wrote, the reconcile starts from that status. Without this, a reconcile woken
+    /// by the watch event of an earlier write (the finalizer) would see no status yet, take
+    /// the group it just created for one to adopt, and write the same status again.
+    /// resourceVersions are opaque in the API's contract but ordered integers in practice;
+    /// one that does not parse leaves the object as it is.
+    fn freshest(&self, obj: Arc<ServerGroup>) -> Arc<ServerGroup> {
+        let Some(uid) = obj.metadata.uid.as_deref() else {
+            return obj;
+        };
+        let current: Option<u64> = obj
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok());
+        let mut map = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        match (map.get(uid), current) {
+            (Some((written, status)), Some(current)) if *written > current => {
+                let mut fresher = (*obj).clone();
+                fresher.status = Some(status.clone());
+                Arc::new(fresher)
+            }
+            (Some(_), _) => {
+                // The cache has caught up (or cannot be compared): forget the entry.
+                map.remove(uid);
+                obj
+            }
+            (None, _) => obj,
         }
     }
 

@@ -33,6 +33,7 @@ const SOON: Duration = Duration::from_secs(2);
 /// Reconciles one ServerGroup: the design's seven steps.
 pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    let sg = ctx.freshest(sg);
     let r = Reconciler::new(sg.clone(), ctx.clone());
     let result = r.run().await;
     match &result {
@@ -762,7 +763,8 @@ impl Reconciler {
             &self.now,
             change,
         ) {
-            status::write(&self.api, &self.sg, &next).await?;
+            let version = status::write(&self.api, &self.sg, &next).await?;
+            self.ctx.wrote_status(&self.sg, version.as_deref(), &next);
             *latest = Some(next);
         }
         Ok(())

@@ -42,23 +42,25 @@ pub fn next_status(
 }
 
 /// Writes the whole status with server-side apply: the operator owns every status field.
+/// Returns the resourceVersion the write produced, when the server sent one.
 pub async fn write(
     api: &Api<ServerGroup>,
     sg: &ServerGroup,
     status: &ServerGroupStatus,
-) -> Result<(), kube::Error> {
+) -> Result<Option<String>, kube::Error> {
     let patch = json!({
         "apiVersion": "openstack.waldur.com/v1alpha1",
         "kind": "ServerGroup",
         "status": status,
     });
-    api.patch_status(
-        &sg.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    let written = api
+        .patch_status(
+            &sg.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(written.metadata.resource_version)
 }
 
 #[cfg(test)]
