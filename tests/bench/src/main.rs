@@ -40,6 +40,10 @@ struct Args {
     /// The resync period given to the operator; the settled phase is measured over one period.
     #[arg(long, default_value = "20s")]
     resync: String,
+    /// How many resync periods the settled phase is measured over (the result is per period).
+    /// More than one evens out where the sweeps and the jittered per-object reads fall.
+    #[arg(long, default_value_t = 1)]
+    settled_periods: u32,
     /// Which read paths to run, in order.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Mode::Batched, Mode::PerObject])]
     modes: Vec<Mode>,
@@ -172,8 +176,9 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     // The sweeps stay at the busy pace for 10 s after the last write; measure after that.
     tokio::time::sleep(Duration::from_secs(15)).await;
     sim.reset_counters();
-    tokio::time::sleep(resync).await;
-    let resync_requests = sim.total_requests();
+    let periods = args.settled_periods.max(1);
+    tokio::time::sleep(resync * periods).await;
+    let resync_requests = sim.total_requests() as f64 / f64::from(periods);
     let peak_rss = peak_rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
     let _ = operator.kill().await;
     kube_server.shutdown();
@@ -183,7 +188,7 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         mode,
         ready_secs,
         create_per_resource: create_requests as f64 / n,
-        resync_per_resource: resync_requests as f64 / n,
+        resync_per_resource: resync_requests / n,
         kube_writes_per_resource: kube_writes as f64 / n,
         peak_rss_mib: peak_rss,
     })
