@@ -441,33 +441,26 @@ impl Reconciler {
                 .await
             }
             FollowUp::SetOk { token } => {
-                let result = client.set_ok(uuid).await;
+                let result = client.set_ok(uuid).await.map(|_| ());
                 client.written(uuid);
-                self.requested(
-                    result.map(|_| ()),
-                    "SetOkRequested",
-                    "SetOk",
-                    token,
-                    &mut handled.set_ok,
-                )
-                .await?;
-                Ok(false)
+                let slot = &mut handled.set_ok;
+                self.requested(result, "SetOkRequested", "SetOk", token, slot)
+                    .await
+                    .map(|_| false)
             }
             FollowUp::SetErred { token } => {
                 let message = format!(
                     "set through the openstack.waldur.com/request-set-erred annotation (token {token})"
                 );
-                let result = client.set_erred(uuid, Some(&message), None).await;
+                let result = client
+                    .set_erred(uuid, Some(&message), None)
+                    .await
+                    .map(|_| ());
                 client.written(uuid);
-                self.requested(
-                    result.map(|_| ()),
-                    "SetErredRequested",
-                    "SetErred",
-                    token,
-                    &mut handled.set_erred,
-                )
-                .await?;
-                Ok(false)
+                let slot = &mut handled.set_erred;
+                self.requested(result, "SetErredRequested", "SetErred", token, slot)
+                    .await
+                    .map(|_| false)
             }
             FollowUp::RecoveryPull { attempt } => {
                 let note = format!(
