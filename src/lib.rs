@@ -4,6 +4,7 @@ pub mod api;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod operator;
 pub mod server;
 pub mod telemetry;
 pub mod waldur;

@@ -5,21 +5,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::ListParams;
-use kube::core::PartialObjectMeta;
-use kube::{Api, Client};
+use kube::Client;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use waldur_operator::api::{self, ServerGroup};
+use waldur_operator::api;
 use waldur_operator::controller::index::ReadPath;
-use waldur_operator::controller::{self, ClientCache, DefaultCredentials, Settings, plan};
-use waldur_operator::leader::{self, LeaseSettings};
-use waldur_operator::metrics::Metrics;
-use waldur_operator::server::{self, Health};
+use waldur_operator::controller::{DefaultCredentials, Settings, plan};
+use waldur_operator::leader::LeaseSettings;
+use waldur_operator::operator::{self, Options};
 use waldur_operator::telemetry;
-use waldur_operator::waldur::{ClientSettings, Limiter, Limits, Token};
+use waldur_operator::waldur::{ClientSettings, Limits, Token};
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -181,105 +176,15 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn start(args: RunArgs, logs: telemetry::LogControl) -> Result<(), String> {
-    let metrics = Metrics::new();
-    let limiter = Arc::new(Limiter::new(Limits {
-        max_in_flight: args.waldur_max_in_flight,
-        rate_per_second: args.waldur_rate,
-    }));
-    let credentials = Arc::new(
-        client_cache(&args)?
-            .with_limiter(limiter)
-            .with_observer(Arc::new(metrics.clone())),
-    );
+    let options = options(&args)?;
     let kube = Client::try_default()
         .await
         .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
-    let (api, secrets): (Api<ServerGroup>, Api<PartialObjectMeta<Secret>>) =
-        if args.namespace.is_empty() {
-            (Api::all(kube.clone()), Api::all(kube.clone()))
-        } else {
-            (
-                Api::namespaced(kube.clone(), &args.namespace),
-                Api::namespaced(kube.clone(), &args.namespace),
-            )
-        };
-    check_crd(&api).await?;
-    let health = Arc::new(Health::new(args.leader_elect));
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|e| format!("cannot listen on --metrics-addr {}: {e}", args.metrics_addr))?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .map_err(|e| format!("cannot listen on --admin-addr {}: {e}", args.admin_addr))?;
-    let server = tokio::spawn(server::serve(
-        listener,
-        server::router(metrics.clone(), health.clone()),
-        leader::stopped(stop_rx.clone()),
-    ));
-    tokio::spawn(server::serve(
-        admin,
-        server::admin_router(logs),
-        leader::stopped(stop_rx.clone()),
-    ));
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    let runtime = || controller::Runtime {
-        kube: kube.clone(),
-        api: api.clone(),
-        secrets: secrets.clone(),
-        settings: Settings {
-            resync_period: args.resync_period,
-            pull_interval: args.pull_interval,
-        },
-        credentials: credentials.clone(),
-        concurrency: args.concurrency,
-        read_path: match args.read_path {
-            ReadPathArg::Batched => ReadPath::Batched,
-            ReadPathArg::PerObject => ReadPath::PerObject,
-        },
-        busy_sweep: args.busy_sweep,
-        metrics: metrics.clone(),
-        health: health.clone(),
-    };
-    tracing::info!(
-        namespace = if args.namespace.is_empty() { "(all)" } else { &args.namespace },
-        resync = ?args.resync_period,
-        concurrency = args.concurrency,
-        leader_elect = args.leader_elect,
-        "waldur-operator {} starting",
-        env!("CARGO_PKG_VERSION")
-    );
-    if args.leader_elect {
-        let lease = LeaseSettings {
-            name: args.lease_name.clone(),
-            namespace: args
-                .lease_namespace
-                .clone()
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .unwrap_or_else(|| "default".into()),
-            identity: std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("waldur-operator-{:08x}", rand::random::<u32>())),
-            duration: args.lease_duration,
-            grace: args.lease_grace,
-        };
-        leader::run_when_leading(&kube, &lease, &health, &metrics, stop_rx.clone(), runtime)
-            .await?;
-    } else {
-        health
-            .leader
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        metrics.leader.set(1);
-        controller::run(runtime(), leader::stopped(stop_rx.clone())).await;
-    }
-    let _ = server.await;
-    tracing::info!("stopped");
-    Ok(())
+    operator::run(options, kube, Some(logs), shutdown_signal()).await
 }
 
-fn client_cache(args: &RunArgs) -> Result<ClientCache, String> {
+/// The command line as the library's options: every flag reaches the operator through here.
+fn options(args: &RunArgs) -> Result<Options, String> {
     let token = match &args.waldur_token_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -287,50 +192,54 @@ fn client_cache(args: &RunArgs) -> Result<ClientCache, String> {
         ),
         None => std::env::var("WALDUR_TOKEN").ok(),
     }
-    .map(Token::new)
+    .map(|t| Token::new(t.trim()))
     .filter(|t| !t.is_empty());
-    let mut template =
-        ClientSettings::new(args.waldur_url.clone().unwrap_or_default(), Token::new(""));
-    template.timeout = args.waldur_timeout;
-    template.insecure_skip_tls_verify = args.waldur_insecure_skip_tls_verify;
-    if args.waldur_insecure_skip_tls_verify {
-        tracing::warn!(
-            "TLS verification of Waldur is OFF (--waldur-insecure-skip-tls-verify): anyone on the path can read the token"
-        );
-    }
+    let mut waldur = ClientSettings::new("", Token::new(""));
+    waldur.timeout = args.waldur_timeout;
+    waldur.insecure_skip_tls_verify = args.waldur_insecure_skip_tls_verify;
     if let Some(path) = &args.waldur_ca_file {
-        template.ca_bundle_pem = Some(
+        waldur.ca_bundle_pem = Some(
             std::fs::read(path)
                 .map_err(|e| format!("cannot read --waldur-ca-file {}: {e}", path.display()))?,
         );
     }
-    let defaults = DefaultCredentials {
-        url: args.waldur_url.clone().filter(|u| !u.trim().is_empty()),
-        token,
-    };
-    if defaults.url.is_none() || defaults.token.is_none() {
-        tracing::warn!(
-            "no default Waldur URL or token: only resources with a credentialsRef can be reconciled"
-        );
-    }
-    let cache = ClientCache::new(template, defaults.clone());
-    // Bad settings (a malformed URL or CA bundle) stop the start, not the first reconcile.
-    if let (Some(url), Some(token)) = (&defaults.url, &defaults.token) {
-        cache.client(url, token).map_err(|e| e.to_string())?;
-    }
-    Ok(cache)
-}
-
-async fn check_crd(api: &Api<ServerGroup>) -> Result<(), String> {
-    match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Err(
-            "the ServerGroup CRD is not installed in this cluster. Install it with \
-             `kubectl apply -f crds/` (or `waldur-operator crd | kubectl apply -f -`) and start again"
-                .into(),
-        ),
-        Err(e) => Err(format!("cannot list ServerGroups: {e}")),
-    }
+    let lease = args.leader_elect.then(|| LeaseSettings {
+        name: args.lease_name.clone(),
+        namespace: args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into()),
+        identity: std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("waldur-operator-{:08x}", rand::random::<u32>())),
+        duration: args.lease_duration,
+        grace: args.lease_grace,
+    });
+    Ok(Options {
+        waldur,
+        defaults: DefaultCredentials {
+            url: args.waldur_url.clone().filter(|u| !u.trim().is_empty()),
+            token,
+        },
+        limits: Limits {
+            max_in_flight: args.waldur_max_in_flight,
+            rate_per_second: args.waldur_rate,
+        },
+        namespace: args.namespace.clone(),
+        settings: Settings {
+            resync_period: args.resync_period,
+            pull_interval: args.pull_interval,
+        },
+        concurrency: args.concurrency,
+        read_path: match args.read_path {
+            ReadPathArg::Batched => ReadPath::Batched,
+            ReadPathArg::PerObject => ReadPath::PerObject,
+        },
+        busy_sweep: args.busy_sweep,
+        metrics_addr: args.metrics_addr,
+        admin_addr: Some(args.admin_addr),
+        lease,
+    })
 }
 
 async fn shutdown_signal() {

@@ -21,13 +21,15 @@ pub struct DefaultCredentials {
     pub token: Option<Token>,
 }
 
-/// Clients per (url, token), built from one template of timeouts and TLS settings.
+/// Clients per (url, token), built from one template of timeouts and TLS settings. Every
+/// client shares one limiter and one observer, given at construction, so that no client (the
+/// default credentials' included) can escape the request budget or the metrics.
 pub struct ClientCache {
     template: ClientSettings,
     defaults: DefaultCredentials,
     clients: Mutex<HashMap<(String, Token), WaldurClient>>,
-    limiter: Option<Arc<Limiter>>,
-    observer: Option<Arc<dyn Observer>>,
+    limiter: Arc<Limiter>,
+    observer: Arc<dyn Observer>,
 }
 
 /// A client and a key naming its credentials (address and a fingerprint of the token, never
@@ -42,25 +44,19 @@ const MAX_CLIENTS: usize = 256;
 
 impl ClientCache {
     /// `template.url` and `template.token` are ignored; each client gets its own.
-    pub fn new(template: ClientSettings, defaults: DefaultCredentials) -> Self {
+    pub fn new(
+        template: ClientSettings,
+        defaults: DefaultCredentials,
+        limiter: Arc<Limiter>,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
         Self {
             template,
             defaults,
             clients: Mutex::new(HashMap::new()),
-            limiter: None,
-            observer: None,
+            limiter,
+            observer,
         }
-    }
-
-    /// Every client shares this limiter: one budget for all requests to Waldur.
-    pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
-        self.limiter = Some(limiter);
-        self
-    }
-
-    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
-        self.observer = Some(observer);
-        self
     }
 
     pub fn client(&self, url: &str, token: &Token) -> Result<WaldurClient, Error> {
@@ -72,13 +68,9 @@ impl ClientCache {
         let mut settings = self.template.clone();
         settings.url = url.to_string();
         settings.token = token.clone();
-        let mut client = WaldurClient::new(&settings)?;
-        if let Some(l) = &self.limiter {
-            client = client.with_limiter(l.clone());
-        }
-        if let Some(o) = &self.observer {
-            client = client.with_observer(o.clone());
-        }
+        let client = WaldurClient::new(&settings)?
+            .with_limiter(self.limiter.clone())
+            .with_observer(self.observer.clone());
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }

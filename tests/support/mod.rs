@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use waldur_operator::api::ServerGroup;
 use waldur_operator::controller::index::{ReadPath, SweepTiming, WaldurIndex};
 use waldur_operator::controller::{self, ClientCache, Context, DefaultCredentials, Settings};
-use waldur_operator::waldur::{ClientSettings, Token, WaldurClient};
+use waldur_operator::metrics::Metrics;
+use waldur_operator::waldur::{ClientSettings, Limiter, Limits, Token, WaldurClient};
 use waldur_sim::{SimConfig, Simulator};
 
 pub use fake_kube::FakeKube;
@@ -50,6 +51,11 @@ impl Harness {
                 url: Some(sim.base_url()),
                 token: Some(Token::new(staff)),
             },
+            Arc::new(Limiter::new(Limits {
+                max_in_flight: 16,
+                rate_per_second: 0.0,
+            })),
+            Arc::new(Metrics::new()),
         );
         let settings = Settings {
             resync_period: Duration::from_secs(600),

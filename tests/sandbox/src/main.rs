@@ -4,19 +4,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Client, Config};
 use kube_test_server::TestServer;
 use waldur_operator::controller::index::ReadPath;
-use waldur_operator::controller::{self, ClientCache, DefaultCredentials, Runtime, Settings};
-use waldur_operator::metrics::Metrics;
-use waldur_operator::server::{self, Health};
+use waldur_operator::controller::{DefaultCredentials, Settings};
+use waldur_operator::operator::{self, Options};
 use waldur_operator::telemetry::{self, LogFormat};
-use waldur_operator::waldur::{ClientSettings, Limiter, Limits, Token};
+use waldur_operator::waldur::{ClientSettings, Limits, Token};
 use waldur_sim::{Delays, SimConfig, Simulator};
 
 #[derive(Parser, Debug)]
@@ -28,7 +26,7 @@ struct Args {
     #[arg(long, env = "SANDBOX_KUBE_LISTEN", default_value = "127.0.0.1:8001")]
     kube_listen: SocketAddr,
     /// Address of the Waldur simulator.
-    #[arg(long, env = "SANDBOX_WALDUR_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "SANDBOX_WALDUR_LISTEN", default_value = "127.0.0.1:8090")]
     waldur_listen: SocketAddr,
     /// Address of the operator's /metrics, /healthz and /readyz.
     #[arg(long, env = "SANDBOX_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
@@ -92,50 +90,31 @@ async fn run(args: Args) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     let kube = Client::try_from(config).map_err(|e| e.to_string())?;
-    let metrics = Metrics::new();
-    let credentials = ClientCache::new(
-        ClientSettings::new("", Token::new("")),
-        DefaultCredentials {
+    let options = Options {
+        waldur: ClientSettings::new("", Token::new("")),
+        defaults: DefaultCredentials {
             url: Some(sim.base_url()),
             token: Some(Token::new(SimConfig::default().staff_token)),
         },
-    )
-    .with_limiter(Arc::new(Limiter::new(Limits::default())))
-    .with_observer(Arc::new(metrics.clone()));
-    let health = Arc::new(Health::new(false));
-    health
-        .leader
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.metrics_listen))?;
-    tokio::spawn(server::serve(
-        listener,
-        server::router(metrics.clone(), health.clone()),
-        std::future::pending(),
-    ));
-    let _ = logs;
-
-    print_welcome(&args, &sim);
-    let runtime = Runtime {
-        kube: kube.clone(),
-        api: Api::all(kube.clone()),
-        secrets: Api::all(kube),
+        limits: Limits::default(),
+        namespace: String::new(),
         settings: Settings {
             resync_period: Duration::from_secs(60),
             pull_interval: None,
         },
-        credentials: Arc::new(credentials),
         concurrency: 16,
         read_path: ReadPath::Batched,
         busy_sweep: Duration::from_secs(1),
-        metrics,
-        health,
+        metrics_addr: args.metrics_listen,
+        admin_addr: None,
+        lease: None,
     };
-    controller::run(runtime, async {
+    print_welcome(&args, &sim);
+    let _ = logs;
+    operator::run(options, kube, None, async {
         let _ = tokio::signal::ctrl_c().await;
     })
-    .await;
+    .await?;
     println!("\nstopping: operator stopped; shutting down the simulator and the test server");
     sim.shutdown();
     kube_server.shutdown();
@@ -145,6 +124,12 @@ async fn run(args: Args) -> Result<(), String> {
 
 fn print_welcome(args: &Args, sim: &Simulator) {
     let k = format!("kubectl --kubeconfig {}", args.kubeconfig.display());
+    // `$PWD/` only in front of a relative path: an absolute one is printed as it is.
+    let export = if args.kubeconfig.is_absolute() {
+        args.kubeconfig.display().to_string()
+    } else {
+        format!("$PWD/{}", args.kubeconfig.display())
+    };
     println!(
         r#"
 waldur-operator sandbox is running
@@ -154,7 +139,7 @@ waldur-operator sandbox is running
   kubeconfig                  {kubeconfig}
 
 Try it (in another terminal, from the repository root):
-  export KUBECONFIG=$PWD/{kubeconfig}
+  export KUBECONFIG={export}
   kubectl apply -f examples/servergroup.yaml
   kubectl get wsg -n team-a -w
   kubectl wait -n team-a --for=condition=Ready servergroup/web --timeout=60s
