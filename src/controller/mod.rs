@@ -208,11 +208,13 @@ pub async fn run(
         )));
     }
     let ctx = Arc::new(ctx);
-    tokio::spawn(watch_cache(
+    // Ends with this run, however it ends (a lost lease drops it mid-way): a term of
+    // leadership must not leave a task behind that reports its frozen cache for ever.
+    let _cache_gauges = AbortOnDrop(tokio::spawn(watch_cache(
         reader.clone(),
         rt.metrics.clone(),
         rt.health.clone(),
-    ));
+    )));
     // Metadata only: the operator reads a Secret's data when it needs it, and keeps no copy.
     let secret_changes = watcher(rt.secrets, watcher::Config::default())
         .default_backoff()
@@ -239,11 +241,27 @@ pub async fn run(
         .await;
 }
 
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Marks the process ready once the cache holds its first full list, and keeps the
 /// resources-by-state gauge current.
 async fn watch_cache(store: Store<ServerGroup>, metrics: Metrics, health: Arc<Health>) {
-    if store.wait_until_ready().await.is_err() {
-        return;
+    // kube-runtime's readiness signal (a oneshot receiver behind a mutex) wakes only the
+    // waiter that polled it last, and the controller's own runner waits on it too; so ask
+    // again every 100 ms instead of waiting once, or this task may sleep for ever.
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(Ok(())) => break,
+            Ok(Err(_)) => return,
+            Err(_) => continue,
+        }
     }
     health
         .synced
