@@ -1,13 +1,22 @@
 //! Leader election on a coordination.k8s.io Lease: only the holder reconciles, and a replica
 //! that loses the lease stops reconciling at once (its in-flight reconciles are dropped).
+//!
+//! kube-lease-manager acquires and renews the lease, but when renewals fail (the API server is
+//! overloaded, or unreachable from this replica only) it keeps retrying and never reports the
+//! loss, while the lease expires and another replica takes it. So each term also has a
+//! watchdog of its own: the lease must be confirmed ours, by reading it, before it can have
+//! expired; a term that cannot confirm it ends `margin` before the earliest moment another
+//! replica could take over.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::controller::{self, Runtime};
 use crate::metrics::Metrics;
@@ -22,7 +31,31 @@ pub struct LeaseSettings {
     pub grace: Duration,
 }
 
-/// Runs the controller during each term of leadership until `stop` turns true.
+impl LeaseSettings {
+    /// How long before the lease could expire a leader that cannot confirm it stops: a third
+    /// of the duration, at least one second, so the term has ended (and its reconciles are
+    /// dropped) well before another replica may acquire the lease.
+    pub fn margin(&self) -> Duration {
+        (self.duration / 3).max(Duration::from_secs(1))
+    }
+
+    /// How often a leader reads its lease back.
+    fn check_every(&self) -> Duration {
+        (self.margin() / 2).max(Duration::from_millis(200))
+    }
+}
+
+/// Why a term of leadership ended.
+#[derive(Debug, PartialEq)]
+enum TermEnd {
+    Stopped,
+    Lost,
+    Unconfirmed,
+}
+
+/// Runs the controller during each term of leadership until `stop` turns true. Returns an
+/// error when leader election itself ends (so the process exits and is restarted, instead of
+/// idling as a standby for ever).
 pub async fn run_when_leading(
     kube: &Client,
     lease: &LeaseSettings,
@@ -45,33 +78,138 @@ pub async fn run_when_leading(
             )
         })?;
     let (mut leading, task) = manager.watch().await;
+    let watchdog = Watchdog::new(kube, lease);
     tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
     let mut stop_wait = stop.clone();
+    let mut outcome = Ok(());
     loop {
-        tokio::select! {
-            changed = leading.wait_for(|l| *l) => if changed.is_err() { break },
+        // A term starts when the manager says we lead *and* the lease, read back, says so.
+        let valid_until = tokio::select! {
+            v = acquired(&mut leading, &watchdog) => match v {
+                Some(v) => v,
+                None => {
+                    outcome = Err(format!(
+                        "leader election on Lease {}/{} ended unexpectedly",
+                        lease.namespace, lease.name
+                    ));
+                    break;
+                }
+            },
             _ = stop_wait.wait_for(|s| *s) => break,
-        }
+        };
         set_leader(health, metrics, true);
         tracing::info!("acquired the lease: reconciling");
-        let term = controller::run(runtime(), stopped(stop.clone()));
-        tokio::select! {
-            _ = term => {
-                // Stopped by the shutdown signal.
-                set_leader(health, metrics, false);
-                break;
-            }
-            _ = leading.wait_for(|l| !*l) => {
-                set_leader(health, metrics, false);
-                tracing::warn!("lost the lease: stopped reconciling");
-            }
+        let (term_stop_tx, term_stop_rx) = watch::channel(false);
+        let mut term = Box::pin(controller::run(
+            runtime(),
+            stopped_either(stop.clone(), term_stop_rx),
+        ));
+        let end = tokio::select! {
+            _ = &mut term => TermEnd::Stopped,
+            _ = leading.wait_for(|l| !*l) => TermEnd::Lost,
+            _ = watchdog.guard(valid_until) => TermEnd::Unconfirmed,
+        };
+        // Dropping the term drops every reconcile in flight; tell its background tasks too.
+        let _ = term_stop_tx.send(true);
+        drop(term);
+        set_leader(health, metrics, false);
+        match end {
+            TermEnd::Stopped => break,
+            TermEnd::Lost => tracing::warn!("lost the lease: stopped reconciling"),
+            TermEnd::Unconfirmed => tracing::warn!(
+                margin = ?lease.margin(),
+                "cannot confirm the lease with the API server: stopped reconciling before it can expire"
+            ),
         }
     }
     // Dropping the receiver ends the manager's task, which releases the lease for the next
     // replica instead of leaving it to expire.
     drop(leading);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    Ok(())
+    outcome
+}
+
+/// Waits until the manager reports leadership and the lease confirms it; the deadline by
+/// which it must be confirmed again. `None` when the manager has ended.
+async fn acquired(leading: &mut watch::Receiver<bool>, watchdog: &Watchdog) -> Option<Instant> {
+    loop {
+        leading.wait_for(|l| *l).await.ok()?;
+        if let Some(until) = watchdog.confirm().await {
+            return Some(until);
+        }
+        tokio::time::sleep(watchdog.check_every).await;
+    }
+}
+
+/// Reads the Lease back to learn until when it is surely ours.
+struct Watchdog {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+    margin: Duration,
+    check_every: Duration,
+}
+
+impl Watchdog {
+    fn new(kube: &Client, lease: &LeaseSettings) -> Self {
+        Self {
+            api: Api::namespaced(kube.clone(), &lease.namespace),
+            name: lease.name.clone(),
+            identity: lease.identity.clone(),
+            duration: lease.duration,
+            margin: lease.margin(),
+            check_every: lease.check_every(),
+        }
+    }
+
+    /// When this replica must stop unless it confirms the lease again: the lease's expiry
+    /// (its last renewal plus its duration, read from the API server) less the margin.
+    /// `None` when the lease cannot be read in time or is not ours.
+    async fn confirm(&self) -> Option<Instant> {
+        let asked = Instant::now();
+        let lease = tokio::time::timeout(
+            self.check_every.max(Duration::from_secs(1)),
+            self.api.get(&self.name),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let spec = lease.spec?;
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return None;
+        }
+        let renewed = spec.renew_time?.0;
+        let duration = spec
+            .lease_duration_seconds
+            .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)))
+            .unwrap_or(self.duration);
+        let age_ms = k8s_openapi::jiff::Timestamp::now()
+            .as_millisecond()
+            .saturating_sub(renewed.as_millisecond())
+            .max(0);
+        let left = duration
+            .saturating_sub(Duration::from_millis(
+                u64::try_from(age_ms).unwrap_or(u64::MAX),
+            ))
+            .saturating_sub(self.margin);
+        // Counted from when the read was sent: the answer may have taken a while.
+        Some(asked + left)
+    }
+
+    /// Resolves when the lease has not been confirmed in time.
+    async fn guard(&self, mut valid_until: Instant) {
+        loop {
+            let next = (Instant::now() + self.check_every).min(valid_until);
+            tokio::time::sleep_until(next).await;
+            if let Some(until) = self.confirm().await {
+                valid_until = until;
+            }
+            if Instant::now() >= valid_until {
+                return;
+            }
+        }
+    }
 }
 
 fn set_leader(health: &Health, metrics: &Metrics, leading: bool) {
@@ -83,4 +221,35 @@ fn set_leader(health: &Health, metrics: &Metrics, leading: bool) {
 /// Resolves once `stop` turns true.
 pub async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Resolves once either turns true.
+async fn stopped_either(a: watch::Receiver<bool>, b: watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stopped(a) => {},
+        _ = stopped(b) => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_margin_leaves_time_to_stop_before_another_replica_may_lead() {
+        let s = LeaseSettings {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "i".into(),
+            duration: Duration::from_secs(15),
+            grace: Duration::from_secs(5),
+        };
+        assert_eq!(s.margin(), Duration::from_secs(5));
+        assert!(s.check_every() < s.margin());
+        let short = LeaseSettings {
+            duration: Duration::from_secs(2),
+            ..s
+        };
+        assert_eq!(short.margin(), Duration::from_secs(1));
+    }
 }
