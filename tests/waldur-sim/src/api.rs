@@ -104,6 +104,15 @@ impl Route {
     }
 }
 
+/// Counts a request as in flight until it is answered or dropped.
+struct Answering(Arc<Shared>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.counters().done();
+    }
+}
+
 /// Every request that is not `/__sim/...` lands here.
 async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
@@ -114,6 +123,7 @@ async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response 
     let route = Route::parse(&path);
     let endpoint = route.endpoint(&parts.method);
     shared.counters().hit(endpoint);
+    let _answering = Answering(shared.clone());
     let (latency, verdict, slow) = {
         let mut faults = shared.faults();
         let verdict = faults.decide(endpoint);

@@ -97,7 +97,7 @@ async fn stats(AxState(s): Shared_) -> Response {
 }
 
 async fn reset_stats(AxState(s): Shared_) -> Response {
-    *s.counters() = Default::default();
+    s.counters().reset();
     ok(json!({"detail": "Counters reset."}))
 }
 

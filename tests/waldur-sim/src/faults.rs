@@ -95,12 +95,38 @@ impl Faults {
 pub struct Counters {
     pub by_endpoint: BTreeMap<String, u64>,
     pub total: u64,
+    /// Requests being answered now, and the most there ever were at once.
+    pub in_flight: u64,
+    pub peak_in_flight: u64,
+    /// When each request arrived (the first million), to measure a client's request rate.
+    pub arrivals: Vec<std::time::Instant>,
 }
+
+/// Arrival times kept at most (16 MB).
+const MAX_ARRIVALS: usize = 1_000_000;
 
 impl Counters {
     pub fn hit(&mut self, endpoint: &str) {
         *self.by_endpoint.entry(endpoint.to_string()).or_default() += 1;
         self.total += 1;
+        self.in_flight += 1;
+        self.peak_in_flight = self.peak_in_flight.max(self.in_flight);
+        if self.arrivals.len() < MAX_ARRIVALS {
+            self.arrivals.push(std::time::Instant::now());
+        }
+    }
+
+    /// Zeroes the counters; requests still being answered stay counted as in flight.
+    pub fn reset(&mut self) {
+        let in_flight = self.in_flight;
+        *self = Counters::default();
+        self.in_flight = in_flight;
+        self.peak_in_flight = in_flight;
+    }
+
+    /// A request has been answered (or dropped).
+    pub fn done(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     pub fn get(&self, endpoint: &str) -> u64 {

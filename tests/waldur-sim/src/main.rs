@@ -20,7 +20,7 @@ struct Cli {
         long,
         value_name = "ADDR",
         env = "WALDUR_SIM_LISTEN",
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:8090"
     )]
     listen: SocketAddr,
 

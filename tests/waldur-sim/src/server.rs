@@ -180,8 +180,18 @@ impl Simulator {
         self.shared.counters().total
     }
 
+    /// The most `/api/...` requests that were being answered at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.shared.counters().peak_in_flight
+    }
+
+    /// When each `/api/...` request arrived, in order.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.shared.counters().arrivals.clone()
+    }
+
     pub fn reset_counters(&self) {
-        *self.shared.counters() = Counters::default();
+        self.shared.counters().reset();
     }
 
     /// `{"total": n, "endpoints": {...}}`, as `GET /__sim/stats` serves it.
