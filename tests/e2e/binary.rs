@@ -1,0 +1,222 @@
+//! The `waldur-operator` binary's own surface, as a user meets it: flags and environment,
+//! sub-commands, exit codes, signals, the HTTP endpoints, and the Waldur request budget.
+//! These run on the Kubernetes API test server (fast); the real tier runs the same binary in
+//! every scenario.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube_test_server::TestServer;
+
+use crate::env::{Env, Kind, OPERATOR, http_get, wait_http_ok};
+use crate::{groups_named, spec};
+
+#[test]
+fn version_and_crd() {
+    let out = Command::new(OPERATOR).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("waldur-operator {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(OPERATOR).arg("crd").output().unwrap();
+    assert!(out.status.success());
+    let checked_in = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/servergroups.openstack.waldur.com.yaml"
+    ))
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        checked_in,
+        "crds/ is what `waldur-operator crd` prints"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_the_crd_exits_non_zero_saying_how_to_install_it() {
+    let server = TestServer::start().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("wsg-no-crd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml("default")).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(OPERATOR)
+            .arg("run")
+            .env("KUBECONFIG", &kubeconfig)
+            .env("METRICS_ADDR", "127.0.0.1:0")
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env_remove("WALDUR_URL")
+            .env_remove("WALDUR_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the ServerGroup CRD is not installed")
+            && stderr.contains("kubectl apply -f crds/"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_namespace_scope_token_file_and_sigterm() {
+    let env = Env::new(Kind::TestServer, "binary-surface").await;
+    let token_file = env.dir.join("token");
+    std::fs::write(&token_file, "staff-token\n").unwrap();
+    let token_path = token_file.to_string_lossy().into_owned();
+    // The token comes from the file alone: WALDUR_TOKEN is unset.
+    let pid = env
+        .start_operator_with(&[
+            ("WALDUR_TOKEN", ""),
+            ("WALDUR_TOKEN_FILE", &token_path),
+            ("LEADER_ELECT", "true"),
+            ("LEASE_NAME", "waldur-operator"),
+            ("POD_NAME", "replica-x"),
+        ])
+        .await;
+    let port = env.with_operator(pid, |o| o.metrics);
+    let (code, body) = http_get(&format!("http://127.0.0.1:{port}/healthz")).await;
+    assert_eq!((code, body.trim()), (200, "ok"));
+    // Ready once it leads and its cache is synced.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = http_get(&format!("http://127.0.0.1:{port}/readyz")).await;
+        if code == 200 && body.trim() == "ok: leader" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // In the watched namespace: reconciled. Elsewhere: untouched.
+    env.apply("mine", spec("affinity")).await.unwrap();
+    let other: Api<waldur_operator::api::ServerGroup> =
+        Api::namespaced(env.kube.clone(), "elsewhere");
+    let obj = serde_json::json!({
+        "apiVersion": "openstack.waldur.com/v1alpha1", "kind": "ServerGroup",
+        "metadata": {"name": "theirs", "namespace": "elsewhere"}, "spec": spec("affinity"),
+    });
+    other
+        .patch(
+            "theirs",
+            &kube::api::PatchParams::apply("e2e-user"),
+            &kube::api::Patch::Apply(obj),
+        )
+        .await
+        .unwrap();
+    env.wait_ready("mine").await;
+    let theirs = other.get("theirs").await.unwrap();
+    assert!(theirs.status.is_none() && theirs.metadata.finalizers.is_none());
+    assert_eq!(groups_named(&env, "theirs"), 0);
+
+    let (code, metrics) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
+    assert_eq!(code, 200);
+    for family in [
+        "waldur_operator_waldur_requests_total{",
+        "waldur_operator_reconciles_total",
+        "waldur_operator_leader 1",
+        "waldur_operator_build_info{",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from\n{metrics}");
+    }
+    let leases: Api<Lease> = Api::namespaced(env.kube.clone(), &env.ns);
+    let holder = |l: Option<Lease>| l.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+    assert_eq!(
+        holder(leases.get_opt("waldur-operator").await.unwrap()).as_deref(),
+        Some("replica-x")
+    );
+
+    let status = env.terminate(pid).await;
+    assert!(
+        status.success(),
+        "SIGTERM ends the process cleanly: {status}"
+    );
+    let log = env.with_operator(pid, |o| o.log_text());
+    assert!(log.contains("shutting down"), "{log}");
+    assert!(
+        !log.contains("staff-token"),
+        "the token never shows in logs"
+    );
+    assert_eq!(
+        holder(leases.get_opt("waldur-operator").await.unwrap()),
+        None,
+        "the Lease is released for the next replica instead of left to expire"
+    );
+}
+
+/// Every Waldur request of the binary, the default credentials' included, goes through one
+/// budget: `--waldur-rate` requests per second (bursts up to one second's worth) and
+/// `--waldur-max-in-flight` at once; and each is counted in
+/// `waldur_operator_waldur_requests_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_waldur_request_obeys_the_rate_and_in_flight_limits() {
+    let env = Env::new(Kind::TestServer, "budget").await;
+    env.sim.set_latency(Duration::from_millis(100));
+    let pid = env
+        .start_operator_with(&[("WALDUR_RATE", "2"), ("WALDUR_MAX_IN_FLIGHT", "1")])
+        .await;
+    let port = env.with_operator(pid, |o| o.metrics);
+    let started = Instant::now();
+    for i in 0..20 {
+        env.apply(&format!("b-{i:02}"), spec("affinity"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let arrivals = env.sim.arrivals();
+    assert!(
+        arrivals.len() >= 8,
+        "the operator did work: {} requests",
+        arrivals.len()
+    );
+    // Any window of w seconds holds at most one second's burst plus w seconds' worth.
+    for w in [1u64, 3, 5] {
+        let window = Duration::from_secs(w);
+        let most = arrivals
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                arrivals[i..]
+                    .iter()
+                    .take_while(|u| **u - *t < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        let allowed = 2 + 2 * w as usize;
+        assert!(
+            most <= allowed,
+            "{most} requests within {w} s at --waldur-rate 2 (at most {allowed})"
+        );
+    }
+    assert_eq!(
+        env.sim.peak_in_flight(),
+        1,
+        "--waldur-max-in-flight 1: never two requests at once"
+    );
+    eprintln!(
+        "{} Waldur requests in {:.1} s at --waldur-rate 2",
+        arrivals.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // The metric counts what the simulator saw, the only Waldur this operator talks to (one
+    // request may be on its way at the moment of reading).
+    let body = wait_http_ok(&format!("http://127.0.0.1:{port}/metrics"), || None).await;
+    let counted: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("waldur_operator_waldur_requests_total{"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum();
+    let seen = env.sim.total_requests() as f64;
+    assert!(
+        (counted - seen).abs() <= 1.0,
+        "waldur_operator_waldur_requests_total = {counted}, the simulator saw {seen}"
+    );
+}

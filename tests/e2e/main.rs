@@ -1,0 +1,547 @@
+//! End to end: the `waldur-operator` binary, as users run it, against a Kubernetes API and
+//! the Waldur simulator over HTTP.
+//!
+//! Each scenario is written once and runs on two backends (see `env.rs`): the Kubernetes API
+//! test server (`test_server::*`) and the real control plane built from Go modules
+//! (`real::*`, or an existing cluster named by `WALDUR_E2E_KUBECONFIG`). On the real tier the
+//! operator runs as the Helm chart's ServiceAccount with the chart's RBAC. Scenarios that
+//! need fault injection into the Kubernetes API run on the test server alone.
+
+mod binary;
+mod env;
+mod real_only;
+
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use waldur_operator::api::FINALIZER;
+use waldur_operator::waldur::{ClientSettings, Token};
+use waldur_sim::SimConfig;
+
+use env::{Env, Kind, condition, ready_now, reason};
+
+const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+
+fn spec(policy: &str) -> Value {
+    json!({"policy": policy, "tenant": TENANT})
+}
+
+fn groups_named(env: &Env, name: &str) -> usize {
+    env.sim
+        .groups()
+        .iter()
+        .filter(|g| g["name"] == name)
+        .count()
+}
+
+/// The scenarios, each runnable on the test server and on a real cluster.
+mod scenarios {
+    use super::*;
+
+    pub async fn apply_to_ready_and_stale_generations(env: &Env) {
+        env.start_operator().await;
+        env.apply("web", spec("anti-affinity")).await.unwrap();
+        let sg = env.wait_ready("web").await;
+        let status = sg.status.unwrap();
+        assert_eq!(status.state.as_deref(), Some("OK"));
+        assert_eq!(status.policy.as_deref(), Some("anti-affinity"));
+        assert!(!status.backend_id.unwrap_or_default().is_empty());
+        assert!(
+            sg.metadata
+                .finalizers
+                .unwrap_or_default()
+                .contains(&FINALIZER.to_string())
+        );
+        let reasons = env.event_reasons("web").await;
+        assert!(reasons.contains(&"Created".to_string()), "{reasons:?}");
+        assert!(
+            !reasons.contains(&"Adopted".to_string()),
+            "its own creation is not an adoption: {reasons:?}"
+        );
+        // A spec change makes the old Ready stale until the operator has seen the new
+        // generation: paused, it never does, so Ready must not count.
+        env.annotate("web", "openstack.waldur.com/paused", Some("true"))
+            .await;
+        env.wait("web", Duration::from_secs(10), reason("Synced", "Paused"))
+            .await;
+        let mut changed = spec("anti-affinity");
+        changed["deletionPolicy"] = json!("Orphan");
+        let sg = env.apply("web", changed).await.unwrap();
+        assert_eq!(sg.metadata.generation, Some(2));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sg = env.get("web").await.unwrap();
+        assert!(
+            !ready_now(Some(&sg)),
+            "Ready of generation 1 must not satisfy generation 2"
+        );
+        env.annotate("web", "openstack.waldur.com/paused", None)
+            .await;
+        env.wait_ready("web").await;
+    }
+
+    pub async fn invalid_manifests_are_rejected_with_the_schemas_message(env: &Env) {
+        let err = env.apply("bad", spec("sideways")).await.unwrap_err();
+        assert!(err.to_string().contains("spec.policy"), "{err}");
+        let err = env
+            .apply("bad", json!({"policy": "affinity"}))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.tenant and spec.policy are required"),
+            "{err}"
+        );
+        env.apply("good", spec("affinity")).await.unwrap();
+        let err = env.apply("good", spec("anti-affinity")).await.unwrap_err();
+        assert!(
+            err.to_string().contains("spec.policy is immutable"),
+            "{err}"
+        );
+        let mut long = spec("affinity");
+        long["name"] = json!("x".repeat(151));
+        let err = env.apply("long", long).await.unwrap_err();
+        assert!(
+            err.to_string().contains("spec.name") && err.to_string().contains("150"),
+            "{err}"
+        );
+    }
+
+    pub async fn each_deletion_policy(env: &Env) {
+        env.start_operator().await;
+        for (name, policy) in [("del", "Delete"), ("orph", "Orphan"), ("unl", "Unlink")] {
+            let mut s = spec("affinity");
+            s["deletionPolicy"] = json!(policy);
+            env.apply(name, s).await.unwrap();
+        }
+        for name in ["del", "orph", "unl"] {
+            env.wait_ready(name).await;
+        }
+        for name in ["del", "orph", "unl"] {
+            env.delete(name).await;
+        }
+        for name in ["del", "orph", "unl"] {
+            env.wait(name, Duration::from_secs(20), |sg| sg.is_none())
+                .await;
+        }
+        assert_eq!(groups_named(env, "del"), 0, "Delete removes the group");
+        assert_eq!(groups_named(env, "orph"), 1, "Orphan leaves it");
+        assert_eq!(
+            groups_named(env, "unl"),
+            0,
+            "Unlink removes Waldur's record"
+        );
+        assert_eq!(env.sim.requests("unlink"), 1);
+    }
+
+    pub async fn out_of_band_delete_and_reimport(env: &Env) {
+        env.start_operator().await;
+        env.apply("gone", spec("affinity")).await.unwrap();
+        env.apply("moved", spec("affinity")).await.unwrap();
+        let gone = env.wait_ready("gone").await.status.unwrap();
+        let moved = env.wait_ready("moved").await.status.unwrap();
+        env.sim
+            .openstack_delete(gone.backend_id.as_deref().unwrap());
+        let staff = waldur_operator::waldur::WaldurClient::new(&ClientSettings::new(
+            env.sim.base_url(),
+            Token::new(SimConfig::default().staff_token),
+        ))
+        .unwrap();
+        let old =
+            waldur_operator::waldur::WaldurUuid::parse(moved.uuid.as_deref().unwrap()).unwrap();
+        staff.unlink(&old).await.unwrap();
+        env.sim.resync_now().await;
+        let recreated = env
+            .wait("gone", Duration::from_secs(20), |sg| {
+                ready_now(sg) && sg.unwrap().status.as_ref().unwrap().uuid != gone.uuid
+            })
+            .await
+            .unwrap();
+        assert_ne!(recreated.status.unwrap().backend_id, gone.backend_id);
+        let rebound = env
+            .wait("moved", Duration::from_secs(20), |sg| {
+                sg.unwrap().status.as_ref().unwrap().uuid != moved.uuid
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            rebound.status.unwrap().backend_id,
+            moved.backend_id,
+            "rebound by backend id"
+        );
+        assert_eq!(groups_named(env, "gone") + groups_named(env, "moved"), 2);
+    }
+
+    pub async fn waldur_outage_then_recovery(env: &Env) {
+        env.start_operator().await;
+        env.apply("steady", spec("affinity")).await.unwrap();
+        env.wait_ready("steady").await;
+        env.sim.set_failing(Some(503));
+        env.sim.reset_counters();
+        env.apply("during", spec("affinity")).await.unwrap();
+        let sg = env
+            .wait(
+                "during",
+                Duration::from_secs(20),
+                reason("Synced", "WaldurUnavailable"),
+            )
+            .await
+            .unwrap();
+        assert!(condition(&sg, "Synced").unwrap().2.contains("503"));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let during_outage = env.sim.total_requests();
+        env.sim.set_failing(None);
+        env.wait_ready("during").await;
+        env.wait_ready("steady").await;
+        // Backoff, not a hot loop: two resources over ~6 s of outage, with reads retried
+        // three times, stay well under a hundred requests.
+        assert!(
+            during_outage <= 60,
+            "{during_outage} Waldur requests during the outage"
+        );
+        assert_eq!(groups_named(env, "during"), 1);
+    }
+
+    pub async fn per_namespace_credentials(env: &Env) {
+        env.start_operator().await;
+        let mut s = spec("affinity");
+        s["credentialsRef"] = json!({"name": "waldur"});
+        env.apply("creds", s).await.unwrap();
+        let sg = env
+            .wait(
+                "creds",
+                Duration::from_secs(20),
+                reason("Synced", "CredentialsNotFound"),
+            )
+            .await
+            .unwrap();
+        assert!(condition(&sg, "Synced").unwrap().2.contains("waldur"));
+        env.secret("waldur", &SimConfig::default().user_token).await;
+        // The Secret's arrival wakes the resource; no restart, no long backoff.
+        env.wait("creds", Duration::from_secs(10), ready_now).await;
+    }
+
+    pub async fn paused_and_request_annotations(env: &Env) {
+        env.start_operator().await;
+        env.apply("ann", spec("affinity")).await.unwrap();
+        env.wait_ready("ann").await;
+        env.annotate("ann", "openstack.waldur.com/request-pull", Some("t1"))
+            .await;
+        env.wait("ann", Duration::from_secs(10), |sg| {
+            sg.unwrap()
+                .status
+                .as_ref()
+                .and_then(|s| s.handled_requests.as_ref())
+                .and_then(|h| h.pull.as_deref())
+                == Some("t1")
+        })
+        .await;
+        env.wait_ready("ann").await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(env.sim.requests("pull"), 1, "one token, one pull");
+        env.annotate("ann", "openstack.waldur.com/paused", Some("true"))
+            .await;
+        env.wait("ann", Duration::from_secs(10), reason("Synced", "Paused"))
+            .await;
+        let before = env.sim.requests("pull") + env.sim.requests("set_ok");
+        env.annotate("ann", "openstack.waldur.com/request-set-ok", Some("k1"))
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            env.sim.requests("pull") + env.sim.requests("set_ok"),
+            before,
+            "paused: no Waldur writes"
+        );
+        env.annotate("ann", "openstack.waldur.com/paused", None)
+            .await;
+        env.wait("ann", Duration::from_secs(10), |sg| {
+            sg.unwrap()
+                .status
+                .as_ref()
+                .and_then(|s| s.handled_requests.as_ref())
+                .and_then(|h| h.set_ok.as_deref())
+                == Some("k1")
+        })
+        .await;
+        assert_eq!(env.sim.requests("set_ok"), 1);
+    }
+
+    /// kubectl as a user drives it: apply the example, wait, get (table and YAML), describe
+    /// (Events included), an invalid change refused with the CRD's message, delete.
+    pub async fn kubectl_apply_wait_get_and_delete_a_servergroup(env: &Env) {
+        env.start_operator().await;
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/servergroup.yaml"
+        ))
+        .unwrap()
+        .replace("namespace: team-a", &format!("namespace: {}", env.ns));
+        let file = env.dir.join("servergroup.yaml");
+        std::fs::write(&file, &example).unwrap();
+        let file = file.to_string_lossy().into_owned();
+        let ok = |out: &std::process::Output, what: &str| {
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let out = env.kubectl(&["apply", "-f", &file]).await;
+        assert!(ok(&out, "apply").contains("servergroup.openstack.waldur.com/web created"));
+        let out = env
+            .kubectl(&[
+                "wait",
+                "--for=condition=Ready",
+                "servergroup/web",
+                "--timeout=60s",
+            ])
+            .await;
+        ok(&out, "wait");
+        let yaml = ok(
+            &env.kubectl(&["get", "wsg", "web", "-o", "yaml"]).await,
+            "get -o yaml",
+        );
+        assert!(
+            yaml.contains("state: OK") && yaml.contains("backendId:"),
+            "{yaml}"
+        );
+        let table = ok(&env.kubectl(&["get", "wsg"]).await, "get");
+        assert!(
+            table.contains("POLICY") && table.contains("anti-affinity") && table.contains("True"),
+            "{table}"
+        );
+        if env.kind == Kind::Real {
+            // Events written through events.k8s.io/v1 are the ones `kubectl describe` shows
+            // (the real server keeps both Event APIs in one store).
+            let described = ok(
+                &env.kubectl(&["describe", "servergroup", "web"]).await,
+                "describe",
+            );
+            assert!(
+                described.contains("Events:") && described.contains("Created"),
+                "{described}"
+            );
+        }
+        let bad = env.dir.join("bad.yaml");
+        std::fs::write(
+            &bad,
+            example.replace("policy: anti-affinity", "policy: affinity"),
+        )
+        .unwrap();
+        let out = env.kubectl(&["apply", "-f", &bad.to_string_lossy()]).await;
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("spec.policy is immutable"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = env
+            .kubectl(&["delete", "servergroup/web", "--timeout=60s"])
+            .await;
+        ok(&out, "delete");
+        assert!(env.get("web").await.is_none());
+        assert_eq!(
+            groups_named(env, "web"),
+            0,
+            "kubectl delete waited for Waldur's deletion"
+        );
+    }
+
+    pub async fn many_resources_converge(env: &Env, n: usize) {
+        env.start_operator().await;
+        let started = Instant::now();
+        futures::future::join_all((0..n).map(|i| env.apply_owned(format!("m-{i:04}")))).await;
+        let api = env.api();
+        loop {
+            let list = api.list(&Default::default()).await.unwrap();
+            let ready = list.items.iter().filter(|sg| ready_now(Some(sg))).count();
+            if ready == n {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "{ready}/{n} Ready after 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        assert_eq!(env.sim.groups().len(), n, "one group per resource");
+        println!(
+            "{n} resources Ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+impl Env {
+    async fn apply_owned(&self, name: String) {
+        self.apply(&name, spec("affinity")).await.expect("apply");
+    }
+}
+
+/// Each scenario as a test on both backends: `test_server::NAME` and `real::NAME`.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        mod test_server {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    scenarios::$name(&Env::new(Kind::TestServer, stringify!($name)).await).await;
+                }
+            )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_thousand_resources_converge_to_ready() {
+                let env = Env::new(Kind::TestServer, "thousand").await;
+                scenarios::many_resources_converge(&env, 1000).await;
+            }
+        }
+
+        mod real {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    scenarios::$name(&Env::new(Kind::Real, stringify!($name)).await).await;
+                }
+            )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_hundred_resources_converge_to_ready() {
+                let env = Env::new(Kind::Real, "hundred").await;
+                scenarios::many_resources_converge(&env, 100).await;
+            }
+        }
+    };
+}
+
+both!(
+    apply_to_ready_and_stale_generations,
+    invalid_manifests_are_rejected_with_the_schemas_message,
+    each_deletion_policy,
+    out_of_band_delete_and_reimport,
+    waldur_outage_then_recovery,
+    per_namespace_credentials,
+    paused_and_request_annotations,
+    kubectl_apply_wait_get_and_delete_a_servergroup,
+);
+
+// ---- Scenarios that need the test server's fault injection ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_restarts_and_410_gone_do_not_lose_events() {
+    let env = Env::new(Kind::TestServer, "watch-410").await;
+    env.start_operator().await;
+    env.apply("before", spec("affinity")).await.unwrap();
+    env.wait_ready("before").await;
+    let server = env.server();
+    let lists_before = server.count("list", "servergroups", None);
+    server.compact();
+    server.expire_watches();
+    env.apply("after", spec("affinity")).await.unwrap();
+    env.wait_ready("after").await;
+    assert!(
+        server.count("list", "servergroups", None) > lists_before,
+        "the watch was answered 410 and the operator listed again"
+    );
+    server.expire_watches();
+    env.delete("before").await;
+    env.wait("before", Duration::from_secs(20), |sg| sg.is_none())
+        .await;
+    assert_eq!(groups_named(&env, "before"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_on_status_writes_are_retried() {
+    let env = Env::new(Kind::TestServer, "status-409").await;
+    env.server()
+        .fail_next(3, "patch", "servergroups", Some("status"), 409);
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    env.wait_ready("web").await;
+    assert!(
+        env.server().count("patch", "servergroups", Some("status")) >= 4,
+        "the three injected 409s were served"
+    );
+    assert_eq!(
+        groups_named(&env, "web"),
+        1,
+        "a failed status write never makes a second group"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_step_of_create_never_two_groups() {
+    let env = Env::new(Kind::TestServer, "killed-create").await;
+    let server = env.server();
+    // Step 1: killed after the finalizer, before anything in Waldur.
+    // Step 2: killed after Waldur's 201, before the status write (the write fails and the
+    // operator dies before trying again).
+    // Step 3: killed while the group is still being created.
+    for (i, step) in ["finalizer", "created", "creating"].iter().enumerate() {
+        let name = format!("crash-{i}");
+        if *step == "created" {
+            server.fail_next(100, "patch", "servergroups", Some("status"), 409);
+        }
+        env.start_operator().await;
+        env.apply(&name, spec("affinity")).await.unwrap();
+        match *step {
+            "finalizer" => {
+                env.wait(&name, Duration::from_secs(10), |sg| {
+                    sg.is_some_and(|s| s.finalizers().iter().any(|f| f == FINALIZER))
+                })
+                .await;
+            }
+            "created" => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while groups_named(&env, &name) == 0 {
+                    assert!(Instant::now() < deadline, "no create reached Waldur");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            _ => {
+                env.wait(&name, Duration::from_secs(10), |sg| {
+                    sg.and_then(|s| s.status.as_ref())
+                        .and_then(|s| s.uuid.as_ref())
+                        .is_some()
+                })
+                .await;
+            }
+        }
+        env.kill_operator();
+        server.fail_next(0, "patch", "servergroups", Some("status"), 409);
+        env.start_operator().await;
+        env.wait_ready(&name).await;
+        env.kill_operator();
+        assert_eq!(
+            groups_named(&env, &name),
+            1,
+            "step {step}: exactly one group"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_delete_never_loses_the_finalizer() {
+    let env = Env::new(Kind::TestServer, "killed-delete").await;
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    env.wait_ready("web").await;
+    env.delete("web").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.sim.requests("delete") == 0 {
+        assert!(Instant::now() < deadline, "no DELETE reached Waldur");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    env.kill_operator();
+    let sg = env
+        .get("web")
+        .await
+        .expect("the finalizer holds the object while Waldur deletes");
+    assert!(sg.finalizers().iter().any(|f| f == FINALIZER));
+    env.start_operator().await;
+    env.wait("web", Duration::from_secs(20), |sg| sg.is_none())
+        .await;
+    assert_eq!(groups_named(&env, "web"), 0);
+}
