@@ -37,6 +37,8 @@ pub struct ClientCache {
 pub struct Credentials {
     pub key: String,
     pub client: WaldurClient,
+    /// The credentialsRef Secret as read, to keep it while the resource needs it.
+    pub secret: Option<Secret>,
 }
 
 /// Old entries are dropped past this many, so rotated tokens do not pile up.
@@ -84,11 +86,12 @@ impl ClientCache {
         kube: &kube::Client,
         sg: &ServerGroup,
     ) -> Result<Credentials, Error> {
-        let (url, token) = self.resolve(kube, sg).await?;
+        let (url, token, secret) = self.resolve(kube, sg).await?;
         let client = self.client(&url, &token)?;
         Ok(Credentials {
             key: format!("{url}#{:016x}", fingerprint(&token)),
             client,
+            secret,
         })
     }
 
@@ -96,7 +99,7 @@ impl ClientCache {
         &self,
         kube: &kube::Client,
         sg: &ServerGroup,
-    ) -> Result<(String, Token), Error> {
+    ) -> Result<(String, Token, Option<Secret>), Error> {
         let Some(reference) = &sg.spec.credentials_ref else {
             let url = self.defaults.url.as_deref().ok_or_else(|| {
                 Error::CredentialsNotFound(
@@ -108,7 +111,7 @@ impl ClientCache {
                     "no spec.credentialsRef and the operator has no default token (WALDUR_TOKEN / --waldur-token-file)".into(),
                 )
             })?;
-            return Ok((url.to_string(), token.clone()));
+            return Ok((url.to_string(), token.clone(), None));
         };
         let namespace = sg.metadata.namespace.as_deref().unwrap_or("default");
         let secrets: Api<Secret> = Api::namespaced(kube.clone(), namespace);
@@ -132,7 +135,7 @@ impl ClientCache {
                     "Secret {namespace}/{name} has no key \"url\" and the operator has no default Waldur URL"
                 ))
             })?;
-        Ok((url, Token::new(token)))
+        Ok((url, Token::new(token), Some(secret)))
     }
 }
 

@@ -5,6 +5,7 @@ mod error;
 pub mod index;
 pub mod plan;
 mod reconcile;
+pub mod secret_guard;
 mod status;
 
 use std::collections::HashMap;
@@ -185,16 +186,31 @@ pub async fn run(
 ) {
     let (reader, writer) = reflector::store();
     // The controller never reads managedFields; dropping them keeps the cache small.
-    let stream = watcher(rt.api, watcher::Config::default().any_semantic())
+    // Lists are consistent reads in pages of 500. (`any_semantic()` would ask for
+    // resourceVersion 0, but kube drops it whenever a page size is set, and a watch-cache
+    // read could be older than what this process already saw; a relist after 410 must not
+    // go back in time.)
+    let (groups_synced_tx, groups_synced) = tokio::sync::watch::channel(false);
+    let stream = watcher(rt.api, watcher::Config::default())
         .default_backoff()
         .modify(|sg: &mut ServerGroup| {
             sg.meta_mut().managed_fields = None;
         })
         .reflect(writer)
+        .inspect(move |e| {
+            if matches!(e, Ok(watcher::Event::InitDone)) {
+                groups_synced_tx.send_replace(true);
+            }
+        })
         .touched_objects();
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
-    let mut ctx = Context::new(rt.kube, rt.settings.clone(), rt.credentials, reader.clone())
-        .with_metrics(rt.metrics.clone());
+    let mut ctx = Context::new(
+        rt.kube.clone(),
+        rt.settings.clone(),
+        rt.credentials,
+        reader.clone(),
+    )
+    .with_metrics(rt.metrics.clone());
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,
@@ -212,13 +228,32 @@ pub async fn run(
     // leadership must not leave a task behind that reports its frozen cache for ever.
     let _cache_gauges = AbortOnDrop(tokio::spawn(watch_cache(
         reader.clone(),
+        groups_synced.clone(),
         rt.metrics.clone(),
         rt.health.clone(),
     )));
     // Metadata only: the operator reads a Secret's data when it needs it, and keeps no copy.
+    let (secret_reader, secret_writer) = reflector::store();
+    let (secrets_synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
     let secret_changes = watcher(rt.secrets, watcher::Config::default())
         .default_backoff()
+        .modify(|s: &mut PartialObjectMeta<Secret>| {
+            s.meta_mut().managed_fields = None;
+        })
+        .reflect(secret_writer)
+        .inspect(move |e| {
+            if matches!(e, Ok(watcher::Event::InitDone)) {
+                secrets_synced_tx.send_replace(true);
+            }
+        })
         .touched_objects();
+    let _secret_janitor = AbortOnDrop(tokio::spawn(release_unused_secrets(
+        rt.kube.clone(),
+        secret_reader,
+        secrets_synced,
+        reader.clone(),
+        groups_synced,
+    )));
     let groups = reader.clone();
     Controller::for_stream(stream, reader)
         .watches_stream(secret_changes, move |secret: PartialObjectMeta<Secret>| {
@@ -241,6 +276,27 @@ pub async fn run(
         .await;
 }
 
+/// Takes the operator's finalizer off credentials Secrets that no resource needs any more,
+/// every few seconds (the release right after a resource's cleanup is the fast path).
+async fn release_unused_secrets(
+    kube: Client,
+    secrets: Store<PartialObjectMeta<Secret>>,
+    mut secrets_synced: tokio::sync::watch::Receiver<bool>,
+    groups: Store<ServerGroup>,
+    mut groups_synced: tokio::sync::watch::Receiver<bool>,
+) {
+    // Both caches complete first: a Secret is never released on a partial view.
+    if secrets_synced.wait_for(|s| *s).await.is_err()
+        || groups_synced.wait_for(|s| *s).await.is_err()
+    {
+        return;
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        secret_guard::release_unused(&kube, &secrets, &groups).await;
+    }
+}
+
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -252,16 +308,19 @@ impl Drop for AbortOnDrop {
 
 /// Marks the process ready once the cache holds its first full list, and keeps the
 /// resources-by-state gauge current.
-async fn watch_cache(store: Store<ServerGroup>, metrics: Metrics, health: Arc<Health>) {
-    // kube-runtime's readiness signal (a oneshot receiver behind a mutex) wakes only the
-    // waiter that polled it last, and the controller's own runner waits on it too; so ask
-    // again every 100 ms instead of waiting once, or this task may sleep for ever.
-    loop {
-        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
-            Ok(Ok(())) => break,
-            Ok(Err(_)) => return,
-            Err(_) => continue,
-        }
+///
+/// Readiness comes from the watch stream's own InitDone, not `Store::wait_until_ready`:
+/// kube-runtime's readiness signal (a oneshot receiver behind a mutex) wakes only the waiter
+/// that polled it last, and the controller's runner waits on it too, so a second waiter can
+/// sleep for ever (the shipped binary's /readyz stayed 503) or steal the runner's wake-up.
+async fn watch_cache(
+    store: Store<ServerGroup>,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    metrics: Metrics,
+    health: Arc<Health>,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
     }
     health
         .synced

@@ -49,6 +49,8 @@ pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action
 struct Waldur {
     client: WaldurClient,
     shard: Option<Arc<Shard>>,
+    /// The credentialsRef Secret, when the resource names one.
+    secret: Option<k8s_openapi::api::core::v1::Secret>,
 }
 
 impl std::ops::Deref for Waldur {
@@ -140,6 +142,13 @@ impl Reconciler {
             return Ok(Action::await_change());
         }
         let client = self.waldur().await?;
+        if let Some(secret) = &client.secret
+            && self.sg.spec.management_policy == ManagementPolicy::Managed
+            && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
+        {
+            // Before any Waldur write: the Secret must outlive this resource's cleanup.
+            super::secret_guard::hold(&self.ctx.kube, &self.namespace(), secret).await?;
+        }
         match self.locate(&client, true).await? {
             Located::Found(group, binding) => self.observe(&client, *group, binding).await,
             Located::NotFound(message) => {
@@ -317,6 +326,7 @@ impl Reconciler {
         Ok(Waldur {
             client: creds.client,
             shard,
+            secret: creds.secret,
         })
     }
 
@@ -612,6 +622,16 @@ impl Reconciler {
         }
         if let Cleanup::Release { reason } = decision {
             self.remove_finalizer().await?;
+            if let Some(reference) = &self.sg.spec.credentials_ref {
+                super::secret_guard::release_if_unused(
+                    &self.ctx.kube,
+                    &self.ctx.store,
+                    &self.namespace(),
+                    &reference.name,
+                    self.sg.metadata.uid.as_deref(),
+                )
+                .await?;
+            }
             let event = if self.sg.spec.deletion_policy == crate::api::DeletionPolicy::Orphan {
                 "Orphaned"
             } else {
@@ -818,6 +838,10 @@ impl Reconciler {
         })
     }
 
+    fn namespace(&self) -> String {
+        self.sg.namespace().unwrap_or_else(|| "default".into())
+    }
+
     fn has_finalizer(&self) -> bool {
         self.sg.finalizers().iter().any(|f| f == FINALIZER)
     }
@@ -825,16 +849,17 @@ impl Reconciler {
     /// Adds the finalizer with a JSON patch guarded by `test`, so a concurrent change to the
     /// finalizer list fails (409) instead of being overwritten.
     async fn add_finalizer(&self) -> Result<(), Error> {
-        let patch = if self.sg.finalizers().is_empty() {
-            json!([
+        // Test against what is stored: absent (null) and an empty list are different, and
+        // testing a stored `[]` against null would fail on every attempt.
+        let patch = match &self.sg.metadata.finalizers {
+            None => json!([
                 {"op": "test", "path": "/metadata/finalizers", "value": null},
                 {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-            ])
-        } else {
-            json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": self.sg.finalizers()},
+            ]),
+            Some(list) => json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": list},
                 {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
-            ])
+            ]),
         };
         self.json_patch(patch).await
     }

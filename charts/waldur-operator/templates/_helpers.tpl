@@ -115,9 +115,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
-# Credentials Secrets named by spec.credentialsRef: the operator watches their metadata only
-# and reads one when a ServerGroup uses it.
+# Credentials Secrets named by spec.credentialsRef: the operator watches their metadata only,
+# reads one when a ServerGroup uses it, and patches its finalizers
+# (openstack.waldur.com/credentials-in-use) so that it outlives the cleanup that needs it.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
