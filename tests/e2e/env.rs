@@ -32,6 +32,13 @@ pub const KUBECONFIG_ENV: &str = "WALDUR_E2E_KUBECONFIG";
 pub const RELEASE: &str = "waldur-operator";
 pub const OPERATOR: &str = env!("CARGO_BIN_EXE_waldur-operator");
 
+/// How the chart is installed on the real tier.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Install {
+    OneNamespace,
+    ClusterWide,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
     TestServer,
@@ -74,6 +81,9 @@ pub struct Env {
     pub backend: Backend,
     pub sim: Simulator,
     pub ns: String,
+    /// Where the operator's ServiceAccount and Lease live.
+    pub operator_ns: String,
+    install: Install,
     pub dir: PathBuf,
     /// The kubeconfig the operator runs with: the chart's ServiceAccount on the real tier.
     pub operator_kubeconfig: PathBuf,
@@ -81,11 +91,18 @@ pub struct Env {
 }
 
 impl Env {
+    /// The chart installed to watch the test's namespace only: a Role in that namespace.
     pub async fn new(kind: Kind, test: &str) -> Env {
-        Self::with_sim(kind, test, sim_config()).await
+        Self::build(kind, test, sim_config(), Install::OneNamespace).await
     }
 
-    pub async fn with_sim(kind: Kind, test: &str, sim: SimConfig) -> Env {
+    /// The chart installed as most clusters run it: its own namespace (`<ns>-operator`) and a
+    /// ClusterRole. The operator still watches only the test's namespace.
+    pub async fn cluster_wide(kind: Kind, test: &str) -> Env {
+        Self::build(kind, test, sim_config(), Install::ClusterWide).await
+    }
+
+    async fn build(kind: Kind, test: &str, sim: SimConfig, install: Install) -> Env {
         let ns = namespace_name(test);
         let dir = std::env::temp_dir().join(format!("wsg-e2e-{}-{ns}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
@@ -116,12 +133,20 @@ impl Env {
             install_crd(&kube).await;
         }
         create_namespace(&kube, &ns).await;
+        let operator_ns = match install {
+            Install::OneNamespace => ns.clone(),
+            Install::ClusterWide => {
+                let op = format!("{ns}-operator");
+                create_namespace(&kube, &op).await;
+                op
+            }
+        };
         let operator_kubeconfig = dir.join("operator.kubeconfig");
         let operator_yaml = match &backend {
             Backend::TestServer(server) => server.kubeconfig_yaml(&ns),
             Backend::Real => {
-                apply_chart_rbac(&kube, &ns).await;
-                let token = service_account_token(&kube, &ns, RELEASE).await;
+                let account = apply_chart_rbac(&kube, &ns, &operator_ns, install).await;
+                let token = service_account_token(&kube, &operator_ns, &account).await;
                 token_kubeconfig(&admin_yaml, &token, &ns)
             }
         };
@@ -134,6 +159,8 @@ impl Env {
             backend,
             sim,
             ns,
+            operator_ns,
+            install,
             dir,
             operator_kubeconfig,
             operators: Mutex::new(Vec::new()),
@@ -159,7 +186,7 @@ impl Env {
                 self.operator_kubeconfig.to_string_lossy().as_ref(),
             ),
             ("WATCH_NAMESPACE", self.ns.as_str()),
-            ("POD_NAMESPACE", self.ns.as_str()),
+            ("POD_NAMESPACE", self.operator_ns.as_str()),
             ("WALDUR_URL", self.sim.base_url().as_str()),
             ("WALDUR_TOKEN", SimConfig::default().staff_token.as_str()),
             ("ADMIN_ADDR", "127.0.0.1:0"),
@@ -419,32 +446,38 @@ impl Drop for Env {
                 // ServerGroups, whose finalizers no operator will release now) goes.
                 let kubeconfig = self.admin_kubeconfig();
                 let ns = self.ns.clone();
+                let extra = (self.install == Install::ClusterWide).then(|| {
+                    (
+                        self.operator_ns.clone(),
+                        release_for(self.install, &self.ns),
+                    )
+                });
                 let cache = self.dir.join("kubectl-cache");
                 let _ = std::thread::spawn(move || {
-                    kubectl(
-                        &kubeconfig,
-                        &cache,
+                    let run = |args: &[&str]| {
+                        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+                        kubectl(&kubeconfig, &cache, &ns, &args)
+                    };
+                    let release = r#"{"metadata":{"finalizers":null}}"#;
+                    for kind in ["servergroups.openstack.waldur.com", "secrets"] {
+                        run(&["patch", kind, "--all", "--type=merge", "-p", release]);
+                    }
+                    run(&[
+                        "delete",
+                        "namespace",
                         &ns,
-                        &[
-                            "patch".into(),
-                            "servergroups.openstack.waldur.com".into(),
-                            "--all".into(),
-                            "--type=merge".into(),
-                            "-p".into(),
-                            r#"{"metadata":{"finalizers":null}}"#.into(),
-                        ],
-                    );
-                    kubectl(
-                        &kubeconfig,
-                        &cache,
-                        &ns,
-                        &[
-                            "delete".into(),
-                            "namespace".into(),
-                            ns.clone(),
-                            "--wait=false".into(),
-                        ],
-                    );
+                        "--wait=false",
+                        "--ignore-not-found",
+                    ]);
+                    if let Some((op_ns, release)) = extra {
+                        for what in [
+                            format!("namespace/{op_ns}"),
+                            format!("clusterrole/{release}"),
+                            format!("clusterrolebinding/{release}"),
+                        ] {
+                            run(&["delete", &what, "--wait=false", "--ignore-not-found"]);
+                        }
+                    }
                 })
                 .join();
             }
@@ -558,15 +591,26 @@ async fn create_namespace(kube: &Client, ns: &str) {
         .expect("the namespace is created");
 }
 
-/// `helm template` of the chart, as a user would install it to watch `ns` only.
-pub fn helm_template(ns: &str, extra: &[&str]) -> Vec<Value> {
-    let helm = control_plane::helm_dir()
+/// The release name: the chart's default for one namespace; for a cluster-wide install, one
+/// of the test's own, since ClusterRoles are shared by every test on the cluster.
+fn release_for(install: Install, ns: &str) -> String {
+    match install {
+        Install::OneNamespace => RELEASE.to_string(),
+        Install::ClusterWide => format!("wo-{ns}"),
+    }
+}
+
+pub fn helm() -> PathBuf {
+    control_plane::helm_dir()
         .unwrap_or_else(|e| panic!("helm is needed for the real tier: {e}"))
-        .join("helm");
+        .join("helm")
+}
+
+/// `helm template` of the chart into `release_ns`, as a user would install it.
+pub fn helm_template(release: &str, release_ns: &str, extra: &[&str]) -> Vec<Value> {
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/waldur-operator");
-    let out = Command::new(&helm)
-        .args(["template", RELEASE, chart, "--namespace", ns])
-        .args(["--set", &format!("watchNamespace={ns}")])
+    let out = Command::new(helm())
+        .args(["template", release, chart, "--namespace", release_ns])
         .args(["--set", "waldur.url=http://waldur.invalid"])
         .args(extra)
         .output()
@@ -588,7 +632,8 @@ pub fn helm_template(ns: &str, extra: &[&str]) -> Vec<Value> {
 }
 
 /// Applies what the chart renders for access: the ServiceAccount and every RBAC object.
-async fn apply_chart_rbac(kube: &Client, ns: &str) {
+/// Returns the ServiceAccount's name.
+async fn apply_chart_rbac(kube: &Client, ns: &str, operator_ns: &str, install: Install) -> String {
     let wanted = [
         "ServiceAccount",
         "Role",
@@ -596,15 +641,30 @@ async fn apply_chart_rbac(kube: &Client, ns: &str) {
         "ClusterRole",
         "ClusterRoleBinding",
     ];
-    let docs: Vec<Value> = helm_template(ns, &[])
+    let release = release_for(install, ns);
+    let watch = format!("watchNamespace={ns}");
+    let extra: Vec<&str> = match install {
+        Install::OneNamespace => vec!["--set", &watch],
+        Install::ClusterWide => vec![],
+    };
+    let docs: Vec<Value> = helm_template(&release, operator_ns, &extra)
         .into_iter()
         .filter(|d| wanted.contains(&d["kind"].as_str().unwrap_or_default()))
         .collect();
+    let expected = match install {
+        Install::OneNamespace => "Role",
+        Install::ClusterWide => "ClusterRole",
+    };
     assert!(
-        docs.iter().any(|d| d["kind"] == "Role"),
-        "the chart renders a Role for one watched namespace"
+        docs.iter().any(|d| d["kind"] == expected),
+        "the chart renders a {expected} for a {install:?} install"
     );
     apply_all(kube, &docs).await;
+    docs.iter()
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str())
+        .expect("the chart renders a ServiceAccount")
+        .to_string()
 }
 
 /// Server-side applies each object, as `kubectl apply --server-side` would.

@@ -8,6 +8,7 @@
 //! need fault injection into the Kubernetes API run on the test server alone.
 
 mod binary;
+mod differential;
 mod env;
 mod real_only;
 
@@ -348,6 +349,73 @@ mod scenarios {
         );
     }
 
+    /// Deleting a namespace whose ServerGroups use a credentialsRef Secret of that namespace
+    /// finishes: the Secret is kept (a finalizer of the operator's) until the last resource
+    /// that needs it has cleaned up, and each group follows its deletionPolicy.
+    pub async fn deleting_a_namespace_cleans_up_with_its_own_credentials(env: &Env) {
+        env.start_operator().await;
+        env.secret("waldur", &SimConfig::default().staff_token)
+            .await;
+        for (name, policy, creds) in [
+            ("del", "Delete", true),
+            ("orph", "Orphan", true),
+            ("unl", "Unlink", true),
+            ("dflt", "Delete", false),
+        ] {
+            let mut s = spec("affinity");
+            s["deletionPolicy"] = json!(policy);
+            if creds {
+                s["credentialsRef"] = json!({"name": "waldur"});
+            }
+            env.apply(name, s).await.unwrap();
+        }
+        for name in ["del", "orph", "unl", "dflt"] {
+            env.wait_ready(name).await;
+        }
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(env.kube.clone(), &env.ns);
+        let held = secrets.get("waldur").await.unwrap();
+        assert!(
+            held.finalizers()
+                .iter()
+                .any(|f| f == waldur_operator::controller::secret_guard::SECRET_FINALIZER),
+            "the Secret is held while resources need it: {:?}",
+            held.finalizers()
+        );
+        let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+            kube::Api::all(env.kube.clone());
+        namespaces
+            .delete(&env.ns, &Default::default())
+            .await
+            .expect("the namespace deletion is accepted");
+        let started = Instant::now();
+        loop {
+            match namespaces.get_opt(&env.ns).await.unwrap() {
+                None => break,
+                Some(ns) => assert!(
+                    started.elapsed() < Duration::from_secs(90),
+                    "the namespace is still {:?} after 90 s: {:?}\n{}",
+                    ns.status.as_ref().and_then(|s| s.phase.clone()),
+                    ns.status.as_ref().and_then(|s| s.conditions.clone()),
+                    env.operator_logs()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        eprintln!(
+            "namespace with 4 ServerGroups deleted in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert_eq!(groups_named(env, "del"), 0, "Delete removed the group");
+        assert_eq!(groups_named(env, "dflt"), 0, "Delete removed the group");
+        assert_eq!(groups_named(env, "orph"), 1, "Orphan left it");
+        assert_eq!(
+            groups_named(env, "unl"),
+            0,
+            "Unlink removed Waldur's record"
+        );
+    }
+
     pub async fn many_resources_converge(env: &Env, n: usize) {
         env.start_operator().await;
         let started = Instant::now();
@@ -392,6 +460,12 @@ macro_rules! both {
             )*
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deleting_a_namespace_cleans_up_with_its_own_credentials() {
+                let env = Env::cluster_wide(Kind::TestServer, "ns-deletion").await;
+                scenarios::deleting_a_namespace_cleans_up_with_its_own_credentials(&env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_thousand_resources_converge_to_ready() {
                 let env = Env::new(Kind::TestServer, "thousand").await;
                 scenarios::many_resources_converge(&env, 1000).await;
@@ -406,6 +480,12 @@ macro_rules! both {
                     scenarios::$name(&Env::new(Kind::Real, stringify!($name)).await).await;
                 }
             )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deleting_a_namespace_cleans_up_with_its_own_credentials() {
+                let env = Env::cluster_wide(Kind::Real, "ns-deletion").await;
+                scenarios::deleting_a_namespace_cleans_up_with_its_own_credentials(&env).await;
+            }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_hundred_resources_converge_to_ready() {
