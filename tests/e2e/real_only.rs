@@ -1,6 +1,7 @@
 //! Scenarios that only the real control plane can answer: RBAC, the Lease API with several
 //! replicas, a leader cut off from the API server.
 
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -309,4 +310,131 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// What users install is accepted by a real API server, server-side validation included:
+/// `helm install` of the chart (default values, and the one-namespace variant with two
+/// replicas), `kubectl apply --server-side --dry-run=server -k deploy/`, and every example.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_kustomize_and_the_examples_are_accepted() {
+    let env = Env::new(Kind::Real, "install").await;
+    let kubeconfig = env.admin_kubeconfig();
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/waldur-operator");
+    let suffix = env.ns.rsplit('-').next().unwrap_or("x").to_string();
+    let helm = |args: Vec<String>| {
+        let kubeconfig = kubeconfig.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(env::helm())
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(&args)
+                .output()
+                .expect("helm runs")
+        })
+    };
+    let installs: Vec<(String, String, Vec<&str>)> = vec![
+        (format!("wo-{suffix}"), format!("{}-helm", env.ns), vec![]),
+        (
+            format!("wo1-{suffix}"),
+            env.ns.clone(),
+            vec![
+                "--set",
+                "replicaCount=2",
+                "--set",
+                "networkPolicy.enabled=true",
+            ],
+        ),
+    ];
+    for (release, ns, extra) in &installs {
+        let mut args: Vec<String> = vec![
+            "install".into(),
+            release.clone(),
+            chart.into(),
+            "--namespace".into(),
+            ns.clone(),
+            "--create-namespace".into(),
+            "--set".into(),
+            "waldur.url=https://waldur.example.com".into(),
+            "--set".into(),
+            "waldur.token=not-a-real-token".into(),
+        ];
+        if ns == &env.ns {
+            args.extend(["--set".into(), format!("watchNamespace={ns}")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = helm(args).await.unwrap();
+        assert!(
+            out.status.success(),
+            "helm install {release}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = helm(vec![
+            "uninstall".into(),
+            release.clone(),
+            "--namespace".into(),
+            ns.clone(),
+        ])
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "helm uninstall {release}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // deploy/ creates its own namespace, which a server-side dry run does not persist: make
+    // it exist, then dry-run everything.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.kube.clone());
+    for ns in ["waldur-operator", "team-a"] {
+        let _ = namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await;
+    }
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy");
+    let out = kubectl_in(
+        "waldur-operator",
+        &env,
+        &["apply", "--server-side", "--dry-run=server", "-k", deploy],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "kubectl apply -k deploy/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    let out = kubectl_in("team-a", &env, &["apply", "--server-side", "-f", examples]).await;
+    assert!(
+        out.status.success(),
+        "kubectl apply -f examples/: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let applied = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "servergroup.openstack.waldur.com/web",
+        "servergroup.openstack.waldur.com/db",
+        "secret/waldur",
+    ] {
+        assert!(applied.contains(name), "{name} not applied: {applied}");
+    }
+    // No operator watches team-a here: nothing holds these, so they go with the namespace.
+    for ns in ["waldur-operator", "team-a", &format!("{}-helm", env.ns)] {
+        let _ = namespaces.delete(ns, &Default::default()).await;
+    }
+}
+
+/// kubectl as the admin in namespace `ns`.
+async fn kubectl_in(ns: &str, env: &Env, args: &[&str]) -> std::process::Output {
+    let kubeconfig = env.admin_kubeconfig();
+    let cache = env.dir.join("kubectl-cache");
+    let ns = ns.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || env::kubectl(&kubeconfig, &cache, &ns, &args))
+        .await
+        .unwrap()
 }
