@@ -112,6 +112,11 @@ struct RunArgs {
     /// How long a lease stays valid without renewal.
     #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = duration)]
     lease_duration: Duration,
+    /// The operator's own namespace, where it keeps one Lease per Waldur group it binds by
+    /// import (a claim, so two resources never bind one group); defaults to POD_NAMESPACE,
+    /// else "default".
+    #[arg(long, env = "CLAIMS_NAMESPACE")]
+    claims_namespace: Option<String>,
     /// How long before expiry the holder renews.
     #[arg(long, env = "LEASE_GRACE", default_value = "5s", value_parser = duration)]
     lease_grace: Duration,
@@ -203,13 +208,16 @@ fn options(args: &RunArgs) -> Result<Options, String> {
                 .map_err(|e| format!("cannot read --waldur-ca-file {}: {e}", path.display()))?,
         );
     }
+    let own_namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
     let lease = args.leader_elect.then(|| LeaseSettings {
         name: args.lease_name.clone(),
         namespace: args
             .lease_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into()),
+            .unwrap_or_else(|| own_namespace.clone()),
         identity: std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("waldur-operator-{:08x}", rand::random::<u32>())),
         duration: args.lease_duration,
@@ -239,6 +247,7 @@ fn options(args: &RunArgs) -> Result<Options, String> {
         metrics_addr: args.metrics_addr,
         admin_addr: Some(args.admin_addr),
         lease,
+        claims_namespace: args.claims_namespace.clone().unwrap_or(own_namespace),
     })
 }
 

@@ -41,6 +41,8 @@ pub struct Options {
     pub admin_addr: Option<SocketAddr>,
     /// Leader election; `None` reconciles at once.
     pub lease: Option<LeaseSettings>,
+    /// The operator's own namespace: its claims on Waldur groups live there.
+    pub claims_namespace: String,
 }
 
 /// The Waldur clients of the process: every one of them, the defaults' included, shares one
@@ -130,6 +132,7 @@ pub async fn run(
         busy_sweep: options.busy_sweep,
         metrics: metrics.clone(),
         health: health.clone(),
+        claims_namespace: options.claims_namespace.clone(),
     };
     tracing::info!(
         namespace = if options.namespace.is_empty() { "(all)" } else { &options.namespace },

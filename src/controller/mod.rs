@@ -1,5 +1,6 @@
 //! The ServerGroup controller: planning (pure), reconcile (effects), status, credentials.
 
+pub mod claims;
 pub mod credentials;
 mod error;
 pub mod index;
@@ -47,6 +48,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Statuses this process wrote that the watch may not have delivered yet, by uid.
     own_writes: Mutex<HashMap<String, (u64, crate::api::ServerGroupStatus)>>,
+    /// Where the claims on Waldur groups live (the operator's own namespace).
+    pub claims_namespace: String,
 }
 
 impl Context {
@@ -69,7 +72,13 @@ impl Context {
             index: None,
             metrics: Metrics::new(),
             own_writes: Mutex::new(HashMap::new()),
+            claims_namespace: "default".into(),
         }
+    }
+
+    pub fn with_claims_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.claims_namespace = namespace.into();
+        self
     }
 
     /// Remembers a status this process wrote, with the resourceVersion the write produced.
@@ -177,6 +186,8 @@ pub struct Runtime {
     pub busy_sweep: Duration,
     pub metrics: Metrics,
     pub health: Arc<Health>,
+    /// The operator's own namespace, where its claims on Waldur groups live.
+    pub claims_namespace: String,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -210,7 +221,8 @@ pub async fn run(
         rt.credentials,
         reader.clone(),
     )
-    .with_metrics(rt.metrics.clone());
+    .with_metrics(rt.metrics.clone())
+    .with_claims_namespace(rt.claims_namespace.clone());
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,

@@ -212,6 +212,9 @@ impl Reconciler {
                     (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
                     _ => Binding::Imported,
                 };
+                if let Some(owner) = self.claim(&group.uuid).await? {
+                    return Ok(Located::AlreadyManaged(owner));
+                }
                 return Ok(Located::Found(Box::new(group), binding));
             }
             match plan::after_missing(&self.sg, &lookup)? {
@@ -229,6 +232,7 @@ impl Reconciler {
                         && let Ok(own) = plan::first_lookup_for_create(&self.sg)
                         && let Some(group) = self.look(client, &own).await?
                         && self.owner_of(&group.uuid).is_none()
+                        && self.claim(&group.uuid).await?.is_none()
                     {
                         return Ok(Located::Found(Box::new(group), Binding::Adopted));
                     }
@@ -621,6 +625,10 @@ impl Reconciler {
             }
         }
         if let Cleanup::Release { reason } = decision {
+            if let Some(uuid) = self.status_uuid() {
+                super::claims::release(&self.ctx.kube, &self.ctx.claims_namespace, &uuid, &self.sg)
+                    .await?;
+            }
             self.remove_finalizer().await?;
             if let Some(reference) = &self.sg.spec.credentials_ref {
                 super::secret_guard::release_if_unused(
@@ -836,6 +844,20 @@ impl Reconciler {
                 )
             })
         })
+    }
+
+    /// Claims a group this Managed resource is about to bind (not one it created): `Some`
+    /// names the resource that holds it. The cache `owner_of` reads may lag; a claim cannot.
+    async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
+        if self.sg.spec.management_policy != ManagementPolicy::Managed {
+            return Ok(None);
+        }
+        match super::claims::claim(&self.ctx.kube, &self.ctx.claims_namespace, uuid, &self.sg)
+            .await?
+        {
+            super::claims::Claim::Granted => Ok(None),
+            super::claims::Claim::HeldBy(owner) => Ok(Some(owner)),
+        }
     }
 
     fn namespace(&self) -> String {

@@ -416,6 +416,57 @@ mod scenarios {
         );
     }
 
+    /// Two ServerGroups importing the same Waldur group at the same instant: only one binds,
+    /// the other reports AlreadyManaged naming it (the informer cache both consult cannot
+    /// tell; the claim, created atomically in Kubernetes, can).
+    pub async fn two_imports_of_one_group_at_the_same_instant_bind_once(env: &Env) {
+        env.start_operator().await;
+        env.sim.openstack_create(TENANT, "shared", "affinity");
+        env.sim.resync_now().await;
+        let uuid = env
+            .sim
+            .groups()
+            .iter()
+            .find(|g| g["name"] == "shared")
+            .and_then(|g| g["uuid"].as_str().map(str::to_string))
+            .expect("the re-sync imported the group");
+        for round in 0..3 {
+            let (a, b) = (format!("first-{round}"), format!("second-{round}"));
+            let import = json!({"import": {"uuid": uuid}, "deletionPolicy": "Orphan"});
+            let (ra, rb) = futures::join!(env.apply(&a, import.clone()), env.apply(&b, import));
+            ra.unwrap();
+            rb.unwrap();
+            let settled = |sg: Option<&waldur_operator::api::ServerGroup>| {
+                ready_now(sg) || reason("Ready", "AlreadyManaged")(sg)
+            };
+            let sa = env
+                .wait(&a, Duration::from_secs(30), settled)
+                .await
+                .unwrap();
+            let sb = env
+                .wait(&b, Duration::from_secs(30), settled)
+                .await
+                .unwrap();
+            let bound: Vec<&str> = [(&a, &sa), (&b, &sb)]
+                .iter()
+                .filter(|(_, sg)| ready_now(Some(sg)))
+                .map(|(n, _)| n.as_str())
+                .collect();
+            assert_eq!(bound.len(), 1, "round {round}: bound {bound:?}");
+            let loser = if bound[0] == a { &sb } else { &sa };
+            let message = condition(loser, "Ready").unwrap().2;
+            assert!(message.contains(bound[0]), "{message}");
+            // Both go; the claim goes with the one that held it, so the next round starts
+            // from nothing.
+            env.delete(&a).await;
+            env.delete(&b).await;
+            env.wait(&a, Duration::from_secs(20), |sg| sg.is_none())
+                .await;
+            env.wait(&b, Duration::from_secs(20), |sg| sg.is_none())
+                .await;
+        }
+    }
+
     pub async fn many_resources_converge(env: &Env, n: usize) {
         env.start_operator().await;
         let started = Instant::now();
@@ -505,6 +556,7 @@ both!(
     per_namespace_credentials,
     paused_and_request_annotations,
     kubectl_apply_wait_get_and_delete_a_servergroup,
+    two_imports_of_one_group_at_the_same_instant_bind_once,
 );
 
 // ---- Scenarios that need the test server's fault injection ----

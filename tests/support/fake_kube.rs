@@ -176,6 +176,20 @@ impl FakeKube {
                 (StatusCode::CREATED, ev)
             }
             (&Method::PATCH, ["namespaces", _, "events", _]) => (StatusCode::OK, json!({})),
+            // Leases (the operator's claims on Waldur groups): create, replace, delete.
+            (&Method::POST, ["namespaces", ns, "leases"]) => self.create_lease(ns, body),
+            (&Method::PUT, ["namespaces", ns, "leases", name]) => {
+                self.replace_lease(ns, name, body)
+            }
+            (&Method::DELETE, ["namespaces", ns, "leases", name]) => {
+                match self.lock().objects.remove(&key("leases", ns, name)) {
+                    Some(obj) => (StatusCode::OK, obj),
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        status_body(404, "NotFound", "not found"),
+                    ),
+                }
+            }
             (&Method::GET, ["namespaces", ns, plural, name]) => match self.get(plural, ns, name) {
                 Some(obj) => (StatusCode::OK, obj),
                 None => (
@@ -201,6 +215,56 @@ impl FakeKube {
                 status_body(405, "MethodNotAllowed", "not implemented by the fake"),
             ),
         }
+    }
+
+    fn create_lease(&self, ns: &str, body: &[u8]) -> (StatusCode, Value) {
+        let mut obj: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut s = self.lock();
+        let k = key("leases", ns, &name);
+        if s.objects.contains_key(&k) {
+            return (
+                StatusCode::CONFLICT,
+                status_body(
+                    409,
+                    "AlreadyExists",
+                    &format!("leases \"{name}\" already exists"),
+                ),
+            );
+        }
+        s.resource_version += 1;
+        obj["metadata"]["namespace"] = json!(ns);
+        obj["metadata"]["uid"] = json!(format!("lease-{}", s.resource_version));
+        obj["metadata"]["resourceVersion"] = json!(s.resource_version.to_string());
+        s.objects.insert(k, obj.clone());
+        (StatusCode::CREATED, obj)
+    }
+
+    fn replace_lease(&self, ns: &str, name: &str, body: &[u8]) -> (StatusCode, Value) {
+        let mut obj: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let mut s = self.lock();
+        let k = key("leases", ns, name);
+        let Some(current) = s.objects.get(&k).cloned() else {
+            return (
+                StatusCode::NOT_FOUND,
+                status_body(404, "NotFound", "not found"),
+            );
+        };
+        if obj["metadata"]["resourceVersion"] != current["metadata"]["resourceVersion"] {
+            return (
+                StatusCode::CONFLICT,
+                status_body(409, "Conflict", "the object has been modified"),
+            );
+        }
+        s.resource_version += 1;
+        obj["metadata"]["namespace"] = json!(ns);
+        obj["metadata"]["uid"] = current["metadata"]["uid"].clone();
+        obj["metadata"]["resourceVersion"] = json!(s.resource_version.to_string());
+        s.objects.insert(k, obj.clone());
+        (StatusCode::OK, obj)
     }
 
     fn patch_metadata(

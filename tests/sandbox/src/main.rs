@@ -108,6 +108,7 @@ async fn run(args: Args) -> Result<(), String> {
         metrics_addr: args.metrics_listen,
         admin_addr: None,
         lease: None,
+        claims_namespace: "default".into(),
     };
     print_welcome(&args, &sim);
     let _ = logs;

@@ -1,0 +1,236 @@
+//! Claims on Waldur groups: one coordination.k8s.io Lease per group a Managed resource binds
+//! by import, adoption or rebinding, named after the group's UUID, in the operator's
+//! namespace.
+//!
+//! "Never bind two resources to one Waldur group" was checked against the informer cache,
+//! which lags the API server: two ServerGroups importing the same group at the same instant
+//! could both see no owner and both bind. Creating an object is atomic in Kubernetes, so the
+//! first to create the claim wins and the other reports AlreadyManaged. A claim whose holder
+//! is gone (deleted while the operator was down) or has moved to another group is taken over.
+//!
+//! Groups the operator creates itself are not claimed: their UUID is new, and a claim per
+//! create would cost two more API writes per resource.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{DeleteParams, PostParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::error::Error;
+use crate::api::ServerGroup;
+use crate::waldur::WaldurUuid;
+
+/// The label that marks the operator's claims.
+pub const CLAIM_LABEL: &str = "openstack.waldur.com/claim";
+
+/// The outcome of a claim.
+#[derive(Debug, PartialEq)]
+pub enum Claim {
+    Granted,
+    /// Held by another resource, `namespace/name`.
+    HeldBy(String),
+}
+
+/// The Lease that claims a group: `wsg-` and the UUID's 32 hex digits.
+pub fn lease_name(uuid: &WaldurUuid) -> String {
+    format!(
+        "wsg-{}",
+        uuid.as_str().replace('-', "").to_ascii_lowercase()
+    )
+}
+
+/// How a resource names itself in a claim: `namespace/name/uid`.
+pub fn holder_of(sg: &ServerGroup) -> String {
+    format!(
+        "{}/{}/{}",
+        sg.namespace().unwrap_or_default(),
+        sg.name_any(),
+        sg.uid().unwrap_or_default()
+    )
+}
+
+/// `(namespace, name, uid)` of a holder identity.
+fn parse_holder(holder: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = holder.splitn(3, '/');
+    Some((parts.next()?, parts.next()?, parts.next()?))
+}
+
+/// Whether a claim by `holder` still stands, given the holder as the API server has it now
+/// (`None`: gone). Pure, so the rule is tested on its own.
+pub fn still_held(holder_uid: &str, current: Option<&ServerGroup>, uuid: &WaldurUuid) -> bool {
+    let Some(current) = current else {
+        return false;
+    };
+    if current.uid().as_deref() != Some(holder_uid) {
+        // Same name, new object: the old holder is gone.
+        return false;
+    }
+    match current.status.as_ref().and_then(|s| s.uuid.as_deref()) {
+        // Bound to another group since: it moved on.
+        Some(bound) => WaldurUuid::parse(bound).ok().as_ref() == Some(uuid),
+        // Claimed and not yet written, or still binding: it stands.
+        None => true,
+    }
+}
+
+fn lease_body(name: &str, holder: &str) -> Result<Lease, Error> {
+    serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": name,
+            "labels": {CLAIM_LABEL: "true", "app.kubernetes.io/managed-by": "waldur-operator"},
+        },
+        "spec": {"holderIdentity": holder},
+    }))
+    .map_err(|e| Error::Kube(kube::Error::SerdeError(e)))
+}
+
+/// Claims `uuid` for `sg`. Granted when the claim is new, already ours, or taken over from a
+/// holder that is gone; `HeldBy` names the resource that holds it.
+pub async fn claim(
+    kube: &Client,
+    namespace: &str,
+    uuid: &WaldurUuid,
+    sg: &ServerGroup,
+) -> Result<Claim, Error> {
+    let leases: Api<Lease> = Api::namespaced(kube.clone(), namespace);
+    let name = lease_name(uuid);
+    let me = holder_of(sg);
+    // Two rounds: a takeover may race with another takeover.
+    for _ in 0..2 {
+        match leases
+            .create(&PostParams::default(), &lease_body(&name, &me)?)
+            .await
+        {
+            Ok(_) => return Ok(Claim::Granted),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(existing) = leases.get_opt(&name).await? else {
+            continue; // released meanwhile: create again
+        };
+        let holder = existing
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        if holder == me {
+            return Ok(Claim::Granted);
+        }
+        let Some((ns, holder_name, uid)) = parse_holder(&holder) else {
+            return Ok(Claim::HeldBy(holder));
+        };
+        let current = Api::<ServerGroup>::namespaced(kube.clone(), ns)
+            .get_opt(holder_name)
+            .await?;
+        if still_held(uid, current.as_ref(), uuid) {
+            return Ok(Claim::HeldBy(format!("{ns}/{holder_name}")));
+        }
+        // Stale: take it over, guarded by the resourceVersion just read.
+        let mut takeover = lease_body(&name, &me)?;
+        takeover.metadata.resource_version = existing.metadata.resource_version.clone();
+        match leases
+            .replace(&name, &PostParams::default(), &takeover)
+            .await
+        {
+            Ok(_) => return Ok(Claim::Granted),
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let holder = leases
+        .get_opt(&name)
+        .await?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    Ok(Claim::HeldBy(
+        parse_holder(&holder)
+            .map(|(ns, n, _)| format!("{ns}/{n}"))
+            .unwrap_or(holder),
+    ))
+}
+
+/// Releases `sg`'s claim on `uuid`, if it holds one. Someone else's claim is left alone.
+pub async fn release(
+    kube: &Client,
+    namespace: &str,
+    uuid: &WaldurUuid,
+    sg: &ServerGroup,
+) -> Result<(), Error> {
+    let leases: Api<Lease> = Api::namespaced(kube.clone(), namespace);
+    let name = lease_name(uuid);
+    let Some(existing) = leases.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let holder = existing.spec.and_then(|s| s.holder_identity);
+    if holder.as_deref() != Some(holder_of(sg).as_str()) {
+        return Ok(());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: existing.metadata.uid,
+            resource_version: existing.metadata.resource_version,
+        }),
+        ..Default::default()
+    };
+    match leases.delete(&name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone, or changed hands meanwhile: not ours to delete.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ServerGroupSpec, ServerGroupStatus};
+
+    fn sg(uid: &str, bound: Option<&str>) -> ServerGroup {
+        let mut sg = ServerGroup::new("web", ServerGroupSpec::default());
+        sg.metadata.namespace = Some("team-a".into());
+        sg.metadata.uid = Some(uid.into());
+        sg.status = bound.map(|u| ServerGroupStatus {
+            uuid: Some(u.into()),
+            ..Default::default()
+        });
+        sg
+    }
+
+    const UUID: &str = "4c3e2f1a0b9c8d7e6b2a0c4e9f1d4b7a";
+    const OTHER: &str = "0f5e6d1c2b3a4c9d8e7f6a5b4c3d2e1f";
+
+    #[test]
+    fn a_claim_stands_while_its_holder_exists_and_is_bound_to_it_or_binding() {
+        let uuid = WaldurUuid::parse(UUID).unwrap();
+        assert!(still_held("u1", Some(&sg("u1", None)), &uuid), "binding");
+        assert!(
+            still_held("u1", Some(&sg("u1", Some(UUID))), &uuid),
+            "bound"
+        );
+        assert!(!still_held("u1", None, &uuid), "gone");
+        assert!(
+            !still_held("u1", Some(&sg("u2", None)), &uuid),
+            "a new object of that name"
+        );
+        assert!(
+            !still_held("u1", Some(&sg("u1", Some(OTHER))), &uuid),
+            "moved on"
+        );
+    }
+
+    #[test]
+    fn names_and_holders() {
+        let uuid = WaldurUuid::parse("4C3E2F1A-0B9C-8D7E-6B2A-0C4E9F1D4B7A").unwrap();
+        assert_eq!(lease_name(&uuid), format!("wsg-{UUID}"));
+        assert_eq!(holder_of(&sg("u1", None)), "team-a/web/u1");
+        assert_eq!(parse_holder("a/b/c"), Some(("a", "b", "c")));
+        assert_eq!(parse_holder("a/b"), None);
+    }
+}
