@@ -53,6 +53,17 @@ macro_rules! scenarios {
         }
 
         #[tokio::test]
+        async fn a_stored_empty_finalizer_list_does_not_block_the_finalizer() {
+            let h = Harness::fast_mode(MODE).await;
+            h.apply("web", spec("affinity"));
+            h.kube.edit(PLURAL, NS, "web", |obj| {
+                obj["metadata"]["finalizers"] = json!([]);
+            });
+            let sg = h.converge("web", is_ready).await.unwrap();
+            assert_eq!(sg.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+        }
+
+        #[tokio::test]
         async fn an_unchanged_group_writes_nothing_to_kubernetes() {
             let h = Harness::fast_mode(MODE).await;
             h.apply("web", spec("affinity"));
