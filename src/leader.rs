@@ -197,16 +197,22 @@ impl Watchdog {
         Some(asked + left)
     }
 
-    /// Resolves when the lease has not been confirmed in time.
+    /// Resolves when the lease has not been confirmed in time: at the deadline, even while a
+    /// read of the lease is still waiting for an API server that does not answer.
     async fn guard(&self, mut valid_until: Instant) {
         loop {
             let next = (Instant::now() + self.check_every).min(valid_until);
             tokio::time::sleep_until(next).await;
-            if let Some(until) = self.confirm().await {
-                valid_until = until;
-            }
             if Instant::now() >= valid_until {
                 return;
+            }
+            tokio::select! {
+                confirmed = self.confirm() => {
+                    if let Some(until) = confirmed {
+                        valid_until = until;
+                    }
+                }
+                _ = tokio::time::sleep_until(valid_until) => return,
             }
         }
     }
