@@ -286,7 +286,7 @@ pub fn openapi_v3_gv(store: &Store, group: &str, version: &str) -> Option<Value>
     }
     Some(json!({
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes", "version": "v1.33.0"},
+        "info": {"title": "Kubernetes", "version": "v1.37.2"},
         "paths": paths,
         "components": {"schemas": schemas},
     }))
@@ -296,15 +296,15 @@ pub fn openapi_v3_gv(store: &Store, group: &str, version: &str) -> Option<Value>
 pub fn version_info() -> Value {
     json!({
         "major": "1",
-        "minor": "33",
-        "gitVersion": "v1.33.0",
+        "minor": "37",
+        "gitVersion": "v1.37.2",
         "gitCommit": "0000000000000000000000000000000000000000",
         "gitTreeState": "clean",
-        "buildDate": "2025-04-23T00:00:00Z",
-        "goVersion": "go1.24.2",
+        "buildDate": "2026-01-01T00:00:00Z",
+        "goVersion": "go1.25.5",
         "compiler": "gc",
         "platform": "linux/amd64",
         "emulationMajor": "1",
-        "emulationMinor": "33",
+        "emulationMinor": "37",
     })
 }

@@ -83,6 +83,18 @@ impl ApiError {
         .with_details(json!({}))
     }
 
+    /// A PATCH content type the resource does not take, as the patch handler words it.
+    pub fn unsupported_patch_type(supported: &[&str]) -> ApiError {
+        ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: {}",
+                supported.join(", ")
+            ),
+        )
+    }
+
     pub fn unsupported_media_type(content_type: &str, supported: &[&str]) -> ApiError {
         ApiError::new(
             415,
@@ -138,7 +150,13 @@ impl ApiError {
 
     /// `Widget.example.com "x" is invalid: [a, b]` with one cause per field error.
     pub fn invalid(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> ApiError {
-        let lines: Vec<String> = causes.iter().map(Cause::line).collect();
+        // As Go's aggregate error, the message lists each distinct error once.
+        let mut lines: Vec<String> = Vec::new();
+        for l in causes.iter().map(Cause::line) {
+            if !lines.contains(&l) {
+                lines.push(l);
+            }
+        }
         let summary = if lines.len() == 1 {
             lines[0].clone()
         } else {
@@ -225,6 +243,12 @@ impl ApiError {
             "reason": self.reason,
             "code": self.code,
         });
+        if self.reason.is_empty()
+            && let Some(obj) = v.as_object_mut()
+        {
+            // Go's omitempty: an error without a reason (a plain 500) has none.
+            obj.remove("reason");
+        }
         if let (Some(d), Some(obj)) = (&self.details, v.as_object_mut()) {
             obj.insert("details".into(), d.clone());
         }

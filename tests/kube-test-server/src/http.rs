@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::discovery;
 use crate::error::ApiError;
+use crate::error::Cause;
 use crate::hooks::FailRule;
+use crate::resources::Flavor;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::Shared;
 use crate::store::{DeleteOpts, FieldValidation, Filter, PatchType, Target, WriteOpts, view};
@@ -393,6 +395,35 @@ fn resource(
         return Err(ApiError::injected(code, group, plural, name.unwrap_or("")));
     }
     let fmt = format(req);
+    // events.k8s.io/v1 Events are written as the core/v1 Events they are stored as.
+    let events_api = t.res.flavor == Flavor::Event;
+    let wt = if events_api {
+        shared
+            .store()
+            .target("", "v1", "events", ns, sub)
+            .ok_or_else(ApiError::no_route)?
+    } else {
+        t.clone()
+    };
+    let to_client = |obj: &Value| {
+        if events_api && obj["kind"] != "Status" {
+            view(obj, &t.res, &t.version)
+        } else {
+            obj.clone()
+        }
+    };
+    let from_client = |body: Value| -> Result<Value, ApiError> {
+        if !events_api {
+            return Ok(body);
+        }
+        if body.is_object() {
+            let mut b = body;
+            b["apiVersion"] = json!("events.k8s.io/v1");
+            Ok(crate::resources::events_event_to_core(&b))
+        } else {
+            Ok(body)
+        }
+    };
     match verb {
         "watch" => start_watch(shared, req, &t, name),
         "get" => {
@@ -410,19 +441,25 @@ fn resource(
         }
         "create" => {
             let body = parse_body(req)?;
+            if events_api {
+                crate::resources::validate_events_event(&body)?;
+            }
+            let body = from_client(body)?;
             let opts = write_opts(req)?;
-            let out = shared.store().create(&t, body, &opts, None)?;
+            let out = shared.store().create(&wt, body, &opts, None)?;
             Ok(with_warnings(
-                json_response(201, &out.object),
+                json_response(201, &to_client(&out.object)),
                 &out.warnings,
             ))
         }
         "update" => {
-            let body = parse_body(req)?;
+            let body = from_client(parse_body(req)?)?;
             let opts = write_opts(req)?;
-            let out = shared.store().update(&t, name.unwrap_or(""), body, &opts)?;
+            let out = shared
+                .store()
+                .update(&wt, name.unwrap_or(""), body, &opts)?;
             Ok(with_warnings(
-                json_response(200, &out.object),
+                json_response(200, &to_client(&out.object)),
                 &out.warnings,
             ))
         }
@@ -430,41 +467,58 @@ fn resource(
             let ptype = match req.content_type().as_str() {
                 "application/merge-patch+json" => PatchType::Merge,
                 "application/json-patch+json" => PatchType::Json,
-                "application/strategic-merge-patch+json" => PatchType::Strategic,
+                // Custom resources have no Go type to take patch strategies from.
+                "application/strategic-merge-patch+json" if t.res.flavor != Flavor::Custom => {
+                    PatchType::Strategic
+                }
                 "application/apply-patch+yaml" | "application/apply-patch+json" => PatchType::Apply,
-                other => {
-                    return Err(ApiError::unsupported_media_type(
-                        other,
-                        &[
-                            "application/json-patch+json",
-                            "application/merge-patch+json",
-                            "application/strategic-merge-patch+json",
-                            "application/apply-patch+yaml",
-                        ],
-                    ));
+                _ if t.res.flavor == Flavor::Custom => {
+                    return Err(ApiError::unsupported_patch_type(&[
+                        "application/json-patch+json",
+                        "application/merge-patch+json",
+                        "application/apply-patch+yaml",
+                    ]));
+                }
+                _ => {
+                    return Err(ApiError::unsupported_patch_type(&[
+                        "application/json-patch+json",
+                        "application/merge-patch+json",
+                        "application/strategic-merge-patch+json",
+                        "application/apply-patch+yaml",
+                    ]));
                 }
             };
             let opts = write_opts(req)?;
-            let out = shared
-                .store()
-                .patch(&t, name.unwrap_or(""), ptype, &req.body, &opts)?;
+            let out = if events_api && ptype == PatchType::Apply {
+                let applied: Value = serde_json::from_slice(&req.body)
+                    .or_else(|_| serde_yaml_ng::from_slice(&req.body))
+                    .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))?;
+                let applied = serde_json::to_vec(&from_client(applied)?).unwrap_or_default();
+                shared
+                    .store()
+                    .patch(&wt, name.unwrap_or(""), ptype, &applied, &opts)?
+            } else {
+                shared
+                    .store()
+                    .patch(&t, name.unwrap_or(""), ptype, &req.body, &opts)?
+            };
             let code = if out.created { 201 } else { 200 };
             Ok(with_warnings(
-                json_response(code, &out.object),
+                json_response(code, &to_client(&out.object)),
                 &out.warnings,
             ))
         }
         "delete" => {
             let opts = delete_opts(req)?;
-            let out = shared.store().delete(&t, name.unwrap_or(""), &opts)?;
-            Ok(json_response(200, &out.object))
+            let out = shared.store().delete(&wt, name.unwrap_or(""), &opts)?;
+            Ok(json_response(200, &to_client(&out.object)))
         }
         "deletecollection" => {
             let (label, field) = selectors(req, &t)?;
             let opts = delete_opts(req)?;
             let list = shared
                 .store()
-                .delete_collection(&t, &label, &field, opts.dry_run)?;
+                .delete_collection(&wt, &label, &field, opts.dry_run)?;
             Ok(json_response(200, &list))
         }
         _ => Err(ApiError::method_not_allowed(req.method.as_str(), &req.path)),
@@ -608,7 +662,38 @@ fn start_watch(
             ))
         })?),
     };
-    let send_initial = req.flag("sendInitialEvents");
+    // sendInitialEvents / resourceVersionMatch as ListOptions validation has them (the
+    // WatchList feature is on in 1.37).
+    let send_initial_param = req.q("sendInitialEvents").map(|v| v == "true" || v == "1");
+    let rv_match = req.q("resourceVersionMatch").unwrap_or("");
+    let mut causes = Vec::new();
+    if send_initial_param.is_some() && rv_match != "NotOlderThan" {
+        causes.push(Cause::new(
+            "FieldValueForbidden",
+            "resourceVersionMatch",
+            "Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+        ));
+    }
+    if !rv_match.is_empty() {
+        if send_initial_param.is_none() {
+            causes.push(Cause::new(
+                "FieldValueForbidden",
+                "resourceVersionMatch",
+                "Forbidden: resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+            ));
+        }
+        if rv_match != "NotOlderThan" {
+            causes.push(Cause::new(
+                "FieldValueNotSupported",
+                "resourceVersionMatch",
+                format!("Unsupported value: {rv_match:?}: supported values: \"NotOlderThan\""),
+            ));
+        }
+    }
+    if !causes.is_empty() {
+        return Err(ApiError::invalid("meta.k8s.io", "ListOptions", "", causes));
+    }
+    let send_initial = send_initial_param == Some(true);
     let timeout = req
         .q("timeoutSeconds")
         .and_then(|s| s.parse::<u64>().ok())
@@ -634,15 +719,18 @@ fn start_watch(
     let (rv_rx, initial, cursor) = {
         let store = shared.store();
         let rv_rx = store.subscribe();
-        match rv {
-            Some(n) if !send_initial => (rv_rx, None, n),
-            _ => {
+        match (rv, send_initial_param) {
+            (_, Some(true)) | (None, None) => {
                 let (items, cur) = store.snapshot(&spec.filter);
                 (rv_rx, Some(items), cur)
             }
+            (Some(n), _) => (rv_rx, None, n),
+            // sendInitialEvents=false without a resourceVersion: from now, nothing synthetic.
+            (None, Some(false)) => (rv_rx, None, store.resource_version()),
         }
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
+    let tx = delayed(tx, shared.config.watch_delay);
     tokio::spawn(run_watch(
         shared.clone(),
         spec,
@@ -661,6 +749,49 @@ fn start_watch(
         HeaderValue::from_static("application/json"),
     );
     Ok(r)
+}
+
+/// A sender whose lines reach `out` `delay` after they were sent (`Config::watch_delay`).
+fn delayed(out: mpsc::Sender<Bytes>, delay: Duration) -> mpsc::Sender<Bytes> {
+    if delay.is_zero() {
+        return out;
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(256);
+    let (timed_tx, mut timed_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Bytes)>();
+    // Stamp each line when it is sent, then deliver it when its time comes, in order. Either
+    // task ends when the other does, so a watcher that went away ends the watch.
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = timed_tx.closed() => return,
+                b = rx.recv() => match b {
+                    Some(b) => {
+                        if timed_tx.send((tokio::time::Instant::now() + delay, b)).is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = out.closed() => return,
+                item = timed_rx.recv() => match item {
+                    Some((due, b)) => {
+                        tokio::time::sleep_until(due).await;
+                        if out.send(b).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    tx
 }
 
 async fn run_watch(
@@ -683,7 +814,7 @@ async fn run_watch(
                 return;
             }
         }
-        if send_initial && tx.send(spec.bookmark(cursor, true)).await.is_err() {
+        if send_initial && spec.bookmarks && tx.send(spec.bookmark(cursor, true)).await.is_err() {
             return;
         }
     }

@@ -47,6 +47,10 @@ struct Args {
     /// Seconds between BOOKMARK events on watches that allow them.
     #[arg(long, env = "KUBE_TEST_SERVER_BOOKMARK_SECONDS", default_value_t = 1.0)]
     bookmark_seconds: f64,
+
+    /// Milliseconds each watch event waits before it reaches watchers (a lagging watch cache).
+    #[arg(long, env = "KUBE_TEST_SERVER_WATCH_DELAY_MS", default_value_t = 0)]
+    watch_delay_ms: u64,
 }
 
 fn read_documents(path: &PathBuf) -> Result<Vec<Value>, String> {
@@ -77,6 +81,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         addr: args.listen,
         history: args.history,
         bookmark_interval: std::time::Duration::from_secs_f64(args.bookmark_seconds.max(0.05)),
+        watch_delay: std::time::Duration::from_millis(args.watch_delay_ms),
     })
     .await?;
     for path in &args.crds {

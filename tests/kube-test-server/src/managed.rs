@@ -2,7 +2,8 @@
 //!
 //! Field ownership is tracked per manager at the level of leaf fields of maps: every scalar,
 //! list and empty map is one owned field (`.spec.policy`, `.metadata.labels.app`). Lists are
-//! atomic (owned and replaced as a whole: no merging by `x-kubernetes-list-map-keys`).
+//! atomic (owned and replaced as a whole: no merging by `x-kubernetes-list-map-keys`), except
+//! `metadata.finalizers`, a set whose items are owned one by one.
 //! The tracked part of `metadata` is `labels`, `annotations`, `finalizers` and
 //! `ownerReferences`.
 
@@ -46,6 +47,16 @@ impl Scope {
 
 const TRACKED_META: &[&str] = &["labels", "annotations", "finalizers", "ownerReferences"];
 
+/// `metadata.finalizers` is a `listType=set`: each item is owned on its own, as the path
+/// element `v:"<item>"` (the key `fieldsV1` uses).
+fn set_item(item: &Value) -> String {
+    format!("v:{item}")
+}
+
+fn is_finalizers(path: &[String]) -> bool {
+    path.len() == 2 && path[0] == "metadata" && path[1] == "finalizers"
+}
+
 /// The owned leaves of an object within a scope, with their values.
 pub fn leaves(obj: &Value, scope: Scope) -> BTreeMap<FieldPath, Value> {
     let mut out = BTreeMap::new();
@@ -60,7 +71,17 @@ pub fn leaves(obj: &Value, scope: Scope) -> BTreeMap<FieldPath, Value> {
             if let Some(meta) = v.as_object() {
                 for mk in TRACKED_META {
                     if let Some(mv) = meta.get(*mk) {
-                        walk(mv, vec!["metadata".into(), (*mk).to_string()], &mut out);
+                        let path = vec!["metadata".to_string(), (*mk).to_string()];
+                        match mv.as_array() {
+                            Some(items) if *mk == "finalizers" => {
+                                for item in items {
+                                    let mut p = path.clone();
+                                    p.push(set_item(item));
+                                    out.insert(p, item.clone());
+                                }
+                            }
+                            _ => walk(mv, path, &mut out),
+                        }
                     }
                 }
             }
@@ -87,7 +108,10 @@ fn walk(v: &Value, path: FieldPath, out: &mut BTreeMap<FieldPath, Value>) {
 }
 
 pub fn get_path<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
-    path.iter().try_fold(obj, |cur, k| cur.get(k))
+    path.iter().try_fold(obj, |cur, k| match cur {
+        Value::Array(items) if k.starts_with("v:") => items.iter().find(|i| set_item(i) == *k),
+        _ => cur.get(k),
+    })
 }
 
 fn exists(obj: &Value, path: &[String]) -> bool {
@@ -105,6 +129,15 @@ fn remove_path(obj: &mut Value, path: &[String]) {
             Some(next) => cur = next,
             None => return,
         }
+    }
+    if let Some(items) = cur.as_array_mut()
+        && last.starts_with("v:")
+    {
+        items.retain(|i| set_item(i) != *last);
+        if items.is_empty() {
+            remove_path(obj, parents);
+        }
+        return;
     }
     if let Some(m) = cur.as_object_mut() {
         m.remove(last);
@@ -142,6 +175,14 @@ fn parse_fields(v: &Value, path: &mut FieldPath, out: &mut BTreeSet<FieldPath>) 
     let keyed = m
         .keys()
         .any(|k| k.starts_with("k:") || k.starts_with("v:") || k.starts_with("i:"));
+    if keyed && is_finalizers(path) {
+        for k in m.keys().filter(|k| k.starts_with("v:")) {
+            let mut p = path.clone();
+            p.push(k.clone());
+            out.insert(p);
+        }
+        return;
+    }
     if (children.is_empty() || keyed) && !path.is_empty() {
         out.insert(path.clone());
         return;
@@ -158,9 +199,12 @@ fn render_fields(fields: &BTreeSet<FieldPath>) -> Value {
     for path in fields {
         let mut cur = &mut root;
         for k in path {
-            let next = cur
-                .entry(format!("f:{k}"))
-                .or_insert_with(|| Value::Object(Map::new()));
+            let key = if k.starts_with("v:") {
+                k.clone()
+            } else {
+                format!("f:{k}")
+            };
+            let next = cur.entry(key).or_insert_with(|| Value::Object(Map::new()));
             if !next.is_object() {
                 *next = Value::Object(Map::new());
             }
@@ -441,6 +485,14 @@ pub fn apply(current: &Value, applied: &Value, a: &Apply<'_>) -> Result<Value, V
                         match meta.get_mut(*mk) {
                             Some(existing) if existing.is_object() && mv.is_object() => {
                                 merge_into(existing, mv)
+                            }
+                            // A set: the applied items join the others' items.
+                            Some(Value::Array(existing)) if *mk == "finalizers" => {
+                                for item in mv.as_array().into_iter().flatten() {
+                                    if !existing.contains(item) {
+                                        existing.push(item.clone());
+                                    }
+                                }
                             }
                             _ => {
                                 if let Some(mm) = meta.as_object_mut() {

@@ -424,6 +424,115 @@ pub fn invalid_crd(crd: &Value, causes: Vec<Cause>) -> ApiError {
     )
 }
 
+/// Field names of an Event in core/v1 and in events.k8s.io/v1 (the rest are the same).
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("message", "note"),
+    ("involvedObject", "regarding"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
+
+fn rename_event(obj: &Value, core_to_events: bool, api_version: &str) -> Value {
+    let mut v = obj.clone();
+    if let Some(m) = v.as_object_mut() {
+        for (core, new) in EVENT_FIELDS {
+            let (from, to) = if core_to_events {
+                (core, new)
+            } else {
+                (new, core)
+            };
+            m.remove(*to);
+            if let Some(x) = m.remove(*from) {
+                m.insert((*to).into(), x);
+            }
+        }
+        m.insert("apiVersion".into(), Value::String(api_version.into()));
+        m.insert("kind".into(), Value::String("Event".into()));
+    }
+    v
+}
+
+/// A stored core/v1 Event as events.k8s.io/v1 serves it.
+pub fn core_event_to_events(obj: &Value) -> Value {
+    rename_event(obj, true, "events.k8s.io/v1")
+}
+
+/// An events.k8s.io/v1 Event as core/v1 stores it.
+pub fn events_event_to_core(obj: &Value) -> Value {
+    rename_event(obj, false, "v1")
+}
+
+/// What events.k8s.io/v1 requires of a new Event (the core/v1 API is laxer).
+pub fn validate_events_event(obj: &Value) -> Result<(), ApiError> {
+    let text = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("");
+    let mut causes = Vec::new();
+    if obj.get("eventTime").is_none_or(Value::is_null) {
+        causes.push(Cause::new(
+            "FieldValueRequired",
+            "eventTime",
+            "Required value",
+        ));
+    }
+    let qualified = regex::Regex::new("^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").ok();
+    let controller = text("reportingController");
+    if controller.is_empty() {
+        causes.push(Cause::new(
+            "FieldValueRequired",
+            "reportingController",
+            "Required value",
+        ));
+    }
+    let name_part = controller.rsplit('/').next().unwrap_or("");
+    if name_part.is_empty() {
+        causes.push(Cause::new(
+            "FieldValueInvalid",
+            "reportingController",
+            format!("Invalid value: {controller:?}: name part must be non-empty"),
+        ));
+    }
+    if !qualified.is_some_and(|r| r.is_match(name_part)) || name_part.len() > 63 {
+        causes.push(Cause::new(
+            "FieldValueInvalid",
+            "reportingController",
+            format!("Invalid value: {controller:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"),
+        ));
+    }
+    for (field, max) in [("reportingInstance", 128), ("action", 128), ("reason", 128)] {
+        let v = text(field);
+        if v.is_empty() {
+            causes.push(Cause::new("FieldValueRequired", field, "Required value"));
+        } else if v.len() > max {
+            causes.push(Cause::new(
+                "FieldValueInvalid",
+                field,
+                format!("Invalid value: {v:?}: can have at most {max} characters"),
+            ));
+        }
+    }
+    if text("note").len() > 1024 {
+        causes.push(Cause::new(
+            "FieldValueInvalid",
+            "note",
+            "Invalid value: \"\": can have at most 1024 characters",
+        ));
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "events.k8s.io",
+            "Event",
+            obj.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+            causes,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

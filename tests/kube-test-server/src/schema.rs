@@ -52,6 +52,129 @@ fn pattern(p: &str) -> Option<Regex> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Typed conversion (server-side apply)
+
+/// What server-side apply's conversion of an applied configuration to a typed value against the
+/// schema reports, worded as structured-merge-diff words it (`.status.x: field not declared in
+/// schema`, `.spec.n: expected numeric (int or float), got string`). `apiVersion`, `kind` and
+/// `metadata` at the root are not checked.
+pub fn typed_errors(schema: &Value, obj: &Value) -> Vec<String> {
+    let mut errs = Vec::new();
+    if let Some(map) = obj.as_object() {
+        let props = schema.get("properties").and_then(Value::as_object);
+        let preserve = flag(schema, "x-kubernetes-preserve-unknown-fields");
+        for (k, v) in map {
+            if matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
+                continue;
+            }
+            match props.and_then(|p| p.get(k)) {
+                Some(sub) => typed(sub, v, &format!(".{k}"), &mut errs),
+                None if preserve => {}
+                None => errs.push(format!(".{k}: field not declared in schema")),
+            }
+        }
+    }
+    errs
+}
+
+/// Go's `%T` of a decoded JSON value.
+fn go_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "<nil>",
+        Value::Bool(_) => "bool",
+        Value::Number(n) if n.is_f64() => "float64",
+        Value::Number(_) => "int64",
+        Value::String(_) => "string",
+        Value::Array(_) => "[]interface {}",
+        Value::Object(_) => "map[string]interface {}",
+    }
+}
+
+/// Go's `%v` of a decoded JSON value.
+fn go_value(v: &Value) -> String {
+    match v {
+        Value::Null => "<nil>".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(go_value).collect();
+            format!("[{}]", parts.join(" "))
+        }
+        Value::Object(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .map(|(k, x)| format!("{k}:{}", go_value(x)))
+                .collect();
+            format!("map[{}]", parts.join(" "))
+        }
+        other => other.to_string(),
+    }
+}
+
+fn typed(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
+    if v.is_null() || flag(schema, "x-kubernetes-int-or-string") {
+        return;
+    }
+    let props = schema.get("properties").and_then(Value::as_object);
+    let additional = schema.get("additionalProperties");
+    let ty = schema.get("type").and_then(Value::as_str).unwrap_or(
+        if props.is_some() || additional.is_some() {
+            "object"
+        } else {
+            ""
+        },
+    );
+    // structured-merge-diff prints the value with %#v, %T or %v depending on the check.
+    let mut wrong = |expected: &str| {
+        errs.push(format!(
+            "{path}: expected {expected}, got &{{{}}}",
+            go_value(v)
+        ));
+    };
+    match ty {
+        "string" if !v.is_string() => errs.push(format!(
+            "{path}: expected string, got &value.valueUnstructured{{Value:{}}}",
+            match v {
+                Value::String(s) => format!("{s:?}"),
+                other => go_value(other),
+            }
+        )),
+        "integer" | "number" if !v.is_number() => errs.push(format!(
+            "{path}: expected numeric (int or float), got {}",
+            go_type(v)
+        )),
+        "boolean" if !v.is_boolean() => wrong("boolean"),
+        "array" => match v.as_array() {
+            None => wrong("list"),
+            Some(items) => {
+                if let Some(item_schema) = schema.get("items") {
+                    for (i, item) in items.iter().enumerate() {
+                        typed(item_schema, item, &format!("{path}[{i}]"), errs);
+                    }
+                }
+            }
+        },
+        "object" => match v.as_object() {
+            None => wrong("map"),
+            Some(map) => {
+                let open = flag(schema, "x-kubernetes-preserve-unknown-fields")
+                    || flag(schema, "x-kubernetes-embedded-resource");
+                for (k, val) in map {
+                    let sub = format!("{path}.{k}");
+                    match (props.and_then(|p| p.get(k)), additional) {
+                        (Some(s), _) => typed(s, val, &sub, errs),
+                        (None, Some(a)) if a.is_object() => typed(a, val, &sub, errs),
+                        (None, Some(Value::Bool(true))) => {}
+                        _ if open => {}
+                        _ => errs.push(format!("{sub}: field not declared in schema")),
+                    }
+                }
+            }
+        },
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Pruning
 
 /// Removes fields the schema does not declare, returning their paths (`spec.foo`) for
@@ -689,7 +812,8 @@ pub fn cel_causes(
                 "FieldValueForbidden" => format!("Forbidden: {}", e.message),
                 "FieldValueRequired" => format!("Required value: {}", e.message),
                 "FieldValueDuplicate" => format!("Duplicate value: \"{ty}\": {}", e.message),
-                _ => format!("Invalid value: \"{ty}\": {}", e.message),
+                // kube-apiserver 1.37 prints no value for CEL failures.
+                _ => format!("Invalid value: {}", e.message),
             };
             Cause::new(&reason, e.field_path.clone(), body)
         })

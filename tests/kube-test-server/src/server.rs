@@ -23,6 +23,9 @@ pub struct Config {
     pub history: usize,
     /// How often watches with `allowWatchBookmarks=true` get a BOOKMARK.
     pub bookmark_interval: Duration,
+    /// How long after it happens each watch event (and bookmark) reaches watchers, as a
+    /// lagging watch cache would deliver it. Zero (the default): at once.
+    pub watch_delay: Duration,
 }
 
 impl Default for Config {
@@ -31,6 +34,7 @@ impl Default for Config {
             addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             history: 10_000,
             bookmark_interval: Duration::from_secs(1),
+            watch_delay: Duration::ZERO,
         }
     }
 }
@@ -141,6 +145,21 @@ impl TestServer {
             .create(&t, crd, &WriteOpts::default(), None)
             .map(|_| ())
             .map_err(|e| e.message)
+    }
+
+    /// Creates a Namespace (objects need theirs to exist, as on a real server); one that
+    /// exists already is left as it is.
+    pub fn create_namespace(&self, name: &str) -> Result<(), String> {
+        let mut store = self.shared.store();
+        let t = store
+            .target("", "v1", "namespaces", None, None)
+            .ok_or_else(|| "namespaces are not registered".to_string())?;
+        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        match store.create(&t, ns, &WriteOpts::default(), None) {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.message),
+        }
     }
 
     /// Stops accepting connections and ends open connections and watches.

@@ -89,6 +89,10 @@ pub struct Target {
 
 impl Target {
     pub fn key(&self) -> ResKey {
+        if self.res.flavor == Flavor::Event {
+            // events.k8s.io/v1 Events are core/v1 Events, stored once.
+            return (String::new(), "events".into());
+        }
         (self.res.group.clone(), self.res.plural.clone())
     }
 
@@ -151,7 +155,11 @@ impl Filter {
 
 /// Sets `apiVersion` for the version a client asked for (conversion strategy `None`).
 pub fn view(obj: &Value, res: &Resource, version: &str) -> Value {
-    let mut v = obj.clone();
+    let mut v = if res.flavor == Flavor::Event && obj["apiVersion"] == "v1" {
+        crate::resources::core_event_to_events(obj)
+    } else {
+        obj.clone()
+    };
     if let Some(m) = v.as_object_mut() {
         m.insert("apiVersion".into(), Value::String(res.api_version(version)));
         m.insert("kind".into(), Value::String(res.kind.clone()));
@@ -346,6 +354,9 @@ pub struct Store {
     history_cap: usize,
     /// A watch from a resourceVersion at or above this can be resumed from the history.
     oldest_valid: u64,
+    /// Per resource, the resourceVersion its watch cache started at (server start for
+    /// built-ins, registration for custom resources): a watch from an older one gets 410.
+    cache_start: HashMap<ResKey, u64>,
     notify: watch::Sender<u64>,
 }
 
@@ -359,6 +370,7 @@ impl Store {
             history: VecDeque::new(),
             history_cap: history_cap.max(1),
             oldest_valid: 0,
+            cache_start: HashMap::new(),
             notify,
         };
         for r in Resource::builtins() {
@@ -374,6 +386,8 @@ impl Store {
                 }
             }
         }
+        let start = store.rv;
+        store.cache_start = store.resources.keys().map(|k| (k.clone(), start)).collect();
         store
     }
 
@@ -512,8 +526,14 @@ impl Store {
     /// The events after `cursor` a watch with this filter sees, and the new cursor; or, when
     /// the history no longer reaches back to `cursor`, `Err(oldest resumable version)`.
     pub fn events_since(&self, f: &Filter, cursor: u64) -> Result<(Vec<TypedEvent>, u64), u64> {
-        if cursor < self.oldest_valid {
-            return Err(self.oldest_valid);
+        let oldest = self
+            .cache_start
+            .get(&f.key)
+            .copied()
+            .unwrap_or(0)
+            .max(self.oldest_valid);
+        if cursor < oldest {
+            return Err(oldest);
         }
         let start = self.history.partition_point(|e| e.rv <= cursor);
         let mut out = Vec::new();
@@ -704,10 +724,29 @@ impl Store {
             }
             crate::schema::apply_defaults(schema, obj);
             crate::schema::validate(schema, obj, "", &mut causes);
-            let type_errors = causes.iter().any(|c| c.reason == "FieldValueTypeInvalid");
-            if !type_errors && let Some(cel) = version.and_then(|v| v.cel.as_ref()) {
-                let old_view = old.map(|o| view(o, res, &t.version));
-                causes.extend(crate::schema::cel_causes(cel, obj, old_view.as_ref()));
+            // As apiextensions' hasBlockingErr: after these errors the CEL rules are not
+            // evaluated, and one cause says so.
+            let blocking = causes.iter().any(|c| {
+                matches!(
+                    c.reason.as_str(),
+                    "FieldValueTypeInvalid"
+                        | "FieldValueNotSupported"
+                        | "FieldValueRequired"
+                        | "FieldValueTooLong"
+                        | "FieldValueTooMany"
+                )
+            });
+            if let Some(cel) = version.and_then(|v| v.cel.as_ref()) {
+                if blocking {
+                    causes.push(Cause::new(
+                        "FieldValueInvalid",
+                        "<nil>",
+                        "Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation",
+                    ));
+                } else {
+                    let old_view = old.map(|o| view(o, res, &t.version));
+                    causes.extend(crate::schema::cel_causes(cel, obj, old_view.as_ref()));
+                }
             }
         }
         validate_meta(res, obj, &mut causes);
@@ -865,6 +904,16 @@ impl Store {
             ));
         }
         let ns = t.namespace.clone().unwrap_or_default();
+        if res.namespaced
+            && self
+                .stored(
+                    &(String::new(), "namespaces".into()),
+                    &(String::new(), ns.clone()),
+                )
+                .is_none()
+        {
+            return Err(ApiError::not_found("", "namespaces", &ns));
+        }
         if res.namespaced && self.namespace_terminating(&ns) {
             let name = meta_str(&obj, "name");
             return Err(ApiError::new(
@@ -985,6 +1034,9 @@ impl Store {
         if res.flavor == Flavor::Crd
             && let Ok(r) = Resource::from_crd(stored)
         {
+            self.cache_start
+                .entry((r.group.clone(), r.plural.clone()))
+                .or_insert(self.rv);
             self.resources
                 .insert((r.group.clone(), r.plural.clone()), Arc::new(r));
         }
@@ -1035,6 +1087,44 @@ impl Store {
         Self::check_type_meta(t, &mut obj)?;
         Self::check_name(&mut obj, name)?;
         Self::check_namespace(t, &mut obj)?;
+        if t.res.flavor == Flavor::Custom && meta_str(&obj, "resourceVersion").is_empty() {
+            // Custom resources do not allow unconditional updates.
+            return Err(ApiError::invalid(
+                &t.res.group,
+                &t.res.plural,
+                name,
+                vec![Cause::new(
+                    "FieldValueInvalid",
+                    "metadata.resourceVersion",
+                    "Invalid value: 0: must be specified for an update",
+                )],
+            ));
+        }
+        let uid = meta_str(&obj, "uid");
+        if !uid.is_empty() && uid != meta_str(&current, "uid") {
+            // The uid in a PUT body is a storage precondition.
+            let ns = t.namespace.as_deref().filter(|_| t.res.namespaced);
+            let key: Vec<&str> = [
+                Some(t.res.group.as_str()),
+                Some(t.res.plural.as_str()),
+                ns,
+                Some(name),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|p| !p.is_empty())
+            .collect();
+            return Err(ApiError::conflict(
+                &t.res.group,
+                &t.res.plural,
+                name,
+                &format!(
+                    "StorageError: invalid object, Code: 4, Key: /registry/{}, ResourceVersion: 0, AdditionalErrorMsg: Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                    key.join("/"),
+                    meta_str(&current, "uid")
+                ),
+            ));
+        }
         Self::check_precondition(t, &current, &obj, name)?;
         self.finish_update(t, &current, obj, opts, false)
     }
@@ -1098,6 +1188,18 @@ impl Store {
                 "the patched object is not a JSON object",
             ));
         }
+        let core;
+        let t = if t.res.flavor == Flavor::Event {
+            // Patched as events.k8s.io/v1 sees it, stored as the core/v1 Event it is.
+            Self::check_type_meta(t, &mut doc)?;
+            doc = crate::resources::events_event_to_core(&doc);
+            core = self
+                .target("", "v1", "events", t.namespace.as_deref(), t.sub.as_deref())
+                .ok_or_else(ApiError::no_route)?;
+            &core
+        } else {
+            t
+        };
         Self::check_type_meta(t, &mut doc)?;
         Self::check_precondition(t, &current, &doc, name)?;
         if let Some(meta) = meta_mut(&mut doc) {
@@ -1136,9 +1238,29 @@ impl Store {
                 "the applied configuration must be an object",
             ));
         }
+        let body_ns = meta_str(&applied, "namespace").to_string();
         Self::check_type_meta(t, &mut applied)?;
         Self::check_name(&mut applied, name)?;
         Self::check_namespace(t, &mut applied)?;
+        // The field manager converts the applied configuration to a typed value against the
+        // schema before merging; undeclared fields and wrong types fail there with a 500,
+        // whatever fieldValidation says.
+        if t.res.flavor == Flavor::Custom
+            && let Some(schema) = t.res.version(&t.version).and_then(|v| v.schema.as_ref())
+        {
+            // kube-apiserver reports the first error only.
+            if let Some(detail) = crate::schema::typed_errors(schema, &applied).first() {
+                return Err(ApiError::new(
+                    500,
+                    "",
+                    format!(
+                        "failed to create typed patch object ({body_ns}/{name}; {}, Kind={}): {detail}",
+                        t.res.api_version(&t.version),
+                        t.res.kind
+                    ),
+                ));
+            }
+        }
         let scope = t.scope();
         let api_version = t.res.api_version(&t.version);
         let now = util::now_rfc3339();
@@ -1188,6 +1310,36 @@ impl Store {
         let res = t.res.clone();
         let old_view = view(old, &res, &t.version);
         let mut new = new;
+        // ObjectMeta update validation: a different uid, or a deletionTimestamp on an object
+        // not being deleted, is refused (kube-apiserver checks it twice: two equal causes).
+        let mut immutable = Vec::new();
+        let new_uid = meta_str(&new, "uid");
+        if !new_uid.is_empty() && new_uid != meta_str(old, "uid") {
+            immutable.push(("metadata.uid", new_uid.to_string()));
+        }
+        let new_deletion = meta_str(&new, "deletionTimestamp");
+        if !new_deletion.is_empty() && old.pointer("/metadata/deletionTimestamp").is_none() {
+            immutable.push(("metadata.deletionTimestamp", new_deletion.to_string()));
+        }
+        if !immutable.is_empty() {
+            let causes = immutable
+                .iter()
+                .flat_map(|(field, v)| {
+                    let c = Cause::new(
+                        "FieldValueInvalid",
+                        *field,
+                        format!("Invalid value: {v:?}: field is immutable"),
+                    );
+                    [c.clone(), c]
+                })
+                .collect();
+            return Err(ApiError::invalid(
+                &res.group,
+                &res.kind,
+                meta_str(old, "name"),
+                causes,
+            ));
+        }
         if t.is_status() {
             let mut merged = old_view.clone();
             if let Some(m) = merged.as_object_mut() {
@@ -1349,7 +1501,11 @@ impl Store {
         let stored = view(&new, &res, &res.storage_version);
         if stored.pointer("/metadata/deletionTimestamp").is_some() && finalizers(&stored).is_empty()
         {
-            self.remove(&res, &key, &ok, stored.clone());
+            // The emptied update is never stored: the DELETED event carries the last stored
+            // object (finalizers still listed) with the deletion's resourceVersion.
+            let mut last = old.clone();
+            Self::set_rv(&mut last, rv);
+            self.remove(&res, &key, &ok, last);
         } else {
             if let Some(m) = self.objects.get_mut(&key) {
                 m.insert(ok, stored.clone());
@@ -1374,6 +1530,7 @@ impl Store {
             && let Ok(r) = Resource::from_crd(&last)
         {
             let k = (r.group.clone(), r.plural.clone());
+            self.cache_start.remove(&k);
             self.resources.remove(&k);
             self.objects.remove(&k);
         }
@@ -1422,6 +1579,21 @@ impl Store {
             });
         }
         let obj = self.delete_object(&t.res, &t.obj_key(name));
+        if self.stored(&t.key(), &t.obj_key(name)).is_none() {
+            // Gone at once: kube-apiserver answers a Success Status (its stores do not set
+            // ReturnDeletedObject), not the object.
+            let mut details =
+                json!({"name": name, "kind": t.res.plural, "uid": meta_str(&current, "uid")});
+            if !t.res.group.is_empty() {
+                details["group"] = json!(t.res.group);
+            }
+            return Ok(Outcome {
+                object: json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Success", "details": details}),
+                created: false,
+                warnings: Vec::new(),
+            });
+        }
         Ok(Outcome {
             object: view(&obj.unwrap_or(current), &t.res, &t.version),
             created: false,
@@ -1636,6 +1808,16 @@ mod tests {
             .unwrap_or_else(|| unreachable!());
         s.create(&ct, crd(), &WriteOpts::default(), None)
             .unwrap_or_else(|e| panic!("{e}"));
+        let nt = s
+            .target("", "v1", "namespaces", None, None)
+            .unwrap_or_else(|| unreachable!());
+        s.create(
+            &nt,
+            json!({"metadata": {"name": "ns1"}}),
+            &WriteOpts::default(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         let t = s
             .target("example.com", "v1", "things", Some("ns1"), None)
             .unwrap_or_else(|| panic!("not registered"));

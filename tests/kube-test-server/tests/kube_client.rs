@@ -116,7 +116,8 @@ async fn create_get_list_select_and_page() {
     assert_eq!(seen.len(), 6);
     assert_eq!(seen[0], g.name_any());
 
-    // Api::all lists across namespaces; other namespaces exist implicitly.
+    // Api::all lists across namespaces.
+    common::ensure_namespace(&client, "team-b").await;
     let other = widgets(&client, "team-b");
     other
         .create(&pp, &widget("w0", json!({"size": "small"})))
@@ -603,9 +604,10 @@ async fn schema_and_cel_validation() {
             .await
             .unwrap_err(),
     );
+    // A Required error blocks the CEL rules, and a last cause says so (as kube-apiserver).
     assert_eq!(
         s.message,
-        "Widget.example.com \"req\" is invalid: spec.size: Required value"
+        "Widget.example.com \"req\" is invalid: [spec.size: Required value, <nil>: Invalid value: null: some validation rules were not checked because the object was invalid; correct the existing errors to complete validation]"
     );
 
     let s = api_error(
@@ -633,7 +635,7 @@ async fn schema_and_cel_validation() {
     );
     assert_eq!(
         s.message,
-        "Widget.example.com \"cel\" is invalid: spec: Invalid value: \"object\": spec.name must not be 'forbidden'"
+        "Widget.example.com \"cel\" is invalid: spec: Invalid value: spec.name must not be 'forbidden'"
     );
 
     // CEL transition rule (oldSelf) applies on update only.
@@ -651,7 +653,7 @@ async fn schema_and_cel_validation() {
     );
     assert_eq!(
         s.message,
-        "Widget.example.com \"t\" is invalid: spec: Invalid value: \"object\": spec.tenant is immutable"
+        "Widget.example.com \"t\" is invalid: spec: Invalid value: spec.tenant is immutable"
     );
 
     // metadata.name must be a DNS subdomain.
@@ -1098,7 +1100,7 @@ async fn builtins_faults_and_counters() {
     assert!(caps.subresources.iter().any(|(s, _)| s.plural == "status"));
     assert_eq!(
         client.apiserver_version().await.unwrap().git_version,
-        "v1.33.0"
+        "v1.37.2"
     );
 
     // Unknown resources and groups answer 404 Status, not silence.
@@ -1193,15 +1195,21 @@ async fn crd_lifecycle() {
 }
 
 #[tokio::test]
-async fn namespaces_are_implicit_and_cascade() {
+async fn namespaces_are_required_and_cascade() {
     let server = server().await;
     let client = client(&server, "default").await;
     let pp = PostParams::default();
-    // Objects can live in a namespace nobody created.
-    widgets(&client, "ghost")
-        .create(&pp, &widget("w", json!({"size": "small"})))
-        .await
-        .unwrap();
+    // Objects cannot be created in a namespace nobody created.
+    let s = api_error(
+        widgets(&client, "ghost")
+            .create(&pp, &widget("w", json!({"size": "small"})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (s.code, s.message.as_str()),
+        (404, "namespaces \"ghost\" not found")
+    );
 
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
     let names: Vec<String> = namespaces

@@ -83,7 +83,25 @@ pub async fn client(server: &TestServer, namespace: &str) -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .expect("kube config");
-    kube::Client::try_from(config).expect("kube client")
+    let client = kube::Client::try_from(config).expect("kube client");
+    ensure_namespace(&client, namespace).await;
+    client
+}
+
+/// Creates a namespace unless it exists (objects need one, as on a real server).
+pub async fn ensure_namespace(client: &kube::Client, namespace: &str) {
+    if namespace == "default" {
+        return;
+    }
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(client.clone());
+    let ns = serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}}))
+        .expect("a Namespace");
+    match namespaces.create(&Default::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating namespace {namespace}: {e}"),
+    }
 }
 
 pub fn widget_resource() -> ApiResource {
