@@ -96,6 +96,7 @@ async fn endpoints_namespace_scope_token_file_and_sigterm() {
     }
 
     // In the watched namespace: reconciled. Elsewhere: untouched.
+    env.server().create_namespace("elsewhere").unwrap();
     env.apply("mine", spec("affinity")).await.unwrap();
     let other: Api<waldur_operator::api::ServerGroup> =
         Api::namespaced(env.kube.clone(), "elsewhere");

@@ -93,22 +93,60 @@ pub struct Env {
 impl Env {
     /// The chart installed to watch the test's namespace only: a Role in that namespace.
     pub async fn new(kind: Kind, test: &str) -> Env {
-        Self::build(kind, test, sim_config(), Install::OneNamespace).await
+        Self::build(
+            kind,
+            test,
+            sim_config(),
+            Install::OneNamespace,
+            Duration::ZERO,
+        )
+        .await
+    }
+
+    /// The test server delivering every watch event `delay` late, as a lagging watch cache
+    /// of a busy API server does.
+    pub async fn lagging(test: &str, delay: Duration) -> Env {
+        Self::build(
+            Kind::TestServer,
+            test,
+            sim_config(),
+            Install::OneNamespace,
+            delay,
+        )
+        .await
     }
 
     /// The chart installed as most clusters run it: its own namespace (`<ns>-operator`) and a
     /// ClusterRole. The operator still watches only the test's namespace.
     pub async fn cluster_wide(kind: Kind, test: &str) -> Env {
-        Self::build(kind, test, sim_config(), Install::ClusterWide).await
+        Self::build(
+            kind,
+            test,
+            sim_config(),
+            Install::ClusterWide,
+            Duration::ZERO,
+        )
+        .await
     }
 
-    async fn build(kind: Kind, test: &str, sim: SimConfig, install: Install) -> Env {
+    async fn build(
+        kind: Kind,
+        test: &str,
+        sim: SimConfig,
+        install: Install,
+        watch_delay: Duration,
+    ) -> Env {
         let ns = namespace_name(test);
         let dir = std::env::temp_dir().join(format!("wsg-e2e-{}-{ns}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("a scratch directory");
         let (backend, admin_yaml) = match kind {
             Kind::TestServer => {
-                let server = TestServer::start().await.expect("the test server starts");
+                let server = TestServer::start_with(kube_test_server::Config {
+                    watch_delay,
+                    ..Default::default()
+                })
+                .await
+                .expect("the test server starts");
                 server
                     .install_crd(serde_json::to_value(waldur_operator::api::crd()).unwrap())
                     .expect("the CRD installs");

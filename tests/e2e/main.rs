@@ -36,6 +36,19 @@ fn groups_named(env: &Env, name: &str) -> usize {
         .count()
 }
 
+/// Whether the request token `want` is recorded as handled in the field `pick` of status.
+fn handled(
+    pick: fn(&waldur_operator::api::HandledRequests) -> &Option<String>,
+    want: &'static str,
+) -> impl Fn(Option<&waldur_operator::api::ServerGroup>) -> bool {
+    move |sg| {
+        sg.and_then(|sg| sg.status.as_ref())
+            .and_then(|s| s.handled_requests.as_ref())
+            .and_then(|h| pick(h).as_deref())
+            == Some(want)
+    }
+}
+
 /// The scenarios, each runnable on the test server and on a real cluster.
 mod scenarios {
     use super::*;
@@ -228,15 +241,8 @@ mod scenarios {
         env.wait_ready("ann").await;
         env.annotate("ann", "openstack.waldur.com/request-pull", Some("t1"))
             .await;
-        env.wait("ann", Duration::from_secs(10), |sg| {
-            sg.unwrap()
-                .status
-                .as_ref()
-                .and_then(|s| s.handled_requests.as_ref())
-                .and_then(|h| h.pull.as_deref())
-                == Some("t1")
-        })
-        .await;
+        env.wait("ann", Duration::from_secs(10), handled(|h| &h.pull, "t1"))
+            .await;
         env.wait_ready("ann").await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(env.sim.requests("pull"), 1, "one token, one pull");
@@ -255,15 +261,8 @@ mod scenarios {
         );
         env.annotate("ann", "openstack.waldur.com/paused", None)
             .await;
-        env.wait("ann", Duration::from_secs(10), |sg| {
-            sg.unwrap()
-                .status
-                .as_ref()
-                .and_then(|s| s.handled_requests.as_ref())
-                .and_then(|h| h.set_ok.as_deref())
-                == Some("k1")
-        })
-        .await;
+        env.wait("ann", Duration::from_secs(10), handled(|h| &h.set_ok, "k1"))
+            .await;
         assert_eq!(env.sim.requests("set_ok"), 1);
     }
 
@@ -498,52 +497,65 @@ impl Env {
     }
 }
 
-/// Each scenario as a test on both backends: `test_server::NAME` and `real::NAME`.
+/// A lagging watch cache: every watch event reaches the operator 300 ms late.
+mod lagging_watch {
+    use super::*;
+
+    const LAG: Duration = Duration::from_millis(300);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_imports_of_one_group_at_the_same_instant_bind_once() {
+        let env = Env::lagging("lag-imports", LAG).await;
+        scenarios::two_imports_of_one_group_at_the_same_instant_bind_once(&env).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn apply_to_ready_and_stale_generations() {
+        let env = Env::lagging("lag-ready", LAG).await;
+        scenarios::apply_to_ready_and_stale_generations(&env).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_deletion_policy() {
+        let env = Env::lagging("lag-delete", LAG).await;
+        scenarios::each_deletion_policy(&env).await;
+    }
+}
+
+/// The scenarios as tests on one backend, in a module of their own; `many` resources for the
+/// scale scenario.
+macro_rules! backend {
+    ($module:ident, $kind:expr, $many:expr, [$($name:ident),*]) => {
+        mod $module {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    scenarios::$name(&Env::new($kind, stringify!($name)).await).await;
+                }
+            )*
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deleting_a_namespace_cleans_up_with_its_own_credentials() {
+                let env = Env::cluster_wide($kind, "ns-deletion").await;
+                scenarios::deleting_a_namespace_cleans_up_with_its_own_credentials(&env).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn many_resources_converge_to_ready() {
+                let env = Env::new($kind, "many").await;
+                scenarios::many_resources_converge(&env, $many).await;
+            }
+        }
+    };
+}
+
+/// Each scenario as a test on both backends: `test_server::NAME` (1,000 resources for the
+/// scale scenario) and `real::NAME` (100).
 macro_rules! both {
     ($($name:ident),* $(,)?) => {
-        mod test_server {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    scenarios::$name(&Env::new(Kind::TestServer, stringify!($name)).await).await;
-                }
-            )*
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deleting_a_namespace_cleans_up_with_its_own_credentials() {
-                let env = Env::cluster_wide(Kind::TestServer, "ns-deletion").await;
-                scenarios::deleting_a_namespace_cleans_up_with_its_own_credentials(&env).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_thousand_resources_converge_to_ready() {
-                let env = Env::new(Kind::TestServer, "thousand").await;
-                scenarios::many_resources_converge(&env, 1000).await;
-            }
-        }
-
-        mod real {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    scenarios::$name(&Env::new(Kind::Real, stringify!($name)).await).await;
-                }
-            )*
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn deleting_a_namespace_cleans_up_with_its_own_credentials() {
-                let env = Env::cluster_wide(Kind::Real, "ns-deletion").await;
-                scenarios::deleting_a_namespace_cleans_up_with_its_own_credentials(&env).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_hundred_resources_converge_to_ready() {
-                let env = Env::new(Kind::Real, "hundred").await;
-                scenarios::many_resources_converge(&env, 100).await;
-            }
-        }
+        backend!(test_server, Kind::TestServer, 1000, [$($name),*]);
+        backend!(real, Kind::Real, 100, [$($name),*]);
     };
 }
 

@@ -112,6 +112,9 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     let kube_server = TestServer::start().await.map_err(|e| e.to_string())?;
     let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
     kube_server.install_crd(crd)?;
+    for i in 0..10 {
+        kube_server.create_namespace(&format!("team-{i}"))?;
+    }
     let half = Duration::from_millis(args.transition_ms / 2);
     let sim = Simulator::start(SimConfig {
         delays: Delays {

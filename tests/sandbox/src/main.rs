@@ -61,6 +61,8 @@ async fn run(args: Args) -> Result<(), String> {
     })?;
     let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
     kube_server.install_crd(crd)?;
+    // The examples' namespace, so that `kubectl apply -f examples/` works at once.
+    kube_server.create_namespace("team-a")?;
     let step = Duration::from_millis(args.step_ms);
     let sim = Simulator::start_on(
         SimConfig {
