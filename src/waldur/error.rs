@@ -23,6 +23,9 @@ pub enum ErrorKind {
     Conflict,
     /// 400: Waldur rejected the request; retrying the same request cannot help.
     Invalid,
+    /// A 404 that is not Waldur's JSON: this server has no such route (for example `set_ok`
+    /// before Waldur 8.0), or the address is not a Waldur API.
+    Unsupported,
     /// Anything else: a status or body Waldur's contract does not describe.
     Unexpected,
 }
@@ -36,6 +39,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::Conflict => "conflict",
             Self::Invalid => "invalid",
+            Self::Unsupported => "unsupported",
             Self::Unexpected => "unexpected",
         }
     }
@@ -114,6 +118,13 @@ pub enum WaldurError {
         endpoint: &'static str,
         messages: FieldMessages,
     },
+    #[error(
+        "this Waldur has no such route ({endpoint}): HTTP 404 without Waldur's JSON: {excerpt}"
+    )]
+    NoSuchRoute {
+        endpoint: &'static str,
+        excerpt: String,
+    },
     #[error("unexpected answer from Waldur ({endpoint}): HTTP {status}: {excerpt}")]
     Unexpected {
         endpoint: &'static str,
@@ -134,6 +145,7 @@ impl WaldurError {
             Self::NotFound { .. } => ErrorKind::NotFound,
             Self::Conflict { .. } => ErrorKind::Conflict,
             Self::Invalid { .. } => ErrorKind::Invalid,
+            Self::NoSuchRoute { .. } => ErrorKind::Unsupported,
             Self::Unexpected { .. } | Self::Config(_) => ErrorKind::Unexpected,
         }
     }
@@ -151,6 +163,7 @@ impl WaldurError {
             Self::NotFound { .. } => Some(404),
             Self::Conflict { .. } => Some(409),
             Self::Invalid { .. } => Some(400),
+            Self::NoSuchRoute { .. } => Some(404),
             Self::Unexpected { status, .. } => Some(*status),
             Self::Config(_) => None,
         }
@@ -169,6 +182,7 @@ impl WaldurError {
             | Self::NotFound { detail, .. }
             | Self::Conflict { detail, .. } => detail.clone(),
             Self::Invalid { messages, .. } => messages.to_string(),
+            Self::NoSuchRoute { excerpt, .. } => format!("HTTP 404: {excerpt}"),
             Self::Unexpected {
                 status, excerpt, ..
             } => format!("HTTP {status}: {excerpt}"),
@@ -212,6 +226,12 @@ impl WaldurError {
             403 => Self::Forbidden {
                 endpoint,
                 detail: detail(),
+            },
+            // Waldur says "not found" in JSON; an HTML 404 is Django's page for a route this
+            // server lacks (or not Waldur at all), never "the object is gone".
+            404 if json.is_none() => Self::NoSuchRoute {
+                endpoint,
+                excerpt: excerpt(body),
             },
             404 => Self::NotFound {
                 endpoint,
@@ -385,6 +405,30 @@ mod tests {
             e.waldur_message(),
             "description: Too long.; name: This field may not be blank."
         );
+        // The fourth shape, for a body that is not JSON at all.
+        let e = classify(
+            400,
+            r#"{"detail": "JSON parse error - Expecting value: line 1 column 1 (char 0)"}"#,
+        );
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            e.waldur_message(),
+            "JSON parse error - Expecting value: line 1 column 1 (char 0)"
+        );
+    }
+
+    #[test]
+    fn a_404_is_not_found_only_in_waldurs_json() {
+        let gone = classify(404, r#"{"detail": "Not found."}"#);
+        assert!(gone.is_not_found());
+        // Django's page for a route this server lacks (set_ok before 8.0): not "gone".
+        let html = classify(
+            404,
+            "<!doctype html><title>Not Found</title><h1>Not Found</h1>",
+        );
+        assert_eq!(html.kind(), ErrorKind::Unsupported);
+        assert!(!html.is_not_found());
+        assert!(html.to_string().contains("no such route"), "{html}");
     }
 
     #[test]

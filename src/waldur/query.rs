@@ -10,7 +10,14 @@ pub struct ListQuery {
     filters: Vec<(&'static str, String)>,
     fields: Vec<String>,
     page_size: Option<u32>,
+    /// `o=`: without it a real Waldur orders only by tenant name, so the rows of one tenant
+    /// move between requests and a paged read repeats some and skips others.
+    order: Option<String>,
 }
+
+/// The order every paged list asks for unless told otherwise: oldest first, which also puts
+/// groups created during a read on its last page instead of shifting the others.
+pub const DEFAULT_ORDER: &str = "created";
 
 impl ListQuery {
     pub fn new() -> Self {
@@ -58,9 +65,11 @@ impl ListQuery {
     pub fn description(self, text: &str) -> Self {
         self.filter("description", text)
     }
-    /// `o=`: `name`, `created`, `state`, ... with `-` for descending.
-    pub fn order_by(self, key: &str) -> Self {
-        self.filter("o", key)
+    /// `o=`: `name`, `created`, `state`, ... with `-` for descending, instead of the default
+    /// (`created`). Use a key that orders every row apart, or pages may still overlap.
+    pub fn order_by(mut self, key: &str) -> Self {
+        self.order = Some(key.to_string());
+        self
     }
 
     /// Asks for these fields only (`field=` repeated); unknown names are ignored by Waldur.
@@ -82,6 +91,10 @@ impl ListQuery {
 
     pub(crate) fn params_for_page(&self, page: u32) -> Vec<(&'static str, String)> {
         let mut params = self.filters.clone();
+        params.push((
+            "o",
+            self.order.as_deref().unwrap_or(DEFAULT_ORDER).to_string(),
+        ));
         params.extend(self.fields.iter().map(|f| ("field", f.clone())));
         params.push((
             "page_size",
@@ -110,6 +123,16 @@ mod tests {
         assert_eq!(p.iter().filter(|(k, _)| *k == "field").count(), 2);
         assert!(p.contains(&("page_size", "300".into())));
         assert!(p.contains(&("page", "2".into())));
+        assert!(
+            p.contains(&("o", "created".into())),
+            "every page names a stable order"
+        );
+        assert!(
+            ListQuery::new()
+                .order_by("-name")
+                .params_for_page(1)
+                .contains(&("o", "-name".into()))
+        );
         assert_eq!(ListQuery::new().page_size(5000).page_size, Some(300));
     }
 }
