@@ -29,6 +29,10 @@ pub mod synced_reason {
     pub const CONFLICT: &str = "Conflict";
     pub const PAUSED: &str = "Paused";
     pub const ERROR: &str = "ReconcileError";
+    /// The Waldur in use has no such action (for example set_ok before 8.0).
+    pub const UNSUPPORTED: &str = "UnsupportedByWaldur";
+    /// Deletion waits: the group is ERRED and OpenStack may still hold it.
+    pub const DELETE_BLOCKED: &str = "DeleteBlocked";
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

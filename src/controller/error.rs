@@ -28,6 +28,7 @@ impl Error {
                 ErrorKind::Forbidden => synced_reason::FORBIDDEN,
                 ErrorKind::Conflict => synced_reason::CONFLICT,
                 ErrorKind::Invalid => "InvalidSpec",
+                ErrorKind::Unsupported => synced_reason::UNSUPPORTED,
                 ErrorKind::NotFound | ErrorKind::Unexpected => synced_reason::ERROR,
             },
             Self::Kube(_) => synced_reason::ERROR,

@@ -154,11 +154,32 @@ pub enum Cleanup {
     Unlink(WaldurUuid),
     /// Waldur is working on it (deleting, or busy with another operation): look again soon.
     Wait { state: String },
+    /// ERRED with a Nova group: a DELETE now would make Waldur drop its record even when
+    /// OpenStack keeps the group. Pull it (Waldur's recovery path) and delete once it is OK.
+    PullFirst { uuid: WaldurUuid, attempt: u32 },
+    /// Still ERRED after pulling: OpenStack may hold the group. Pull again after `retry_in`;
+    /// meanwhile the finalizer stays and status says why.
+    Held {
+        message: String,
+        attempts: u32,
+        retry_in: Duration,
+    },
+}
+
+/// Pulls of an ERRED group that is being deleted: 10 s, doubling, at most 10 minutes apart.
+pub fn delete_pull_backoff(attempts: u32) -> Duration {
+    Duration::from_secs(10)
+        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(16)))
+        .min(Duration::from_secs(600))
 }
 
 /// The deletion policy applied to what is known of the group. `observed` is `None` before a
 /// lookup and `Some(None)` when Waldur no longer has the group.
-pub fn cleanup(sg: &ServerGroup, observed: Option<Option<&WaldurGroup>>) -> Cleanup {
+pub fn cleanup(
+    sg: &ServerGroup,
+    observed: Option<Option<&WaldurGroup>>,
+    now: Timestamp,
+) -> Cleanup {
     if sg.spec.management_policy == ManagementPolicy::Observe {
         return Cleanup::Release {
             reason: "observed groups are never deleted in Waldur",
@@ -178,6 +199,9 @@ pub fn cleanup(sg: &ServerGroup, observed: Option<Option<&WaldurGroup>>) -> Clea
                 match (policy, &state) {
                     // Unlink works from any state: it is the tool for stuck groups.
                     (DeletionPolicy::Unlink, _) => Cleanup::Unlink(group.uuid.clone()),
+                    (_, State::Erred) if !group.backend_id.is_empty() => {
+                        erred_cleanup(sg, group, now)
+                    }
                     (_, State::Ok | State::Erred) => Cleanup::Delete(group.uuid.clone()),
                     _ => Cleanup::Wait {
                         state: state.to_string(),
@@ -185,6 +209,36 @@ pub fn cleanup(sg: &ServerGroup, observed: Option<Option<&WaldurGroup>>) -> Clea
                 }
             }
         },
+    }
+}
+
+/// An ERRED group with a Nova group, being deleted: pull it when a pull is due, else hold.
+fn erred_cleanup(sg: &ServerGroup, group: &WaldurGroup, now: Timestamp) -> Cleanup {
+    let pulled = sg.status.as_ref().and_then(|s| s.auto_pull.as_ref());
+    let attempts = pulled.map_or(0, |a| a.attempts);
+    let wait = delete_pull_backoff(attempts);
+    if due(pulled.map(|a| a.last_time.0), wait, now) {
+        return Cleanup::PullFirst {
+            uuid: group.uuid.clone(),
+            attempt: attempts + 1,
+        };
+    }
+    let error = if group.error_message.is_empty() {
+        "no message".to_string()
+    } else {
+        group.error_message.clone()
+    };
+    Cleanup::Held {
+        message: format!(
+            "Waldur could not finish with the group ({error}); it is ERRED and OpenStack may \
+             still hold Nova group {}, so it is not deleted from ERRED (Waldur would drop its \
+             record and leave the Nova group behind). Pulled {attempts} time(s) to bring it back \
+             to OK and delete it then; the finalizer stays until the group is OK (then deleted) \
+             or gone from Waldur. To give up on it, set deletionPolicy to Orphan or Unlink.",
+            group.backend_id
+        ),
+        attempts,
+        retry_in: wait,
     }
 }
 

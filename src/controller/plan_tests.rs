@@ -291,13 +291,17 @@ fn cleanup_follows_the_deletion_policy_and_waldur_state() {
     ] {
         let mut sg = resource(Mode::Managed, Some(UUID), None);
         sg.spec.deletion_policy = policy;
-        let got = cleanup(&sg, observed);
+        let got = cleanup(&sg, observed, Timestamp::from_second(100_000).unwrap());
         assert!(check(&got), "{policy:?} {observed:?} -> {got:?}");
     }
     // Observe never deletes, whatever the deletion policy says.
     let mut sg = resource(Mode::Observe, Some(UUID), None);
     sg.spec.deletion_policy = Delete;
-    assert!(released(&cleanup(&sg, Some(Some(&ok)))));
+    assert!(released(&cleanup(
+        &sg,
+        Some(Some(&ok)),
+        Timestamp::from_second(100_000).unwrap()
+    )));
 }
 
 fn annotated(pairs: &[(&str, &str)], handled: HandledRequests) -> ServerGroup {
@@ -514,4 +518,56 @@ fn instances_are_mirrored_only_once_the_group_is_ok() {
     mirror(&mut status, &g);
     assert_eq!(status.instance_count, Some(0));
     assert_eq!(status.state.as_deref(), Some("UPDATING"));
+}
+
+#[test]
+fn an_erred_group_with_a_nova_group_is_pulled_before_it_is_deleted() {
+    let now = Timestamp::from_second(100_000).unwrap();
+    let mut erred = group(State::Erred, "nova-1");
+    erred.error_message = "Nova refused the delete".into();
+    let mut sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    assert_eq!(
+        cleanup(&sg, Some(Some(&erred)), now),
+        Cleanup::PullFirst {
+            uuid: uuid(UUID),
+            attempt: 1
+        },
+        "never DELETE from ERRED while OpenStack may hold the group"
+    );
+    // Pulled 5 s ago, still ERRED: hold, and say why.
+    sg.status.as_mut().unwrap().auto_pull = Some(AutoPull {
+        last_time: Time(Timestamp::from_second(100_000 - 5).unwrap()),
+        attempts: 1,
+    });
+    match cleanup(&sg, Some(Some(&erred)), now) {
+        Cleanup::Held {
+            message, retry_in, ..
+        } => {
+            assert!(message.contains("Nova refused the delete"), "{message}");
+            assert!(message.contains("nova-1") && message.contains("Orphan"), "{message}");
+            assert_eq!(retry_in, delete_pull_backoff(1));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The backoff has passed: pull again.
+    assert_eq!(
+        cleanup(
+            &sg,
+            Some(Some(&erred)),
+            Timestamp::from_second(100_000 + 60).unwrap()
+        ),
+        Cleanup::PullFirst {
+            uuid: uuid(UUID),
+            attempt: 2
+        }
+    );
+    // No Nova group (the create failed): nothing to leak, delete at once.
+    let failed = group(State::Erred, "");
+    assert_eq!(
+        cleanup(&sg, Some(Some(&failed)), now),
+        Cleanup::Delete(uuid(UUID))
+    );
+    assert_eq!(delete_pull_backoff(1), Duration::from_secs(10));
+    assert_eq!(delete_pull_backoff(3), Duration::from_secs(40));
+    assert_eq!(delete_pull_backoff(30), Duration::from_secs(600));
 }

@@ -103,6 +103,8 @@ struct Reconciler {
     /// The status as this reconcile last wrote it: the base for the next write, so that one
     /// reconcile never writes the same status twice.
     latest: tokio::sync::Mutex<Option<ServerGroupStatus>>,
+    /// A request this Waldur cannot serve (no such route), reported in `Synced`.
+    unsupported: std::sync::Mutex<Option<String>>,
 }
 
 impl Reconciler {
@@ -113,6 +115,7 @@ impl Reconciler {
             recorder: Recorder::new(ctx.kube.clone(), ctx.reporter.clone()),
             now: Time(Timestamp::now()),
             latest: tokio::sync::Mutex::new(None),
+            unsupported: std::sync::Mutex::new(None),
             sg,
             ctx,
         }
@@ -397,12 +400,20 @@ impl Reconciler {
         }
         let previous_state = self.status().state;
         let (ready, reason, message) = plan::readiness(&group);
+        let unsupported = self
+            .unsupported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         self.write_status(true, |s| {
             plan::mirror(s, &group);
             s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
             s.auto_pull = auto_pull.clone();
             self.ready(s, ready, reason, &message);
-            self.synced(s, true, synced_reason::RECONCILED, "");
+            match &unsupported {
+                Some(note) => self.synced(s, false, synced_reason::UNSUPPORTED, note),
+                None => self.synced(s, true, synced_reason::RECONCILED, ""),
+            }
         })
         .await?;
         let state = group.state.as_ref().map(State::to_string);
@@ -551,6 +562,23 @@ impl Reconciler {
                 Ok(true)
             }
             Err(e) if e.kind() == ErrorKind::Conflict => Ok(true),
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                // Servers before 8.0 have no set_ok/set_erred: asking again cannot help.
+                *handled = Some(token.to_string());
+                let message = format!(
+                    "this Waldur cannot {action} (Waldur before 8.0 has no set_ok and set_erred actions); \
+                     the request with token {token} is dropped: {e}"
+                );
+                self.event(
+                    EventType::Warning,
+                    &format!("{action}Failed"),
+                    action,
+                    &message,
+                )
+                .await;
+                *self.unsupported.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+                Ok(false)
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -611,7 +639,7 @@ impl Reconciler {
         if !self.has_finalizer() {
             return Ok(Action::await_change());
         }
-        let mut decision = plan::cleanup(&self.sg, None);
+        let mut decision = plan::cleanup(&self.sg, None, self.now.0);
         if decision == Cleanup::Locate {
             let client = self.waldur().await?;
             let group = match self.locate(&client, false).await? {
@@ -619,7 +647,7 @@ impl Reconciler {
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_) | Located::NotFound(_) | Located::Rejected(_) => None,
             };
-            decision = plan::cleanup(&self.sg, Some(group.as_ref()));
+            decision = plan::cleanup(&self.sg, Some(group.as_ref()), self.now.0);
             if let Some(action) = self.carry_out(&client, &decision).await? {
                 return Ok(action);
             }
@@ -700,6 +728,54 @@ impl Reconciler {
                 ))
                 .await?;
                 Ok(Some(Action::requeue(SOON)))
+            }
+            Cleanup::PullFirst { uuid, attempt } => {
+                match client.pull(uuid).await.inspect(|_| client.written(uuid)) {
+                    Ok(_) => {
+                        let note = format!(
+                            "the group is ERRED and OpenStack may still hold it: asked Waldur to \
+                             pull it before deleting, so that the Nova group is deleted too (attempt {attempt})"
+                        );
+                        self.event(EventType::Normal, "PullBeforeDelete", "Delete", &note)
+                            .await;
+                        let pulled = AutoPull {
+                            last_time: self.now.clone(),
+                            attempts: *attempt,
+                        };
+                        self.write_status(true, |s| {
+                            s.auto_pull = Some(pulled.clone());
+                            self.ready(s, false, ready_reason::DELETING, &note);
+                            self.synced(s, true, synced_reason::RECONCILED, "");
+                        })
+                        .await?;
+                        Ok(Some(Action::requeue(SOON)))
+                    }
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Cleanup::Held {
+                message,
+                attempts,
+                retry_in,
+            } => {
+                if self
+                    .status()
+                    .conditions
+                    .iter()
+                    .all(|c| c.message != *message)
+                {
+                    self.event(EventType::Warning, "DeleteBlocked", "Delete", message)
+                        .await;
+                }
+                self.write_status(true, |s| {
+                    self.ready(s, false, ready_reason::DELETING, message);
+                    self.synced(s, false, synced_reason::DELETE_BLOCKED, message);
+                })
+                .await?;
+                tracing::debug!(attempts, ?retry_in, "deletion held: the group is ERRED");
+                Ok(Some(Action::requeue(*retry_in)))
             }
             Cleanup::Release { .. } | Cleanup::Locate => Ok(None),
         }
