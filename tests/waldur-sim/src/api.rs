@@ -13,11 +13,14 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
+use crate::config::WaldurVersion;
 use crate::error::{ApiError, html_error, json_response};
 use crate::faults::Verdict;
 use crate::model::{Row, State, Tenant, normalize_uuid, restrict_fields};
 use crate::server::{ConnCtl, Shared, spawn_job};
 use crate::world::{Caller, World, parse_body};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
 
 /// Django's paginator defaults in Waldur.
 const DEFAULT_PAGE_SIZE: usize = 10;
@@ -59,7 +62,8 @@ enum Route {
 }
 
 impl Route {
-    fn parse(path: &str) -> Route {
+    /// `set_actions`: the server has `set_ok` / `set_erred` (8.0.0 and later).
+    fn parse(path: &str, set_actions: bool) -> Route {
         // Django's URL patterns all end in a slash; without it nothing matches.
         let Some(inner) = path.strip_prefix("/api/").and_then(|p| p.strip_suffix('/')) else {
             return Route::Unknown;
@@ -75,8 +79,8 @@ impl Route {
                 let action = match *action {
                     "pull" => Action::Pull,
                     "unlink" => Action::Unlink,
-                    "set_erred" => Action::SetErred,
-                    "set_ok" => Action::SetOk,
+                    "set_erred" if set_actions => Action::SetErred,
+                    "set_ok" if set_actions => Action::SetOk,
                     _ => return Route::Unknown,
                 };
                 Route::Action((*id).to_string(), action)
@@ -113,14 +117,41 @@ impl Drop for Answering {
     }
 }
 
+/// Django's `CommonMiddleware` with `APPEND_SLASH`: a path without its trailing slash that would
+/// match with one is answered 301 to that URL (query kept), before any view or auth runs.
+fn append_slash_redirect(path: &str, query: Option<&str>, set_actions: bool) -> Option<Response> {
+    if path.ends_with('/') {
+        return None;
+    }
+    let with_slash = format!("{path}/");
+    if Route::parse(&with_slash, set_actions) == Route::Unknown {
+        return None;
+    }
+    let location = match query {
+        Some(q) => format!("{with_slash}?{q}"),
+        None => with_slash,
+    };
+    let mut resp = StatusCode::MOVED_PERMANENTLY.into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    Some(resp)
+}
+
 /// Every request that is not `/__sim/...` lands here.
 async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     if !path.starts_with("/api/") {
-        return ApiError::NotFound.into_response();
+        // No URL pattern: Django's HTML 404 page, not Waldur's JSON.
+        return ApiError::NoRoute.into_response();
     }
-    let route = Route::parse(&path);
+    let set_actions = !shared.world().pre_8_0_0;
+    let route = Route::parse(&path, set_actions);
     let endpoint = route.endpoint(&parts.method);
     shared.counters().hit(endpoint);
     let _answering = Answering(shared.clone());
@@ -149,6 +180,11 @@ async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response 
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             return maybe_slow(html_error(status), slow, &parts.method).await;
         }
+    }
+    if route == Route::Unknown
+        && let Some(resp) = append_slash_redirect(&path, parts.uri.query(), set_actions)
+    {
+        return maybe_slow(resp, slow, &parts.method).await;
     }
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
@@ -239,7 +275,8 @@ fn request_base(headers: &HeaderMap, fallback: &str) -> String {
 
 fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, ApiError> {
     if *route == Route::Unknown {
-        return Err(ApiError::NotFound);
+        // Django resolves the URL before DRF authenticates: no pattern, no auth, HTML 404.
+        return Err(ApiError::NoRoute);
     }
     let auth = ctx
         .headers
@@ -249,13 +286,17 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
     let method = &ctx.method;
     let not_allowed = || ApiError::MethodNotAllowed(method.as_str().to_string());
     match route {
-        Route::Unknown => Err(ApiError::NotFound),
+        Route::Unknown => Err(ApiError::NoRoute),
         Route::Collection => match *method {
-            Method::GET => list(&shared.world(), caller, ctx),
-            Method::HEAD => count(&shared.world(), caller, ctx),
+            Method::GET => list(&mut shared.world(), caller, ctx),
+            Method::HEAD => count(&mut shared.world(), caller, ctx),
             // The router lists this create, but it has no tenant to attach the group to, so a
             // real server fails inside the serializer: 500 with Django's HTML page, nothing saved.
-            Method::POST => Err(ApiError::ServerError),
+            // The body is parsed first, so malformed JSON is still a 400.
+            Method::POST => {
+                parse_body(&ctx.body)?;
+                Err(ApiError::ServerError)
+            }
             _ => Err(not_allowed()),
         },
         Route::Detail(id) => match *method {
@@ -273,15 +314,15 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
                     &json!({"detail": "Deletion was scheduled."}),
                 ))
             }
+            // 7.0.x has the update route but it crashes: 500 with Django's HTML page.
+            Method::PUT | Method::PATCH if shared.world().version == WaldurVersion::V7_0 => {
+                Err(ApiError::ServerError)
+            }
             // From 8.0.3 server groups are immutable through the API.
             _ => Err(not_allowed()),
         },
+        // set_ok / set_erred before 8.0.0 never get here: Route::parse finds no pattern.
         Route::Action(id, action) => {
-            let pre_8 = shared.world().pre_8_0_0;
-            if pre_8 && matches!(action, Action::SetOk | Action::SetErred) {
-                // These actions did not exist before 8.0.0: no URL pattern matches.
-                return Err(ApiError::NotFound);
-            }
             if *method != Method::POST {
                 return Err(not_allowed());
             }
@@ -289,6 +330,13 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
                 && caller != Caller::Staff
             {
                 return Err(ApiError::Forbidden);
+            }
+            // DRF looks the object up (404) before the view reads the body (400 on bad JSON).
+            if shared.world().visible_row(caller, id).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            if *action != Action::SetErred {
+                parse_body(&ctx.body)?;
             }
             match action {
                 Action::Pull => {
@@ -317,10 +365,6 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
                     ))
                 }
                 Action::SetErred => {
-                    // DRF looks the object up (404) before it validates the body (400).
-                    if shared.world().visible_row(caller, id).is_none() {
-                        return Err(ApiError::NotFound);
-                    }
                     let (message, traceback) = set_erred_body(&ctx.body)?;
                     shared.world().set_state_action(
                         caller,
@@ -385,15 +429,17 @@ fn set_erred_body(body: &[u8]) -> Result<(String, String), ApiError> {
 
 // ----- list, count, filters, pagination -----
 
-/// Orderable fields of `?o=`.
-const ORDER_FIELDS: [&str; 7] = [
+/// Orderable keys of `?o=`: Waldur's `BaseResourceFilter.ORDERING_FIELDS` (the contract names
+/// `name`, `created`, `state`; the others are the rest of that list). Any other key is a 400.
+const ORDER_FIELDS: [&str; 8] = [
     "name",
-    "created",
-    "modified",
     "state",
-    "project_name",
     "customer_name",
-    "tenant_name",
+    "customer_native_name",
+    "customer_abbreviation",
+    "project_name",
+    "service_name",
+    "created",
 ];
 
 /// The UUID filters and what each compares against.
@@ -428,7 +474,15 @@ fn tenant_from_url(url: &str) -> Option<String> {
 }
 
 /// django-filter's filter set, then the ordering; 400 with every invalid parameter.
-fn filtered<'a>(world: &'a World, caller: Caller, ctx: &Ctx) -> Result<Vec<&'a Row>, ApiError> {
+///
+/// `shuffle`: the seed of this request's shuffle when the default order is the real server's
+/// (tenant name only); `None` keeps the old creation order. Ignored when `o=` is given.
+fn filtered<'a>(
+    world: &'a World,
+    caller: Caller,
+    ctx: &Ctx,
+    shuffle: Option<u64>,
+) -> Result<Vec<&'a Row>, ApiError> {
     let mut errors = Map::new();
 
     let mut uuid_filters: Vec<(&str, String)> = Vec::new();
@@ -518,18 +572,30 @@ fn filtered<'a>(world: &'a World, caller: Caller, ctx: &Ctx) -> Result<Vec<&'a R
         })
         .collect();
 
-    // Stable sort over the default (created, insertion) order, so ties stay oldest-first.
-    if !ordering.is_empty() {
+    // django-filter's OrderingFilter is a CSV filter: `o=state,-created` sorts by both. The sort is
+    // stable over the (created, insertion) order, so ties stay oldest-first and every `o=` gives
+    // a total, repeatable order (Postgres promises nothing for ties of `state` or `name`, but
+    // `created` is what clients should page by).
+    if ordering.is_empty() {
+        // Waldur's default ordering is the tenant's name only: within a tenant the database
+        // returns rows in whatever order it likes, which changes between requests.
+        if let Some(seed) = shuffle {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            rows.shuffle(&mut rng);
+            rows.sort_by(|(_, ta), (_, tb)| ta.name.cmp(&tb.name));
+        }
+    } else {
         rows.sort_by(|(a, ta), (b, tb)| {
             for (field, desc) in &ordering {
                 let ord = match *field {
                     "name" => a.name.cmp(&b.name),
                     "created" => (a.created, a.seq).cmp(&(b.created, b.seq)),
-                    "modified" => a.modified.cmp(&b.modified),
                     "state" => a.state.db_value().cmp(&b.state.db_value()),
                     "project_name" => ta.project_name.cmp(&tb.project_name),
                     "customer_name" => ta.customer_name.cmp(&tb.customer_name),
-                    _ => ta.name.cmp(&tb.name),
+                    "service_name" => ta.name.cmp(&tb.name),
+                    // customer_native_name, customer_abbreviation: "" for every simulated customer.
+                    _ => Ordering::Equal,
                 };
                 let ord = if *desc { ord.reverse() } else { ord };
                 if ord != Ordering::Equal {
@@ -552,8 +618,10 @@ fn page_size(ctx: &Ctx) -> usize {
     }
 }
 
-fn list(world: &World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
-    let rows = filtered(world, caller, ctx)?;
+fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let shuffle = world.next_shuffle_seed();
+    let world = &*world;
+    let rows = filtered(world, caller, ctx, shuffle)?;
     let count = rows.len();
     let size = page_size(ctx);
     // Django: an empty list still has one (empty) page.
@@ -587,12 +655,11 @@ fn list(world: &World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> 
     Ok(resp)
 }
 
-fn count(world: &World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
-    let n = filtered(world, caller, ctx)?.len();
-    let mut resp = StatusCode::OK.into_response();
-    resp.headers_mut()
-        .insert("x-result-count", HeaderValue::from(n));
-    Ok(resp)
+/// `HEAD`: the list's answer without its body, so `X-Result-Count` and `Link` both come (and a
+/// page that does not exist is a 404 here too).
+fn count(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let (parts, _) = list(world, caller, ctx)?.into_parts();
+    Ok(Response::from_parts(parts, Body::empty()))
 }
 
 /// Waldur's LinkHeaderPagination: absolute URLs with the request's other query parameters kept
@@ -678,7 +745,7 @@ mod tests {
     #[test]
     fn routes_and_endpoint_names() {
         let id = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
-        let r = |p: &str| Route::parse(p);
+        let r = |p: &str| Route::parse(p, true);
         assert_eq!(r("/api/openstack-server-groups/"), Route::Collection);
         assert_eq!(r("/api/openstack-server-groups"), Route::Unknown);
         assert_eq!(
@@ -698,6 +765,13 @@ mod tests {
             Route::TenantCreate(id.into())
         );
         assert_eq!(r("/api/openstack-server-groups//"), Route::Unknown);
+        assert_eq!(
+            Route::parse(
+                &format!("/api/openstack-server-groups/{id}/set_erred/"),
+                false
+            ),
+            Route::Unknown
+        );
         assert_eq!(Route::Collection.endpoint(&Method::HEAD), "count");
         assert_eq!(Route::Detail(id.into()).endpoint(&Method::PATCH), "update");
         assert_eq!(

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::config::Delays;
+use crate::config::{DefaultOrder, Delays};
 use crate::error::json_response;
 use crate::faults::{ENDPOINTS, FailRule, Faults};
 use crate::model::State;
@@ -37,10 +37,15 @@ Control plane (no auth; faults and counters ignore it):
   POST /__sim/instances          {\"uuid\",\"instances\":[{\"name\",\"backend_id\"}]}: attach VMs
   POST /__sim/tenants            {\"uuid\",\"ok\"?,\"user_visible\"?}: add or change a tenant (ok=false -> 409 on create)
   POST /__sim/delays             {\"schedule_ms\",\"run_ms\"}: worker timing for new operations
+  GET  /__sim/order              the list's order without o=
+  POST /__sim/order              {\"order\":\"shuffled\",\"seed\":N?} (real server: tenant name, then a new order
+                                 per request) or {\"order\":\"created\"} (oldest first, stable)
   GET  /__sim/faults             current faults
   POST /__sim/faults             any of {\"latency_ms\":N, \"fail_next\":{\"count\":N,\"status\":503,\"endpoint\":\"create\"?},
                                  \"failing\":502|null, \"drop_next\":N, \"slow_body_ms\":N|null,
-                                 \"fail_creates\":N, \"fail_deletes\":N}
+                                 \"fail_creates\":N, \"fail_deletes\":N, \"refuse_deletes\":true|false}
+                                 (fail_deletes: the next N deletes fail in OpenStack; refuse_deletes: all
+                                 of them until false; from OK -> ERRED, from ERRED the row goes anyway)
   POST /__sim/faults/clear       remove every fault
 Endpoint names: list count retrieve create create_collection pull delete unlink set_erred set_ok update other
 ";
@@ -61,6 +66,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/__sim/instances", post(instances))
         .route("/__sim/tenants", post(tenants))
         .route("/__sim/delays", post(delays))
+        .route("/__sim/order", get(get_order).post(set_order))
         .route("/__sim/faults", get(get_faults).post(set_faults))
         .route("/__sim/faults/clear", post(clear_faults))
 }
@@ -307,10 +313,45 @@ async fn delays(AxState(s): Shared_, body: Bytes) -> Response {
     ok(json!({"schedule_ms": req.schedule_ms, "run_ms": req.run_ms}))
 }
 
+fn order_json(order: DefaultOrder) -> Value {
+    match order {
+        DefaultOrder::Shuffled { seed } => json!({"order": "shuffled", "seed": seed}),
+        DefaultOrder::Created => json!({"order": "created"}),
+    }
+}
+
+async fn get_order(AxState(s): Shared_) -> Response {
+    ok(order_json(s.world().default_order))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderReq {
+    order: String,
+    seed: Option<u64>,
+}
+
+async fn set_order(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: OrderReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let order = match req.order.as_str() {
+        "shuffled" => DefaultOrder::Shuffled {
+            seed: req.seed.unwrap_or(0),
+        },
+        "created" => DefaultOrder::Created,
+        other => return bad(format!("unknown order {other:?} (shuffled or created)")),
+    };
+    s.world().default_order = order;
+    ok(order_json(order))
+}
+
 fn fault_state(s: &Shared) -> Value {
     let faults = serde_json::to_value(&*s.faults()).unwrap_or(Value::Null);
     let world = s.world();
-    json!({"faults": faults, "fail_creates": world.fail_creates, "fail_deletes": world.fail_deletes})
+    json!({"faults": faults, "fail_creates": world.fail_creates, "fail_deletes": world.fail_deletes,
+           "refuse_deletes": world.refuse_deletes})
 }
 
 async fn get_faults(AxState(s): Shared_) -> Response {
@@ -350,6 +391,7 @@ struct FaultsReq {
     slow_body_ms: Option<Option<u64>>,
     fail_creates: Option<usize>,
     fail_deletes: Option<usize>,
+    refuse_deletes: Option<bool>,
 }
 
 async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
@@ -404,6 +446,9 @@ async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
         if let Some(n) = req.fail_deletes {
             world.fail_deletes = n;
         }
+        if let Some(r) = req.refuse_deletes {
+            world.refuse_deletes = r;
+        }
     }
     ok(fault_state(&s))
 }
@@ -414,6 +459,7 @@ async fn clear_faults(AxState(s): Shared_) -> Response {
         let mut world = s.world();
         world.fail_creates = 0;
         world.fail_deletes = 0;
+        world.refuse_deletes = false;
     }
     ok(fault_state(&s))
 }

@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 /// Django's production 500 page: what real servers send for the collection POST.
 pub const DJANGO_500_HTML: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n  <title>Server Error (500)</title>\n</head>\n<body>\n  <h1>Server Error (500)</h1><p></p>\n</body>\n</html>\n";
 
+/// Django's production 404 page: what a URL no pattern matches gets (no JSON, no `detail`).
+pub const DJANGO_404_HTML: &str = "<!doctype html>\n<html lang=\"en\">\n<head>\n  <title>Not Found</title>\n</head>\n<body>\n  <h1>Not Found</h1><p>The requested resource was not found on this server.</p>\n</body>\n</html>\n";
+
 /// Every non-2xx answer of the simulated API.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -14,8 +17,12 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("403 permission denied")]
     Forbidden,
+    /// No such object (or not visible): Waldur's JSON `{"detail": "Not found."}`.
     #[error("404 not found")]
     NotFound,
+    /// No URL pattern matches: Django's HTML 404 page.
+    #[error("404 no such route")]
+    NoRoute,
     #[error("404 invalid page")]
     InvalidPage,
     #[error("405 method {0} not allowed")]
@@ -46,6 +53,8 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response {
 pub fn html_error(status: StatusCode) -> Response {
     let body = if status == StatusCode::INTERNAL_SERVER_ERROR {
         DJANGO_500_HTML.to_string()
+    } else if status == StatusCode::NOT_FOUND {
+        DJANGO_404_HTML.to_string()
     } else {
         // nginx's stock error page, which is what clients see for 502/503/504 in practice.
         let line = format!(
@@ -82,6 +91,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound => {
                 json_response(StatusCode::NOT_FOUND, &json!({"detail": "Not found."}))
             }
+            ApiError::NoRoute => html_error(StatusCode::NOT_FOUND),
             ApiError::InvalidPage => {
                 json_response(StatusCode::NOT_FOUND, &json!({"detail": "Invalid page."}))
             }

@@ -5,7 +5,11 @@
 //! operations in transitional states, asynchronous state transitions, both state vocabularies,
 //! the pre-8.0.4 affinity-only policy set, staff and non-staff tokens, pagination clamped at 300
 //! with `Link` and `X-Result-Count`, sparse fields, Waldur's periodic tenant re-sync, injected
-//! faults, and per-endpoint request counters.
+//! faults, and per-endpoint request counters. It also copies what a real 7.0.7 server showed: the
+//! list without `o=` is ordered by tenant name only (rows of a tenant reshuffle per request, see
+//! [`DefaultOrder`]), HTML 404s for URLs without a route, 301 for a missing trailing slash,
+//! `{"detail": "JSON parse error - ..."}` 400s, DELETE from ERRED dropping the row even when
+//! OpenStack refuses, and a whole 7.0.x mode ([`WaldurVersion::V7_0`]).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -28,7 +32,7 @@ mod model;
 mod server;
 mod world;
 
-pub use config::{DEFAULT_TENANT, Delays, SimConfig, Vocabulary};
+pub use config::{DEFAULT_TENANT, DefaultOrder, Delays, SimConfig, Vocabulary, WaldurVersion};
 pub use control::CONTROL_HELP;
 pub use faults::ENDPOINTS;
 pub use server::Simulator;

@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use waldur_sim::{CONTROL_HELP, DEFAULT_TENANT, Delays, SimConfig, Simulator, Vocabulary};
+use waldur_sim::{
+    CONTROL_HELP, DEFAULT_TENANT, DefaultOrder, Delays, SimConfig, Simulator, Vocabulary,
+    WaldurVersion,
+};
 
 /// A stateful simulator of the Waldur OpenStack server-group API (tests and local runs).
 ///
@@ -12,6 +15,9 @@ use waldur_sim::{CONTROL_HELP, DEFAULT_TENANT, Delays, SimConfig, Simulator, Voc
 /// 500 from POST /api/openstack-server-groups/, 202 on DELETE, 409 in transitional states,
 /// asynchronous state transitions, pagination clamped at 300, sparse fields, the periodic tenant
 /// re-sync, and staff vs. non-staff tokens. Faults and counters are driven over /__sim/.
+///
+/// Like a real server, the list without o= is ordered by tenant name only: rows of one tenant
+/// come in a new order on every request, so paging without o= can repeat or skip rows.
 #[derive(Debug, Parser)]
 #[command(name = "waldur-sim", version, after_help = CONTROL_HELP)]
 struct Cli {
@@ -48,9 +54,33 @@ struct Cli {
     #[arg(long, env = "WALDUR_SIM_AFFINITY_ONLY")]
     affinity_only: bool,
 
-    /// Behave like a server before 8.0.0: set_ok and set_erred do not exist (404).
+    /// Behave like a server before 8.0.0: set_ok and set_erred do not exist (HTML 404).
     #[arg(long, env = "WALDUR_SIM_PRE_8_0_0")]
     pre_8_0_0: bool,
+
+    /// Waldur release to copy: "current" (8.0.x and later) or "7.0" (old state labels, affinity
+    /// only, no set_ok/set_erred, description up to 2000 characters, PUT/PATCH answer 500 HTML).
+    #[arg(
+        long,
+        value_name = "VERSION",
+        env = "WALDUR_SIM_VERSION",
+        default_value = "current"
+    )]
+    waldur_version: WaldurVersion,
+
+    /// Order of the list without o=: "shuffled" (real servers: by tenant name only, a new order
+    /// per request) or "created" (oldest first, stable; kinder than any real server).
+    #[arg(long, value_name = "ORDER", env = "WALDUR_SIM_DEFAULT_ORDER", default_value = "shuffled", value_parser = ["shuffled", "created"])]
+    default_order: String,
+
+    /// Seed of the per-request shuffles of --default-order shuffled (same seed, same orders).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "WALDUR_SIM_ORDER_SEED",
+        default_value_t = 0
+    )]
+    order_seed: u64,
 
     /// Milliseconds an operation stays in *_SCHEDULED before the worker starts.
     #[arg(long, env = "WALDUR_SIM_SCHEDULE_DELAY_MS", default_value_t = 2000)]
@@ -96,6 +126,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         affinity_only: cli.affinity_only,
         pre_8_0_0: cli.pre_8_0_0,
+        version: cli.waldur_version,
+        default_order: if cli.default_order == "created" {
+            DefaultOrder::Created
+        } else {
+            DefaultOrder::Shuffled {
+                seed: cli.order_seed,
+            }
+        },
         delays: Delays {
             schedule: Duration::from_millis(cli.schedule_delay_ms),
             run: Duration::from_millis(cli.run_delay_ms),
@@ -134,8 +172,8 @@ Try it:
   curl -sS -X POST -H 'Authorization: Token {token}' -H 'Content-Type: application/json' \\
        -d '{{\"name\":\"web\",\"policy\":\"anti-affinity\"}}' \\
        {base}/api/openstack-tenants/{tenant}/create_server_group/
-  # list (bare array; X-Result-Count and Link headers)
-  curl -sS -i -H 'Authorization: Token {token}' '{api}/?tenant_uuid={tenant}&page_size=300'
+  # list (bare array; X-Result-Count and Link headers; name an order with o= when paging)
+  curl -sS -i -H 'Authorization: Token {token}' '{api}/?tenant_uuid={tenant}&o=created&page_size=300'
   # get one
   curl -sS -H 'Authorization: Token {token}' {api}/UUID/
   # delete (202, then DELETION_SCHEDULED -> DELETING -> 404)

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tower_service::Service;
 
-use crate::config::{Delays, SimConfig};
+use crate::config::{DefaultOrder, Delays, SimConfig};
 use crate::faults::{Counters, FailRule, Faults};
 use crate::model::State;
 use crate::world::{Job, ResyncReport, World};
@@ -306,6 +306,19 @@ impl Simulator {
         self.shared.world().fail_deletes = n;
     }
 
+    /// While `true`, OpenStack refuses every server-group delete: a DELETE from OK goes
+    /// `DELETION_SCHEDULED` → `DELETING` → `ERRED` (error fields set, the Nova group stays); a
+    /// DELETE from ERRED still removes the row and leaves the Nova group, which the next tenant
+    /// re-sync imports under a new UUID. Cleared by [`Simulator::clear_faults`].
+    pub fn openstack_refuse_deletes(&self, refuse: bool) {
+        self.shared.world().refuse_deletes = refuse;
+    }
+
+    /// The list's order when a request has no `o=` (lists from now on).
+    pub fn set_default_order(&self, order: DefaultOrder) {
+        self.shared.world().default_order = order;
+    }
+
     /// Runs Waldur's tenant re-sync now.
     pub async fn resync_now(&self) {
         self.shared.world().resync();
@@ -369,6 +382,7 @@ impl Simulator {
         let mut world = self.shared.world();
         world.fail_creates = 0;
         world.fail_deletes = 0;
+        world.refuse_deletes = false;
     }
 }
 

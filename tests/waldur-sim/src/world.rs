@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::{Value, json};
 
-use crate::config::{Delays, SimConfig, Vocabulary};
+use crate::config::{DefaultOrder, Delays, SimConfig, Vocabulary, WaldurVersion};
 use crate::error::ApiError;
 use crate::model::{
     Instance, NovaGroup, Row, State, Tenant, new_dashed_uuid, new_hex_uuid, normalize_uuid,
@@ -54,9 +54,15 @@ pub struct ResyncReport {
 }
 
 pub struct World {
+    /// The release copied; `vocabulary`, `affinity_only` and `pre_8_0_0` already reflect it.
+    pub version: WaldurVersion,
     pub vocabulary: Vocabulary,
     pub affinity_only: bool,
     pub pre_8_0_0: bool,
+    /// The list's order without `o=`.
+    pub default_order: DefaultOrder,
+    /// Lists answered so far with the shuffled default order (the shuffle's per-request seed).
+    shuffles: u64,
     pub delays: Delays,
     pub staff_token: String,
     pub user_token: String,
@@ -68,6 +74,8 @@ pub struct World {
     pub openstack: BTreeMap<String, Vec<NovaGroup>>,
     pub fail_creates: usize,
     pub fail_deletes: usize,
+    /// OpenStack refuses every delete until switched off (OK → ERRED; from ERRED the row goes).
+    pub refuse_deletes: bool,
     next_seq: u64,
     next_gen: u64,
     last_ts: i64,
@@ -81,10 +89,18 @@ impl World {
     pub fn new(config: &SimConfig) -> World {
         let user_tenants: HashSet<String> =
             config.user_tenants.iter().map(|t| norm_or_raw(t)).collect();
+        let v7 = config.version == WaldurVersion::V7_0;
         let mut world = World {
-            vocabulary: config.vocabulary,
-            affinity_only: config.affinity_only,
-            pre_8_0_0: config.pre_8_0_0,
+            version: config.version,
+            vocabulary: if v7 {
+                Vocabulary::Legacy
+            } else {
+                config.vocabulary
+            },
+            affinity_only: config.affinity_only || v7,
+            pre_8_0_0: config.pre_8_0_0 || v7,
+            default_order: config.default_order,
+            shuffles: 0,
             delays: config.delays,
             staff_token: config.staff_token.clone(),
             user_token: config.user_token.clone(),
@@ -94,6 +110,7 @@ impl World {
             openstack: BTreeMap::new(),
             fail_creates: 0,
             fail_deletes: 0,
+            refuse_deletes: false,
             next_seq: 0,
             next_gen: 0,
             last_ts: 0,
@@ -189,6 +206,25 @@ impl World {
         )
     }
 
+    /// Longest description the create serializer accepts.
+    pub fn description_max(&self) -> usize {
+        match self.version {
+            WaldurVersion::V7_0 => 2000,
+            WaldurVersion::Current => 4096,
+        }
+    }
+
+    /// The seed of the next list's shuffle, when the default order is shuffled.
+    pub fn next_shuffle_seed(&mut self) -> Option<u64> {
+        match self.default_order {
+            DefaultOrder::Shuffled { seed } => {
+                self.shuffles += 1;
+                Some(seed ^ self.shuffles.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+            }
+            DefaultOrder::Created => None,
+        }
+    }
+
     /// All rows, oldest first.
     pub fn rows_sorted(&self) -> Vec<&Row> {
         let mut rows: Vec<&Row> = self.rows.values().collect();
@@ -216,7 +252,7 @@ impl World {
             ));
         }
         let data = parse_body(body)?;
-        let req = validate_create(&data, self.affinity_only)?;
+        let req = validate_create(&data, self.affinity_only, self.description_max())?;
         if self
             .rows
             .values()
@@ -419,6 +455,7 @@ impl World {
 
     pub fn finish_delete(&mut self, uuid: &str, gen_: u64, fail: bool, was_ok: bool) {
         let now = self.tick();
+        let fail = fail || self.refuse_deletes;
         let Some(row) = self.rows.get_mut(uuid) else {
             return;
         };
@@ -431,12 +468,16 @@ impl World {
             row.error_message =
                 "Unable to delete server group: simulated OpenStack failure (injected)."
                     .to_string();
+            row.error_traceback =
+                "Traceback (most recent call last):\n  ...\nnovaclient.exceptions.Conflict"
+                    .to_string();
             tracing::info!(%uuid, "server group deletion failed in OpenStack");
             return;
         }
         let backend_id = row.backend_id.clone();
         let tenant = row.tenant_uuid.clone();
-        // A failed OpenStack delete from ERRED still drops the row; the group stays in Nova.
+        // A delete from ERRED drops the row even when OpenStack refuses; the group then stays in
+        // Nova, and the next tenant re-sync imports it again under a new UUID.
         if !fail
             && !backend_id.is_empty()
             && let Some(groups) = self.openstack.get_mut(&tenant)
@@ -464,9 +505,9 @@ impl World {
             Some(g) => {
                 row.name = g.name.clone();
                 row.policy = g.policy.clone();
+                // Measured on 7.0.7: the message goes, the traceback stays.
                 row.state = State::Ok;
                 row.error_message.clear();
-                row.error_traceback.clear();
             }
             None => {
                 row.state = State::Erred;
@@ -737,7 +778,11 @@ fn char_field(
 }
 
 /// The create serializer's field validation; all field errors are reported together.
-pub fn validate_create(data: &Value, affinity_only: bool) -> Result<CreateRequest, ApiError> {
+pub fn validate_create(
+    data: &Value,
+    affinity_only: bool,
+    description_max: usize,
+) -> Result<CreateRequest, ApiError> {
     let Value::Object(map) = data else {
         return Err(ApiError::Invalid(json!({
             "non_field_errors": [format!("Invalid data. Expected a dictionary, but got {}.", py_type(data))]
@@ -748,7 +793,7 @@ pub fn validate_create(data: &Value, affinity_only: bool) -> Result<CreateReques
         .map_err(|e| errors.insert("name".into(), json!([e])))
         .ok()
         .flatten();
-    let description = char_field(map, "description", false, true, 4096)
+    let description = char_field(map, "description", false, true, description_max)
         .map_err(|e| errors.insert("description".into(), json!([e])))
         .ok()
         .flatten();
@@ -792,7 +837,7 @@ mod tests {
 
     #[test]
     fn create_validation_messages() {
-        let err = |v: Value, aff: bool| match validate_create(&v, aff) {
+        let err = |v: Value, aff: bool| match validate_create(&v, aff, 4096) {
             Err(ApiError::Invalid(body)) => body,
             other => panic!("expected 400, got {:?}", other.map(|r| r.name)),
         };
@@ -821,9 +866,14 @@ mod tests {
             err(json!([1]), false),
             json!({"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
         );
-        let ok = validate_create(&json!({"name": " web ", "policy": "affinity"}), true);
+        assert!(matches!(
+            validate_create(&json!({"name": "a", "description": "d".repeat(2001)}), true, 2000),
+            Err(ApiError::Invalid(ref b))
+                if *b == json!({"description": ["Ensure this field has no more than 2000 characters."]})
+        ));
+        let ok = validate_create(&json!({"name": " web ", "policy": "affinity"}), true, 4096);
         assert!(matches!(ok, Ok(ref r) if r.name == "web" && r.policy == "affinity"));
-        let blank = validate_create(&json!({"name": "web"}), false);
+        let blank = validate_create(&json!({"name": "web"}), false, 4096);
         assert!(matches!(blank, Ok(ref r) if r.policy.is_empty()));
     }
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use waldur_sim::{DEFAULT_TENANT, Delays, SimConfig, Simulator, Vocabulary};
+use waldur_sim::{
+    DEFAULT_TENANT, DefaultOrder, Delays, SimConfig, Simulator, Vocabulary, WaldurVersion,
+};
 
 const STAFF: &str = "staff-token";
 const USER: &str = "user-token";
@@ -523,25 +525,38 @@ async fn pagination_clamps_at_300_with_link_and_count() {
     h.sim.resync_now().await;
     assert_eq!(h.sim.groups().len(), 301);
 
+    // Paging needs a named order (without o= a real server reshuffles the rows between pages).
     let resp = h
-        .get(&format!("{}?page_size=1000", h.groups_url()), USER)
+        .get(
+            &format!("{}?o=created&page_size=1000", h.groups_url()),
+            USER,
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(header(&resp, "x-result-count"), "301");
     let link = header(&resp, "link").to_string();
     let base = h.groups_url();
     assert!(
-        link.contains(&format!("<{base}?page=2&page_size=1000>; rel=\"next\"")),
+        link.contains(&format!(
+            "<{base}?o=created&page=2&page_size=1000>; rel=\"next\""
+        )),
         "{link}"
     );
-    assert!(link.contains(&format!("<{base}?page=1&page_size=1000>; rel=\"first\"")));
-    assert!(link.contains(&format!("<{base}?page=2&page_size=1000>; rel=\"last\"")));
+    assert!(link.contains(&format!(
+        "<{base}?o=created&page=1&page_size=1000>; rel=\"first\""
+    )));
+    assert!(link.contains(&format!(
+        "<{base}?o=created&page=2&page_size=1000>; rel=\"last\""
+    )));
     assert!(!link.contains("rel=\"prev\""));
     let page: Vec<Value> = resp.json().await.expect("json");
     assert_eq!(page.len(), 300, "page_size clamped to 300");
 
     let resp = h
-        .get(&format!("{}?page_size=300&page=2", h.groups_url()), USER)
+        .get(
+            &format!("{}?o=created&page_size=300&page=2", h.groups_url()),
+            USER,
+        )
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let link = header(&resp, "link").to_string();
@@ -551,7 +566,7 @@ async fn pagination_clamps_at_300_with_link_and_count() {
     );
     let page: Vec<Value> = resp.json().await.expect("json");
     assert_eq!(page.len(), 1);
-    assert_eq!(page[0]["name"], "g300", "default order is by creation");
+    assert_eq!(page[0]["name"], "g300", "o=created is oldest first");
 
     let resp = h
         .get(&format!("{}?page_size=300&page=3", h.groups_url()), USER)
@@ -1020,28 +1035,69 @@ async fn set_ok_and_set_erred_are_missing_before_8_0_0() {
             .post(&format!("{}{action}/", h.group_url(&uuid)), STAFF, None)
             .await;
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{action}");
+        // No such route: Django's HTML page, not Waldur's "no such object" JSON.
+        assert!(header(&resp, "content-type").starts_with("text/html"));
+        assert!(resp.text().await.expect("text").contains("Not Found"));
     }
     assert_eq!(h.sim.group(&uuid).expect("row")["state"], "OK");
 }
 
 #[tokio::test]
-async fn unknown_paths_are_json_404s() {
+async fn unknown_paths_are_html_404s_and_missing_slashes_redirect() {
     let h = Harness::fast().await;
+    // No URL pattern: Django's HTML page, even without a token.
     for path in [
         "/api/nothing-here/",
-        "/api/openstack-server-groups",
+        "/api/nothing-here",
         "/api/openstack-server-groups/6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e/explode/",
         "/elsewhere",
+        "/__sim/nothing-here",
     ] {
-        let resp = h.get(&h.url(path), USER).await;
-        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        for token in [Some(USER), None] {
+            let resp = h.send(Method::GET, &h.url(path), token, None).await;
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+            assert!(
+                header(&resp, "content-type").starts_with("text/html"),
+                "{path}"
+            );
+            let body = resp.text().await.expect("text");
+            assert!(body.contains("<h1>Not Found</h1>"), "{path}: {body}");
+        }
+    }
+    // No such object: Waldur's JSON.
+    for uuid in ["not-a-uuid", "0123456789abcdef0123456789abcdef"] {
+        let resp = h.get(&h.group_url(uuid), USER).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
         let body: Value = resp.json().await.expect("json");
         assert_eq!(body, json!({"detail": "Not found."}));
     }
-    assert_eq!(
-        h.get(&h.group_url("not-a-uuid"), USER).await.status(),
-        StatusCode::NOT_FOUND
-    );
+    // A path that matches once its slash is appended: 301 there, query kept (APPEND_SLASH).
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    for (path, location) in [
+        (
+            "/api/openstack-server-groups?o=name",
+            "/api/openstack-server-groups/?o=name",
+        ),
+        (
+            "/api/openstack-server-groups/6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e",
+            "/api/openstack-server-groups/6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e/",
+        ),
+    ] {
+        let resp = no_follow.get(h.url(path)).send().await.expect("sent");
+        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY, "{path}");
+        assert_eq!(header(&resp, "location"), location);
+    }
+    // A client that follows redirects ends up on the real route.
+    let rows: Vec<Value> = h
+        .get(&h.url("/api/openstack-server-groups"), USER)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(rows.is_empty());
 }
 
 #[tokio::test]
@@ -1430,4 +1486,431 @@ async fn shutdown_stops_serving() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let fresh = reqwest::Client::new();
     assert!(fresh.get(h.groups_url()).send().await.is_err());
+}
+
+// ----- what a real Waldur (7.0.7) showed, beyond the published contract -----
+
+/// Creates `n` groups straight in OpenStack and imports them, oldest first; returns their UUIDs.
+async fn import_many(h: &Harness, tenant: &str, prefix: &str, n: usize) -> Vec<String> {
+    let before: std::collections::HashSet<String> = h
+        .sim
+        .groups()
+        .iter()
+        .map(|g| g["uuid"].as_str().unwrap_or("").to_string())
+        .collect();
+    for i in 0..n {
+        h.sim
+            .openstack_create(tenant, &format!("{prefix}{i:02}"), "affinity");
+    }
+    h.sim.resync_now().await;
+    h.sim
+        .groups()
+        .iter()
+        .map(|g| g["uuid"].as_str().unwrap_or("").to_string())
+        .filter(|u| !before.contains(u))
+        .collect()
+}
+
+fn uuids(rows: &[Value]) -> Vec<String> {
+    rows.iter()
+        .map(|r| r["uuid"].as_str().expect("uuid").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn without_o_rows_of_a_tenant_reshuffle_so_paging_can_skip_rows() {
+    let h = Harness::fast().await;
+    h.sim.add_tenant(OTHER_TENANT);
+    let mine = import_many(&h, DEFAULT_TENANT, "g", 25).await;
+    // "tenant-0f0e0d0c" sorts before "tenant-6b2a0c4e".
+    let other = import_many(&h, OTHER_TENANT, "o", 3).await;
+    let mut created_order = mine.clone();
+    created_order.extend(other.iter().cloned());
+    created_order.sort_by_key(|u| {
+        h.sim
+            .groups()
+            .iter()
+            .position(|g| g["uuid"] == u.as_str())
+            .unwrap_or(usize::MAX)
+    });
+
+    // Default order: tenant name only; within a tenant the order changes between requests.
+    let first = uuids(&h.list("page_size=300").await);
+    assert_eq!(first.len(), 28);
+    let mut head = first[..3].to_vec();
+    head.sort();
+    let mut expected_head = other.clone();
+    expected_head.sort();
+    assert_eq!(head, expected_head, "the other tenant's rows come first");
+    let mut changed = false;
+    for _ in 0..5 {
+        changed |= uuids(&h.list("page_size=300").await) != first;
+    }
+    assert!(
+        changed,
+        "the order within a tenant changes between requests"
+    );
+
+    // A client paging without o= can see a row twice and miss another; with o=created never.
+    let read_all = |query: &'static str| {
+        let h = &h;
+        async move {
+            let mut seen = Vec::new();
+            for page in 1..=3 {
+                seen.extend(uuids(
+                    &h.list(&format!("{query}page_size=10&page={page}")).await,
+                ));
+            }
+            seen
+        }
+    };
+    let mut missed = 0;
+    for _ in 0..10 {
+        let seen = read_all("").await;
+        assert_eq!(seen.len(), 28);
+        let distinct: std::collections::HashSet<&String> = seen.iter().collect();
+        if distinct.len() < 28 {
+            missed += 1;
+        }
+    }
+    assert!(missed > 0, "paging without o= never skipped a row");
+    for _ in 0..10 {
+        assert_eq!(read_all("o=created&").await, created_order);
+    }
+    let mut newest_first = created_order.clone();
+    newest_first.reverse();
+    assert_eq!(
+        uuids(&h.list("o=-created&page_size=300").await),
+        newest_first
+    );
+
+    // o= takes django-filter's comma-separated list; ties on the first key fall back to creation.
+    let by_state_name = h.list("o=state,-name&page_size=300").await;
+    assert_eq!(by_state_name[0]["name"], "o02");
+    assert_eq!(h.list("o=name&page_size=300").await[0]["name"], "g00");
+    for bad in ["uuid", "modified", "-bogus", "name,tenant_name"] {
+        let resp = h.get(&format!("{}?o={bad}", h.groups_url()), USER).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let body: Value = resp.json().await.expect("json");
+        let key = bad.rsplit(',').next().unwrap_or(bad);
+        assert_eq!(
+            body,
+            json!({"o": [format!("Select a valid choice. {key} is not one of the available choices.")]}),
+        );
+    }
+
+    // The same seed gives the same sequence of orders; "created" restores a stable default.
+    let replay = Harness::fast().await;
+    let again = Harness::fast().await;
+    import_many(&replay, DEFAULT_TENANT, "g", 12).await;
+    import_many(&again, DEFAULT_TENANT, "g", 12).await;
+    let names = |rows: Vec<Value>| {
+        rows.iter()
+            .map(|r| r["name"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            names(replay.list("page_size=300").await),
+            names(again.list("page_size=300").await)
+        );
+    }
+    replay.sim.set_default_order(DefaultOrder::Created);
+    let stable = names(replay.list("page_size=300").await);
+    assert_eq!(
+        stable,
+        (0..12).map(|i| format!("g{i:02}")).collect::<Vec<_>>()
+    );
+    let resp = replay
+        .http
+        .post(replay.url("/__sim/order"))
+        .json(&json!({"order": "shuffled", "seed": 7}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let order: Value = replay
+        .http
+        .get(replay.url("/__sim/order"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(order, json!({"order": "shuffled", "seed": 7}));
+}
+
+#[tokio::test]
+async fn odd_page_sizes_mean_10_page_0_is_invalid_and_head_sends_link() {
+    let h = Harness::fast().await;
+    import_many(&h, DEFAULT_TENANT, "g", 15).await;
+    for size in ["0", "-1", "abc", ""] {
+        let resp = h
+            .get(
+                &format!("{}?o=created&page_size={size}", h.groups_url()),
+                USER,
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK, "page_size={size}");
+        let rows: Vec<Value> = resp.json().await.expect("json");
+        assert_eq!(rows.len(), 10, "page_size={size}");
+    }
+    for page in ["0", "-1", "abc", "3"] {
+        let resp = h
+            .get(&format!("{}?o=created&page={page}", h.groups_url()), USER)
+            .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "page={page}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body, json!({"detail": "Invalid page."}));
+    }
+    let resp = h
+        .send(
+            Method::HEAD,
+            &format!("{}?o=created", h.groups_url()),
+            Some(USER),
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "15");
+    let base = h.groups_url();
+    let link = header(&resp, "link").to_string();
+    assert!(
+        link.contains(&format!("<{base}?o=created&page=2>; rel=\"next\"")),
+        "{link}"
+    );
+    assert!(link.contains("rel=\"first\"") && link.contains("rel=\"last\""));
+    assert!(resp.bytes().await.expect("body").is_empty());
+    assert_eq!(h.sim.requests("count"), 1);
+}
+
+#[tokio::test]
+async fn delete_from_erred_drops_the_row_even_when_openstack_refuses() {
+    let h = Harness::start(observing_config()).await;
+    let (uuid, backend) = h.create_ok("stuck").await;
+    h.sim.openstack_refuse_deletes(true);
+
+    // From OK: the refusal shows as ERRED, the row and the Nova group stay.
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::ACCEPTED);
+    h.wait_state(&uuid, "DELETION_SCHEDULED").await;
+    h.wait_state(&uuid, "DELETING").await;
+    let row = h.wait_state(&uuid, "ERRED").await;
+    assert_ne!(row["error_message"], "");
+    assert_ne!(row["error_traceback"], "");
+    assert_eq!(h.sim.openstack_groups(DEFAULT_TENANT).len(), 1);
+
+    // A pull finds the Nova group: OK again, message cleared, traceback kept.
+    let resp = h
+        .post(&format!("{}pull/", h.group_url(&uuid)), USER, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let row = h.wait_state(&uuid, "OK").await;
+    assert_eq!(row["error_message"], "");
+    assert_ne!(row["error_traceback"], "", "pull leaves the traceback");
+
+    // Back to ERRED, then one DELETE from ERRED removes the row although OpenStack refuses.
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::ACCEPTED);
+    h.wait_state(&uuid, "ERRED").await;
+    assert_eq!(h.delete(&uuid, USER).await.status(), StatusCode::ACCEPTED);
+    h.wait_gone(&uuid).await;
+    assert_eq!(
+        h.get(&h.group_url(&uuid), USER).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let nova = h.sim.openstack_groups(DEFAULT_TENANT);
+    assert_eq!(nova.len(), 1, "the Nova group stays");
+    assert_eq!(nova[0].0, backend);
+
+    // The re-sync re-imports it under a new UUID.
+    let report = h.sim.resync_report();
+    assert_eq!(report.imported.len(), 1);
+    assert_ne!(report.imported[0], uuid);
+    assert_eq!(
+        h.sim.group(&report.imported[0]).expect("row")["backend_id"],
+        backend.as_str()
+    );
+
+    // The same switch over /__sim/faults, cleared by faults/clear.
+    let set: Value = h
+        .http
+        .post(h.url("/__sim/faults"))
+        .json(&json!({"refuse_deletes": true}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(set["refuse_deletes"], true);
+    let cleared: Value = h
+        .http
+        .post(h.url("/__sim/faults/clear"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(cleared["refuse_deletes"], false);
+}
+
+#[tokio::test]
+async fn malformed_json_on_any_post_is_a_400_detail() {
+    let h = Harness::fast().await;
+    let (uuid, _) = h.create_ok("target").await;
+    let group = h.group_url(&uuid);
+    for (url, token) in [
+        (h.create_url(DEFAULT_TENANT), USER),
+        (h.groups_url(), USER),
+        (format!("{group}pull/"), USER),
+        (format!("{group}unlink/"), STAFF),
+        (format!("{group}set_ok/"), STAFF),
+        (format!("{group}set_erred/"), STAFF),
+    ] {
+        let resp = h
+            .http
+            .post(&url)
+            .header("Authorization", format!("Token {token}"))
+            .header("Content-Type", "application/json")
+            .body("{\"name\": \"x\",")
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{url}");
+        let body: Value = resp.json().await.expect("json");
+        let obj = body.as_object().expect("object");
+        assert_eq!(obj.len(), 1, "{body}");
+        let detail = body["detail"].as_str().expect("detail");
+        assert!(detail.starts_with("JSON parse error - "), "{detail}");
+    }
+    let row = h.sim.group(&uuid).expect("nothing happened to the row");
+    assert_eq!(row["state"], "OK");
+    assert_eq!(h.sim.groups().len(), 1);
+}
+
+#[tokio::test]
+async fn waldur_7_0_mode_has_the_old_labels_limits_and_routes() {
+    assert_eq!(WaldurVersion::parse("7.0.7"), Some(WaldurVersion::V7_0));
+    assert_eq!(
+        WaldurVersion::parse("current"),
+        Some(WaldurVersion::Current)
+    );
+    let h = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    let url = h.create_url(DEFAULT_TENANT);
+
+    let resp = h
+        .post(
+            &url,
+            USER,
+            Some(json!({"name": "a", "policy": "anti-affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"policy": ["\"anti-affinity\" is not a valid choice."]})
+    );
+    let resp = h
+        .post(
+            &url,
+            USER,
+            Some(json!({"name": "a", "policy": "affinity", "description": "d".repeat(2001)})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"description": ["Ensure this field has no more than 2000 characters."]})
+    );
+    let resp = h
+        .post(
+            &url,
+            USER,
+            Some(json!({"name": "a", "policy": "affinity", "description": "d".repeat(2000)})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["state"], "Creation Scheduled");
+    let uuid = body["uuid"].as_str().expect("uuid").to_string();
+    h.wait_state(&uuid, "OK").await;
+
+    for action in ["set_ok", "set_erred"] {
+        let resp = h
+            .post(&format!("{}{action}/", h.group_url(&uuid)), STAFF, None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{action}");
+        assert!(header(&resp, "content-type").starts_with("text/html"));
+    }
+    for method in [Method::PUT, Method::PATCH] {
+        let resp = h
+            .send(
+                method.clone(),
+                &h.group_url(&uuid),
+                Some(USER),
+                Some(json!({"name": "b"})),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR, "{method}");
+        assert!(header(&resp, "content-type").starts_with("text/html"));
+        assert!(
+            resp.text()
+                .await
+                .expect("text")
+                .contains("Server Error (500)")
+        );
+    }
+    assert_eq!(h.sim.requests("update"), 2);
+    assert_eq!(h.list("state=OK").await.len(), 1);
+    assert_eq!(
+        h.get(&format!("{}?state=OK", h.groups_url()), USER)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    // The current mode keeps 4096 characters, set_ok, and 405 on PUT/PATCH.
+    let now = Harness::fast().await;
+    let resp = now
+        .post(
+            &now.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "a", "policy": "anti-affinity", "description": "d".repeat(4096)})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = now
+        .post(
+            &now.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "b", "policy": "affinity", "description": "d".repeat(4097)})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"description": ["Ensure this field has no more than 4096 characters."]})
+    );
+    let (uuid, _) = now.create_ok("c").await;
+    let resp = now
+        .send(
+            Method::PATCH,
+            &now.group_url(&uuid),
+            Some(USER),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let resp = now
+        .post(&format!("{}set_ok/", now.group_url(&uuid)), STAFF, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
 }
