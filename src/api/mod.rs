@@ -126,7 +126,8 @@ pub struct ServerGroupSpec {
     #[schemars(length(min = 1, max = 150), regex(pattern = r"\S"))]
     pub name: Option<String>,
 
-    /// Free text stored with the group in Waldur, up to 4096 characters. Immutable.
+    /// Free text stored with the group in Waldur. Immutable. Waldur 8.x accepts up to 4096
+    /// characters, Waldur 7.0.x up to 2000 (a longer one is refused with InvalidSpec).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096))]
     pub description: Option<String>,
