@@ -404,7 +404,8 @@ impl Reconciler {
             .unsupported
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
+            .clone()
+            .or_else(|| self.still_unsupported(&handled));
         self.write_status(true, |s| {
             plan::mirror(s, &group);
             s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
@@ -567,7 +568,7 @@ impl Reconciler {
                 *handled = Some(token.to_string());
                 let message = format!(
                     "this Waldur cannot {action} (Waldur before 8.0 has no set_ok and set_erred actions); \
-                     the request with token {token} is dropped: {e}"
+                     the request with token {token} is dropped (remove the annotation to clear this): {e}"
                 );
                 self.event(
                     EventType::Warning,
@@ -920,6 +921,24 @@ impl Reconciler {
                 )
             })
         })
+    }
+
+    /// An unsupported request stays reported while its annotation still asks for it: the
+    /// user removes (or changes) the annotation to clear `Synced`.
+    fn still_unsupported(&self, handled: &HandledRequests) -> Option<String> {
+        let status = self.status();
+        let reported = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == SYNCED && c.reason == synced_reason::UNSUPPORTED)?;
+        let annotations = self.sg.annotations();
+        let asked = [
+            (crate::api::ANNOTATION_REQUEST_SET_OK, &handled.set_ok),
+            (crate::api::ANNOTATION_REQUEST_SET_ERRED, &handled.set_erred),
+        ]
+        .iter()
+        .any(|(key, token)| token.is_some() && annotations.get(*key) == token.as_ref());
+        asked.then(|| reported.message.clone())
     }
 
     /// Claims a group this Managed resource is about to bind (not one it created): `Some`

@@ -103,6 +103,18 @@ impl Env {
         .await
     }
 
+    /// The test server and a simulator configured by `sim`.
+    pub async fn with_waldur(test: &str, sim: SimConfig) -> Env {
+        Self::build(
+            Kind::TestServer,
+            test,
+            sim,
+            Install::OneNamespace,
+            Duration::ZERO,
+        )
+        .await
+    }
+
     /// The test server delivering every watch event `delay` late, as a lagging watch cache
     /// of a busy API server does.
     pub async fn lagging(test: &str, delay: Duration) -> Env {

@@ -11,6 +11,7 @@ mod binary;
 mod differential;
 mod env;
 mod real_only;
+mod waldur_versions;
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use waldur_sim::SimConfig;
 
 use env::{Env, Kind, condition, ready_now, reason};
 
-const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+pub const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
 
 fn spec(policy: &str) -> Value {
     json!({"policy": policy, "tenant": TENANT})

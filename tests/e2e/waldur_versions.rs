@@ -1,0 +1,182 @@
+//! The whole operator against each Waldur the simulator copies: 7.0.x (old labels,
+//! affinity only, no set_ok/set_erred, 2000-character descriptions) and the current one; and
+//! deleting an ERRED group without leaking its Nova group.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use waldur_sim::{SimConfig, WaldurVersion};
+
+use crate::env::{Env, condition, ready_now, reason, sim_config};
+use crate::{TENANT, groups_named, spec};
+
+async fn on(version: WaldurVersion) -> Env {
+    let name = match version {
+        WaldurVersion::V7_0 => "waldur-7-0",
+        _ => "waldur-current",
+    };
+    Env::with_waldur(
+        name,
+        SimConfig {
+            version,
+            ..sim_config()
+        },
+    )
+    .await
+}
+
+/// Create, a policy the server refuses, a pull, a recovery request, delete: as each version
+/// answers them.
+async fn lifecycle(version: WaldurVersion) {
+    let env = on(version).await;
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let sg = env.wait_ready("web").await;
+    assert_eq!(sg.status.unwrap().state.as_deref(), Some("OK"));
+
+    env.apply("spread", spec("anti-affinity")).await.unwrap();
+    let long = json!({"policy": "affinity", "tenant": TENANT, "description": "d".repeat(2500)});
+    env.apply("long", long).await.unwrap();
+    if version == WaldurVersion::V7_0 {
+        let sg = env
+            .wait(
+                "spread",
+                Duration::from_secs(20),
+                reason("Ready", "InvalidSpec"),
+            )
+            .await
+            .unwrap();
+        let message = condition(&sg, "Ready").unwrap().2;
+        assert!(
+            message.contains("not a valid choice"),
+            "Waldur's words: {message}"
+        );
+        let sg = env
+            .wait(
+                "long",
+                Duration::from_secs(20),
+                reason("Ready", "InvalidSpec"),
+            )
+            .await
+            .unwrap();
+        let message = condition(&sg, "Ready").unwrap().2;
+        assert!(message.contains("2000"), "Waldur's words: {message}");
+    } else {
+        env.wait_ready("spread").await;
+        env.wait_ready("long").await;
+    }
+
+    env.annotate("web", "openstack.waldur.com/request-pull", Some("p1"))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.sim.requests("pull") == 0 {
+        assert!(Instant::now() < deadline, "no pull reached Waldur");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.wait_ready("web").await;
+
+    env.annotate("web", "openstack.waldur.com/request-set-ok", Some("k1"))
+        .await;
+    if version == WaldurVersion::V7_0 {
+        let sg = env
+            .wait(
+                "web",
+                Duration::from_secs(20),
+                reason("Synced", "UnsupportedByWaldur"),
+            )
+            .await
+            .unwrap();
+        let message = condition(&sg, "Synced").unwrap().2;
+        assert!(message.contains("before 8.0"), "{message}");
+        let handled = sg.status.unwrap().handled_requests.unwrap().set_ok;
+        assert_eq!(
+            handled.as_deref(),
+            Some("k1"),
+            "recorded, not retried for ever"
+        );
+        let tries = env.sim.requests("set_ok");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(env.sim.requests("set_ok"), tries, "asked once");
+    } else {
+        env.wait("web", Duration::from_secs(20), |sg| {
+            sg.and_then(|s| s.status.as_ref())
+                .and_then(|s| s.handled_requests.as_ref())
+                .and_then(|h| h.set_ok.as_deref())
+                == Some("k1")
+        })
+        .await;
+        assert_eq!(env.sim.requests("set_ok"), 1);
+    }
+
+    for name in ["web", "spread", "long"] {
+        env.delete(name).await;
+    }
+    for name in ["web", "spread", "long"] {
+        env.wait(name, Duration::from_secs(30), |sg| sg.is_none())
+            .await;
+    }
+    assert_eq!(groups_named(&env, "web"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_lifecycle_on_waldur_7_0() {
+    lifecycle(WaldurVersion::V7_0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_lifecycle_on_the_current_waldur() {
+    lifecycle(WaldurVersion::Current).await;
+}
+
+/// OpenStack refuses to delete: Waldur marks the group ERRED, and a DELETE from ERRED would
+/// make Waldur drop its record and leave the Nova group. The operator pulls instead, keeps
+/// the finalizer and says why; once OpenStack lets go, the group is deleted everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_erred_group_never_leaves_its_nova_group_behind() {
+    let env = Env::new(crate::env::Kind::TestServer, "erred-delete").await;
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let backend = env
+        .wait_ready("web")
+        .await
+        .status
+        .unwrap()
+        .backend_id
+        .unwrap();
+    env.sim.openstack_refuse_deletes(true);
+    env.delete("web").await;
+    let sg = env
+        .wait(
+            "web",
+            Duration::from_secs(30),
+            reason("Synced", "DeleteBlocked"),
+        )
+        .await
+        .unwrap();
+    let message = condition(&sg, "Synced").unwrap().2;
+    assert!(
+        message.contains(&backend) && message.contains("Orphan"),
+        "{message}"
+    );
+    assert!(
+        env.event_reasons("web")
+            .await
+            .contains(&"DeleteBlocked".to_string()),
+        "an Event says why the deletion waits"
+    );
+    let nova = |env: &Env| {
+        env.sim
+            .openstack_groups(TENANT)
+            .iter()
+            .any(|(id, _, _)| *id == backend)
+    };
+    assert!(nova(&env), "OpenStack still holds the group");
+    assert_eq!(groups_named(&env, "web"), 1, "and Waldur still knows it");
+    assert!(!ready_now(Some(&sg)));
+
+    env.sim.openstack_refuse_deletes(false);
+    env.wait("web", Duration::from_secs(60), |sg| sg.is_none())
+        .await;
+    assert!(!nova(&env), "the Nova group is gone too");
+    assert_eq!(groups_named(&env, "web"), 0);
+}
