@@ -544,7 +544,10 @@ fn an_erred_group_with_a_nova_group_is_pulled_before_it_is_deleted() {
             message, retry_in, ..
         } => {
             assert!(message.contains("Nova refused the delete"), "{message}");
-            assert!(message.contains("nova-1") && message.contains("Orphan"), "{message}");
+            assert!(
+                message.contains("nova-1") && message.contains("Orphan"),
+                "{message}"
+            );
             assert_eq!(retry_in, delete_pull_backoff(1));
         }
         other => panic!("{other:?}"),
