@@ -436,6 +436,14 @@ fn readiness_for_every_waldur_state() {
     let mut erred = group(State::Erred, "");
     erred.error_message = "Quota exceeded".into();
     assert_eq!(readiness(&erred).2, "Quota exceeded");
+    // A pull that brings a group back to OK clears error_message but leaves error_traceback:
+    // the state decides, a leftover traceback does not.
+    let mut recovered = group(State::Ok, "nova-1");
+    recovered.error_traceback = "Traceback (most recent call last): ...".into();
+    assert_eq!(readiness(&recovered).0, true);
+    let mut status = ServerGroupStatus::default();
+    mirror(&mut status, &recovered);
+    assert_eq!(status.error_message.as_deref().unwrap_or(""), "");
 }
 
 #[test]
