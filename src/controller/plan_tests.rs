@@ -440,7 +440,7 @@ fn readiness_for_every_waldur_state() {
     // the state decides, a leftover traceback does not.
     let mut recovered = group(State::Ok, "nova-1");
     recovered.error_traceback = "Traceback (most recent call last): ...".into();
-    assert_eq!(readiness(&recovered).0, true);
+    assert!(readiness(&recovered).0);
     let mut status = ServerGroupStatus::default();
     mirror(&mut status, &recovered);
     assert_eq!(status.error_message.as_deref().unwrap_or(""), "");
