@@ -31,6 +31,8 @@ pub mod synced_reason {
     pub const ERROR: &str = "ReconcileError";
     /// The Waldur in use has no such action (for example set_ok before 8.0).
     pub const UNSUPPORTED: &str = "UnsupportedByWaldur";
+    /// The installed CRD lacks a field this operator writes: status cannot be written.
+    pub const CRD_OUTDATED: &str = "CRDOutdated";
     /// Deletion waits: the group is ERRED and OpenStack may still hold it.
     pub const DELETE_BLOCKED: &str = "DeleteBlocked";
 }

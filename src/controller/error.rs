@@ -31,6 +31,7 @@ impl Error {
                 ErrorKind::Unsupported => synced_reason::UNSUPPORTED,
                 ErrorKind::NotFound | ErrorKind::Unexpected => synced_reason::ERROR,
             },
+            Self::Kube(e) if crd_outdated(e) => synced_reason::CRD_OUTDATED,
             Self::Kube(_) => synced_reason::ERROR,
             Self::CredentialsNotFound(_) => synced_reason::CREDENTIALS_NOT_FOUND,
             Self::Spec(_) => "InvalidSpec",
@@ -41,7 +42,22 @@ impl Error {
     pub fn message(&self) -> String {
         match self {
             Self::Waldur(e) => e.to_string(),
+            Self::Kube(e) if crd_outdated(e) => format!(
+                "the ServerGroup CRD installed in this cluster is older than this operator (Helm \
+                 never upgrades a chart's crds/): install this version's CRD with \
+                 `waldur-operator crd | kubectl apply --server-side -f -` or `kubectl apply -f crds/`. \
+                 The API server said: {e}"
+            ),
             other => other.to_string(),
         }
     }
+}
+
+/// A server-side apply the API server could not type against the installed CRD: a field this
+/// operator writes is not declared there (kube-apiserver answers 500 for that, whatever the
+/// field validation setting).
+fn crd_outdated(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 500
+        && (s.message.contains("field not declared in schema")
+            || s.message.contains("failed to create typed patch object")))
 }

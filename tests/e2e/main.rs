@@ -498,6 +498,46 @@ impl Env {
     }
 }
 
+/// A cluster that kept an older CRD (Helm never upgrades `crds/`): the API server answers
+/// 500 to every status write that names a field it does not know. The operator says so,
+/// with what to do, in an Event (status itself cannot be written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outdated_crd_is_named_as_the_cause() {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let env = Env::new(Kind::TestServer, "outdated-crd").await;
+    let mut old = serde_json::to_value(waldur_operator::api::crd()).unwrap();
+    let status = &mut old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        ["properties"];
+    assert!(status["instanceCount"].is_object(), "{status}");
+    status.as_object_mut().unwrap().remove("instanceCount");
+    let crds: kube::Api<CustomResourceDefinition> = kube::Api::all(env.kube.clone());
+    crds.patch(
+        "servergroups.openstack.waldur.com",
+        &kube::api::PatchParams::apply("an-older-chart").force(),
+        &kube::api::Patch::Apply(old),
+    )
+    .await
+    .unwrap();
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if env
+            .event_reasons("web")
+            .await
+            .contains(&"CRDOutdated".to_string())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CRDOutdated Event: {:?}",
+            env.event_reasons("web").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A lagging watch cache: every watch event reaches the operator 300 ms late.
 mod lagging_watch {
     use super::*;
