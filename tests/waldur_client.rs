@@ -626,3 +626,43 @@ async fn a_sweep_of_one_tenant_with_1000_groups_misses_none() {
     );
     assert_eq!(sim.requests("list"), 4, "four pages of 300, each read once");
 }
+
+/// The on-demand tenant re-sync: 202 at once, the rows change a moment later (here: a group
+/// unlinked from Waldur comes back under a new UUID); 409 while the tenant is not OK.
+#[tokio::test]
+async fn the_tenant_re_sync_is_scheduled_and_re_imports_unlinked_groups() {
+    let sim = sim(SimConfig::default()).await;
+    let c = staff(&sim);
+    let g = c
+        .create(&tenant(), &new("web", Policy::Affinity))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let backend = loop {
+        let now = c.get(&g.uuid, &[]).await.unwrap();
+        if now.state == Some(State::Ok) {
+            break now.backend_id;
+        }
+        assert!(std::time::Instant::now() < deadline, "not OK in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    c.unlink(&g.uuid).await.unwrap();
+    c.pull_tenant_server_groups(&tenant()).await.unwrap();
+    assert_eq!(sim.requests("pull_server_groups"), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let back = c
+            .list(&ListQuery::new().backend_id(&backend))
+            .await
+            .unwrap();
+        if let Some(row) = back.first() {
+            assert_ne!(row.uuid, g.uuid, "re-imported under a new UUID");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not re-imported in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sim.set_tenant_ok(TENANT, false);
+    let err = c.pull_tenant_server_groups(&tenant()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+}

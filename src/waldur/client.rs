@@ -95,6 +95,8 @@ pub enum Endpoint {
     Unlink,
     SetErred,
     SetOk,
+    /// The tenant's re-sync of its server groups (`pull_server_groups`).
+    PullTenant,
 }
 
 impl Endpoint {
@@ -110,6 +112,7 @@ impl Endpoint {
             Self::Unlink => "unlink",
             Self::SetErred => "set_erred",
             Self::SetOk => "set_ok",
+            Self::PullTenant => "pull_server_groups",
         }
     }
 
@@ -290,6 +293,19 @@ impl WaldurClient {
             .send(Endpoint::Create, self.request(Method::POST, &url).json(new))
             .await?;
         decode(Endpoint::Create, &answer)
+    }
+
+    /// Asks Waldur to re-sync the tenant's server groups from OpenStack now (202; the rows
+    /// change a few seconds later): rows whose Nova group is gone are deleted, Nova groups
+    /// without a row are imported under new UUIDs, ERRED rows whose group exists go back to OK.
+    pub async fn pull_tenant_server_groups(&self, tenant: &WaldurUuid) -> Result<(), WaldurError> {
+        let url = format!(
+            "{}/api/openstack-tenants/{tenant}/pull_server_groups/",
+            self.base
+        );
+        self.send(Endpoint::PullTenant, self.request(Method::POST, &url))
+            .await
+            .map(|_| ())
     }
 
     /// Creates on the collection, as the public docs describe. Real servers answer 500 here;

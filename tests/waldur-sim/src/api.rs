@@ -58,6 +58,7 @@ enum Route {
     Detail(String),
     Action(String, Action),
     TenantCreate(String),
+    TenantPull(String),
     Unknown,
 }
 
@@ -88,6 +89,7 @@ impl Route {
             ["openstack-tenants", id, "create_server_group"] => {
                 Route::TenantCreate((*id).to_string())
             }
+            ["openstack-tenants", id, "pull_server_groups"] => Route::TenantPull((*id).to_string()),
             _ => Route::Unknown,
         }
     }
@@ -103,6 +105,7 @@ impl Route {
             Route::Detail(_) if method == Method::PUT || method == Method::PATCH => "update",
             Route::Action(_, action) if method == Method::POST => action.name(),
             Route::TenantCreate(_) if method == Method::POST => "create",
+            Route::TenantPull(_) if method == Method::POST => "pull_server_groups",
             _ => "other",
         }
     }
@@ -396,6 +399,23 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
             };
             spawn_job(shared, job);
             Ok(json_response(StatusCode::CREATED, &body))
+        }
+        Route::TenantPull(tenant) => {
+            if *method != Method::POST {
+                return Err(not_allowed());
+            }
+            let tenant = shared.world().pull_tenant(caller, tenant)?;
+            // Waldur's worker runs the re-sync a moment later.
+            let delay = shared.world().delays.schedule;
+            let shared = Arc::clone(shared);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                shared.world().resync_tenant(&tenant);
+            });
+            Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({"status": "Server groups pull has been scheduled."}),
+            ))
         }
     }
 }

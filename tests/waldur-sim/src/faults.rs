@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Endpoint names used by the counters and by endpoint-scoped faults.
-pub const ENDPOINTS: [&str; 12] = [
+pub const ENDPOINTS: [&str; 13] = [
     "list",
     "count",
     "retrieve",
@@ -17,6 +17,7 @@ pub const ENDPOINTS: [&str; 12] = [
     "unlink",
     "set_erred",
     "set_ok",
+    "pull_server_groups",
     "update",
     "other",
 ];

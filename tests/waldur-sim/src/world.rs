@@ -521,11 +521,37 @@ impl World {
 
     // ----- Waldur's periodic tenant re-sync -----
 
+    /// `POST /api/openstack-tenants/{uuid}/pull_server_groups/`: the checks before the re-sync
+    /// of one tenant is scheduled (permissions as for create; 409 unless the tenant is OK).
+    /// Returns the tenant's canonical UUID.
+    pub fn pull_tenant(&mut self, caller: Caller, raw_tenant: &str) -> Result<String, ApiError> {
+        let tenant_uuid = normalize_uuid(raw_tenant).ok_or(ApiError::NotFound)?;
+        if !self.tenant_visible(caller, &tenant_uuid) {
+            return Err(ApiError::NotFound);
+        }
+        if !self.tenants.get(&tenant_uuid).is_some_and(|t| t.ok) {
+            return Err(ApiError::Conflict(
+                "Valid states for operation: OK.".to_string(),
+            ));
+        }
+        Ok(tenant_uuid)
+    }
+
+    /// The re-sync of every tenant (Waldur's periodic task).
     pub fn resync(&mut self) -> ResyncReport {
+        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
+        self.resync_tenants(&tenants)
+    }
+
+    /// The re-sync of one tenant (what `pull_server_groups` schedules).
+    pub fn resync_tenant(&mut self, tenant: &str) -> ResyncReport {
+        self.resync_tenants(&[tenant.to_string()])
+    }
+
+    fn resync_tenants(&mut self, tenants: &[String]) -> ResyncReport {
         let mut report = ResyncReport::default();
         let now = self.tick();
-        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
-        for tenant in tenants {
+        for tenant in tenants.iter().cloned() {
             let groups = self.openstack.get(&tenant).cloned().unwrap_or_default();
             // Rows in OK/ERRED whose group is gone (or never existed) are deleted.
             let doomed: Vec<String> = self
