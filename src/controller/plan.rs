@@ -155,8 +155,16 @@ pub enum Cleanup {
     /// Waldur is working on it (deleting, or busy with another operation): look again soon.
     Wait { state: String },
     /// ERRED with a Nova group: a DELETE now would make Waldur drop its record even when
-    /// OpenStack keeps the group. Pull it (Waldur's recovery path) and delete once it is OK.
-    PullFirst { uuid: WaldurUuid, attempt: u32 },
+    /// OpenStack keeps the group. Learn what OpenStack holds first, and delete once the group
+    /// is OK: the first attempt pulls the group (Waldur's recovery path); later ones, with
+    /// `tenant` set, ask for the tenant's re-sync instead, which also drops the record when the
+    /// Nova group is really gone (a pull leaves such a group ERRED, and a re-sync skips a
+    /// group that is busy being pulled).
+    PullFirst {
+        uuid: WaldurUuid,
+        attempt: u32,
+        tenant: Option<WaldurUuid>,
+    },
     /// Still ERRED after pulling: OpenStack may hold the group. Pull again after `retry_in`;
     /// meanwhile the finalizer stays and status says why.
     Held {
@@ -218,9 +226,18 @@ fn erred_cleanup(sg: &ServerGroup, group: &WaldurGroup, now: Timestamp) -> Clean
     let attempts = pulled.map_or(0, |a| a.attempts);
     let wait = delete_pull_backoff(attempts);
     if due(pulled.map(|a| a.last_time.0), wait, now) {
+        let tenant = Some(group.tenant_uuid.clone())
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                sg.spec
+                    .tenant
+                    .as_deref()
+                    .and_then(|t| WaldurUuid::parse(t).ok())
+            });
         return Cleanup::PullFirst {
             uuid: group.uuid.clone(),
             attempt: attempts + 1,
+            tenant: tenant.filter(|_| attempts >= 1),
         };
     }
     let error = if group.error_message.is_empty() {

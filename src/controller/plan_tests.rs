@@ -538,7 +538,8 @@ fn an_erred_group_with_a_nova_group_is_pulled_before_it_is_deleted() {
         cleanup(&sg, Some(Some(&erred)), now),
         Cleanup::PullFirst {
             uuid: uuid(UUID),
-            attempt: 1
+            attempt: 1,
+            tenant: None
         },
         "never DELETE from ERRED while OpenStack may hold the group"
     );
@@ -569,8 +570,10 @@ fn an_erred_group_with_a_nova_group_is_pulled_before_it_is_deleted() {
         ),
         Cleanup::PullFirst {
             uuid: uuid(UUID),
-            attempt: 2
-        }
+            attempt: 2,
+            tenant: Some(uuid(TENANT)),
+        },
+        "from the second attempt the tenant is re-synced too: it drops a record whose Nova group is gone"
     );
     // No Nova group (the create failed): nothing to leak, delete at once.
     let failed = group(State::Erred, "");

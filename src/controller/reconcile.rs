@@ -730,12 +730,27 @@ impl Reconciler {
                 .await?;
                 Ok(Some(Action::requeue(SOON)))
             }
-            Cleanup::PullFirst { uuid, attempt } => {
-                match client.pull(uuid).await.inspect(|_| client.written(uuid)) {
-                    Ok(_) => {
+            Cleanup::PullFirst {
+                uuid,
+                attempt,
+                tenant,
+            } => {
+                let asked = match tenant {
+                    Some(tenant) => client.pull_tenant_server_groups(tenant).await,
+                    None => client.pull(uuid).await.map(|_| ()),
+                };
+                client.written(uuid);
+                match asked {
+                    Ok(()) => {
+                        let how = if tenant.is_some() {
+                            "asked for the tenant's re-sync, which brings it back to OK or drops \
+                             the record if the Nova group is gone"
+                        } else {
+                            "asked Waldur to pull it"
+                        };
                         let note = format!(
-                            "the group is ERRED and OpenStack may still hold it: asked Waldur to \
-                             pull it before deleting, so that the Nova group is deleted too (attempt {attempt})"
+                            "the group is ERRED and OpenStack may still hold it: {how} before \
+                             deleting, so that the Nova group is deleted too (attempt {attempt})"
                         );
                         self.event(EventType::Normal, "PullBeforeDelete", "Delete", &note)
                             .await;
@@ -751,7 +766,8 @@ impl Reconciler {
                         .await?;
                         Ok(Some(Action::requeue(SOON)))
                     }
-                    Err(e) if e.is_not_found() => Ok(None),
+                    // The group is gone (a 404 for the tenant says nothing about the group).
+                    Err(e) if e.is_not_found() && tenant.is_none() => Ok(None),
                     Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
                     Err(e) => Err(e.into()),
                 }

@@ -180,3 +180,36 @@ async fn deleting_an_erred_group_never_leaves_its_nova_group_behind() {
     assert!(!nova(&env), "the Nova group is gone too");
     assert_eq!(groups_named(&env, "web"), 0);
 }
+
+/// OpenStack refused the delete and then lost the group by itself: a pull leaves the group
+/// ERRED, so the operator also asks for the tenant's re-sync, which drops the record. The
+/// resource goes within seconds, not at Waldur's next two-hourly re-sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erred_group_whose_nova_group_is_gone_is_released_after_the_tenant_re_sync() {
+    let env = Env::new(crate::env::Kind::TestServer, "erred-gone").await;
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let backend = env
+        .wait_ready("web")
+        .await
+        .status
+        .unwrap()
+        .backend_id
+        .unwrap();
+    env.sim.openstack_refuse_deletes(true);
+    env.delete("web").await;
+    env.wait(
+        "web",
+        Duration::from_secs(30),
+        reason("Synced", "DeleteBlocked"),
+    )
+    .await;
+    assert!(
+        env.sim.openstack_delete(&backend),
+        "gone from OpenStack behind Waldur's back"
+    );
+    env.wait("web", Duration::from_secs(60), |sg| sg.is_none())
+        .await;
+    assert!(env.sim.requests("pull_server_groups") >= 1);
+    assert_eq!(groups_named(&env, "web"), 0);
+}
