@@ -659,7 +659,10 @@ async fn the_tenant_re_sync_is_scheduled_and_re_imports_unlinked_groups() {
             assert_ne!(row.uuid, g.uuid, "re-imported under a new UUID");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "not re-imported in 10 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not re-imported in 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sim.set_tenant_ok(TENANT, false);
