@@ -637,15 +637,10 @@ async fn the_tenant_re_sync_is_scheduled_and_re_imports_unlinked_groups() {
         .create(&tenant(), &new("web", Policy::Affinity))
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let backend = loop {
-        let now = c.get(&g.uuid, &[]).await.unwrap();
-        if now.state == Some(State::Ok) {
-            break now.backend_id;
-        }
-        assert!(std::time::Instant::now() < deadline, "not OK in 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let backend = wait_for(&c, &g.uuid, Some(State::Ok))
+        .await
+        .expect("OK")
+        .backend_id;
     c.unlink(&g.uuid).await.unwrap();
     c.pull_tenant_server_groups(&tenant()).await.unwrap();
     assert_eq!(sim.requests("pull_server_groups"), 1);

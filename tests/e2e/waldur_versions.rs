@@ -128,31 +128,32 @@ async fn the_whole_lifecycle_on_the_current_waldur() {
     lifecycle(WaldurVersion::Current).await;
 }
 
+/// A Ready group whose deletion OpenStack refuses: Waldur has marked it ERRED and the
+/// operator reports `Synced=False DeleteBlocked`. Returns the Nova id and the resource.
+async fn deletion_blocked_by_openstack(
+    test: &str,
+) -> (Env, String, waldur_operator::api::ServerGroup) {
+    let env = Env::new(crate::env::Kind::TestServer, test).await;
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let status = env.wait_ready("web").await.status.unwrap();
+    let backend = status.backend_id.unwrap();
+    env.sim.openstack_refuse_deletes(true);
+    env.delete("web").await;
+    let blocked = reason("Synced", "DeleteBlocked");
+    let sg = env
+        .wait("web", Duration::from_secs(30), blocked)
+        .await
+        .unwrap();
+    (env, backend, sg)
+}
+
 /// OpenStack refuses to delete: Waldur marks the group ERRED, and a DELETE from ERRED would
 /// make Waldur drop its record and leave the Nova group. The operator pulls instead, keeps
 /// the finalizer and says why; once OpenStack lets go, the group is deleted everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_erred_group_never_leaves_its_nova_group_behind() {
-    let env = Env::new(crate::env::Kind::TestServer, "erred-delete").await;
-    env.start_operator().await;
-    env.apply("web", spec("affinity")).await.unwrap();
-    let backend = env
-        .wait_ready("web")
-        .await
-        .status
-        .unwrap()
-        .backend_id
-        .unwrap();
-    env.sim.openstack_refuse_deletes(true);
-    env.delete("web").await;
-    let sg = env
-        .wait(
-            "web",
-            Duration::from_secs(30),
-            reason("Synced", "DeleteBlocked"),
-        )
-        .await
-        .unwrap();
+    let (env, backend, sg) = deletion_blocked_by_openstack("erred-delete").await;
     let message = condition(&sg, "Synced").unwrap().2;
     assert!(
         message.contains(&backend) && message.contains("Orphan"),
@@ -186,24 +187,7 @@ async fn deleting_an_erred_group_never_leaves_its_nova_group_behind() {
 /// resource goes within seconds, not at Waldur's next two-hourly re-sync.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erred_group_whose_nova_group_is_gone_is_released_after_the_tenant_re_sync() {
-    let env = Env::new(crate::env::Kind::TestServer, "erred-gone").await;
-    env.start_operator().await;
-    env.apply("web", spec("affinity")).await.unwrap();
-    let backend = env
-        .wait_ready("web")
-        .await
-        .status
-        .unwrap()
-        .backend_id
-        .unwrap();
-    env.sim.openstack_refuse_deletes(true);
-    env.delete("web").await;
-    env.wait(
-        "web",
-        Duration::from_secs(30),
-        reason("Synced", "DeleteBlocked"),
-    )
-    .await;
+    let (env, backend, _) = deletion_blocked_by_openstack("erred-gone").await;
     assert!(
         env.sim.openstack_delete(&backend),
         "gone from OpenStack behind Waldur's back"

@@ -404,7 +404,7 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
             if *method != Method::POST {
                 return Err(not_allowed());
             }
-            let tenant = shared.world().pull_tenant(caller, tenant)?;
+            let tenant = shared.world().usable_tenant(caller, tenant)?;
             // Waldur's worker runs the re-sync a moment later.
             let delay = shared.world().delays.schedule;
             let shared = Arc::clone(shared);

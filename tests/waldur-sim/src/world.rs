@@ -241,16 +241,8 @@ impl World {
         raw_tenant: &str,
         body: &[u8],
     ) -> Result<(String, Job), ApiError> {
-        let tenant_uuid = normalize_uuid(raw_tenant).ok_or(ApiError::NotFound)?;
-        if !self.tenant_visible(caller, &tenant_uuid) {
-            return Err(ApiError::NotFound);
-        }
         // Waldur runs the tenant's state validator before it looks at the body.
-        if !self.tenants.get(&tenant_uuid).is_some_and(|t| t.ok) {
-            return Err(ApiError::Conflict(
-                "Valid states for operation: OK.".to_string(),
-            ));
-        }
+        let tenant_uuid = self.usable_tenant(caller, raw_tenant)?;
         let data = parse_body(body)?;
         let req = validate_create(&data, self.affinity_only, self.description_max())?;
         if self
@@ -521,10 +513,9 @@ impl World {
 
     // ----- Waldur's periodic tenant re-sync -----
 
-    /// `POST /api/openstack-tenants/{uuid}/pull_server_groups/`: the checks before the re-sync
-    /// of one tenant is scheduled (permissions as for create; 409 unless the tenant is OK).
-    /// Returns the tenant's canonical UUID.
-    pub fn pull_tenant(&mut self, caller: Caller, raw_tenant: &str) -> Result<String, ApiError> {
+    /// The checks of a tenant action (`create_server_group`, `pull_server_groups`): 404 unless
+    /// the caller sees the tenant, 409 unless it is OK. Returns the tenant's canonical UUID.
+    pub fn usable_tenant(&self, caller: Caller, raw_tenant: &str) -> Result<String, ApiError> {
         let tenant_uuid = normalize_uuid(raw_tenant).ok_or(ApiError::NotFound)?;
         if !self.tenant_visible(caller, &tenant_uuid) {
             return Err(ApiError::NotFound);
