@@ -57,6 +57,16 @@ pub const FINALIZER: &str = "openstack.waldur.com/server-group";
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Synced",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Synced\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Instances",
         type_ = "integer",
         json_path = ".status.instanceCount"
@@ -65,6 +75,12 @@ pub const FINALIZER: &str = "openstack.waldur.com/server-group";
         name = "Backend-ID",
         type_ = "string",
         json_path = ".status.backendId",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Sync-Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Synced\")].reason",
         priority = "1"
     ),
     printcolumn(
@@ -245,11 +261,19 @@ pub struct ServerGroupStatus {
     /// Waldur's error message when the group is ERRED.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
-    /// When the group was last read from Waldur.
+    /// When a read from Waldur last changed this status, or at least hourly while reads
+    /// succeed. Unchanged reads in between are not written, to keep Kubernetes writes low, so
+    /// this may lag the last read by up to an hour; it stops moving while Waldur cannot be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("description" = "When a read from Waldur last changed this status, or at least hourly while reads succeed. Unchanged reads in between are not written, to keep Kubernetes writes low, so this may lag the last read by up to an hour; it stops moving while Waldur cannot be read."))]
     pub last_sync_time: Option<Time>,
-    /// Ready and Synced, in the metav1.Condition shape.
+    /// Ready (the group exists in Waldur and is usable) and Synced (the last reconcile
+    /// reached Waldur and applied the spec), in the metav1.Condition shape, one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["type"]
+    ))]
     pub conditions: Vec<Condition>,
     /// The request-* annotation tokens already acted on, so each request runs once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,8 +288,11 @@ pub struct ServerGroupStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStatus {
+    /// The VM's name in Waldur.
     pub name: String,
+    /// The VM's Waldur UUID.
     pub uuid: String,
+    /// The Nova server id of the VM; empty while Waldur has none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub backend_id: String,
 }
@@ -274,10 +301,13 @@ pub struct InstanceStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HandledRequests {
+    /// The last openstack.waldur.com/request-pull token acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<String>,
+    /// The last openstack.waldur.com/request-set-ok token acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_ok: Option<String>,
+    /// The last openstack.waldur.com/request-set-erred token acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_erred: Option<String>,
 }
@@ -286,7 +316,11 @@ pub struct HandledRequests {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoPull {
+    /// When the operator last asked Waldur to pull the ERRED group.
+    #[schemars(extend("description" = "When the operator last asked Waldur to pull the ERRED group."))]
     pub last_time: Time,
+    /// How many pulls in a row did not bring the group back to OK; the wait before the next
+    /// one grows with it.
     pub attempts: u32,
 }
 
