@@ -93,8 +93,9 @@ struct RunArgs {
     /// How often the batched read path sweeps while any group is changing.
     #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = duration)]
     busy_sweep: Duration,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of /metrics, /healthz and /readyz. `[::]` listens on IPv6 and IPv4 (falling back
+    /// to 0.0.0.0 where IPv6 is disabled).
+    #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8080")]
     metrics_addr: SocketAddr,
     /// Address of /debug/loglevel (GET shows, PUT changes the log filter). Loopback by default:
     /// reach it with `kubectl port-forward`.

@@ -93,14 +93,12 @@ pub async fn run(
         };
     check_crd(&api).await?;
     let health = Arc::new(Health::new(options.lease.is_some()));
-    let listener = tokio::net::TcpListener::bind(options.metrics_addr)
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on --metrics-addr {}: {e}",
-                options.metrics_addr
-            )
-        })?;
+    let listener = server::listen(options.metrics_addr).map_err(|e| {
+        format!(
+            "cannot listen on --metrics-addr {}: {e}",
+            options.metrics_addr
+        )
+    })?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(server::serve(
         listener,
@@ -108,8 +106,7 @@ pub async fn run(
         leader::stopped(stop_rx.clone()),
     ));
     if let (Some(addr), Some(logs)) = (options.admin_addr, logs) {
-        let admin = tokio::net::TcpListener::bind(addr)
-            .await
+        let admin = server::listen(addr)
             .map_err(|e| format!("cannot listen on --admin-addr {addr}: {e}"))?;
         tokio::spawn(server::serve(
             admin,

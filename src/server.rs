@@ -2,6 +2,7 @@
 //! and `/debug/loglevel` on a separate admin port that listens on loopback by default, so that
 //! only someone allowed to `kubectl port-forward` to the pod can change the log level.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,6 +11,8 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::metrics::Metrics;
 use crate::telemetry::LogControl;
@@ -122,6 +125,37 @@ async fn set_log_level(State(s): State<AppState>, body: String) -> impl IntoResp
     }
 }
 
+/// Listens on `addr`. An unspecified IPv6 address (`[::]`, the default) is bound dual-stack,
+/// so IPv4-only, IPv6-only and dual-stack pods all answer the kubelet's probes. Where the
+/// kernel has IPv6 disabled, `[::]` falls back to `0.0.0.0` on the same port.
+pub fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    match bind(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::warn!(%addr, fallback = %v4, error = %e, "IPv6 is not available; listening on IPv4 only");
+            bind(v4)
+        }
+        other => other,
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// EAFNOSUPPORT (no IPv6 in the kernel) or EADDRNOTAVAIL (IPv6 disabled on every interface).
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(97)
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -153,5 +187,24 @@ mod tests {
         );
         e.synced.store(true, Ordering::SeqCst);
         assert_eq!(e.readiness(), (true, "ok: leader\n"));
+    }
+
+    /// The default `[::]` answers on both loopbacks (this machine has IPv6 on `lo`), which is
+    /// what the kubelet's probes need on IPv4-only and IPv6-only clusters alike.
+    #[tokio::test]
+    async fn the_unspecified_ipv6_address_serves_ipv4_and_ipv6() {
+        let listener = listen("[::]:0".parse().unwrap()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accept = tokio::spawn(async move {
+            for _ in 0..2 {
+                listener.accept().await.unwrap();
+            }
+        });
+        for peer in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+            tokio::net::TcpStream::connect(&peer)
+                .await
+                .unwrap_or_else(|e| panic!("{peer}: {e}"));
+        }
+        accept.await.unwrap();
     }
 }
