@@ -63,8 +63,9 @@ struct RunArgs {
     /// Watch only this namespace; all namespaces when empty.
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     namespace: String,
-    /// How often a settled group is re-read from Waldur, unless its spec.resyncPeriod says otherwise.
-    #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = duration)]
+    /// How often a settled group is re-read from Waldur, unless its spec.resyncPeriod says
+    /// otherwise. At least 30s.
+    #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = resync_period)]
     resync_period: Duration,
     /// Ask Waldur to pull settled groups from OpenStack this often, such as 1h. Off by default:
     /// Waldur re-syncs every 2 hours by itself.
@@ -138,6 +139,17 @@ enum LogFormat {
 fn duration(s: &str) -> Result<Duration, String> {
     plan::parse_duration(s)
         .ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 30s, 10m or 1h"))
+}
+
+fn resync_period(s: &str) -> Result<Duration, String> {
+    let period = duration(s)?;
+    if period < api::MIN_RESYNC_PERIOD {
+        return Err(format!(
+            "{s:?} is shorter than {}s: each resync reads every group from Waldur",
+            api::MIN_RESYNC_PERIOD.as_secs()
+        ));
+    }
+    Ok(period)
 }
 
 #[tokio::main]

@@ -170,9 +170,17 @@ pub struct ServerGroupSpec {
     pub import: Option<ImportSource>,
 
     /// How often a settled group is re-read from Waldur, as a duration such as 30s, 10m or
-    /// 1h. Defaults to the operator's --resync-period.
+    /// 1h; at least 30s, so that no namespace can make the operator poll Waldur without pause.
+    /// Defaults to the operator's --resync-period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(
+        length(max = 32),
+        regex(pattern = r"^([0-9]+(ms|s|m|h))+$"),
+        extend("x-kubernetes-validations" = [{
+            "rule": "duration(self) >= duration('30s')",
+            "message": "spec.resyncPeriod must be at least 30s: a shorter period would poll Waldur without pause for every resource; leave it unset for the operator's default"
+        }])
+    )]
     pub resync_period: Option<String>,
 }
 
@@ -215,6 +223,10 @@ pub enum DeletionPolicy {
     /// Remove only Waldur's record (staff token); OpenStack keeps the group.
     Unlink,
 }
+
+/// The shortest resync period, for `spec.resyncPeriod` (the CRD's rule) and
+/// `--resync-period` alike.
+pub const MIN_RESYNC_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Who manages the Waldur group.
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -147,6 +147,26 @@ fn deletion_policy_resync_and_credentials_may_change() {
     assert_eq!(cel_errors(changed, Some(valid())), Vec::<String>::new());
 }
 
+/// A namespace user cannot make the operator poll Waldur without pause: below 30s the API
+/// server refuses the object and says why.
+#[test]
+fn resync_period_has_a_floor_of_30s() {
+    for ok in ["30s", "1m", "10m30s", "1h", "30000ms"] {
+        let mut spec = valid();
+        spec["resyncPeriod"] = json!(ok);
+        assert_eq!(cel_errors(spec, None), Vec::<String>::new(), "{ok}");
+    }
+    for short in ["1ms", "29s", "29999ms", "0s"] {
+        let mut spec = valid();
+        spec["resyncPeriod"] = json!(short);
+        let errors = cel_errors(spec, None);
+        assert!(
+            errors.len() == 1 && errors[0].contains("at least 30s"),
+            "{short}: {errors:?}"
+        );
+    }
+}
+
 #[test]
 fn the_schema_carries_the_enums_limits_and_defaults() {
     let s = schema();

@@ -354,13 +354,15 @@ pub fn recovery_backoff(resync: Duration, attempts: u32) -> Duration {
         .min(Duration::from_secs(24 * 3600))
 }
 
-/// The resource's resync period, or the operator's default when unset or unreadable.
+/// The resource's resync period, or the operator's default when unset or unreadable. A period
+/// below the floor (stored before the CRD had its rule) counts as the floor.
 pub fn resync_of(sg: &ServerGroup, settings: &Settings) -> Duration {
     sg.spec
         .resync_period
         .as_deref()
         .and_then(parse_duration)
         .filter(|d| !d.is_zero())
+        .map(|d| d.max(crate::api::MIN_RESYNC_PERIOD))
         .unwrap_or(settings.resync_period)
 }
 

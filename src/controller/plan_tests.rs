@@ -500,6 +500,16 @@ fn requeue_is_fast_while_busy_and_jittered_at_resync_when_settled() {
     );
 }
 
+/// An object stored before the CRD had its 30s rule still cannot poll faster than that.
+#[test]
+fn a_resync_period_below_the_floor_counts_as_the_floor() {
+    let mut sg = resource(Mode::Managed, Some(UUID), None);
+    sg.spec.resync_period = Some("1ms".into());
+    assert_eq!(resync_of(&sg, &settings()), Duration::from_secs(30));
+    sg.spec.resync_period = Some("45s".into());
+    assert_eq!(resync_of(&sg, &settings()), Duration::from_secs(45));
+}
+
 #[test]
 fn durations_parse_in_the_crd_pattern_forms() {
     assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));

@@ -120,6 +120,14 @@ mod scenarios {
             err.to_string().contains("spec.name") && err.to_string().contains("150"),
             "{err}"
         );
+        let mut eager = spec("affinity");
+        eager["resyncPeriod"] = json!("1ms");
+        let err = env.apply("eager", eager).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("spec.resyncPeriod must be at least 30s"),
+            "{err}"
+        );
     }
 
     pub async fn each_deletion_policy(env: &Env) {

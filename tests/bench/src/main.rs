@@ -38,7 +38,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     concurrency: u16,
     /// The resync period given to the operator; the settled phase is measured over one period.
-    #[arg(long, default_value = "20s")]
+    #[arg(long, default_value = "30s")]
     resync: String,
     /// How many resync periods the settled phase is measured over (the result is per period).
     /// More than one evens out where the sweeps and the jittered per-object reads fall.
