@@ -3,11 +3,11 @@
 --   Suspended   Synced=False with reason Paused (the openstack.waldur.com/paused annotation)
 --   Progressing no status yet, a status or Ready condition older than metadata.generation,
 --               or Ready not True for a transitional reason (Creating, Updating, Deleting, Unknown)
---   Degraded    Ready=False with reason Erred, InvalidSpec, AlreadyManaged or NotFound
+--   Degraded    Stalled=True: nothing will change without a change of spec or of Waldur
+--               (InvalidSpec, AlreadyManaged, NotFound of an imported group, Erred once its
+--               recovery pulls failed); the same objects kstatus (Flux) reports as Failed
 --   Healthy     Ready=True for the current generation
 local hs = {}
-
-local DEGRADED = { Erred = true, InvalidSpec = true, AlreadyManaged = true, NotFound = true }
 
 local function find_condition(conditions, kind)
   if type(conditions) ~= "table" then
@@ -91,17 +91,15 @@ if ready.status == "True" then
   return hs
 end
 
-if ready.status == "False" and DEGRADED[ready.reason] then
+local stalled = find_condition(status.conditions, "Stalled")
+if ready.status ~= "True" and stalled ~= nil and stalled.status == "True" then
   hs.status = "Degraded"
-  if ready.message ~= nil and ready.message ~= "" then
-    hs.message = ready.message
-  else
-    hs.message = ready.reason
-  end
+  hs.message = describe(stalled, "Stalled")
   return hs
 end
 
--- Creating, Updating, Deleting, Unknown, or a reason this check does not know: still moving.
+-- Creating, Updating, Deleting, Unknown, Erred while Waldur's recovery still has a chance, or
+-- a reason this check does not know: still moving.
 -- Say so when the last reconcile failed (Synced=False), since that is what holds it up.
 hs.status = "Progressing"
 hs.message = describe(ready, "Waiting for the ServerGroup to become Ready")

@@ -230,7 +230,8 @@ for _, path in ipairs(files) do
     print(string.format("FAIL %-30s error: %s", name, tostring(result)))
   else
     local want, got = result.sample.expected, result.hs or {}
-    if got.status == want.status and got.message == want.message then
+    -- A sample without an expected message (the e2e test's live objects) checks the status.
+    if got.status == want.status and (want.message == nil or got.message == want.message) then
       passed = passed + 1
       print(string.format("ok   %-30s %-11s %s", name, got.status, got.message))
     else

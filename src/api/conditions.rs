@@ -1,9 +1,14 @@
-//! The `Ready` and `Synced` conditions: names, reasons, and the one rule for updating them.
+//! The `Ready`, `Synced` and `Stalled` conditions: names, reasons, and the one rule for
+//! updating them.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
+/// Present, and True, only while nothing will change without a change of spec or of Waldur:
+/// kstatus (Flux, `kubectl wait`-style tools) then reports Failed at once instead of waiting
+/// for a timeout. Removed as soon as the resource can make progress again.
+pub const STALLED: &str = "Stalled";
 
 /// Reasons of `Ready`.
 pub mod ready_reason {
@@ -84,6 +89,27 @@ pub fn set_condition(
             observed_generation,
             last_transition_time: now.clone(),
         }),
+    }
+}
+
+/// Sets `Stalled=True` with `reason` and `message`, or removes it when `None`.
+pub fn set_stalled(
+    conditions: &mut Vec<Condition>,
+    stalled: Option<(&str, &str)>,
+    observed_generation: Option<i64>,
+    now: &Time,
+) {
+    match stalled {
+        Some((reason, message)) => set_condition(
+            conditions,
+            STALLED,
+            ConditionStatus::True,
+            reason,
+            message,
+            observed_generation,
+            now,
+        ),
+        None => conditions.retain(|c| c.type_ != STALLED),
     }
 }
 

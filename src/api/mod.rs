@@ -13,7 +13,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::waldur::Policy;
-pub use conditions::{ConditionStatus, READY, SYNCED, ready_reason, set_condition};
+pub use conditions::{
+    ConditionStatus, READY, STALLED, SYNCED, ready_reason, set_condition, set_stalled,
+};
 
 /// API group of every Waldur resource kind of this operator.
 pub const GROUP: &str = "openstack.waldur.com";
@@ -279,8 +281,9 @@ pub struct ServerGroupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("description" = "When a read from Waldur last changed this status, or at least hourly while reads succeed. Unchanged reads in between are not written, to keep Kubernetes writes low, so this may lag the last read by up to an hour; it stops moving while Waldur cannot be read."))]
     pub last_sync_time: Option<Time>,
-    /// Ready (the group exists in Waldur and is usable) and Synced (the last reconcile
-    /// reached Waldur and applied the spec), in the metav1.Condition shape, one per type.
+    /// Ready (the group exists in Waldur and is usable), Synced (the last reconcile reached
+    /// Waldur and applied the spec) and, only while True, Stalled (nothing will change without
+    /// a change of spec or of Waldur), in the metav1.Condition shape, one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",

@@ -437,6 +437,62 @@ pub fn readiness(group: &WaldurGroup) -> (bool, &'static str, String) {
     }
 }
 
+/// Recovery pulls that left an ERRED group ERRED before it counts as stalled. The first pull
+/// goes at once and the second one resync period later, so a group stays ERRED through one
+/// whole period of Waldur's own recovery before GitOps tools are told it failed.
+pub const STALLED_AFTER_PULLS: u32 = 2;
+
+/// Why the resource is stalled (the `Stalled` condition's reason and message), or `None` while
+/// it can still make progress by itself. `status` is the status about to be written.
+pub fn stalled(sg: &ServerGroup, status: &ServerGroupStatus) -> Option<(&'static str, String)> {
+    if sg.metadata.deletion_timestamp.is_some() || sg.is_paused() {
+        return None;
+    }
+    let ready = status.conditions.iter().find(|c| c.type_ == READY)?;
+    let why = |what: &str| match ready.message.as_str() {
+        "" => what.to_string(),
+        words => format!("{what}: {words}"),
+    };
+    match ready.reason.as_str() {
+        ready_reason::INVALID_SPEC => Some((
+            ready_reason::INVALID_SPEC,
+            why("Waldur refused this spec; change the spec"),
+        )),
+        ready_reason::ALREADY_MANAGED => Some((
+            ready_reason::ALREADY_MANAGED,
+            why(
+                "another ServerGroup owns this Waldur group; import another group or delete one of them",
+            ),
+        )),
+        ready_reason::NOT_FOUND => Some((
+            ready_reason::NOT_FOUND,
+            why(
+                "the group to import or observe is not in Waldur; fix spec.import or create the group",
+            ),
+        )),
+        ready_reason::ERRED => {
+            let observe = sg.spec.management_policy == ManagementPolicy::Observe;
+            let no_nova_group = status.backend_id.as_deref().is_none_or(str::is_empty);
+            let pulls = status.auto_pull.as_ref().map_or(0, |a| a.attempts);
+            let message = if observe {
+                why("the observed group is ERRED and this resource never writes to Waldur")
+            } else if no_nova_group {
+                why(
+                    "the group is ERRED and has no OpenStack group to recover from; delete this resource and create it again",
+                )
+            } else if pulls >= STALLED_AFTER_PULLS {
+                why(&format!(
+                    "the group is still ERRED after {pulls} recovery pulls; the operator keeps pulling with backoff, and the request-pull or request-set-ok annotation asks again"
+                ))
+            } else {
+                return None;
+            };
+            Some((ready_reason::ERRED, message))
+        }
+        _ => None,
+    }
+}
+
 /// Whether the last attempt for this generation was rejected by Waldur as invalid, in which
 /// case the same request must not be sent again until the spec changes.
 pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {

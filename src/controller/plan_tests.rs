@@ -466,6 +466,109 @@ fn a_rejected_generation_is_not_retried_until_the_spec_changes() {
     assert!(!rejected_for_this_generation(&sg));
 }
 
+/// Stalled is True exactly when nothing changes without a change of spec or of Waldur.
+#[test]
+fn stalled_only_when_nothing_will_change_by_itself() {
+    let now = Time(Timestamp::from_second(1).unwrap());
+    let status_with = |reason: &str, backend_id: Option<&str>, pulls: u32| {
+        let mut status = ServerGroupStatus {
+            backend_id: backend_id.map(str::to_string),
+            auto_pull: (pulls > 0).then(|| AutoPull {
+                last_time: now.clone(),
+                attempts: pulls,
+            }),
+            ..Default::default()
+        };
+        let ok = reason == ready_reason::AVAILABLE;
+        crate::api::set_condition(
+            &mut status.conditions,
+            READY,
+            if ok {
+                crate::api::ConditionStatus::True
+            } else {
+                crate::api::ConditionStatus::False
+            },
+            reason,
+            "Waldur's words",
+            Some(1),
+            &now,
+        );
+        status
+    };
+    let managed = resource(Mode::Managed, Some(UUID), None);
+    let observed = resource(Mode::Observe, Some(UUID), None);
+    let cases = [
+        (&managed, ready_reason::AVAILABLE, Some("nova-1"), 0, None),
+        (&managed, ready_reason::CREATING, None, 0, None),
+        (&managed, ready_reason::UNKNOWN, None, 0, None),
+        (&managed, ready_reason::DELETING, Some("nova-1"), 0, None),
+        (
+            &managed,
+            ready_reason::INVALID_SPEC,
+            None,
+            0,
+            Some(ready_reason::INVALID_SPEC),
+        ),
+        (
+            &managed,
+            ready_reason::ALREADY_MANAGED,
+            None,
+            0,
+            Some(ready_reason::ALREADY_MANAGED),
+        ),
+        (
+            &observed,
+            ready_reason::NOT_FOUND,
+            None,
+            0,
+            Some(ready_reason::NOT_FOUND),
+        ),
+        // ERRED with a Nova group: Waldur's recovery pulls get their chance first.
+        (&managed, ready_reason::ERRED, Some("nova-1"), 0, None),
+        (&managed, ready_reason::ERRED, Some("nova-1"), 1, None),
+        (
+            &managed,
+            ready_reason::ERRED,
+            Some("nova-1"),
+            2,
+            Some(ready_reason::ERRED),
+        ),
+        // A failed create has nothing to recover; an observer never pulls.
+        (
+            &managed,
+            ready_reason::ERRED,
+            None,
+            0,
+            Some(ready_reason::ERRED),
+        ),
+        (
+            &observed,
+            ready_reason::ERRED,
+            Some("nova-1"),
+            0,
+            Some(ready_reason::ERRED),
+        ),
+    ];
+    for (sg, reason, backend_id, pulls, want) in cases {
+        let got = stalled(sg, &status_with(reason, backend_id, pulls));
+        assert_eq!(
+            got.as_ref().map(|(r, _)| *r),
+            want,
+            "{reason} backend {backend_id:?} pulls {pulls}"
+        );
+        if let Some((_, message)) = got {
+            assert!(message.contains("Waldur's words"), "{message}");
+        }
+    }
+    // Deleting or paused: never stalled, whatever Ready says.
+    let mut deleting = managed.clone();
+    deleting.metadata.deletion_timestamp = Some(now.clone());
+    assert_eq!(
+        stalled(&deleting, &status_with(ready_reason::INVALID_SPEC, None, 0)),
+        None
+    );
+}
+
 #[test]
 fn requeue_is_fast_while_busy_and_jittered_at_resync_when_settled() {
     let sg = resource(Mode::Managed, Some(UUID), None);

@@ -17,7 +17,7 @@ use super::index::{Answer, Shard};
 use super::plan::{self, Cleanup, FollowUp, Lookup, Missing};
 use super::status;
 use crate::api::conditions::{
-    ConditionStatus, READY, SYNCED, ready_reason, set_condition, synced_reason,
+    ConditionStatus, READY, SYNCED, ready_reason, set_condition, set_stalled, synced_reason,
 };
 use crate::api::{
     AutoPull, FINALIZER, HandledRequests, ManagementPolicy, ServerGroup, ServerGroupStatus,
@@ -870,6 +870,17 @@ impl Reconciler {
     ) -> Result<(), Error> {
         let mut latest = self.latest.lock().await;
         let current = latest.as_ref().or(self.sg.status.as_ref());
+        // Stalled follows from the rest of the status, so every write keeps it true.
+        let change = |s: &mut ServerGroupStatus| {
+            change(s);
+            let stalled = plan::stalled(&self.sg, s);
+            set_stalled(
+                &mut s.conditions,
+                stalled.as_ref().map(|(r, m)| (*r, m.as_str())),
+                self.sg.metadata.generation,
+                &self.now,
+            );
+        };
         if let Some(next) = status::next_status(
             current,
             self.sg.metadata.generation,

@@ -10,6 +10,7 @@
 mod binary;
 mod differential;
 mod env;
+mod gitops;
 mod real_only;
 mod waldur_versions;
 

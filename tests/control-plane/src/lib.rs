@@ -332,6 +332,12 @@ pub fn helm_dir() -> Result<PathBuf, String> {
     DIR.get_or_init(|| run_assets_script(&["helm"])).clone()
 }
 
+/// The directory holding `kstatus-of` (tests/kstatus), built by `scripts/k8s-assets kstatus`.
+pub fn kstatus_dir() -> Result<PathBuf, String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| run_assets_script(&["kstatus"])).clone()
+}
+
 fn run_assets_script(args: &[&str]) -> Result<PathBuf, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/k8s-assets");
     let out = Command::new("bash")

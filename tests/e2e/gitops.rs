@@ -1,0 +1,165 @@
+//! What GitOps tools show for our objects in every state, computed by the tools' own code
+//! from live objects the shipped operator wrote: kstatus (sigs.k8s.io/cli-utils, behind
+//! Flux's health checks) through `kstatus-of` (tests/kstatus), and the Argo CD health check
+//! (deploy/argocd/health.lua) through its Lua runner.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use kube::api::ListParams;
+use serde_json::{Value, json};
+use waldur_sim::SimConfig;
+
+use crate::env::{Env, reason, sim_config};
+use crate::spec;
+
+/// Each object: (name, what kstatus says, what Argo CD says, words the kstatus message holds).
+const EXPECTED: [(&str, &str, &str, &str); 7] = [
+    ("ready", "Current", "Healthy", ""),
+    ("waiting", "InProgress", "Progressing", ""),
+    ("invalid", "Failed", "Degraded", "is not a valid choice"),
+    ("taken", "Failed", "Degraded", "already managed by"),
+    ("missing", "Failed", "Degraded", "import"),
+    (
+        "failed",
+        "Failed",
+        "Degraded",
+        "no OpenStack group to recover from",
+    ),
+    // kstatus knows no "paused": a paused object it calls Current; Argo CD calls it Suspended.
+    ("paused", "Current", "Suspended", ""),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_and_argo_cd_see_every_state_at_once() {
+    // A Waldur that refuses anti-affinity, as 7.0.x does: a deterministic InvalidSpec.
+    let env = Env::with_waldur(
+        "gitops-states",
+        SimConfig {
+            affinity_only: true,
+            ..sim_config()
+        },
+    )
+    .await;
+    env.start_operator().await;
+    let within = Duration::from_secs(30);
+
+    env.apply("ready", spec("affinity")).await.unwrap();
+    let uuid = env.wait_ready("ready").await.status.unwrap().uuid.unwrap();
+
+    let mut waiting = spec("affinity");
+    waiting["credentialsRef"] = json!({"name": "absent"});
+    env.apply("waiting", waiting).await.unwrap();
+    env.apply("invalid", spec("anti-affinity")).await.unwrap();
+    env.apply("taken", json!({"import": {"uuid": uuid}}))
+        .await
+        .unwrap();
+    env.apply(
+        "missing",
+        json!({"import": {"uuid": "0badc0de0badc0de0badc0de0badc0de"}}),
+    )
+    .await
+    .unwrap();
+    env.sim.fail_next_creates(1);
+    env.apply("failed", spec("affinity")).await.unwrap();
+    // Paused from its first write on: the operator never touches Waldur for it.
+    let paused = json!({
+        "apiVersion": "openstack.waldur.com/v1alpha1",
+        "kind": "ServerGroup",
+        "metadata": {"name": "paused", "annotations": {"openstack.waldur.com/paused": "true"}},
+        "spec": spec("affinity"),
+    });
+    env.api()
+        .create(
+            &Default::default(),
+            &serde_json::from_value(paused).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    env.wait("waiting", within, reason("Synced", "CredentialsNotFound"))
+        .await;
+    env.wait("paused", within, reason("Synced", "Paused")).await;
+    for (name, why) in [
+        ("invalid", "InvalidSpec"),
+        ("taken", "AlreadyManaged"),
+        ("missing", "NotFound"),
+        ("failed", "Erred"),
+    ] {
+        env.wait(name, within, reason("Stalled", why)).await;
+    }
+
+    let objects: Vec<Value> = env
+        .api()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|sg| {
+            let mut v = serde_json::to_value(sg).unwrap();
+            v["apiVersion"] = json!("openstack.waldur.com/v1alpha1");
+            v["kind"] = json!("ServerGroup");
+            v
+        })
+        .collect();
+    assert_eq!(objects.len(), EXPECTED.len(), "one object per state");
+
+    let flux = kstatus(&objects);
+    let argo = argo_cd(&objects, &env.dir);
+    for (name, want_flux, want_argo, words) in EXPECTED {
+        let (status, message) = &flux[name];
+        assert_eq!(status, want_flux, "kstatus of {name}: {message}");
+        assert!(message.contains(words), "kstatus of {name}: {message}");
+        assert!(
+            argo.contains(&format!("ok   {name:<30} {want_argo}")),
+            "Argo CD health of {name} should be {want_argo}:\n{argo}"
+        );
+    }
+}
+
+/// kstatus's (status, message) of each object, by name.
+fn kstatus(objects: &[Value]) -> BTreeMap<String, (String, String)> {
+    let dir = control_plane::kstatus_dir().unwrap_or_else(|e| panic!("kstatus-of: {e}"));
+    let mut child = Command::new(dir.join("kstatus-of"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("kstatus-of runs");
+    serde_json::to_writer(child.stdin.take().unwrap(), objects).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kstatus-of failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let text = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            (text("name"), (text("status"), text("message")))
+        })
+        .collect()
+}
+
+/// The Lua runner's report over the objects, each as a sample whose expected status is the
+/// one in `EXPECTED` (the runner prints `ok` or `FAIL` per object).
+fn argo_cd(objects: &[Value], scratch: &std::path::Path) -> String {
+    let dir = scratch.join("argocd-samples");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = vec![];
+    for object in objects {
+        let name = object["metadata"]["name"].as_str().unwrap();
+        let (_, _, want, _) = EXPECTED.iter().find(|e| e.0 == name).unwrap();
+        let path = dir.join(format!("{name}.json"));
+        let sample = json!({"description": "live", "expected": {"status": want}, "object": object});
+        std::fs::write(&path, sample.to_string()).unwrap();
+        files.push(path);
+    }
+    let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/argocd/test.lua");
+    let out = Command::new("lua5.1")
+        .arg(runner)
+        .args(&files)
+        .output()
+        .expect("lua5.1 runs (scripts/install-tools installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
