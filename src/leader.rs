@@ -222,6 +222,11 @@ fn set_leader(health: &Health, metrics: &Metrics, leading: bool) {
     health.leader.store(leading, Ordering::SeqCst);
     health.synced.store(false, Ordering::SeqCst);
     metrics.leader.set(i64::from(leading));
+    if !leading {
+        // A standby does not count resources: its last counts would be read as current and
+        // summed with the new leader's (an ERRED alert on old data).
+        metrics.resources.clear();
+    }
 }
 
 /// Resolves once `stop` turns true.
@@ -240,6 +245,22 @@ async fn stopped_either(a: watch::Receiver<bool>, b: watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_that_stops_leading_exports_no_resource_counts() {
+        let metrics = Metrics::new();
+        let health = Health::new(true);
+        set_leader(&health, &metrics, true);
+        metrics.count_resources(&[std::sync::Arc::new(crate::api::ServerGroup::new(
+            "web",
+            Default::default(),
+        ))]);
+        let text = || metrics.encode();
+        assert!(text().contains("waldur_operator_resources{"), "{}", text());
+        set_leader(&health, &metrics, false);
+        assert!(!text().contains("waldur_operator_resources{"), "{}", text());
+        assert!(text().contains("waldur_operator_leader 0"));
+    }
 
     #[test]
     fn the_margin_leaves_time_to_stop_before_another_replica_may_lead() {
