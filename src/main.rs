@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use waldur_operator::api;
 use waldur_operator::controller::index::ReadPath;
-use waldur_operator::controller::{DefaultCredentials, Settings, plan};
+use waldur_operator::controller::{DefaultCredentials, DefaultScope, Settings, plan};
 use waldur_operator::leader::LeaseSettings;
 use waldur_operator::operator::{self, Options};
 use waldur_operator::telemetry;
@@ -63,6 +63,12 @@ struct RunArgs {
     /// Watch only this namespace; all namespaces when empty.
     #[arg(long, env = "WATCH_NAMESPACE", default_value = "")]
     namespace: String,
+    /// Namespaces whose ServerGroups may use the default credentials (WALDUR_URL and the
+    /// default token) by leaving out spec.credentialsRef: a comma-separated list of names or
+    /// prefixes ending in * (`team-a,ci-*`), or * for all. Unset: the watched namespace when
+    /// WATCH_NAMESPACE is set, else none.
+    #[arg(long, env = "DEFAULT_CREDENTIALS_NAMESPACES", value_parser = DefaultScope::parse)]
+    default_credentials_namespaces: Option<DefaultScope>,
     /// How often a settled group is re-read from Waldur, unless its spec.resyncPeriod says
     /// otherwise. At least 30s.
     #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = resync_period)]
@@ -241,6 +247,10 @@ fn options(args: &RunArgs) -> Result<Options, String> {
         defaults: DefaultCredentials {
             url: args.waldur_url.clone().filter(|u| !u.trim().is_empty()),
             token,
+            scope: match &args.default_credentials_namespaces {
+                Some(scope) => scope.clone(),
+                None => DefaultScope::parse(&args.namespace)?,
+            },
         },
         limits: Limits {
             max_in_flight: args.waldur_max_in_flight,

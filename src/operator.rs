@@ -138,6 +138,7 @@ pub async fn run(
         max_in_flight = options.limits.max_in_flight,
         rate = options.limits.rate_per_second,
         leader_elect = options.lease.is_some(),
+        default_credentials_namespaces = %options.defaults.scope.describe(),
         metrics_addr = %options.metrics_addr,
         "waldur-operator {} starting",
         env!("CARGO_PKG_VERSION")

@@ -31,6 +31,8 @@ pub mod synced_reason {
     pub const FORBIDDEN: &str = "Forbidden";
     pub const WALDUR_UNAVAILABLE: &str = "WaldurUnavailable";
     pub const CREDENTIALS_NOT_FOUND: &str = "CredentialsNotFound";
+    /// No credentialsRef, in a namespace the admin did not allow the default credentials in.
+    pub const DEFAULT_CREDENTIALS_NOT_ALLOWED: &str = "DefaultCredentialsNotAllowed";
     pub const CONFLICT: &str = "Conflict";
     pub const PAUSED: &str = "Paused";
     pub const ERROR: &str = "ReconcileError";

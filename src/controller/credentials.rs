@@ -14,11 +14,65 @@ use super::error::Error;
 use crate::api::ServerGroup;
 use crate::waldur::{ClientSettings, Limiter, Observer, Token, WaldurClient};
 
-/// The operator's own Waldur address and token (flags and environment).
+/// The operator's own Waldur address and token (flags and environment), and the namespaces
+/// whose resources may use them.
 #[derive(Clone, Debug, Default)]
 pub struct DefaultCredentials {
     pub url: Option<String>,
     pub token: Option<Token>,
+    pub scope: DefaultScope,
+}
+
+/// Where the default credentials may be used: decided by the cluster admin (a flag, a chart
+/// value), never by whoever may create a ServerGroup. Without a credentialsRef, a resource in
+/// any other namespace is refused, so a namespace user cannot act in Waldur as the operator.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DefaultScope {
+    /// Exact names, or prefixes (written `team-*`); `*` alone is every namespace. Empty: none.
+    patterns: Vec<String>,
+}
+
+impl DefaultScope {
+    /// Parses a comma-separated list such as `team-a,team-b`, `team-*` or `*`.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut patterns = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let name = item.strip_suffix('*').unwrap_or(item);
+            let valid = name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && name.len() <= 63;
+            if !valid {
+                return Err(format!(
+                    "{item:?} is not a namespace name or a prefix ending in *"
+                ));
+            }
+            patterns.push(item.to_string());
+        }
+        Ok(Self { patterns })
+    }
+
+    pub fn all() -> Self {
+        Self {
+            patterns: vec!["*".into()],
+        }
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        self.patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => namespace.starts_with(prefix),
+            None => p == namespace,
+        })
+    }
+
+    /// For the start-up log line and error messages.
+    pub fn describe(&self) -> String {
+        if self.patterns.is_empty() {
+            "no namespace".into()
+        } else {
+            self.patterns.join(",")
+        }
+    }
 }
 
 /// Clients per (url, token), built from one template of timeouts and TLS settings. Every
@@ -101,6 +155,17 @@ impl ClientCache {
         sg: &ServerGroup,
     ) -> Result<(String, Token, Option<Secret>), Error> {
         let Some(reference) = &sg.spec.credentials_ref else {
+            let namespace = sg.metadata.namespace.as_deref().unwrap_or_default();
+            if !self.defaults.scope.allows(namespace) {
+                return Err(Error::DefaultCredentialsNotAllowed(format!(
+                    "ServerGroups in namespace {namespace} may not use the operator's default \
+                     Waldur credentials (allowed in: {}). Set spec.credentialsRef to a Secret \
+                     in {namespace} holding a Waldur token, or ask the cluster admin to add \
+                     {namespace} to --default-credentials-namespaces (Helm value \
+                     defaultCredentials.namespaces)",
+                    self.defaults.scope.describe()
+                )));
+            }
             let url = self.defaults.url.as_deref().ok_or_else(|| {
                 Error::CredentialsNotFound(
                     "no spec.credentialsRef and the operator has no default Waldur URL (--waldur-url / WALDUR_URL)".into(),
@@ -188,6 +253,56 @@ mod tests {
         );
         sg.metadata.namespace = Some(ns.into());
         Arc::new(sg)
+    }
+
+    #[test]
+    fn the_default_scope_allows_exactly_what_the_admin_listed() {
+        let scope = DefaultScope::parse("team-a, ci-*").unwrap();
+        assert!(scope.allows("team-a"));
+        assert!(scope.allows("ci-42"));
+        assert!(!scope.allows("team-ab"));
+        assert!(!scope.allows("kube-system"));
+        assert!(!DefaultScope::parse("").unwrap().allows("team-a"));
+        assert!(DefaultScope::all().allows("anything"));
+        assert!(DefaultScope::parse("*").unwrap().allows("kube-system"));
+        assert!(DefaultScope::parse("Team_A").is_err());
+    }
+
+    /// Outside the allowed namespaces a resource without credentialsRef is refused before
+    /// anything is sent, and the message says what to do; a credentialsRef is unaffected.
+    #[tokio::test]
+    async fn a_namespace_outside_the_scope_cannot_use_the_default_token() {
+        let cache = ClientCache::new(
+            ClientSettings::new("", Token::new("")),
+            DefaultCredentials {
+                url: Some("http://127.0.0.1:9".into()),
+                token: Some(Token::new("staff-token")),
+                scope: DefaultScope::parse("team-a").unwrap(),
+            },
+            Arc::new(crate::waldur::Limiter::new(Default::default())),
+            Arc::new(crate::metrics::Metrics::new()),
+        );
+        // Never reached: the refusal comes before any Kubernetes or Waldur call.
+        let kube = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap()))
+            .unwrap();
+        let err = cache
+            .for_resource(&kube, &sg("team-b", "web", None))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(err.reason(), "DefaultCredentialsNotAllowed");
+        let message = err.message();
+        assert!(
+            message.contains("team-b") && message.contains("credentialsRef"),
+            "{message}"
+        );
+        assert!(!message.contains("staff-token"));
+        assert!(
+            cache
+                .for_resource(&kube, &sg("team-a", "web", None))
+                .await
+                .is_ok()
+        );
     }
 
     #[test]

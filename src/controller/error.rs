@@ -14,6 +14,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     CredentialsNotFound(String),
+    #[error("{0}")]
+    DefaultCredentialsNotAllowed(String),
     #[error("invalid spec: {0}")]
     Spec(#[from] SpecProblem),
 }
@@ -34,6 +36,7 @@ impl Error {
             Self::Kube(e) if crd_outdated(e) => synced_reason::CRD_OUTDATED,
             Self::Kube(_) => synced_reason::ERROR,
             Self::CredentialsNotFound(_) => synced_reason::CREDENTIALS_NOT_FOUND,
+            Self::DefaultCredentialsNotAllowed(_) => synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED,
             Self::Spec(_) => "InvalidSpec",
         }
     }
@@ -43,9 +46,9 @@ impl Error {
         match self {
             Self::Waldur(e) => e.to_string(),
             Self::Kube(e) if crd_outdated(e) => format!(
-                "the ServerGroup CRD installed in this cluster is older than this operator (Helm \
-                 never upgrades a chart's crds/): install this version's CRD with \
-                 `waldur-operator crd | kubectl apply --server-side -f -` or `kubectl apply -f crds/`. \
+                "the ServerGroup CRD installed in this cluster is older than this operator: \
+                 install this version's CRD (`helm upgrade` with crds.enabled=true, the default, \
+                 or `waldur-operator crd | kubectl apply --server-side -f -`). \
                  The API server said: {e}"
             ),
             other => other.to_string(),

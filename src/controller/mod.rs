@@ -25,7 +25,7 @@ use kube::{Api, Client, Resource};
 use crate::api::ServerGroup;
 use crate::metrics::Metrics;
 use crate::server::Health;
-pub use credentials::{ClientCache, DefaultCredentials};
+pub use credentials::{ClientCache, DefaultCredentials, DefaultScope};
 pub use error::Error;
 pub use plan::Settings;
 pub use reconcile::reconcile;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use crate::api::conditions::synced_reason;
 use crate::api::{
-    DeletionPolicy, ManagementPolicy, READY, ServerGroup, ServerGroupStatus, ready_reason,
+    DeletionPolicy, ManagementPolicy, READY, SYNCED, ServerGroup, ServerGroupStatus, ready_reason,
 };
 use crate::waldur::{Policy, ServerGroup as WaldurGroup, State, WaldurUuid};
 
@@ -447,6 +448,14 @@ pub const STALLED_AFTER_PULLS: u32 = 2;
 pub fn stalled(sg: &ServerGroup, status: &ServerGroupStatus) -> Option<(&'static str, String)> {
     if sg.metadata.deletion_timestamp.is_some() || sg.is_paused() {
         return None;
+    }
+    let synced = status.conditions.iter().find(|c| c.type_ == SYNCED);
+    if let Some(c) = synced.filter(|c| c.reason == synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED) {
+        // Only a credentialsRef or the admin's flag can change this.
+        return Some((
+            synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED,
+            c.message.clone(),
+        ));
     }
     let ready = status.conditions.iter().find(|c| c.type_ == READY)?;
     let why = |what: &str| match ready.message.as_str() {

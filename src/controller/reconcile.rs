@@ -137,14 +137,16 @@ impl Reconciler {
         if self.sg.meta().deletion_timestamp.is_some() {
             return self.cleanup().await;
         }
-        if self.sg.spec.management_policy == ManagementPolicy::Managed && !self.has_finalizer() {
-            self.add_finalizer().await?;
-        }
         if plan::rejected_for_this_generation(&self.sg) {
             // Same spec, same answer: wait for the user to change it.
             return Ok(Action::await_change());
         }
         let client = self.waldur().await?;
+        // Only once credentials resolve can anything reach Waldur, so a resource that never
+        // had usable credentials has no finalizer and is deleted without them.
+        if self.sg.spec.management_policy == ManagementPolicy::Managed && !self.has_finalizer() {
+            self.add_finalizer().await?;
+        }
         if let Some(secret) = &client.secret
             && self.sg.spec.management_policy == ManagementPolicy::Managed
             && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
@@ -642,7 +644,7 @@ impl Reconciler {
         }
         let mut decision = plan::cleanup(&self.sg, None, self.now.0);
         if decision == Cleanup::Locate {
-            let client = self.waldur().await?;
+            let client = self.waldur().await.map_err(deletion_waits)?;
             let group = match self.locate(&client, false).await? {
                 Located::Found(group, _) => Some(*group),
                 // Held by another resource: not ours to delete.
@@ -1074,4 +1076,18 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// A deletion that cannot reach Waldur says so, and how to let go without it.
+fn deletion_waits(e: Error) -> Error {
+    let how = "restore them, or set spec.deletionPolicy: Orphan to remove this resource and leave the Waldur group";
+    match e {
+        Error::CredentialsNotFound(m) => {
+            Error::CredentialsNotFound(format!("deletion waits for credentials: {m}; {how}"))
+        }
+        Error::DefaultCredentialsNotAllowed(m) => Error::DefaultCredentialsNotAllowed(format!(
+            "deletion waits for credentials: {m}; {how}"
+        )),
+        other => other,
+    }
 }

@@ -245,6 +245,58 @@ mod scenarios {
         env.wait("creds", Duration::from_secs(10), ready_now).await;
     }
 
+    /// The admin allows the default credentials elsewhere: a resource here without a
+    /// credentialsRef is refused (Stalled, nothing sent to Waldur, no finalizer, so it deletes
+    /// at once), and one with a credentialsRef works as always. A mistyped Secret never
+    /// blocks deletion either (review M6).
+    pub async fn default_credentials_only_where_the_admin_allows(env: &Env) {
+        env.start_operator_with(&[("DEFAULT_CREDENTIALS_NAMESPACES", "team-*,other")])
+            .await;
+        env.apply("web", spec("affinity")).await.unwrap();
+        let sg = env
+            .wait(
+                "web",
+                Duration::from_secs(20),
+                reason("Stalled", "DefaultCredentialsNotAllowed"),
+            )
+            .await
+            .unwrap();
+        let (status, why, message, _) = condition(&sg, "Synced").unwrap();
+        assert_eq!(
+            (status.as_str(), why.as_str()),
+            ("False", "DefaultCredentialsNotAllowed")
+        );
+        assert!(
+            message.contains(&env.ns)
+                && message.contains("spec.credentialsRef")
+                && message.contains("defaultCredentials.namespaces"),
+            "{message}"
+        );
+        assert!(sg.metadata.finalizers.unwrap_or_default().is_empty());
+        assert_eq!(groups_named(env, "web"), 0, "nothing reached Waldur");
+
+        let mut typo = spec("affinity");
+        typo["credentialsRef"] = json!({"name": "wladur"});
+        env.apply("typo", typo).await.unwrap();
+        env.wait(
+            "typo",
+            Duration::from_secs(20),
+            reason("Synced", "CredentialsNotFound"),
+        )
+        .await;
+        for name in ["web", "typo"] {
+            env.delete(name).await;
+            env.wait(name, Duration::from_secs(10), |sg| sg.is_none())
+                .await;
+        }
+
+        env.secret("waldur", &SimConfig::default().user_token).await;
+        let mut own = spec("affinity");
+        own["credentialsRef"] = json!({"name": "waldur"});
+        env.apply("own", own).await.unwrap();
+        env.wait_ready("own").await;
+    }
+
     pub async fn paused_and_request_annotations(env: &Env) {
         env.start_operator().await;
         env.apply("ann", spec("affinity")).await.unwrap();
@@ -616,6 +668,7 @@ both!(
     out_of_band_delete_and_reimport,
     waldur_outage_then_recovery,
     per_namespace_credentials,
+    default_credentials_only_where_the_admin_allows,
     paused_and_request_annotations,
     kubectl_apply_wait_get_and_delete_a_servergroup,
     two_imports_of_one_group_at_the_same_instant_bind_once,

@@ -50,6 +50,7 @@ impl Harness {
             DefaultCredentials {
                 url: Some(sim.base_url()),
                 token: Some(Token::new(staff)),
+                scope: controller::DefaultScope::all(),
             },
             Arc::new(Limiter::new(Limits {
                 max_in_flight: 16,

@@ -139,6 +139,7 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         .env("KUBECONFIG", &kubeconfig)
         .env("WALDUR_URL", sim.base_url())
         .env("WALDUR_TOKEN", SimConfig::default().staff_token)
+        .env("DEFAULT_CREDENTIALS_NAMESPACES", "*")
         .env("WALDUR_MAX_IN_FLIGHT", args.in_flight.to_string())
         .env("WALDUR_RATE", "0")
         .env("CONCURRENCY", args.concurrency.to_string())

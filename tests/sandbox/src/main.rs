@@ -11,7 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use kube_test_server::TestServer;
 use waldur_operator::controller::index::ReadPath;
-use waldur_operator::controller::{DefaultCredentials, Settings};
+use waldur_operator::controller::{DefaultCredentials, DefaultScope, Settings};
 use waldur_operator::operator::{self, Options};
 use waldur_operator::telemetry::{self, LogFormat};
 use waldur_operator::waldur::{ClientSettings, Limits, Token};
@@ -97,6 +97,8 @@ async fn run(args: Args) -> Result<(), String> {
         defaults: DefaultCredentials {
             url: Some(sim.base_url()),
             token: Some(Token::new(SimConfig::default().staff_token)),
+            // The sandbox is a single-user playground: every namespace may use them.
+            scope: DefaultScope::all(),
         },
         limits: Limits::default(),
         namespace: String::new(),
