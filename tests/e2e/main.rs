@@ -559,7 +559,7 @@ impl Env {
     }
 }
 
-/// A cluster that kept an older CRD (Helm never upgrades `crds/`): the API server answers
+/// A cluster that kept an older CRD (crds.enabled=false, or an old `kubectl apply`): the API server answers
 /// 500 to every status write that names a field it does not know. The operator says so,
 /// with what to do, in an Event (status itself cannot be written).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

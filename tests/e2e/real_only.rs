@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
 use tokio::net::{TcpListener, TcpStream};
 use waldur_operator::api::ServerGroup;
 
@@ -332,8 +333,15 @@ async fn helm_install_kustomize_and_the_examples_are_accepted() {
                 .expect("helm runs")
         })
     };
+    // The first install takes over the CRD the test harness applied, as a user upgrading from
+    // a chart that shipped it in crds/ does; the second, a second install beside it, leaves
+    // the CRD to the first (crds.enabled=false).
     let installs: Vec<(String, String, Vec<&str>)> = vec![
-        (format!("wo-{suffix}"), format!("{}-helm", env.ns), vec![]),
+        (
+            format!("wo-{suffix}"),
+            format!("{}-helm", env.ns),
+            vec!["--take-ownership", "--set", "commonLabels.revision=one"],
+        ),
         (
             format!("wo1-{suffix}"),
             env.ns.clone(),
@@ -342,9 +350,13 @@ async fn helm_install_kustomize_and_the_examples_are_accepted() {
                 "replicaCount=2",
                 "--set",
                 "networkPolicy.enabled=true",
+                "--set",
+                "crds.enabled=false",
             ],
         ),
     ];
+    let crds: Api<CustomResourceDefinition> = Api::all(env.kube.clone());
+    let crd_name = "servergroups.openstack.waldur.com";
     for (release, ns, extra) in &installs {
         let mut args: Vec<String> = vec![
             "install".into(),
@@ -362,13 +374,43 @@ async fn helm_install_kustomize_and_the_examples_are_accepted() {
             args.extend(["--set".into(), format!("watchNamespace={ns}")]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let out = helm(args).await.unwrap();
+        let owns_crd = !extra.contains(&"crds.enabled=false");
+        let out = helm(args.clone()).await.unwrap();
         assert!(
             out.status.success(),
             "helm install {release}: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if owns_crd {
+            // An upgrade upgrades the CRD (a crds/ directory never would).
+            let crd = crds.get(crd_name).await.unwrap();
+            assert_eq!(
+                crd.labels().get("revision").map(String::as_str),
+                Some("one")
+            );
+            assert_eq!(
+                crd.annotations()
+                    .get("helm.sh/resource-policy")
+                    .map(String::as_str),
+                Some("keep")
+            );
+            let mut upgrade = args.clone();
+            upgrade[0] = "upgrade".into();
+            upgrade.retain(|a| a != "--create-namespace" && a != "--take-ownership");
+            upgrade.extend(["--set".into(), "commonLabels.revision=two".into()]);
+            let out = helm(upgrade).await.unwrap();
+            assert!(
+                out.status.success(),
+                "helm upgrade {release}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let crd = crds.get(crd_name).await.unwrap();
+            assert_eq!(
+                crd.labels().get("revision").map(String::as_str),
+                Some("two")
+            );
+        }
         let out = helm(vec![
             "uninstall".into(),
             release.clone(),
@@ -382,6 +424,8 @@ async fn helm_install_kustomize_and_the_examples_are_accepted() {
             "helm uninstall {release}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // Uninstall keeps the CRD, and with it every ServerGroup in the cluster.
+        assert!(crds.get_opt(crd_name).await.unwrap().is_some());
     }
 
     // deploy/ creates its own namespace, which a server-side dry run does not persist: make

@@ -33,6 +33,9 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: operator
 app.kubernetes.io/part-of: waldur
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "waldur-operator.serviceAccountName" -}}
@@ -121,4 +124,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+
+{{/* A probe on the metrics port: include with (dict "path" "/healthz" "probe" .Values.livenessProbe). */}}
+{{- define "waldur-operator.probe" -}}
+httpGet:
+  path: {{ .path }}
+  port: metrics
+{{ toYaml (omit .probe "enabled") }}
+{{- end }}
+
+{{/* The rules of the ClusterRoles aggregated into view (read) and edit/admin (write). */}}
+{{- define "waldur-operator.userReadRules" -}}
+- apiGroups: ["openstack.waldur.com"]
+  resources: ["servergroups", "servergroups/status"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{- define "waldur-operator.userWriteRules" -}}
+# Users write the spec; the status and finalizers are the operator's.
+- apiGroups: ["openstack.waldur.com"]
+  resources: ["servergroups"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]
 {{- end }}
