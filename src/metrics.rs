@@ -41,6 +41,12 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaldurLabel {
+    /// The Waldur's base URL (never a token).
+    pub waldur: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
 }
@@ -56,6 +62,8 @@ pub struct Metrics {
     pub waldur_queue_wait: Histogram,
     pub resources: Family<StateLabel, Gauge>,
     pub leader: Gauge,
+    pub waldur_unreachable: Family<WaldurLabel, Gauge>,
+    pub waldur_refused: Family<EndpointLabel, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -118,6 +126,18 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let waldur_unreachable = Family::<WaldurLabel, Gauge>::default();
+        registry.register(
+            "waldur_unreachable",
+            "1 while the breaker of this Waldur is open: requests are held, one probe a second",
+            waldur_unreachable.clone(),
+        );
+        let waldur_refused = Family::<EndpointLabel, Counter>::default();
+        registry.register(
+            "waldur_requests_held",
+            "Requests not sent because the breaker of their Waldur was open",
+            waldur_refused.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -134,6 +154,8 @@ impl Metrics {
             waldur_queue_wait,
             resources,
             leader,
+            waldur_unreachable,
+            waldur_refused,
             registry: Arc::new(registry),
         }
     }
@@ -206,6 +228,22 @@ impl Observer for Metrics {
             })
             .observe(elapsed.as_secs_f64());
         self.waldur_queue_wait.observe(queued.as_secs_f64());
+    }
+
+    fn refused(&self, endpoint: Endpoint) {
+        self.waldur_refused
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.as_str().into(),
+            })
+            .inc();
+    }
+
+    fn breaker_changed(&self, waldur: &str, open: bool) {
+        self.waldur_unreachable
+            .get_or_create(&WaldurLabel {
+                waldur: waldur.into(),
+            })
+            .set(i64::from(open));
     }
 }
 

@@ -1,5 +1,5 @@
 //! Logs: text or JSON, with a level that can be changed while the operator runs
-//! (`PUT /debug/loglevel` on the metrics port).
+//! (`PUT /debug/loglevel` on the admin port, `--admin-addr`, loopback by default).
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;

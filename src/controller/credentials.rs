@@ -12,7 +12,7 @@ use kube::Api;
 
 use super::error::Error;
 use crate::api::ServerGroup;
-use crate::waldur::{ClientSettings, Limiter, Observer, Token, WaldurClient};
+use crate::waldur::{Breaker, ClientSettings, Limiter, Observer, Token, WaldurClient};
 
 /// The operator's own Waldur address and token (flags and environment), and the namespaces
 /// whose resources may use them.
@@ -82,6 +82,8 @@ pub struct ClientCache {
     template: ClientSettings,
     defaults: DefaultCredentials,
     clients: Mutex<HashMap<(String, Token), WaldurClient>>,
+    /// One per Waldur address, shared by every token that talks to it.
+    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
     limiter: Arc<Limiter>,
     observer: Arc<dyn Observer>,
 }
@@ -110,9 +112,19 @@ impl ClientCache {
             template,
             defaults,
             clients: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
             limiter,
             observer,
         }
+    }
+
+    /// The breaker of the Waldur at `base` (a normalised base URL), made on first use.
+    pub fn breaker(&self, base: &str) -> Arc<Breaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        breakers
+            .entry(base.to_string())
+            .or_insert_with(|| Arc::new(Breaker::new(base)))
+            .clone()
     }
 
     pub fn client(&self, url: &str, token: &Token) -> Result<WaldurClient, Error> {
@@ -127,6 +139,7 @@ impl ClientCache {
         let client = WaldurClient::new(&settings)?
             .with_limiter(self.limiter.clone())
             .with_observer(self.observer.clone());
+        let client = client.clone().with_breaker(self.breaker(client.base_url()));
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }

@@ -101,13 +101,21 @@ pub struct Shard {
     wake: tokio::sync::Notify,
     /// Whether a sweep has finished yet, and how.
     complete: tokio::sync::watch::Sender<SweepState>,
+    /// When the last successful sweep started; a snapshot older than `stale_after` is not
+    /// trusted even if no sweep failed (a sweep that hangs).
+    swept_at: Mutex<Instant>,
+    stale_after: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SweepState {
     Pending,
-    /// The last sweep failed: reconciles go to Waldur directly and meet the error themselves.
+    /// The last sweep failed: the snapshot is not trusted (a revoked token, a list Waldur
+    /// cannot serve); reconciles go to Waldur directly and meet the error themselves.
     Failed,
+    /// The last sweep found Waldur unreachable: reconciles meet the open breaker, and when it
+    /// closes they wait briefly for the sweep that follows at once.
+    Unreachable,
     Complete,
 }
 
@@ -119,10 +127,34 @@ impl Shard {
         let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != SweepState::Pending)).await;
     }
 
-    fn new(client: WaldurClient, after_write: Duration) -> Self {
+    /// After Waldur was unreachable and answers again, the sweep loop sweeps at once: wait
+    /// (up to `limit`) for that sweep rather than sending one GET per resource meanwhile.
+    pub async fn wait_after_outage(&self, limit: Duration) {
+        let reachable = self.client.breaker().is_none_or(|b| !b.is_open());
+        if *self.complete.borrow() != SweepState::Unreachable || !reachable {
+            return;
+        }
+        let mut rx = self.complete.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != SweepState::Unreachable)).await;
+    }
+
+    /// Whether the snapshot may answer: the last sweep succeeded, recently enough.
+    fn trusted(&self) -> bool {
+        *self.complete.borrow() == SweepState::Complete
+            && self
+                .swept_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                <= self.stale_after
+    }
+
+    fn new(client: WaldurClient, after_write: Duration, stale_after: Duration) -> Self {
         Self {
             client,
             after_write,
+            swept_at: Mutex::new(Instant::now()),
+            stale_after,
             snapshot: RwLock::new(Snapshot::default()),
             dirty: Mutex::new(HashMap::new()),
             recent: Mutex::new(HashMap::new()),
@@ -133,7 +165,7 @@ impl Shard {
     }
 
     pub fn lookup_uuid(&self, uuid: &WaldurUuid) -> Answer {
-        if self.is_dirty(uuid) {
+        if self.is_dirty(uuid) || !self.trusted() {
             return Answer::Unknown;
         }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
@@ -145,6 +177,9 @@ impl Shard {
     }
 
     pub fn lookup_backend_id(&self, backend_id: &str) -> Answer {
+        if !self.trusted() {
+            return Answer::Unknown;
+        }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
         match snap
             .by_backend
@@ -160,6 +195,9 @@ impl Shard {
 
     /// Groups in `tenant` named exactly `name`, or `None` when the index cannot say.
     pub fn by_tenant_and_name(&self, tenant: &WaldurUuid, name: &str) -> Option<Vec<WaldurGroup>> {
+        if !self.trusted() {
+            return None;
+        }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
         if !snap.complete {
             return None;
@@ -241,6 +279,7 @@ impl Shard {
             *snap = next;
             changed
         };
+        *self.swept_at.lock().unwrap_or_else(|p| p.into_inner()) = started;
         self.complete.send_replace(SweepState::Complete);
         // Writes before the sweep started are now reflected; later ones stay dirty.
         self.dirty
@@ -302,7 +341,13 @@ impl WaldurIndex {
         if let Some(s) = shards.get(key) {
             return s.clone();
         }
-        let shard = Arc::new(Shard::new(client.clone(), self.timing.after_write));
+        // A settled loop sweeps once per resync period: two missed sweeps make it stale.
+        let stale_after = self.timing.settled * 2 + self.timing.busy;
+        let shard = Arc::new(Shard::new(
+            client.clone(),
+            self.timing.after_write,
+            stale_after,
+        ));
         shards.insert(key.to_string(), shard.clone());
         let me = Arc::downgrade(self);
         let looping = Arc::downgrade(&shard);
@@ -342,14 +387,19 @@ async fn sweep_loop(index: std::sync::Weak<WaldurIndex>, shard: std::sync::Weak<
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                shard.complete.send_if_modified(|s| {
-                    let was_pending = *s == SweepState::Pending;
-                    if was_pending {
-                        *s = SweepState::Failed;
-                    }
-                    was_pending
-                });
-                tracing::warn!(error = %e, "Waldur sweep failed");
+                // The snapshot is no longer the truth (review M1): reconciles stop answering
+                // from it, and say what failed instead of Synced=True.
+                let state = if e.is_unavailable()
+                    || crate::waldur::breaker::unreachable_cause(&e).is_some()
+                {
+                    SweepState::Unreachable
+                } else {
+                    SweepState::Failed
+                };
+                shard.complete.send_replace(state);
+                if !e.is_unavailable() {
+                    tracing::warn!(error = %e, "Waldur sweep failed");
+                }
                 // Back off while Waldur fails: never a hot loop.
                 (index.timing.busy * 2u32.saturating_pow(failures.min(6))).min(index.timing.settled)
             }
@@ -361,9 +411,17 @@ async fn sweep_loop(index: std::sync::Weak<WaldurIndex>, shard: std::sync::Weak<
             let wake = shard.wake.notified();
             tokio::pin!(wake);
             // A write wakes a settled loop early, but never sooner than the busy pace allows.
+            // Waldur answering again after an outage: sweep now, everyone waits for it.
+            let back = async {
+                match shard.client.breaker().filter(|b| b.is_open()) {
+                    Some(b) => b.closed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = &mut wake => tokio::time::sleep_until(swept + busy.min(pause)).await,
+                _ = back => {}
             }
         }
         drop(shard);

@@ -50,6 +50,10 @@ pub struct Context {
     own_writes: Mutex<HashMap<String, (u64, crate::api::ServerGroupStatus)>>,
     /// Where the claims on Waldur groups live (the operator's own namespace).
     pub claims_namespace: String,
+    /// Resources parked until the breaker of their Waldur closes, by Waldur base URL.
+    parked: Mutex<HashMap<String, std::collections::HashSet<ObjectRef<ServerGroup>>>>,
+    /// Reconciles a resource now (the controller's external trigger).
+    wake: Option<futures::channel::mpsc::UnboundedSender<ObjectRef<ServerGroup>>>,
 }
 
 impl Context {
@@ -73,7 +77,52 @@ impl Context {
             metrics: Metrics::new(),
             own_writes: Mutex::new(HashMap::new()),
             claims_namespace: "default".into(),
+            parked: Mutex::new(HashMap::new()),
+            wake: None,
         }
+    }
+
+    pub fn with_wake(
+        mut self,
+        wake: futures::channel::mpsc::UnboundedSender<ObjectRef<ServerGroup>>,
+    ) -> Self {
+        self.wake = Some(wake);
+        self
+    }
+
+    /// Parks `obj` until the breaker of the Waldur at `waldur` closes, then reconciles it at
+    /// once: one probe a second finds Waldur back, not each resource's own backoff. The
+    /// first resource parked for a Waldur starts the one task that waits for it.
+    fn park_until_reachable(self: &Arc<Self>, obj: &ServerGroup, waldur: &str) {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        let first = !parked.contains_key(waldur);
+        parked
+            .entry(waldur.to_string())
+            .or_default()
+            .insert(ObjectRef::from_obj(obj));
+        drop(parked);
+        if !first {
+            return;
+        }
+        let breaker = self.credentials.breaker(waldur);
+        let ctx = Arc::downgrade(self);
+        let waldur = waldur.to_string();
+        tokio::spawn(async move {
+            breaker.closed().await;
+            let Some(ctx) = ctx.upgrade() else { return };
+            let waiting = ctx
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&waldur)
+                .unwrap_or_default();
+            tracing::info!(%waldur, resources = waiting.len(), "Waldur answers again: reconciling the parked resources");
+            if let Some(wake) = &ctx.wake {
+                for obj in waiting {
+                    let _ = wake.unbounded_send(obj);
+                }
+            }
+        });
     }
 
     pub fn with_claims_namespace(mut self, namespace: impl Into<String>) -> Self {
@@ -159,6 +208,11 @@ impl Context {
 /// Exponential backoff after failed reconciles: 2 s doubling to 5 min, with jitter, so a
 /// failing Waldur is never hammered.
 pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Waldur(crate::waldur::WaldurError::Unavailable { waldur, .. }) = err {
+        ctx.park_until_reachable(&obj, waldur);
+        // The breaker's wake comes first; this only bounds a wake that went astray.
+        return Action::requeue(Duration::from_secs(300));
+    }
     let failures = ctx.record_failure(&obj);
     let base = Duration::from_secs(2).saturating_mul(2u32.saturating_pow(failures.min(10) - 1));
     let capped = base.min(Duration::from_secs(300));
@@ -222,7 +276,8 @@ pub async fn run(
         reader.clone(),
     )
     .with_metrics(rt.metrics.clone())
-    .with_claims_namespace(rt.claims_namespace.clone());
+    .with_claims_namespace(rt.claims_namespace.clone())
+    .with_wake(wake_tx.clone());
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,

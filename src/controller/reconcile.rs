@@ -324,10 +324,16 @@ impl Reconciler {
             .credentials
             .for_resource(&self.ctx.kube, &self.sg)
             .await?;
+        // While Waldur is unreachable nothing can be learnt or done: say so at once and wait
+        // for the breaker to close (the error policy parks the resource until then).
+        if let Some(refusal) = creds.client.breaker().and_then(|b| b.refusal("reconcile")) {
+            return Err(refusal.into());
+        }
         let shard = match &self.ctx.index {
             Some(index) => {
                 let shard = index.shard(&creds.key, &creds.client);
                 shard.wait_complete(Duration::from_secs(30)).await;
+                shard.wait_after_outage(Duration::from_secs(10)).await;
                 Some(shard)
             }
             None => None,

@@ -13,6 +13,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
+use super::breaker::{self, Breaker};
 use super::error::WaldurError;
 use super::limiter::Limiter;
 use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
@@ -125,6 +126,10 @@ impl Endpoint {
 /// Told about every request, for metrics. `status` is `None` when no answer came.
 pub trait Observer: Send + Sync {
     fn observe(&self, endpoint: Endpoint, status: Option<u16>, elapsed: Duration, queued: Duration);
+    /// A request not sent because the breaker of its Waldur is open.
+    fn refused(&self, _endpoint: Endpoint) {}
+    /// The breaker of the Waldur at `waldur` opened (`open`) or closed.
+    fn breaker_changed(&self, _waldur: &str, _open: bool) {}
 }
 
 /// What came back from a successful request.
@@ -144,6 +149,7 @@ pub struct WaldurClient {
     backoff: ExponentialBuilder,
     limiter: Option<Arc<Limiter>>,
     observer: Option<Arc<dyn Observer>>,
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl fmt::Debug for WaldurClient {
@@ -191,6 +197,7 @@ impl WaldurClient {
             backoff,
             limiter: None,
             observer: None,
+            breaker: None,
         })
     }
 
@@ -204,6 +211,17 @@ impl WaldurClient {
     pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Sends every request through `breaker`, the one view of this Waldur's health that
+    /// every client of the same Waldur shares.
+    pub fn with_breaker(mut self, breaker: Arc<Breaker>) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    pub fn breaker(&self) -> Option<&Arc<Breaker>> {
+        self.breaker.as_ref()
     }
 
     /// The base address requests go to, as normalised.
@@ -403,7 +421,8 @@ impl WaldurClient {
         debug_assert!(endpoint.is_read());
         (|| async { self.send(endpoint, build()).await })
             .retry(self.backoff)
-            .when(WaldurError::is_transient)
+            // An open breaker sent nothing; it says when Waldur answers again.
+            .when(|e| e.is_transient() && !e.is_unavailable())
             .adjust(|err, planned| match (err, planned) {
                 (
                     WaldurError::Transient {
@@ -422,6 +441,52 @@ impl WaldurClient {
 
     /// Sends one request and reads the whole answer; anything but 2xx becomes a classified error.
     async fn send(&self, endpoint: Endpoint, req: RequestBuilder) -> Result<Answer, WaldurError> {
+        let admission = match &self.breaker {
+            Some(b) => match b.admit(endpoint.as_str()) {
+                Ok(a) => Some(a),
+                Err(refused) => {
+                    if let Some(o) = &self.observer {
+                        o.refused(endpoint);
+                    }
+                    return Err(refused);
+                }
+            },
+            None => None,
+        };
+        let result = self.send_admitted(endpoint, req).await;
+        if let (Some(b), Some(admission)) = (&self.breaker, admission) {
+            let cause = result.as_ref().err().and_then(breaker::unreachable_cause);
+            let was_open = b.is_open();
+            if b.record(admission, cause.as_deref()) {
+                if let Some(o) = &self.observer {
+                    o.breaker_changed(b.waldur(), true);
+                }
+                tokio::spawn(probe_until_closed(self.clone()));
+            } else if was_open
+                && !b.is_open()
+                && let Some(o) = &self.observer
+            {
+                o.breaker_changed(b.waldur(), false);
+            }
+        }
+        result
+    }
+
+    /// One cheap read that needs no particular group: what the breaker's probes send.
+    pub async fn probe(&self) -> Result<(), WaldurError> {
+        let params = ListQuery::new()
+            .fields(&["uuid"])
+            .page_size(1)
+            .params_for_page(1);
+        let req = self.request(Method::GET, &self.groups_url()).query(&params);
+        self.send(Endpoint::List, req).await.map(|_| ())
+    }
+
+    async fn send_admitted(
+        &self,
+        endpoint: Endpoint,
+        req: RequestBuilder,
+    ) -> Result<Answer, WaldurError> {
         let slot = match &self.limiter {
             Some(l) => Some(l.acquire().await),
             None => None,
@@ -573,6 +638,25 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(secs.min(300)))
+}
+
+/// While the breaker is open, sends one probe each time one is due, so that waiting
+/// resources learn that Waldur is back even when none of them is trying. Ends when it closes.
+/// (Boxed with its type spelled out: the probe's own request may open the breaker again,
+/// and an `async fn` calling itself through `send` has a type the compiler cannot name.)
+fn probe_until_closed(
+    client: WaldurClient,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let Some(breaker) = client.breaker.clone() else {
+            return;
+        };
+        while let Some(wait) = breaker.until_probe() {
+            tokio::time::sleep(wait).await;
+            // Refused when a reconcile's request took this second's probe: fine, it probes.
+            let _ = client.probe().await;
+        }
+    })
 }
 
 #[cfg(test)]

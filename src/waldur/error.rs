@@ -134,12 +134,32 @@ pub enum WaldurError {
     /// A problem in the client's own settings (URL, CA bundle), found before any request.
     #[error("invalid Waldur client settings: {0}")]
     Config(String),
+    /// Not sent: the breaker of this Waldur is open (see `breaker`). The words stay the same
+    /// for the whole outage.
+    #[error(
+        "Waldur at {waldur} is unreachable since {} ({cause}); the operator probes it once a second and retries as soon as it answers",
+        format_since(*since)
+    )]
+    Unavailable {
+        endpoint: &'static str,
+        waldur: String,
+        since: std::time::SystemTime,
+        cause: String,
+    },
+}
+
+fn format_since(since: std::time::SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(since)
+        .ok()
+        .and_then(|t| t.round(k8s_openapi::jiff::Unit::Second).ok())
+        .map(|t| t.to_string())
+        .unwrap_or_else(|| "a moment ago".into())
 }
 
 impl WaldurError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Transient { .. } => ErrorKind::Transient,
+            Self::Transient { .. } | Self::Unavailable { .. } => ErrorKind::Transient,
             Self::Unauthorized { .. } => ErrorKind::Unauthorized,
             Self::Forbidden { .. } => ErrorKind::Forbidden,
             Self::NotFound { .. } => ErrorKind::NotFound,
@@ -154,6 +174,11 @@ impl WaldurError {
         self.kind() == ErrorKind::Transient
     }
 
+    /// Refused by an open breaker: nothing was sent, and retrying before it closes is useless.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+
     /// The HTTP status Waldur answered with, when there was an answer.
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -165,7 +190,7 @@ impl WaldurError {
             Self::Invalid { .. } => Some(400),
             Self::NoSuchRoute { .. } => Some(404),
             Self::Unexpected { status, .. } => Some(*status),
-            Self::Config(_) => None,
+            Self::Config(_) | Self::Unavailable { .. } => None,
         }
     }
 
@@ -187,6 +212,7 @@ impl WaldurError {
                 status, excerpt, ..
             } => format!("HTTP {status}: {excerpt}"),
             Self::Config(msg) => msg.clone(),
+            Self::Unavailable { .. } => self.to_string(),
         }
     }
 

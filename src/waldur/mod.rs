@@ -4,12 +4,14 @@
 //! through the tenant action, DELETE answers 202, states come in two vocabularies, pages are
 //! clamped at 300 and UUIDs come with or without dashes.
 
+pub mod breaker;
 mod client;
 mod error;
 mod limiter;
 mod model;
 mod query;
 
+pub use breaker::Breaker;
 pub use client::{ClientSettings, Endpoint, MAX_PAGE_SIZE, Observer, Token, WaldurClient};
 pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
 pub use limiter::{Limiter, Limits, Slot};
