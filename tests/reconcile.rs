@@ -535,3 +535,35 @@ async fn the_batched_path_reads_waldur_once_per_sweep_not_per_reconcile() {
     assert_eq!(cost[0], 20, "per-object: one GET per reconcile");
     assert_eq!(cost[1], 0, "batched: settled reconciles read the index");
 }
+
+/// Review M1: once a sweep fails, the index stops answering from its last snapshot. A token
+/// that Waldur stops accepting makes a settled resource say Synced=False Unauthorized, not
+/// Synced=True from what the last good sweep saw.
+#[tokio::test]
+async fn a_failed_sweep_stops_the_index_from_answering() {
+    use support::{Harness, TENANT, condition, is_ready, reason_is};
+    let h = Harness::fast_mode(ReadPath::Batched).await;
+    h.apply(
+        "web",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT}),
+    );
+    h.converge("web", is_ready).await;
+    h.reconcile("web").await.unwrap();
+    assert_eq!(
+        condition(&h.sg("web").unwrap(), "Synced").unwrap().0,
+        "True"
+    );
+    // The write keeps the sweeps at the busy pace (30 ms) for a while: they now fail.
+    h.sim.set_failing(Some(401));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let sg = h
+        .converge("web", reason_is("Synced", "Unauthorized"))
+        .await
+        .unwrap();
+    assert_eq!(condition(&sg, "Synced").unwrap().0, "False");
+    assert_eq!(
+        condition(&sg, "Ready").unwrap().0,
+        "True",
+        "the last known Ready stays"
+    );
+}
