@@ -92,6 +92,10 @@ pub struct Shard {
     snapshot: RwLock<Snapshot>,
     /// Groups written since the sweep that is under way started, with the write's time.
     dirty: Mutex<HashMap<WaldurUuid, Instant>>,
+    /// (tenant, name) of creates sent without a clear answer (an error, a lost reply), with
+    /// the time: Waldur may have made the group, so the index cannot say it does not exist
+    /// until a sweep that started later has looked (review M3).
+    attempted: Mutex<HashMap<(WaldurUuid, String), Instant>>,
     /// Groups created (or read) since the sweep under way started: a sweep that began
     /// before them cannot know them, so they are carried over into its snapshot.
     recent: Mutex<HashMap<WaldurUuid, (Instant, WaldurGroup)>>,
@@ -157,6 +161,7 @@ impl Shard {
             stale_after,
             snapshot: RwLock::new(Snapshot::default()),
             dirty: Mutex::new(HashMap::new()),
+            attempted: Mutex::new(HashMap::new()),
             recent: Mutex::new(HashMap::new()),
             busy_until: Mutex::new(Instant::now()),
             wake: tokio::sync::Notify::new(),
@@ -195,7 +200,12 @@ impl Shard {
 
     /// Groups in `tenant` named exactly `name`, or `None` when the index cannot say.
     pub fn by_tenant_and_name(&self, tenant: &WaldurUuid, name: &str) -> Option<Vec<WaldurGroup>> {
-        if !self.trusted() {
+        let attempted = self
+            .attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&(tenant.clone(), name.to_string()));
+        if attempted || !self.trusted() {
             return None;
         }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
@@ -233,6 +243,16 @@ impl Shard {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(uuid.clone(), Instant::now());
+        self.stay_busy();
+    }
+
+    /// A create of `name` in `tenant` went out and its answer is unknown: ask Waldur, not the
+    /// index, whether it exists, until a sweep that started after now has looked.
+    pub fn create_attempted(&self, tenant: &WaldurUuid, name: &str) {
+        self.attempted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((tenant.clone(), name.to_string()), Instant::now());
         self.stay_busy();
     }
 
@@ -283,6 +303,10 @@ impl Shard {
         self.complete.send_replace(SweepState::Complete);
         // Writes before the sweep started are now reflected; later ones stay dirty.
         self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, at| *at >= started);
+        self.attempted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, at| *at >= started);

@@ -120,6 +120,19 @@ pub fn after_missing(sg: &ServerGroup, lookup: &Lookup) -> Result<Missing, SpecP
     }
 }
 
+/// Waldur's 400 for a create whose name the tenant already has ("Server group name should
+/// be unique."): not a bad spec when the group is this resource's own lost create.
+pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
+    match error {
+        crate::waldur::WaldurError::Invalid { messages, .. } => messages.0.iter().any(|m| {
+            m.message
+                .to_ascii_lowercase()
+                .contains("name should be unique")
+        }),
+        _ => false,
+    }
+}
+
 /// Which of the listed groups is the one this resource created: same policy, created no
 /// earlier than the resource (with slack for clocks that disagree), the oldest first.
 pub fn pick_own_creation(

@@ -698,3 +698,23 @@ fn an_erred_group_with_a_nova_group_is_pulled_before_it_is_deleted() {
     assert_eq!(delete_pull_backoff(3), Duration::from_secs(40));
     assert_eq!(delete_pull_backoff(30), Duration::from_secs(600));
 }
+
+#[test]
+fn only_waldurs_name_uniqueness_400_counts_as_a_taken_name() {
+    use crate::waldur::{FieldMessage, FieldMessages, WaldurError};
+    let invalid = |field: Option<&str>, message: &str| WaldurError::Invalid {
+        endpoint: "create",
+        messages: FieldMessages(vec![FieldMessage {
+            field: field.map(str::to_string),
+            message: message.into(),
+        }]),
+    };
+    assert!(name_taken(&invalid(
+        Some("non_field_errors"),
+        "Server group name should be unique."
+    )));
+    assert!(!name_taken(&invalid(
+        Some("policy"),
+        "\"anti-affinity\" is not a valid choice."
+    )));
+}

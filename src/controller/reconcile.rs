@@ -73,6 +73,12 @@ impl Waldur {
             shard.record(group);
         }
     }
+
+    fn create_attempted(&self, tenant: &WaldurUuid, name: &str) {
+        if let Some(shard) = &self.shard {
+            shard.create_attempted(tenant, name);
+        }
+    }
 }
 
 /// How the group was found, for Events and the status write that binds it.
@@ -251,6 +257,14 @@ impl Reconciler {
         if let Some(answer) = self.look_in_index(client, lookup) {
             return Ok(answer);
         }
+        self.look_in_waldur(client, lookup).await
+    }
+
+    async fn look_in_waldur(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+    ) -> Result<Option<WaldurGroup>, Error> {
         match lookup {
             Lookup::Uuid(uuid) => match client.get(uuid, &[]).await {
                 Ok(g) => {
@@ -355,7 +369,7 @@ impl Reconciler {
             return Ok(Located::NotFound("nothing to create from".into()));
         };
         let new = NewServerGroup {
-            name,
+            name: name.clone(),
             policy,
             description: self.sg.spec.description.clone(),
         };
@@ -364,8 +378,32 @@ impl Reconciler {
                 client.record(&group);
                 group
             }
+            // The name is taken: most likely by this resource's own earlier create whose
+            // answer was lost (review M3). Ask Waldur itself, and bind the group if it is ours.
+            Err(e) if e.kind() == ErrorKind::Invalid && plan::name_taken(&e) => {
+                let own = Lookup::OwnCreation {
+                    tenant,
+                    name,
+                    policy,
+                };
+                return match self.look_in_waldur(client, &own).await? {
+                    Some(group) if self.owner_of(&group.uuid).is_none() => {
+                        if let Some(owner) = self.claim(&group.uuid).await? {
+                            return Ok(Located::AlreadyManaged(owner));
+                        }
+                        Ok(Located::Found(Box::new(group), Binding::Adopted))
+                    }
+                    _ => Ok(Located::Rejected(e)),
+                };
+            }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                if !e.is_unavailable() {
+                    // The create may have been made and its answer lost.
+                    client.create_attempted(&tenant, &name);
+                }
+                return Err(e.into());
+            }
         };
         // Write the UUID at once: from here on a crash cannot lose track of the group.
         // It is the whole status the observation that follows would write, so that one
