@@ -73,6 +73,11 @@ struct RunArgs {
     /// otherwise. At least 30s.
     #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = resync_period)]
     resync_period: Duration,
+    /// When a group's UUID and Nova id vanish from Waldur (an unlink), the operator asks
+    /// Waldur to re-sync the tenant and makes a new group only if the old one is not back
+    /// this long after.
+    #[arg(long, env = "REIMPORT_WAIT", default_value = "30s", value_parser = duration)]
+    reimport_wait: Duration,
     /// Ask Waldur to pull settled groups from OpenStack this often, such as 1h. Off by default:
     /// Waldur re-syncs every 2 hours by itself.
     #[arg(long, env = "PULL_INTERVAL", value_parser = duration)]
@@ -260,6 +265,7 @@ fn options(args: &RunArgs) -> Result<Options, String> {
         settings: Settings {
             resync_period: args.resync_period,
             pull_interval: args.pull_interval,
+            reimport_wait: args.reimport_wait,
         },
         concurrency: args.concurrency,
         read_path: match args.read_path {

@@ -20,6 +20,8 @@ pub mod ready_reason {
     pub const NOT_FOUND: &str = "NotFound";
     pub const ALREADY_MANAGED: &str = "AlreadyManaged";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The group vanished from Waldur; a tenant re-sync may bring it back before a new one.
+    pub const REIMPORTING: &str = "Reimporting";
     /// Nothing is known yet (first reconcile, or Waldur could not be reached).
     pub const UNKNOWN: &str = "Unknown";
 }

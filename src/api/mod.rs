@@ -297,6 +297,22 @@ pub struct ServerGroupStatus {
     /// times in a row, to back off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_pull: Option<AutoPull>,
+    /// The group's UUID answered 404 while its OpenStack group may survive (an unlink): the
+    /// operator asked Waldur to re-sync the tenant, and makes a new group only if the old one
+    /// is still not back after the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reimport: Option<Reimport>,
+}
+
+/// A re-sync of the tenant asked for, to get a vanished group back before making another.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reimport {
+    /// The Nova server-group id expected back.
+    pub backend_id: String,
+    /// When the re-sync was asked for.
+    #[schemars(extend("description" = "When the re-sync was asked for."))]
+    pub requested_at: Time,
 }
 
 /// A VM in the group.

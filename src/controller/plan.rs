@@ -20,6 +20,12 @@ pub struct Settings {
     pub resync_period: Duration,
     /// Pull settled groups this often; `None` leaves it to Waldur's own 2-hourly re-sync.
     pub pull_interval: Option<Duration>,
+    /// How long after asking Waldur to re-sync a tenant a vanished group may be made anew.
+    pub reimport_wait: Duration,
+}
+
+impl Settings {
+    pub const DEFAULT_REIMPORT_WAIT: Duration = Duration::from_secs(30);
 }
 
 /// How Waldur is asked where the group is.
@@ -47,6 +53,15 @@ pub enum Missing {
     Create { recreate: bool },
     /// Report `Ready=False NotFound`: imported and observed groups are never created.
     NotFound,
+    /// The group's UUID and Nova id are both unknown to Waldur, but OpenStack may still hold
+    /// it (an unlink): Waldur re-imports it only on a tenant re-sync, under a new UUID. Making
+    /// a new group now would leave two in OpenStack (review M2), so ask for the re-sync
+    /// (`ask`) and wait for it.
+    AwaitReimport {
+        tenant: WaldurUuid,
+        backend_id: String,
+        ask: bool,
+    },
 }
 
 /// A spec the controller cannot act on. The CRD's rules keep these out; an older CRD or an
@@ -99,7 +114,12 @@ pub fn first_lookup_for_create(sg: &ServerGroup) -> Result<Lookup, SpecProblem> 
 }
 
 /// The next step after `lookup` found nothing.
-pub fn after_missing(sg: &ServerGroup, lookup: &Lookup) -> Result<Missing, SpecProblem> {
+pub fn after_missing(
+    sg: &ServerGroup,
+    lookup: &Lookup,
+    settings: &Settings,
+    now: Timestamp,
+) -> Result<Missing, SpecProblem> {
     let managed = sg.spec.management_policy == ManagementPolicy::Managed;
     let imported = sg.spec.import.is_some();
     let known_backend_id = sg
@@ -115,6 +135,29 @@ pub fn after_missing(sg: &ServerGroup, lookup: &Lookup) -> Result<Missing, SpecP
             Lookup::BackendId(known_backend_id.unwrap_or_default().to_string()),
         )),
         _ if imported || !managed => Ok(Missing::NotFound),
+        Lookup::BackendId(backend_id) if had_uuid && known_backend_id == Some(backend_id) => {
+            let asked = sg
+                .status
+                .as_ref()
+                .and_then(|s| s.reimport.as_ref())
+                .filter(|r| &r.backend_id == backend_id);
+            match asked {
+                Some(r) if due(Some(r.requested_at.0), settings.reimport_wait, now) => {
+                    Ok(Missing::Create { recreate: true })
+                }
+                _ => {
+                    let Some(tenant) = sg.spec.tenant.as_deref() else {
+                        return Err(SpecProblem::MissingTenantOrPolicy);
+                    };
+                    Ok(Missing::AwaitReimport {
+                        tenant: WaldurUuid::parse(tenant)
+                            .map_err(|e| SpecProblem::BadTenant(e.to_string()))?,
+                        backend_id: backend_id.clone(),
+                        ask: asked.is_none(),
+                    })
+                }
+            }
+        }
         Lookup::Uuid(_) | Lookup::BackendId(_) => Ok(Missing::Create { recreate: had_uuid }),
         Lookup::OwnCreation { .. } => Ok(Missing::Create { recreate: false }),
     }
@@ -550,6 +593,8 @@ pub fn requeue_after(
 
 /// The status fields that mirror the observed group.
 pub fn mirror(status: &mut ServerGroupStatus, group: &WaldurGroup) {
+    // Bound to a group again: no re-import is awaited.
+    status.reimport = None;
     status.uuid = Some(group.uuid.to_string());
     status.url = Some(group.url.clone()).filter(|u| !u.is_empty());
     status.backend_id = Some(group.backend_id.clone());

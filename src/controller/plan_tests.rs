@@ -19,6 +19,7 @@ fn settings() -> Settings {
     Settings {
         resync_period: Duration::from_secs(600),
         pull_interval: None,
+        reimport_wait: Settings::DEFAULT_REIMPORT_WAIT,
     }
 }
 
@@ -169,13 +170,17 @@ fn what_follows_a_missing_group_for_every_mode() {
             by_uuid.clone(),
             Missing::Lookup(by_backend.clone()),
         ),
-        // Not re-imported either: recreate.
+        // Not re-imported either: ask Waldur to re-sync the tenant first (review M2).
         (
             Mode::Managed,
             known,
             Some("nova-1"),
             by_backend.clone(),
-            Missing::Create { recreate: true },
+            Missing::AwaitReimport {
+                tenant: uuid(TENANT),
+                backend_id: "nova-1".into(),
+                ask: true,
+            },
         ),
         // Imports and observed groups are never created.
         (
@@ -224,11 +229,50 @@ fn what_follows_a_missing_group_for_every_mode() {
     for (mode, status_uuid, backend, lookup, want) in cases {
         let sg = resource(mode, status_uuid, backend);
         assert_eq!(
-            after_missing(&sg, &lookup),
+            after_missing(&sg, &lookup, &settings(), Timestamp::UNIX_EPOCH),
             Ok(want.clone()),
             "{mode:?} {status_uuid:?} {backend:?} {lookup:?}"
         );
     }
+}
+
+/// Review M2: a vanished group is made anew only once a re-sync asked for at least
+/// `reimport_wait` earlier has not brought its Nova group back.
+#[test]
+fn a_vanished_group_is_recreated_only_after_the_reimport_wait() {
+    let mut sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    let lookup = Lookup::BackendId("nova-1".into());
+    let asked_at = Timestamp::from_second(1_000).unwrap();
+    sg.status.as_mut().unwrap().reimport = Some(crate::api::Reimport {
+        backend_id: "nova-1".into(),
+        requested_at: Time(asked_at),
+    });
+    let at = |secs: i64| Timestamp::from_second(1_000 + secs).unwrap();
+    let waiting = Missing::AwaitReimport {
+        tenant: uuid(TENANT),
+        backend_id: "nova-1".into(),
+        ask: false,
+    };
+    assert_eq!(
+        after_missing(&sg, &lookup, &settings(), at(29)),
+        Ok(waiting)
+    );
+    assert_eq!(
+        after_missing(&sg, &lookup, &settings(), at(30)),
+        Ok(Missing::Create { recreate: true })
+    );
+    // A re-sync asked for another Nova id does not count.
+    sg.status
+        .as_mut()
+        .unwrap()
+        .reimport
+        .as_mut()
+        .unwrap()
+        .backend_id = "nova-0".into();
+    assert!(matches!(
+        after_missing(&sg, &lookup, &settings(), at(60)),
+        Ok(Missing::AwaitReimport { ask: true, .. })
+    ));
 }
 
 #[test]

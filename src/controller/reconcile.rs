@@ -93,6 +93,11 @@ enum Binding {
 }
 
 enum Located {
+    /// Waiting for a tenant re-sync to bring the group back; `asked` when it was asked now.
+    AwaitingReimport {
+        message: String,
+        asked: Option<crate::api::Reimport>,
+    },
     Found(Box<WaldurGroup>, Binding),
     NotFound(String),
     AlreadyManaged(String),
@@ -170,6 +175,25 @@ impl Reconciler {
                 .await?;
                 Ok(self.settled_requeue())
             }
+            Located::AwaitingReimport { message, asked } => {
+                if asked.is_some() {
+                    self.event(EventType::Normal, "ReimportRequested", "Locate", &message)
+                        .await;
+                }
+                self.write_status(true, |s| {
+                    if let Some(asked) = asked {
+                        s.reimport = Some(asked);
+                    }
+                    self.ready(s, false, ready_reason::REIMPORTING, &message);
+                    self.synced(s, true, synced_reason::RECONCILED, "");
+                })
+                .await?;
+                let wait = self.ctx.settings.reimport_wait;
+                Ok(Action::requeue((wait / 3).clamp(
+                    Duration::from_secs(1),
+                    wait.max(Duration::from_secs(1)),
+                )))
+            }
             Located::AlreadyManaged(owner) => {
                 let message = format!("the Waldur group is already managed by ServerGroup {owner}");
                 self.event(
@@ -228,13 +252,37 @@ impl Reconciler {
                 }
                 return Ok(Located::Found(Box::new(group), binding));
             }
-            match plan::after_missing(&self.sg, &lookup)? {
+            match plan::after_missing(&self.sg, &lookup, &self.ctx.settings, self.now.0)? {
                 Missing::Lookup(next) => lookup = next,
                 Missing::NotFound => {
                     return Ok(Located::NotFound(not_found_message(&lookup)));
                 }
-                Missing::Create { .. } if !may_create => {
+                Missing::Create { .. } | Missing::AwaitReimport { .. } if !may_create => {
                     return Ok(Located::NotFound(not_found_message(&lookup)));
+                }
+                Missing::AwaitReimport {
+                    tenant,
+                    backend_id,
+                    ask,
+                } => {
+                    let asked = if ask {
+                        client.pull_tenant_server_groups(&tenant).await?;
+                        Some(crate::api::Reimport {
+                            backend_id: backend_id.clone(),
+                            requested_at: self.now.clone(),
+                        })
+                    } else {
+                        None
+                    };
+                    return Ok(Located::AwaitingReimport {
+                        message: format!(
+                            "the group is gone from Waldur, but OpenStack may still hold its group \
+                             {backend_id}: asked Waldur to re-sync tenant {tenant}, and a new group is \
+                             made only if it is not back within {:?}",
+                            self.ctx.settings.reimport_wait
+                        ),
+                        asked,
+                    });
                 }
                 Missing::Create { recreate } => {
                     // The leak check: a crash after Waldur's 201 and before the status write
@@ -692,7 +740,10 @@ impl Reconciler {
             let group = match self.locate(&client, false).await? {
                 Located::Found(group, _) => Some(*group),
                 // Held by another resource: not ours to delete.
-                Located::AlreadyManaged(_) | Located::NotFound(_) | Located::Rejected(_) => None,
+                Located::AlreadyManaged(_)
+                | Located::NotFound(_)
+                | Located::Rejected(_)
+                | Located::AwaitingReimport { .. } => None,
             };
             decision = plan::cleanup(&self.sg, Some(group.as_ref()), self.now.0);
             if let Some(action) = self.carry_out(&client, &decision).await? {

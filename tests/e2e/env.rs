@@ -242,6 +242,8 @@ impl Env {
             ("ADMIN_ADDR", "127.0.0.1:0"),
             ("BUSY_SWEEP", "200ms"),
             ("RESYNC_PERIOD", "30s"),
+            // Waldur's re-sync is near-instant in the simulator: no need for the 30 s default.
+            ("REIMPORT_WAIT", "2s"),
             ("CONCURRENCY", "32"),
             ("WALDUR_RATE", "0"),
             ("LOG_LEVEL", "info"),
@@ -558,6 +560,8 @@ fn clear_operator_env(cmd: &mut Command) {
             "METRICS_ADDR",
             "ADMIN_ADDR",
             "RESYNC_PERIOD",
+            "REIMPORT_WAIT",
+            "DEFAULT_CREDENTIALS_NAMESPACES",
             "PULL_INTERVAL",
             "CONCURRENCY",
             "LOG_LEVEL",

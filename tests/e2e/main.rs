@@ -214,6 +214,41 @@ mod scenarios {
         assert_eq!(groups_named(env, "gone") + groups_named(env, "moved"), 2);
     }
 
+    /// Review M2: a staff user unlinks the group in Waldur (OpenStack keeps it) and nobody
+    /// re-syncs the tenant. The operator asks Waldur for the re-sync instead of making a
+    /// second group at once, and binds the original again under its new UUID.
+    pub async fn an_unlinked_group_is_reimported_not_duplicated(env: &Env) {
+        env.start_operator().await;
+        env.apply("web", spec("affinity")).await.unwrap();
+        let before = env.wait_ready("web").await.status.unwrap();
+        let staff = waldur_operator::waldur::WaldurClient::new(&ClientSettings::new(
+            env.sim.base_url(),
+            Token::new(SimConfig::default().staff_token),
+        ))
+        .unwrap();
+        let old =
+            waldur_operator::waldur::WaldurUuid::parse(before.uuid.as_deref().unwrap()).unwrap();
+        staff.unlink(&old).await.unwrap();
+        let after = env
+            .wait("web", Duration::from_secs(20), |sg| {
+                ready_now(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+            })
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(after.backend_id, before.backend_id, "the same Nova group");
+        assert!(env.sim.requests("pull_server_groups") >= 1);
+        assert_eq!(env.sim.requests("create"), 1, "no second group was made");
+        let nova = env.sim.openstack_groups(crate::TENANT);
+        assert_eq!(
+            nova.iter().filter(|(_, name, _)| name == "web").count(),
+            1,
+            "{nova:?}"
+        );
+        assert!(after.reimport.is_none());
+    }
+
     /// Waldur drops every connection for a while (WALDUR_E2E_OUTAGE_SECS, 12 s by default;
     /// README's figure is from 60 s) with 50 Ready resources and 50 new ones. The breaker
     /// holds every request but one probe a second, resources say Synced=False
@@ -731,6 +766,7 @@ both!(
     invalid_manifests_are_rejected_with_the_schemas_message,
     each_deletion_policy,
     out_of_band_delete_and_reimport,
+    an_unlinked_group_is_reimported_not_duplicated,
     waldur_outage_then_recovery,
     per_namespace_credentials,
     default_credentials_only_where_the_admin_allows,

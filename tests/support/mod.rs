@@ -61,6 +61,7 @@ impl Harness {
         let settings = Settings {
             resync_period: Duration::from_secs(600),
             pull_interval: None,
+            reimport_wait: Duration::from_secs(2),
         };
         let mut ctx = Context::new(
             kube.client(),

@@ -104,6 +104,7 @@ async fn run(args: Args) -> Result<(), String> {
         namespace: String::new(),
         settings: Settings {
             resync_period: Duration::from_secs(60),
+            reimport_wait: Settings::DEFAULT_REIMPORT_WAIT,
             pull_interval: None,
         },
         concurrency: 16,
