@@ -17,7 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource};
@@ -39,6 +39,9 @@ pub struct Context {
     pub settings: Settings,
     pub credentials: Arc<ClientCache>,
     pub reporter: Reporter,
+    /// Shared by every reconcile, so that a repeated Event (same object, reason and note)
+    /// becomes one Event with a count, not one object per failure (review M10).
+    pub recorder: Recorder,
     /// All ServerGroups the operator sees, to refuse binding a group another resource holds.
     pub store: Store<ServerGroup>,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
@@ -63,14 +66,16 @@ impl Context {
         credentials: Arc<ClientCache>,
         store: Store<ServerGroup>,
     ) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         Self {
+            recorder: Recorder::new(kube.clone(), reporter.clone()),
             kube,
             settings,
             credentials,
-            reporter: Reporter {
-                controller: MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
+            reporter,
             store,
             failures: Mutex::new(HashMap::new()),
             index: None,
@@ -267,7 +272,10 @@ pub async fn run(
                 groups_synced_tx.send_replace(true);
             }
         })
-        .touched_objects();
+        .touched_objects()
+        // The operator's own status writes come back as watch events; reconciling on them
+        // would bypass the error backoff whenever a failure's message changed (review M10).
+        .predicate_filter(what_asks_for_a_reconcile, Default::default());
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let mut ctx = Context::new(
         rt.kube.clone(),
@@ -341,6 +349,22 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// What a change must touch to be worth a reconcile: the spec (generation), annotations
+/// (paused, requests), finalizers and deletion. Status-only changes are the operator's own.
+fn what_asks_for_a_reconcile(sg: &ServerGroup) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = &sg.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.annotations.hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    meta.deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 /// Takes the operator's finalizer off credentials Secrets that no resource needs any more,

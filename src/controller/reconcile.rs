@@ -123,7 +123,8 @@ impl Reconciler {
         let namespace = sg.namespace().unwrap_or_else(|| "default".into());
         Self {
             api: Api::namespaced(ctx.kube.clone(), &namespace),
-            recorder: Recorder::new(ctx.kube.clone(), ctx.reporter.clone()),
+            // One recorder for the process: it aggregates repeats into an Event series.
+            recorder: ctx.recorder.clone(),
             now: Time(Timestamp::now()),
             latest: tokio::sync::Mutex::new(None),
             unsupported: std::sync::Mutex::new(None),

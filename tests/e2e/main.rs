@@ -777,6 +777,36 @@ both!(
 
 // ---- Scenarios that need the test server's fault injection ----
 
+/// Review M10: a failure whose words change every time (401 and 403 in turn) must still back
+/// off. The operator's own status write used to come back as a watch event and start the next
+/// reconcile at once, and every failure made a new Event object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_whose_message_keeps_changing_still_backs_off() {
+    let env = Env::new(Kind::TestServer, "m10-backoff").await;
+    for i in 0..400 {
+        env.sim
+            .fail_next_requests(1, if i % 2 == 0 { 401 } else { 403 });
+    }
+    env.start_operator().await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    env.wait("web", Duration::from_secs(10), |sg| {
+        sg.and_then(|sg| condition(sg, "Synced"))
+            .is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    env.sim.reset_counters();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let requests = env.sim.total_requests();
+    let events = env.event_reasons("web").await;
+    eprintln!(
+        "8 s of alternating 401/403: {requests} Waldur requests, {} Event objects",
+        events.len()
+    );
+    // Backoff 2 s doubling, plus the index's sweeps backing off: a handful, not hundreds.
+    assert!(requests <= 20, "{requests} Waldur requests in 8 s");
+    assert!(events.len() <= 4, "{events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_restarts_and_410_gone_do_not_lose_events() {
     let env = Env::new(Kind::TestServer, "watch-410").await;
