@@ -417,6 +417,54 @@ macro_rules! scenarios {
             assert_eq!(h.sim.requests("set_ok"), 1);
         }
 
+        /// Review m1: a pull that went out is recorded even when the set-ok after it fails,
+        /// so the next reconcile does not pull again for the same token.
+        #[tokio::test]
+        async fn a_request_carried_out_is_kept_when_the_next_one_fails() {
+            let h = Harness::fast_mode(MODE).await;
+            h.apply("web", spec("affinity"));
+            h.converge("web", is_ready).await;
+            h.kube.edit(PLURAL, NS, "web", |o| {
+                o["metadata"]["annotations"] = json!({
+                    "openstack.waldur.com/request-pull": "p1",
+                    "openstack.waldur.com/request-set-ok": "k1",
+                });
+            });
+            h.sim.fail_next_requests_for("set_ok", 1, 503);
+            assert!(h.reconcile("web").await.is_err(), "set_ok is refused once");
+            assert_eq!(h.sim.requests("pull"), 1);
+            h.converge("web", |sg| {
+                sg.and_then(|sg| sg.status.as_ref())
+                    .and_then(|s| s.handled_requests.as_ref())
+                    .and_then(|r| r.set_ok.as_deref())
+                    == Some("k1")
+            })
+            .await;
+            h.converge("web", is_ready).await;
+            for _ in 0..2 {
+                h.reconcile("web").await.unwrap();
+            }
+            assert_eq!(h.sim.requests("pull"), 1, "the pull was not sent twice");
+        }
+
+        /// Review m2: a manifest applied with request tokens already in it (from Git) does
+        /// not replay them on the group it creates.
+        #[tokio::test]
+        async fn request_tokens_in_a_fresh_manifest_are_not_replayed() {
+            let h = Harness::fast_mode(MODE).await;
+            h.apply("web", spec("affinity"));
+            h.kube.edit(PLURAL, NS, "web", |o| {
+                o["metadata"]["annotations"] = json!({
+                    "openstack.waldur.com/request-set-ok": "from-git",
+                    "openstack.waldur.com/request-set-erred": "from-git",
+                });
+            });
+            let sg = h.converge("web", is_ready).await.unwrap();
+            let handled = sg.status.unwrap().handled_requests.unwrap();
+            assert_eq!(handled.set_ok.as_deref(), Some("from-git"));
+            assert_eq!(h.sim.requests("set_ok") + h.sim.requests("set_erred"), 0);
+        }
+
         #[tokio::test]
         async fn import_by_backend_id_observes_without_writing() {
             let h = Harness::fast_mode(MODE).await;

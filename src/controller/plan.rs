@@ -9,7 +9,8 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::conditions::synced_reason;
 use crate::api::{
-    DeletionPolicy, ManagementPolicy, READY, SYNCED, ServerGroup, ServerGroupStatus, ready_reason,
+    DeletionPolicy, HandledRequests, ManagementPolicy, READY, SYNCED, ServerGroup,
+    ServerGroupStatus, ready_reason,
 };
 use crate::waldur::{Policy, ServerGroup as WaldurGroup, State, WaldurUuid};
 
@@ -343,10 +344,14 @@ pub fn follow_ups(
     }
     let status = sg.status.clone().unwrap_or_default();
     let handled = status.handled_requests.clone().unwrap_or_default();
+    // Tokens present when the resource first binds a group were written before there was a
+    // group to act on: a manifest re-applied from Git, or a group made a moment ago. They are
+    // recorded as handled (see `tokens_at_first_binding`), never run (review m2).
+    let first_binding = status.uuid.is_none();
     let new_token = |key: &str, done: &Option<String>| {
         sg.annotation(key)
             .map(str::trim)
-            .filter(|t| !t.is_empty() && Some(*t) != done.as_deref())
+            .filter(|t| !first_binding && !t.is_empty() && Some(*t) != done.as_deref())
             .map(str::to_string)
     };
     let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
@@ -390,6 +395,25 @@ pub fn follow_ups(
         out.push(FollowUp::SetErred { token });
     }
     out
+}
+
+/// The request tokens to record as handled when a resource first binds a group: every token
+/// present, so only a token changed later asks Waldur for anything.
+pub fn tokens_at_first_binding(sg: &ServerGroup) -> Option<HandledRequests> {
+    if sg.status.as_ref().and_then(|s| s.uuid.as_ref()).is_some() {
+        return None;
+    }
+    let token = |key: &str| {
+        sg.annotation(key)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+    };
+    Some(HandledRequests {
+        pull: token(crate::api::ANNOTATION_REQUEST_PULL),
+        set_ok: token(crate::api::ANNOTATION_REQUEST_SET_OK),
+        set_erred: token(crate::api::ANNOTATION_REQUEST_SET_ERRED),
+    })
 }
 
 fn due(last: Option<Timestamp>, every: Duration, now: Timestamp) -> bool {

@@ -407,6 +407,37 @@ fn each_request_annotation_acts_once_per_token() {
     assert_eq!(follow_ups(&observed, &ok, &s, now), vec![]);
 }
 
+/// Review m2: tokens already there when a resource first binds a group (a manifest
+/// re-applied from Git, a group made a moment ago) are recorded, never run.
+#[test]
+fn request_tokens_present_at_first_binding_are_recorded_not_run() {
+    let now = Timestamp::from_second(10_000).unwrap();
+    let mut fresh = annotated(
+        &[
+            (ANNOTATION_REQUEST_PULL, "p"),
+            (ANNOTATION_REQUEST_SET_ERRED, "e"),
+        ],
+        HandledRequests::default(),
+    );
+    fresh.status = None;
+    let ok = group(State::Ok, "nova-1");
+    assert_eq!(follow_ups(&fresh, &ok, &settings(), now), vec![]);
+    assert_eq!(
+        tokens_at_first_binding(&fresh),
+        Some(HandledRequests {
+            pull: Some("p".into()),
+            set_ok: None,
+            set_erred: Some("e".into()),
+        })
+    );
+    // Once bound, only a changed token asks.
+    let bound = annotated(
+        &[(ANNOTATION_REQUEST_PULL, "p")],
+        HandledRequests::default(),
+    );
+    assert_eq!(tokens_at_first_binding(&bound), None);
+}
+
 #[test]
 fn erred_groups_with_a_backend_id_are_pulled_with_backoff() {
     let s = settings();

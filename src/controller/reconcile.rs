@@ -481,13 +481,34 @@ impl Reconciler {
         binding: Binding,
     ) -> Result<Action, Error> {
         self.announce_binding(&group, binding).await;
-        let mut handled = self.status().handled_requests.unwrap_or_default();
+        let mut handled = plan::tokens_at_first_binding(&self.sg)
+            .or(self.status().handled_requests)
+            .unwrap_or_default();
         let mut auto_pull = self.status().auto_pull;
         let mut busy = false;
         for follow_up in plan::follow_ups(&self.sg, &group, &self.ctx.settings, self.now.0) {
-            busy |= self
+            match self
                 .follow_up(client, &group, &follow_up, &mut handled, &mut auto_pull)
-                .await?;
+                .await
+            {
+                Ok(b) => busy |= b,
+                Err(e) => {
+                    // Keep what was done before the error goes up (review m1): a request
+                    // already carried out is recorded and never sent twice.
+                    let kept = self
+                        .write_status(true, |s| {
+                            plan::mirror(s, &group);
+                            s.handled_requests =
+                                Some(handled.clone()).filter(|h| *h != HandledRequests::default());
+                            s.auto_pull = auto_pull.clone();
+                        })
+                        .await;
+                    if let Err(write) = kept {
+                        tracing::warn!(error = %write, "could not record the requests already carried out");
+                    }
+                    return Err(e);
+                }
+            }
         }
         if group.state == Some(State::Ok) && auto_pull.as_ref().is_some_and(|a| a.attempts > 0) {
             // Recovered: the next ERRED spell starts its backoff afresh.
