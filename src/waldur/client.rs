@@ -453,9 +453,18 @@ impl WaldurClient {
             },
             None => None,
         };
-        let result = self.send_admitted(endpoint, req).await;
+        let mut result = self.send_admitted(endpoint, req).await;
         if let (Some(b), Some(admission)) = (&self.breaker, admission) {
             let cause = result.as_ref().err().and_then(breaker::unreachable_cause);
+            // A failed probe taken by a reconcile's request answers like a held request, so
+            // that resource is parked with the others rather than backing off on its own
+            // (and, with every probe it happened to take, for longer).
+            if admission == breaker::Admission::Probe
+                && cause.is_some()
+                && let Some(held) = b.refusal(endpoint.as_str())
+            {
+                result = Err(held);
+            }
             let was_open = b.is_open();
             if b.record(admission, cause.as_deref()) {
                 if let Some(o) = &self.observer {

@@ -319,7 +319,8 @@ mod scenarios {
         );
         assert!(
             recovered <= Duration::from_secs(10),
-            "all Ready only {recovered:?} after Waldur came back"
+            "all Ready only {recovered:?} after Waldur came back\n{}",
+            env.operator_logs()
         );
         for i in 0..EACH {
             assert_eq!(groups_named(env, &format!("new-{i}")), 1);
