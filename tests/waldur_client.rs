@@ -664,3 +664,51 @@ async fn the_tenant_re_sync_is_scheduled_and_re_imports_unlinked_groups() {
     let err = c.pull_tenant_server_groups(&tenant()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
 }
+
+/// Review m8: an answer is never read without a bound. A success body past 16 MiB is an
+/// error (half a page must not be acted on); an error body is cut to what is quoted.
+#[tokio::test]
+async fn bodies_are_read_with_a_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for status in ["200 OK", "502 Bad Gateway"] {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            let len = waldur_operator::waldur::MAX_BODY + 1;
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+            );
+            if stream.write_all(head.as_bytes()).await.is_err() {
+                continue;
+            }
+            let block = vec![b'x'; 1 << 20];
+            let mut sent = 0;
+            while sent < len {
+                let n = block.len().min(len - sent);
+                if stream.write_all(&block[..n]).await.is_err() {
+                    break;
+                }
+                sent += n;
+            }
+        }
+    });
+    let client = WaldurClient::new(&ClientSettings::new(
+        format!("http://{addr}"),
+        Token::new("t"),
+    ))
+    .unwrap();
+    let uuid = WaldurUuid::parse(TENANT).unwrap();
+    let too_big = client.get(&uuid, &[]).await.unwrap_err();
+    assert!(
+        too_big.to_string().contains("larger than 16 MiB"),
+        "{too_big}"
+    );
+    let cut = client.delete(&uuid).await.unwrap_err();
+    assert!(
+        cut.to_string().len() < 1_000,
+        "the quoted error stays short"
+    );
+}

@@ -63,6 +63,19 @@ impl ConditionStatus {
     }
 }
 
+/// The most characters of Waldur's words kept in a condition message or `errorMessage`
+/// (review m8): a huge OpenStack error must not push the object past etcd's size limit, after
+/// which no status write would succeed.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
+
+/// `text` cut to `MAX_MESSAGE_CHARS`, with an ellipsis when it was longer.
+pub fn bounded(text: &str) -> String {
+    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
+        None => text.to_string(),
+        Some((at, _)) => format!("{}…", &text[..at]),
+    }
+}
+
 /// Sets a condition in place. `lastTransitionTime` moves only when the status flips, so
 /// users (and `kubectl wait`) can tell how long a resource has been in its condition.
 pub fn set_condition(
@@ -74,6 +87,7 @@ pub fn set_condition(
     observed_generation: Option<i64>,
     now: &Time,
 ) {
+    let message = &bounded(message);
     let existing = conditions.iter_mut().find(|c| c.type_ == type_);
     match existing {
         Some(c) => {
@@ -124,6 +138,23 @@ mod tests {
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn messages_are_bounded() {
+        let mut c = Vec::new();
+        let huge = "é".repeat(MAX_MESSAGE_CHARS * 3);
+        set_condition(
+            &mut c,
+            READY,
+            ConditionStatus::False,
+            "Erred",
+            &huge,
+            None,
+            &at(1),
+        );
+        assert_eq!(c[0].message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(bounded("short"), "short");
     }
 
     #[test]

@@ -641,7 +641,8 @@ pub fn mirror(status: &mut ServerGroupStatus, group: &WaldurGroup) {
         vec![]
     };
     status.instance_count = Some(status.instances.len() as i64);
-    status.error_message = Some(group.error_message.clone()).filter(|m| !m.is_empty());
+    status.error_message =
+        Some(crate::api::conditions::bounded(&group.error_message)).filter(|m| !m.is_empty());
 }
 
 #[cfg(test)]

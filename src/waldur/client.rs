@@ -537,10 +537,13 @@ impl WaldurClient {
             .map_err(|e| WaldurError::from_transport(name, &e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| WaldurError::from_transport(name, &e))?;
+        // A page of 300 groups is well under a MiB; an error body is read only to quote it.
+        let cap = if status.is_success() {
+            MAX_BODY
+        } else {
+            MAX_ERROR_BODY
+        };
+        let body = read_capped(response, cap, name, status.is_success()).await?;
         if status.is_success() {
             return Ok(Answer {
                 status,
@@ -651,6 +654,43 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// While the breaker is open, sends one probe each time one is due, so that waiting
 /// resources learn that Waldur is back even when none of them is trying. Ends when it closes.
+/// The largest answer read whole (review m8): far above any page Waldur sends, far below
+/// what would hurt the process.
+pub const MAX_BODY: usize = 16 << 20;
+/// Of an error answer, only this much is read: enough to quote Waldur's words.
+pub const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Reads the body chunk by chunk and stops at `cap`: a success body past it is an error (the
+/// caller must not act on half a page); an error body is simply cut (it is only quoted).
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+    endpoint: &'static str,
+    must_be_whole: bool,
+) -> Result<bytes::Bytes, WaldurError> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| WaldurError::from_transport(endpoint, &e))?
+    {
+        let room = cap.saturating_sub(body.len());
+        if chunk.len() > room {
+            if must_be_whole {
+                return Err(WaldurError::Unexpected {
+                    endpoint,
+                    status: response.status().as_u16(),
+                    excerpt: format!("the answer is larger than {} MiB", cap >> 20),
+                });
+            }
+            body.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// (Boxed with its type spelled out: the probe's own request may open the breaker again,
 /// and an `async fn` calling itself through `send` has a type the compiler cannot name.)
 fn probe_until_closed(

@@ -12,7 +12,10 @@ mod model;
 mod query;
 
 pub use breaker::Breaker;
-pub use client::{ClientSettings, Endpoint, MAX_PAGE_SIZE, Observer, Token, WaldurClient};
+pub use client::{
+    ClientSettings, Endpoint, MAX_BODY, MAX_ERROR_BODY, MAX_PAGE_SIZE, Observer, Token,
+    WaldurClient,
+};
 pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
 pub use limiter::{Limiter, Limits, Slot};
 pub use model::{Instance, InvalidUuid, NewServerGroup, Policy, ServerGroup, State, WaldurUuid};
