@@ -615,3 +615,73 @@ async fn a_failed_sweep_stops_the_index_from_answering() {
         "the last known Ready stays"
     );
 }
+
+/// An index over the simulator with `timing`, and nothing bound to any group.
+fn bare_index(
+    timing: waldur_operator::controller::index::SweepTiming,
+) -> std::sync::Arc<waldur_operator::controller::index::WaldurIndex> {
+    let (reader, _writer) = kube::runtime::reflector::store();
+    let (wake, _) = futures::channel::mpsc::unbounded();
+    std::sync::Arc::new(waldur_operator::controller::index::WaldurIndex::new(
+        timing, reader, wake,
+    ))
+}
+
+/// Review M8: a group stuck in a transitional state that no ServerGroup manages (a Waldur
+/// worker crashed) does not keep the sweeps at the busy pace.
+#[tokio::test]
+async fn a_stuck_group_nobody_manages_does_not_set_the_sweep_pace() {
+    use std::time::Duration;
+    use waldur_operator::controller::index::SweepTiming;
+    use waldur_operator::waldur::{NewServerGroup, Policy, WaldurUuid};
+    let h = support::Harness::fast_mode(ReadPath::Batched).await;
+    let staff = h.staff_client();
+    let stuck = staff
+        .create(
+            &WaldurUuid::parse(support::TENANT).unwrap(),
+            &NewServerGroup {
+                name: "stuck".into(),
+                policy: Policy::Affinity,
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.sim.force_state(stuck.uuid.as_str(), "CREATING"));
+    let index = bare_index(SweepTiming {
+        busy: Duration::from_millis(20),
+        settled: Duration::from_secs(600),
+        after_write: Duration::ZERO,
+    });
+    h.sim.reset_counters();
+    let _shard = index.shard("staff", &staff);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        h.sim.requests("list"),
+        1,
+        "one sweep, then the settled pace: nothing bound is changing"
+    );
+}
+
+/// Review M7: the index of credentials no reconcile uses any more (a rotated or revoked
+/// token) is dropped, and its sweeps stop.
+#[tokio::test]
+async fn an_index_nobody_uses_is_dropped() {
+    use std::time::Duration;
+    use waldur_operator::controller::index::SweepTiming;
+    let h = support::Harness::fast_mode(ReadPath::Batched).await;
+    let index = bare_index(SweepTiming {
+        busy: Duration::from_millis(10),
+        settled: Duration::from_millis(50),
+        after_write: Duration::ZERO,
+    });
+    let shard = index.shard("rotated-away", &h.staff_client());
+    drop(shard);
+    assert_eq!(index.shard_count(), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(index.shard_count(), 0, "idle for 3 sweep periods: dropped");
+    let lists = h.sim.requests("list");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.sim.requests("list"), lists, "its sweeps stopped");
+}

@@ -156,7 +156,8 @@ impl ClientCache {
         let (url, token, secret) = self.resolve(kube, sg).await?;
         let client = self.client(&url, &token)?;
         Ok(Credentials {
-            key: format!("{url}#{:016x}", fingerprint(&token)),
+            // Keyed by the normalised address: `https://w` and `https://w/api/` are one Waldur.
+            key: format!("{}#{:016x}", client.base_url(), fingerprint(&token)),
             client,
             secret,
         })

@@ -69,12 +69,18 @@ impl Snapshot {
         self.by_uuid.insert(group.uuid.clone(), Arc::new(group));
     }
 
-    fn any_transitional(&self) -> bool {
+    fn transitional(&self) -> impl Iterator<Item = &WaldurUuid> {
         self.by_uuid
             .values()
-            .any(|g| g.state.as_ref().is_none_or(|s| s.is_transitional()))
+            .filter(|g| g.state.as_ref().is_none_or(|s| s.is_transitional()))
+            .map(|g| &g.uuid)
     }
 }
+
+/// A group transitional for longer than this no longer keeps the sweeps at the busy pace: a
+/// row stuck in CREATION_SCHEDULED after a Waldur worker crash would otherwise keep them there
+/// for ever (review M8). Its resource still sees it at the settled pace.
+pub const STUCK_AFTER: Duration = Duration::from_secs(600);
 
 /// What the index can say about a group.
 #[derive(Debug, PartialEq)]
@@ -100,6 +106,10 @@ pub struct Shard {
     /// before them cannot know them, so they are carried over into its snapshot.
     recent: Mutex<HashMap<WaldurUuid, (Instant, WaldurGroup)>>,
     busy_until: Mutex<Instant>,
+    /// Since when each group has been transitional, as the sweeps saw it.
+    transitional_since: Mutex<HashMap<WaldurUuid, Instant>>,
+    /// When a reconcile last used this shard: an idle shard ends (review M7).
+    used_at: Mutex<Instant>,
     /// How long a write keeps the sweeps at the busy pace.
     after_write: Duration,
     wake: tokio::sync::Notify,
@@ -164,6 +174,8 @@ impl Shard {
             attempted: Mutex::new(HashMap::new()),
             recent: Mutex::new(HashMap::new()),
             busy_until: Mutex::new(Instant::now()),
+            transitional_since: Mutex::new(HashMap::new()),
+            used_at: Mutex::new(Instant::now()),
             wake: tokio::sync::Notify::new(),
             complete: tokio::sync::watch::Sender::new(SweepState::Pending),
         }
@@ -296,6 +308,17 @@ impl Shard {
             }
             drop(recent);
             let changed = diff(&snap.by_uuid, &next.by_uuid);
+            let mut since = self
+                .transitional_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let still: HashSet<&WaldurUuid> = next.transitional().collect();
+            since.retain(|u, _| still.contains(u));
+            for uuid in still {
+                since.entry(uuid.clone()).or_insert(now);
+            }
+            drop(since);
             *snap = next;
             changed
         };
@@ -313,13 +336,18 @@ impl Shard {
         Ok(changed)
     }
 
-    fn next_pause(&self, timing: &SweepTiming) -> Duration {
-        let busy = self
-            .snapshot
-            .read()
+    /// The busy pace while a group some ServerGroup is bound to (`bound`) is changing, and
+    /// not stuck, or right after a write; the settled pace otherwise. Groups no resource
+    /// manages never set the pace (review M8).
+    fn next_pause(&self, timing: &SweepTiming, bound: &HashSet<WaldurUuid>) -> Duration {
+        let changing = self
+            .transitional_since
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .any_transitional()
-            || *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) > Instant::now();
+            .iter()
+            .any(|(uuid, since)| bound.contains(uuid) && since.elapsed() < STUCK_AFTER);
+        let busy =
+            changing || *self.busy_until.lock().unwrap_or_else(|p| p.into_inner()) > Instant::now();
         if busy { timing.busy } else { timing.settled }
     }
 }
@@ -363,6 +391,7 @@ impl WaldurIndex {
     pub fn shard(self: &Arc<Self>, key: &str, client: &WaldurClient) -> Arc<Shard> {
         let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = shards.get(key) {
+            *s.used_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             return s.clone();
         }
         // A settled loop sweeps once per resync period: two missed sweeps make it stale.
@@ -375,8 +404,46 @@ impl WaldurIndex {
         shards.insert(key.to_string(), shard.clone());
         let me = Arc::downgrade(self);
         let looping = Arc::downgrade(&shard);
-        tokio::spawn(async move { sweep_loop(me, looping).await });
+        let key = key.to_string();
+        tokio::spawn(async move { sweep_loop(me, looping, key).await });
         shard
+    }
+
+    /// How many sets of credentials are swept now (for tests and the log).
+    pub fn shard_count(&self) -> usize {
+        self.shards.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The UUIDs some ServerGroup is bound to: what sets the sweep pace.
+    fn bound(&self) -> HashSet<WaldurUuid> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|sg| sg.status.as_ref()?.uuid.as_deref())
+            .filter_map(|u| WaldurUuid::parse(u).ok())
+            .collect()
+    }
+
+    /// Removes the shard of `key` when no reconcile has used it for `idle`: a rotated, revoked
+    /// or mistyped token, or a deleted namespace's Secret, must not keep listing Waldur (and
+    /// holding a snapshot) for ever (review M7). Returns whether it was removed.
+    fn drop_if_idle(&self, key: &str, idle: Duration) -> bool {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let unused = shards.get(key).is_some_and(|s| {
+            s.used_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+                > idle
+        });
+        if unused {
+            shards.remove(key);
+            tracing::info!(
+                shards = shards.len(),
+                "credentials unused for {idle:?}: their index is dropped"
+            );
+        }
+        unused
     }
 
     fn wake_bound_to(&self, changed: &[WaldurUuid]) {
@@ -397,17 +464,25 @@ impl WaldurIndex {
     }
 }
 
-async fn sweep_loop(index: std::sync::Weak<WaldurIndex>, shard: std::sync::Weak<Shard>) {
+async fn sweep_loop(
+    index: std::sync::Weak<WaldurIndex>,
+    shard: std::sync::Weak<Shard>,
+    key: String,
+) {
     let mut failures = 0u32;
     loop {
         let (Some(index), Some(shard)) = (index.upgrade(), shard.upgrade()) else {
             return;
         };
+        // Every resource using these credentials reconciles at least once per resync period.
+        if index.drop_if_idle(&key, index.timing.settled * 3) {
+            return;
+        }
         let pause = match shard.sweep().await {
             Ok(changed) => {
                 failures = 0;
                 index.wake_bound_to(&changed);
-                shard.next_pause(&index.timing)
+                shard.next_pause(&index.timing, &index.bound())
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
