@@ -596,8 +596,9 @@ pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {
         })
 }
 
-/// When to look again: soon (backing off) while Waldur is busy, at the resync period with
-/// ±10 % jitter when settled. `busy_for` is how long the group has been transitional;
+/// When to look again: soon (backing off) while Waldur is busy, within the resync period when
+/// settled: between 90 % and 100 % of it, so the reads spread out and every resource is read
+/// at least once per period (the period is a promise, not an average). `busy_for` is how long the group has been transitional;
 /// `jitter` is a number in [0, 1) chosen by the caller.
 pub fn requeue_after(
     sg: &ServerGroup,
@@ -611,7 +612,7 @@ pub fn requeue_after(
             // 1 s, growing with a quarter of the time spent waiting, capped at 30 s.
             (busy_for / 4).clamp(Duration::from_secs(1), Duration::from_secs(30))
         }
-        _ => resync_of(sg, settings).mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0)),
+        _ => resync_of(sg, settings).mul_f64(0.9 + 0.1 * jitter.clamp(0.0, 1.0)),
     }
 }
 

@@ -668,13 +668,13 @@ fn requeue_is_fast_while_busy_and_jittered_at_resync_when_settled() {
     );
     assert_eq!(
         requeue_after(&sg, Some(&State::Ok), Duration::ZERO, &s, 1.0),
-        Duration::from_secs(660)
+        Duration::from_secs(600)
     );
     let mut own = sg.clone();
     own.spec.resync_period = Some("1h".into());
     assert_eq!(
         requeue_after(&own, Some(&State::Erred), Duration::ZERO, &s, 0.5),
-        Duration::from_secs(3600)
+        Duration::from_secs(3420)
     );
 }
 

@@ -56,6 +56,9 @@ struct Args {
     /// Exit non-zero when a request-count target is missed (counts, not times).
     #[arg(long)]
     check: bool,
+    /// With --check: also hold the peak RSS to the memory goal (see `rss_bar_mib`).
+    #[arg(long)]
+    rss_bar: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -77,9 +80,26 @@ struct Row {
     mode: Mode,
     ready_secs: f64,
     create_per_resource: f64,
+    /// From all Ready until the settled window: the sweeps' busy tail after the last writes.
+    tail_per_resource: f64,
     resync_per_resource: f64,
+    /// ServerGroup writes and Event writes (events.k8s.io and core/v1 are one store).
     kube_writes_per_resource: f64,
-    peak_rss_mib: f64,
+    events_per_resource: f64,
+    peak_rss_mib: Option<f64>,
+}
+
+/// Kubernetes writes per resource `--check` allows, Events included: the finalizer, three
+/// status writes (created, CREATING, OK) and three Events (Created, and StateChanged twice)
+/// while nothing fails. The goal is 4; getting there means fewer writes on the happy path,
+/// which is not done yet.
+const MAX_WRITES: f64 = 7.0;
+
+/// The peak RSS `--check --rss-bar` allows for N resources, for release builds: 32 MiB for
+/// the process and its caches, plus 3.2 KiB per resource (64 MiB at 10,000). Not met yet at
+/// 10,000 (the README's table has the figures), so off by default.
+fn rss_bar_mib(n: usize) -> f64 {
+    32.0 + 3.2 * n as f64 / 1024.0
 }
 
 #[tokio::main]
@@ -103,7 +123,7 @@ async fn main() {
         }
     }
     print_table(&args, &rows);
-    if args.check && !targets_met(&rows) {
+    if args.check && !targets_met(&args, &rows) {
         std::process::exit(1);
     }
 }
@@ -158,6 +178,7 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     // Apply all resources at once, as a GitOps sync of a large repository would.
     sim.reset_counters();
     let writes_before = kube_server.writes("servergroups");
+    let events_before = kube_server.writes("events");
     let started = Instant::now();
     let watching = tokio::spawn(wait_all_ready(
         client.clone(),
@@ -170,20 +191,25 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         status = operator.wait() => return Err(format!("the operator exited: {status:?}")),
     }
     let ready_secs = started.elapsed().as_secs_f64();
+    // Every Waldur request from the first create to the end of the settled window is counted,
+    // in one of three phases: creation (until all Ready), the tail, the settled window.
     let create_requests = sim.total_requests();
-    // The benchmark's own writes are the N creates; the rest are the operator's.
-    let kube_writes = kube_server.writes("servergroups") - writes_before - args.n as u64;
+    sim.reset_counters();
 
-    // Settled: everything is OK; count Waldur requests over one resync period.
+    // The sweeps stay at the busy pace for 10 s after the last write; the settled window
+    // starts after that tail.
     let resync =
         waldur_operator::controller::plan::parse_duration(&args.resync).ok_or("bad --resync")?;
-    // The sweeps stay at the busy pace for 10 s after the last write; measure after that.
     tokio::time::sleep(Duration::from_secs(15)).await;
+    let tail_requests = sim.total_requests();
     sim.reset_counters();
     let periods = args.settled_periods.max(1);
     tokio::time::sleep(resync * periods).await;
     let resync_requests = sim.total_requests() as f64 / f64::from(periods);
-    let peak_rss = peak_rss_kib(pid).unwrap_or(0) as f64 / 1024.0;
+    // The benchmark's own writes are the N creates; the rest are the operator's, Events too.
+    let events = kube_server.writes("events") - events_before;
+    let kube_writes = kube_server.writes("servergroups") - writes_before - args.n as u64 + events;
+    let peak_rss = peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0);
     let _ = operator.kill().await;
     kube_server.shutdown();
     sim.shutdown();
@@ -192,8 +218,10 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         mode,
         ready_secs,
         create_per_resource: create_requests as f64 / n,
+        tail_per_resource: tail_requests as f64 / n,
         resync_per_resource: resync_requests / n,
         kube_writes_per_resource: kube_writes as f64 / n,
+        events_per_resource: events as f64 / n,
         peak_rss_mib: peak_rss,
     })
 }
@@ -321,29 +349,48 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn targets_met(rows: &[Row]) -> bool {
+fn targets_met(args: &Args, rows: &[Row]) -> bool {
     let mut ok = true;
     for r in rows {
+        let mode = r.mode.flag();
         if r.mode == Mode::Batched {
             ok &= check(
-                "Waldur requests per resource during creation <= 1.1",
+                &format!("{mode}: Waldur requests per resource during creation <= 1.1"),
                 r.create_per_resource <= 1.1,
             );
             ok &= check(
-                "Waldur requests per resource per settled resync <= 0.01",
+                &format!("{mode}: Waldur requests per resource in the tail after Ready <= 0.1"),
+                r.tail_per_resource <= 0.1,
+            );
+            ok &= check(
+                &format!("{mode}: Waldur requests per resource per settled resync <= 0.01"),
                 r.resync_per_resource <= 0.01,
             );
         } else {
-            // Jitter spreads the per-object reads around the window, so allow a little below 1.
+            // The model: every resource is read at least once per resync period.
             ok &= check(
-                "per-object mode reads about once per resource per resync (>= 0.9)",
-                r.resync_per_resource >= 0.9,
+                &format!("{mode}: at least one Waldur read per resource per resync"),
+                r.resync_per_resource >= 1.0,
             );
         }
         ok &= check(
-            "Kubernetes writes per resource <= 4",
-            r.kube_writes_per_resource <= 4.0,
+            &format!("{mode}: Kubernetes writes per resource, Events included, <= {MAX_WRITES}"),
+            r.kube_writes_per_resource <= MAX_WRITES,
         );
+        ok &= check(
+            &format!("{mode}: the operator's peak RSS could be read"),
+            r.peak_rss_mib.is_some(),
+        );
+        if args.rss_bar {
+            let bar = rss_bar_mib(args.n);
+            ok &= check(
+                &format!(
+                    "{mode}: operator peak RSS below {bar:.1} MiB for N = {}",
+                    args.n
+                ),
+                r.peak_rss_mib.is_some_and(|rss| rss < bar),
+            );
+        }
     }
     ok
 }
@@ -362,20 +409,23 @@ fn print_table(args: &Args, rows: &[Row]) {
         args.n, args.latency_ms, args.transition_ms, args.in_flight, args.resync, bound
     );
     println!(
-        "| read path | N | Waldur latency | all Ready (s) | Waldur req/resource, creation | Waldur req/resource/resync, settled | Kubernetes writes/resource | operator peak RSS (MiB) |"
+        "| read path | N | Waldur latency | all Ready (s) | Waldur req/resource, creation | Waldur req/resource, tail after Ready | Waldur req/resource/resync, settled | Kubernetes writes/resource (Events) | operator peak RSS (MiB) |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {} ms | {:.1} | {:.3} | {:.4} | {:.2} | {:.1} |",
+            "| {} | {} | {} ms | {:.1} | {:.3} | {:.3} | {:.4} | {:.2} ({:.2}) | {} |",
             r.mode.flag(),
             args.n,
             args.latency_ms,
             r.ready_secs,
             r.create_per_resource,
+            r.tail_per_resource,
             r.resync_per_resource,
             r.kube_writes_per_resource,
+            r.events_per_resource,
             r.peak_rss_mib
+                .map_or_else(|| "unreadable".into(), |m| format!("{m:.1}"))
         );
     }
 }
