@@ -38,6 +38,18 @@ fn groups_named(env: &Env, name: &str) -> usize {
         .count()
 }
 
+/// A staff user unlinks the group in Waldur behind the operator's back: Waldur's record goes,
+/// OpenStack keeps the group.
+async fn unlink_behind_the_operators_back(env: &Env, uuid: Option<&str>) {
+    let staff = waldur_operator::waldur::WaldurClient::new(&ClientSettings::new(
+        env.sim.base_url(),
+        Token::new(SimConfig::default().staff_token),
+    ))
+    .unwrap();
+    let uuid = waldur_operator::waldur::WaldurUuid::parse(uuid.expect("a bound group")).unwrap();
+    staff.unlink(&uuid).await.unwrap();
+}
+
 /// Waits until `n` ServerGroups of the namespace are Ready.
 async fn wait_all_ready(env: &Env, n: usize, within: Duration) {
     let deadline = Instant::now() + within;
@@ -184,14 +196,7 @@ mod scenarios {
         let moved = env.wait_ready("moved").await.status.unwrap();
         env.sim
             .openstack_delete(gone.backend_id.as_deref().unwrap());
-        let staff = waldur_operator::waldur::WaldurClient::new(&ClientSettings::new(
-            env.sim.base_url(),
-            Token::new(SimConfig::default().staff_token),
-        ))
-        .unwrap();
-        let old =
-            waldur_operator::waldur::WaldurUuid::parse(moved.uuid.as_deref().unwrap()).unwrap();
-        staff.unlink(&old).await.unwrap();
+        unlink_behind_the_operators_back(env, moved.uuid.as_deref()).await;
         env.sim.resync_now().await;
         let recreated = env
             .wait("gone", Duration::from_secs(20), |sg| {
@@ -221,14 +226,7 @@ mod scenarios {
         env.start_operator().await;
         env.apply("web", spec("affinity")).await.unwrap();
         let before = env.wait_ready("web").await.status.unwrap();
-        let staff = waldur_operator::waldur::WaldurClient::new(&ClientSettings::new(
-            env.sim.base_url(),
-            Token::new(SimConfig::default().staff_token),
-        ))
-        .unwrap();
-        let old =
-            waldur_operator::waldur::WaldurUuid::parse(before.uuid.as_deref().unwrap()).unwrap();
-        staff.unlink(&old).await.unwrap();
+        unlink_behind_the_operators_back(env, before.uuid.as_deref()).await;
         let after = env
             .wait("web", Duration::from_secs(20), |sg| {
                 ready_now(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
