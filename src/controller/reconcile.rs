@@ -515,6 +515,12 @@ impl Reconciler {
             auto_pull = None;
         }
         let previous_state = self.status().state;
+        let previous_reason = self
+            .status()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .map(|c| c.reason.clone());
         let (ready, reason, message) = plan::readiness(&group);
         let unsupported = self
             .unsupported
@@ -534,7 +540,13 @@ impl Reconciler {
         })
         .await?;
         let state = group.state.as_ref().map(State::to_string);
-        if previous_state.is_some() && previous_state != state {
+        // An Event when the group enters another phase (the Ready reason: Creating, Available,
+        // Erred...), not for every step within one (CREATION_SCHEDULED -> CREATING): each
+        // Event is a Kubernetes write, and that step tells a user nothing.
+        if previous_state.is_some()
+            && previous_state != state
+            && previous_reason.as_deref() != Some(reason)
+        {
             let note = format!(
                 "Waldur state {} -> {}",
                 previous_state.as_deref().unwrap_or("none"),
