@@ -287,9 +287,12 @@ async fn watch_delay_can_be_switched_on_and_off_for_open_watches() {
         .boxed();
     server.set_watch_delay(Duration::from_millis(600));
     let start = Instant::now();
-    api.create(&PostParams::default(), &widget("slow", json!({"size": "small"})))
-        .await
-        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &widget("slow", json!({"size": "small"})),
+    )
+    .await
+    .unwrap();
     match stream.try_next().await.unwrap() {
         Some(WatchEvent::Added(o)) => assert_eq!(o.name_any(), "slow"),
         other => panic!("expected ADDED, got {other:?}"),
@@ -299,12 +302,19 @@ async fn watch_delay_can_be_switched_on_and_off_for_open_watches() {
 
     server.set_watch_delay(Duration::ZERO);
     let start = Instant::now();
-    api.create(&PostParams::default(), &widget("quick", json!({"size": "small"})))
-        .await
-        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &widget("quick", json!({"size": "small"})),
+    )
+    .await
+    .unwrap();
     match stream.try_next().await.unwrap() {
         Some(WatchEvent::Added(o)) => assert_eq!(o.name_any(), "quick"),
         other => panic!("expected ADDED, got {other:?}"),
     }
-    assert!(start.elapsed() < Duration::from_millis(400), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
 }

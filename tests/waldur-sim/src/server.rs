@@ -361,7 +361,12 @@ impl Simulator {
     /// operator's back: the row starts in `CREATION_SCHEDULED` and the workers run as for any
     /// create. No faults apply and nothing is counted. Returns the new UUID, or the API's
     /// refusal (for example a name already taken in the tenant).
-    pub fn waldur_create(&self, tenant_uuid: &str, name: &str, policy: &str) -> Result<String, String> {
+    pub fn waldur_create(
+        &self,
+        tenant_uuid: &str,
+        name: &str,
+        policy: &str,
+    ) -> Result<String, String> {
         let body = serde_json::json!({"name": name, "policy": policy}).to_string();
         let (uuid, job) = self
             .shared

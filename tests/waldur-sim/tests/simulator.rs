@@ -2033,7 +2033,11 @@ async fn out_of_band_users_create_delete_and_unlink() {
     );
     let row = h.wait_state(&uuid, "OK").await;
     let backend_id = row["backend_id"].as_str().expect("backend_id").to_string();
-    assert_eq!(h.sim.requests("create"), 0, "out-of-band calls are not counted");
+    assert_eq!(
+        h.sim.requests("create"),
+        0,
+        "out-of-band calls are not counted"
+    );
 
     assert!(h.sim.waldur_unlink(&uuid));
     assert!(h.sim.group(&uuid).is_none());
@@ -2041,7 +2045,10 @@ async fn out_of_band_users_create_delete_and_unlink() {
     let report = h.sim.resync_report();
     assert_eq!(report.imported.len(), 1);
     let reimported = report.imported[0].clone();
-    assert_eq!(h.sim.group(&reimported).expect("row")["backend_id"], backend_id);
+    assert_eq!(
+        h.sim.group(&reimported).expect("row")["backend_id"],
+        backend_id
+    );
 
     h.sim.waldur_delete(&reimported).expect("accepted");
     assert!(
