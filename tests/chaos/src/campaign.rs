@@ -32,6 +32,8 @@ pub struct Settings {
     pub dir: PathBuf,
     /// The longest wait for the operator to settle at the end.
     pub settle: Duration,
+    /// Stop settling once the same violations have stood this long.
+    pub stuck: Duration,
     pub read_path: String,
     pub log_level: String,
     /// The operator's WALDUR_TIMEOUT; the timeout fault adds latency beyond it.
@@ -809,6 +811,10 @@ impl Campaign {
         }
         let deadline = started + self.settings.settle;
         let mut passes = 0;
+        // The same violations for longer than a resync period (and its jitter) will not go
+        // away by themselves: stop waiting for them.
+        let mut last: Vec<String> = Vec::new();
+        let mut unchanged_since = Instant::now();
         loop {
             self.mind_the_operator(points);
             let (sgs, truth) = self.snapshot().await;
@@ -828,11 +834,28 @@ impl Campaign {
                 self.note(format!("end: settled after {:.1} s", t.as_secs_f64()));
                 return (true, t);
             }
-            if Instant::now() >= deadline {
+            let now: Vec<String> = outcomes
+                .iter()
+                .flat_map(|o| o.violations.iter().cloned())
+                .collect();
+            if now != last || now.is_empty() {
+                last = now;
+                unchanged_since = Instant::now();
+            }
+            let stuck = unchanged_since.elapsed() >= self.settings.stuck;
+            if Instant::now() >= deadline || stuck {
                 let t = started.elapsed();
                 self.note(format!(
-                    "end: not settled after {:.1} s; checking as it stands",
-                    t.as_secs_f64()
+                    "end: not settled after {:.1} s{}; checking as it stands",
+                    t.as_secs_f64(),
+                    if stuck {
+                        format!(
+                            " (the same violations for {} s)",
+                            self.settings.stuck.as_secs()
+                        )
+                    } else {
+                        String::new()
+                    }
                 ));
                 return (false, t);
             }

@@ -41,6 +41,10 @@ struct Args {
     /// The longest wait for the operator to settle at the end, in seconds.
     #[arg(long, default_value_t = 75)]
     settle_secs: u64,
+    /// Stop settling once the same violations have stood this many seconds (longer than the
+    /// operator's 30 s resync period, so every periodic retry had its chance).
+    #[arg(long, default_value_t = 40)]
+    stuck_secs: u64,
     /// The operator's READ_PATH: batched or per-object.
     #[arg(long, default_value = "batched")]
     read_path: String,
@@ -101,6 +105,7 @@ async fn main() -> ExitCode {
         operator: args.operator.clone(),
         dir: dir.clone(),
         settle: Duration::from_secs(args.settle_secs),
+        stuck: Duration::from_secs(args.stuck_secs),
         read_path: args.read_path.clone(),
         log_level: args.log_level.clone(),
         waldur_timeout: Duration::from_millis(args.waldur_timeout_ms),
