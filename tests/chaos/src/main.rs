@@ -187,8 +187,16 @@ async fn main() -> ExitCode {
     let mut details = Vec::new();
     if failed {
         details.push(format!(
-            "\nFAILED: seed {} (replay: waldur-chaos --seed {} --points {} --resources {})",
-            args.seed, args.seed, args.points, args.resources
+            "\nFAILED: seed {} (replay: waldur-chaos --seed {} --points {} --resources {}{})",
+            args.seed,
+            args.seed,
+            args.points,
+            args.resources,
+            if args.read_path == "batched" {
+                String::new()
+            } else {
+                format!(" --read-path {}", args.read_path)
+            }
         ));
         for o in report.outcomes.iter().filter(|o| !o.violations.is_empty()) {
             details.push(format!("violated: {}", o.name));

@@ -473,9 +473,9 @@ struct Drawer {
     max_live: usize,
     live: Vec<Live>,
     sources: Vec<SourcePlan>,
-    /// `(name, tenant)` of groups someone other than a live resource holds (sources, and the
-    /// groups of resources deleted with Orphan or Unlink): the names a Clash create reuses.
-    foreign: Vec<(String, &'static str)>,
+    /// `(name, tenant, policy)` of groups someone other than a live resource holds (sources,
+    /// and the groups of resources deleted with Orphan or Unlink): what a Clash create reuses.
+    foreign: Vec<(String, &'static str, &'static str)>,
     /// The creates drawn so far, by resource, to know a deleted resource's name.
     created: Vec<CreateSpec>,
 }
@@ -677,7 +677,7 @@ impl Drawer {
             policy: self.policy(),
         };
         self.sources.push(s.clone());
-        self.foreign.push((s.name.clone(), s.tenant));
+        self.foreign.push((s.name.clone(), s.tenant, s.policy));
         s
     }
 
@@ -790,13 +790,20 @@ impl Drawer {
                 }
             }
             93.. if !self.foreign.is_empty() => {
-                let (name, tenant) =
+                let (name, tenant, theirs) =
                     self.foreign[self.rng.random_range(0..self.foreign.len())].clone();
+                // Half the time the policy matches too: only the creation time then tells
+                // the resource's own group from the one someone else holds.
+                let policy = if self.rng.random_bool(0.5) {
+                    theirs
+                } else {
+                    self.policy()
+                };
                 CreateSpec {
                     res,
                     flavour: Flavour::Clash,
                     tenant,
-                    policy: self.policy(),
+                    policy,
                     spec_name: Some(name),
                     deletion,
                     import: None,
@@ -885,7 +892,7 @@ impl Drawer {
             && c.deletion != Deletion::Delete
         {
             // Its group stays behind (Orphan) or comes back at a re-sync (Unlink).
-            self.foreign.push((c.waldur_name(), c.tenant));
+            self.foreign.push((c.waldur_name(), c.tenant, c.policy));
         }
         Action::Delete { res: gone.res }
     }
