@@ -730,7 +730,7 @@ fn start_watch(
         }
     };
     let (tx, rx) = mpsc::channel::<Bytes>(256);
-    let tx = delayed(tx, shared.config.watch_delay);
+    let tx = delayed(tx, shared.watch_delay_ms.clone());
     tokio::spawn(run_watch(
         shared.clone(),
         spec,
@@ -751,11 +751,13 @@ fn start_watch(
     Ok(r)
 }
 
-/// A sender whose lines reach `out` `delay` after they were sent (`Config::watch_delay`).
-fn delayed(out: mpsc::Sender<Bytes>, delay: Duration) -> mpsc::Sender<Bytes> {
-    if delay.is_zero() {
-        return out;
-    }
+/// A sender whose lines reach `out` the current watch delay after they were sent
+/// (`Config::watch_delay`, changed by `TestServer::set_watch_delay`). The delay is read as
+/// each line is sent, so a delay switched on (or off) at run time reaches open watches.
+fn delayed(
+    out: mpsc::Sender<Bytes>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) -> mpsc::Sender<Bytes> {
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
     let (timed_tx, mut timed_rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Bytes)>();
     // Stamp each line when it is sent, then deliver it when its time comes, in order. Either
@@ -766,6 +768,9 @@ fn delayed(out: mpsc::Sender<Bytes>, delay: Duration) -> mpsc::Sender<Bytes> {
                 _ = timed_tx.closed() => return,
                 b = rx.recv() => match b {
                     Some(b) => {
+                        let delay = Duration::from_millis(
+                            delay_ms.load(std::sync::atomic::Ordering::Relaxed),
+                        );
                         if timed_tx.send((tokio::time::Instant::now() + delay, b)).is_err() {
                             return;
                         }

@@ -1,6 +1,7 @@
 //! The [`TestServer`] handle and its accept loop.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -47,6 +48,9 @@ pub(crate) struct Shared {
     pub shutdown: watch::Sender<bool>,
     pub addr: SocketAddr,
     pub config: Config,
+    /// How late watch events reach watchers now, in ms: `Config::watch_delay` at start,
+    /// changed at run time by [`TestServer::set_watch_delay`].
+    pub watch_delay_ms: Arc<AtomicU64>,
 }
 
 /// A poisoned lock only means a handler panicked mid-request; the data is still usable for a
@@ -113,6 +117,9 @@ impl TestServer {
             expire,
             shutdown,
             addr,
+            watch_delay_ms: Arc::new(AtomicU64::new(
+                u64::try_from(config.watch_delay.as_millis()).unwrap_or(u64::MAX),
+            )),
             config,
         });
         tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
@@ -205,6 +212,17 @@ impl TestServer {
             subresource: subresource.map(str::to_string),
             status,
         });
+    }
+
+    /// From now on, every watch event (and bookmark) reaches watchers `delay` after it
+    /// happens, on open watches too: a watch cache that starts (or stops) lagging under load.
+    /// Events keep their order, so events sent before a shorter delay was set hold back the
+    /// ones after them until they are due.
+    pub fn set_watch_delay(&self, delay: Duration) {
+        self.shared.watch_delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Ends every open watch stream now (clients must re-watch from their last resourceVersion).

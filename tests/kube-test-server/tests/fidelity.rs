@@ -272,3 +272,49 @@ async fn watch_delay_holds_events_back() {
         "{waited:?}"
     );
 }
+
+#[tokio::test]
+async fn watch_delay_can_be_switched_on_and_off_for_open_watches() {
+    let server = server().await;
+    let client = client(&server, "default").await;
+    let api = widgets(&client, "default");
+    let rv = server.resource_version().to_string();
+    // Opened without a delay: it is switched on afterwards and still applies.
+    let mut stream = api
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    server.set_watch_delay(Duration::from_millis(600));
+    let start = Instant::now();
+    api.create(
+        &PostParams::default(),
+        &widget("slow", json!({"size": "small"})),
+    )
+    .await
+    .unwrap();
+    match stream.try_next().await.unwrap() {
+        Some(WatchEvent::Added(o)) => assert_eq!(o.name_any(), "slow"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(550), "{waited:?}");
+
+    server.set_watch_delay(Duration::ZERO);
+    let start = Instant::now();
+    api.create(
+        &PostParams::default(),
+        &widget("quick", json!({"size": "small"})),
+    )
+    .await
+    .unwrap();
+    match stream.try_next().await.unwrap() {
+        Some(WatchEvent::Added(o)) => assert_eq!(o.name_any(), "quick"),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+}

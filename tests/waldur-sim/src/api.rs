@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 
 use crate::config::WaldurVersion;
 use crate::error::{ApiError, html_error, json_response};
-use crate::faults::Verdict;
+use crate::faults::{AfterCommit, Verdict};
 use crate::model::{Row, State, Tenant, normalize_uuid, restrict_fields};
 use crate::server::{ConnCtl, Shared, spawn_job};
 use crate::world::{Caller, World, parse_body};
@@ -170,13 +170,7 @@ async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response 
         Verdict::Pass => {}
         Verdict::Drop => {
             tracing::info!(%path, "dropping connection (injected)");
-            if let Some(ctl) = parts.extensions.get::<ConnCtl>() {
-                ctl.0.notify_one();
-                // The connection task drops this future together with the socket.
-                std::future::pending::<()>().await;
-            }
-            // Not served by our own loop: the best we can do is a body that breaks mid-way.
-            return broken_response();
+            return drop_connection(&parts.extensions).await;
         }
         Verdict::Fail(status) => {
             tracing::info!(%path, status, "failing request (injected)");
@@ -215,7 +209,32 @@ async fn entry(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response 
         }
     };
     tracing::debug!(method = %ctx.method, path = %ctx.path, endpoint, status = resp.status().as_u16(), "api request");
+    let after = shared
+        .faults()
+        .after_commit(endpoint, resp.status().as_u16());
+    match after {
+        None => {}
+        Some(AfterCommit::Delay(d)) => {
+            tracing::info!(path = %ctx.path, delay_ms = d.as_millis(), "answer delayed after commit (injected)");
+            tokio::time::sleep(d).await;
+        }
+        Some(AfterCommit::Drop) => {
+            tracing::info!(path = %ctx.path, "connection dropped after commit (injected)");
+            return drop_connection(&parts.extensions).await;
+        }
+    }
     maybe_slow(resp, slow, &ctx.method).await
+}
+
+/// Closes the request's connection without an answer; the future never resolves when the
+/// connection is served by our own loop (the loop drops it together with the socket).
+async fn drop_connection(extensions: &axum::http::Extensions) -> Response {
+    if let Some(ctl) = extensions.get::<ConnCtl>() {
+        ctl.0.notify_one();
+        std::future::pending::<()>().await;
+    }
+    // Not served by our own loop: the best we can do is a body that breaks mid-way.
+    broken_response()
 }
 
 struct Ctx {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use crate::config::{DefaultOrder, Delays};
 use crate::error::json_response;
-use crate::faults::{ENDPOINTS, FailRule, Faults};
+use crate::faults::{AfterCommit, AfterCommitRule, ENDPOINTS, FailRule, Faults};
 use crate::model::State;
 use crate::server::Shared;
 use crate::world::Caller;
@@ -43,7 +43,10 @@ Control plane (no auth; faults and counters ignore it):
   GET  /__sim/faults             current faults
   POST /__sim/faults             any of {\"latency_ms\":N, \"fail_next\":{\"count\":N,\"status\":503,\"endpoint\":\"create\"?},
                                  \"failing\":502|null, \"drop_next\":N, \"slow_body_ms\":N|null,
-                                 \"fail_creates\":N, \"fail_deletes\":N, \"refuse_deletes\":true|false}
+                                 \"fail_creates\":N, \"fail_deletes\":N, \"refuse_deletes\":true|false,
+                                 \"after_commit\":{\"count\":N,\"endpoint\":\"create\"?,\"delay_ms\":N?}}
+                                 (after_commit: the next N successful requests are carried out, then
+                                 answered delay_ms late, or without delay_ms never: the connection drops)
                                  (fail_deletes: the next N deletes fail in OpenStack; refuse_deletes: all
                                  of them until false; from OK -> ERRED, from ERRED the row goes anyway)
   POST /__sim/faults/clear       remove every fault
@@ -392,6 +395,16 @@ struct FaultsReq {
     fail_creates: Option<usize>,
     fail_deletes: Option<usize>,
     refuse_deletes: Option<bool>,
+    after_commit: Option<AfterCommitReq>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AfterCommitReq {
+    count: usize,
+    endpoint: Option<String>,
+    /// Absent: drop the connection instead of answering.
+    delay_ms: Option<u64>,
 }
 
 async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
@@ -408,6 +421,11 @@ async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
         if StatusCode::from_u16(f.status).is_err() {
             return bad(format!("invalid status {}", f.status));
         }
+    }
+    if let Some(e) = req.after_commit.as_ref().and_then(|a| a.endpoint.as_ref())
+        && !ENDPOINTS.contains(&e.as_str())
+    {
+        return bad(format!("unknown endpoint {e:?}"));
     }
     if let Some(Some(st)) = req.failing
         && StatusCode::from_u16(st).is_err()
@@ -436,6 +454,18 @@ async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
         }
         if let Some(ms) = req.slow_body_ms {
             faults.slow_body = ms.filter(|ms| *ms > 0).map(Duration::from_millis);
+        }
+        if let Some(a) = req.after_commit
+            && a.count > 0
+        {
+            faults.after_commit.push(AfterCommitRule {
+                remaining: a.count,
+                endpoint: a.endpoint,
+                action: match a.delay_ms {
+                    Some(ms) => AfterCommit::Delay(Duration::from_millis(ms)),
+                    None => AfterCommit::Drop,
+                },
+            });
         }
     }
     {

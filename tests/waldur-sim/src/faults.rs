@@ -44,6 +44,30 @@ pub struct Faults {
     /// Delay before each chunk of a response body.
     #[serde(rename = "slow_body_ms", serialize_with = "ser_opt_ms")]
     pub slow_body: Option<Duration>,
+    /// Requests that are carried out (committed) and then answered late or not at all.
+    pub after_commit: Vec<AfterCommitRule>,
+}
+
+/// What becomes of the answer to a request the server has already carried out. A real Waldur
+/// behind a proxy shows both: the proxy times out while Django is still answering, or the
+/// connection breaks after the database committed. The client cannot tell "done" from "not
+/// done" and must look before it tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterCommit {
+    /// Send the answer this much later.
+    #[serde(rename = "delay_ms", serialize_with = "ser_ms")]
+    Delay(Duration),
+    /// Close the connection without answering.
+    Drop,
+}
+
+/// "The next `remaining` successful requests (to `endpoint`, or any) get `action`."
+#[derive(Debug, Clone, Serialize)]
+pub struct AfterCommitRule {
+    pub remaining: usize,
+    pub endpoint: Option<String>,
+    pub action: AfterCommit,
 }
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -88,6 +112,22 @@ impl Faults {
             return Verdict::Fail(status);
         }
         Verdict::Pass
+    }
+
+    /// What to do with the answer to a request that succeeded (2xx), consuming the rule that
+    /// applies. Failed requests changed nothing, so they never use up an after-commit fault.
+    pub fn after_commit(&mut self, endpoint: &str, status: u16) -> Option<AfterCommit> {
+        if !(200..300).contains(&status) {
+            return None;
+        }
+        let rule = self
+            .after_commit
+            .iter_mut()
+            .find(|r| r.remaining > 0 && r.endpoint.as_deref().is_none_or(|e| e == endpoint))?;
+        rule.remaining -= 1;
+        let action = rule.action;
+        self.after_commit.retain(|r| r.remaining > 0);
+        Some(action)
     }
 }
 
@@ -167,5 +207,35 @@ mod tests {
         f.failing = Some(502);
         assert_eq!(f.decide("list"), Verdict::Drop);
         assert_eq!(f.decide("list"), Verdict::Fail(502));
+    }
+
+    #[test]
+    fn after_commit_faults_hit_successes_of_their_endpoint_only() {
+        let mut f = Faults {
+            after_commit: vec![
+                AfterCommitRule {
+                    remaining: 1,
+                    endpoint: Some("create".into()),
+                    action: AfterCommit::Drop,
+                },
+                AfterCommitRule {
+                    remaining: 1,
+                    endpoint: None,
+                    action: AfterCommit::Delay(Duration::from_millis(5)),
+                },
+            ],
+            ..Faults::default()
+        };
+        // A refused create committed nothing: the fault waits for one that did.
+        assert_eq!(f.after_commit("create", 400), None);
+        assert_eq!(f.after_commit("create", 201), Some(AfterCommit::Drop));
+        assert_eq!(
+            f.after_commit("list", 200),
+            Some(AfterCommit::Delay(Duration::from_millis(5)))
+        );
+        assert_eq!(f.after_commit("create", 201), None);
+        assert!(f.after_commit.is_empty());
+        let json = serde_json::to_value(AfterCommit::Delay(Duration::from_millis(7))).unwrap();
+        assert_eq!(json, serde_json::json!({"delay_ms": 7}));
     }
 }

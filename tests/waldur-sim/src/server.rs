@@ -12,9 +12,9 @@ use tokio::sync::{Notify, watch};
 use tower_service::Service;
 
 use crate::config::{DefaultOrder, Delays, SimConfig};
-use crate::faults::{Counters, FailRule, Faults};
+use crate::faults::{AfterCommit, AfterCommitRule, Counters, FailRule, Faults};
 use crate::model::State;
-use crate::world::{Job, ResyncReport, World};
+use crate::world::{Caller, Job, ResyncReport, World};
 
 /// State shared by the handle, the HTTP handlers and the workers.
 pub(crate) struct Shared {
@@ -24,6 +24,9 @@ pub(crate) struct Shared {
     pub base_url: String,
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// Stops the current listener and its connections (`None`: not listening), so that an
+    /// outage can refuse connections while the world survives.
+    listening: Mutex<Option<watch::Sender<bool>>>,
 }
 
 /// Poisoning only means another thread panicked mid-update; the data is still usable for a test
@@ -142,9 +145,9 @@ impl Simulator {
             base_url: format!("http://{url_addr}"),
             addr: local,
             shutdown,
+            listening: Mutex::new(None),
         });
-        let router = crate::api::router(Arc::clone(&shared));
-        tokio::spawn(accept_loop(listener, router, shutdown_rx.clone()));
+        serve(&shared, listener);
         if let Some(every) = config.resync_interval.filter(|d| !d.is_zero()) {
             tokio::spawn(resync_loop(Arc::clone(&shared), every, shutdown_rx));
         }
@@ -165,6 +168,41 @@ impl Simulator {
     /// Stops accepting connections and closes open ones. Background workers finish quietly.
     pub fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
+    }
+
+    /// An outage that refuses connections: the port is closed and open connections are cut,
+    /// but Waldur's database (and OpenStack) stay as they are and background operations go
+    /// on, as when Waldur's web server is restarted. [`Simulator::listen_again`] ends it.
+    pub fn stop_listening(&self) {
+        if let Some(stop) = lock(&self.shared.listening).take() {
+            stop.send_replace(true);
+        }
+    }
+
+    /// Listens again on the same address after [`Simulator::stop_listening`] (a no-op while
+    /// listening). Retries for a moment while the old socket is being closed.
+    pub async fn listen_again(&self) -> std::io::Result<()> {
+        if lock(&self.shared.listening).is_some() {
+            return Ok(());
+        }
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.shared.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        serve(&self.shared, listener);
+        Ok(())
+    }
+
+    /// Whether the simulator accepts connections now.
+    pub fn is_listening(&self) -> bool {
+        lock(&self.shared.listening).is_some()
     }
 
     // ----- counters -----
@@ -319,6 +357,45 @@ impl Simulator {
         self.shared.world().default_order = order;
     }
 
+    /// Another Waldur user (staff) creates a group through the tenant action, behind the
+    /// operator's back: the row starts in `CREATION_SCHEDULED` and the workers run as for any
+    /// create. No faults apply and nothing is counted. Returns the new UUID, or the API's
+    /// refusal (for example a name already taken in the tenant).
+    pub fn waldur_create(
+        &self,
+        tenant_uuid: &str,
+        name: &str,
+        policy: &str,
+    ) -> Result<String, String> {
+        let body = serde_json::json!({"name": name, "policy": policy}).to_string();
+        let (uuid, job) = self
+            .shared
+            .world()
+            .create(Caller::Staff, tenant_uuid, body.as_bytes())
+            .map_err(|e| e.to_string())?;
+        spawn_job(&self.shared, job);
+        Ok(uuid)
+    }
+
+    /// Another Waldur user (staff) sends DELETE for the group, behind the operator's back:
+    /// the same rules as the API (409 outside OK and ERRED), the same background deletion.
+    pub fn waldur_delete(&self, uuid: &str) -> Result<(), String> {
+        let job = self
+            .shared
+            .world()
+            .delete(Caller::Staff, uuid)
+            .map_err(|e| e.to_string())?;
+        spawn_job(&self.shared, job);
+        Ok(())
+    }
+
+    /// A staff user unlinks the group behind the operator's back: Waldur's record goes at
+    /// once, OpenStack keeps the group, and the next tenant re-sync imports it under a new
+    /// UUID. False if there is no such row.
+    pub fn waldur_unlink(&self, uuid: &str) -> bool {
+        self.shared.world().unlink(Caller::Staff, uuid).is_ok()
+    }
+
     /// Runs Waldur's tenant re-sync now.
     pub async fn resync_now(&self) {
         self.shared.world().resync();
@@ -376,6 +453,29 @@ impl Simulator {
         self.shared.faults().slow_body = d;
     }
 
+    /// The next `n` requests to `endpoint` (a counter name, or any with `None`) that succeed
+    /// are carried out at once and answered `delay` later: a create is committed (and its
+    /// workers run) while the client still waits for its 201.
+    pub fn delay_answers_after_commit(&self, endpoint: Option<&str>, n: usize, delay: Duration) {
+        self.add_after_commit(endpoint, n, AfterCommit::Delay(delay));
+    }
+
+    /// The next `n` requests to `endpoint` (or any) that succeed are carried out, and then
+    /// their connection is closed without an answer: "commit, then drop the answer".
+    pub fn drop_answers_after_commit(&self, endpoint: Option<&str>, n: usize) {
+        self.add_after_commit(endpoint, n, AfterCommit::Drop);
+    }
+
+    fn add_after_commit(&self, endpoint: Option<&str>, n: usize, action: AfterCommit) {
+        if n > 0 {
+            self.shared.faults().after_commit.push(AfterCommitRule {
+                remaining: n,
+                endpoint: endpoint.map(str::to_string),
+                action,
+            });
+        }
+    }
+
     /// Clears every request fault (latency, failures, drops, slow bodies) and OpenStack failures.
     pub fn clear_faults(&self) {
         *self.shared.faults() = Faults::default();
@@ -392,13 +492,39 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn accept_loop(listener: TcpListener, router: Router, shutdown: watch::Receiver<bool>) {
-    let mut stop = shutdown.clone();
+/// Starts an accept loop on `listener`, stopped by shutdown or by `stop_listening`.
+fn serve(shared: &Arc<Shared>, listener: TcpListener) {
+    let (stop, stop_rx) = watch::channel(false);
+    *lock(&shared.listening) = Some(stop);
+    let router = crate::api::router(Arc::clone(shared));
+    tokio::spawn(accept_loop(
+        listener,
+        router,
+        shared.shutdown.subscribe(),
+        stop_rx,
+    ));
+}
+
+/// Resolves once either switch is on.
+async fn either_stopped(a: &mut watch::Receiver<bool>, b: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = stopped(a) => {}
+        _ = stopped(b) => {}
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    shutdown: watch::Receiver<bool>,
+    listening: watch::Receiver<bool>,
+) {
+    let (mut stop, mut suspend) = (shutdown.clone(), listening.clone());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    tokio::spawn(serve_connection(stream, router.clone(), shutdown.clone()));
+                    tokio::spawn(serve_connection(stream, router.clone(), shutdown.clone(), listening.clone()));
                 }
                 Err(e) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -406,15 +532,20 @@ async fn accept_loop(listener: TcpListener, router: Router, shutdown: watch::Rec
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             },
-            _ = stopped(&mut stop) => break,
+            _ = either_stopped(&mut stop, &mut suspend) => break,
         }
     }
-    tracing::info!("Waldur simulator stopped");
+    tracing::info!("Waldur simulator stopped listening");
 }
 
 /// Serves one connection with hyper directly (not `axum::serve`) so a handler can make the
 /// connection vanish mid-request: that is how injected drops look like resets to clients.
-async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch::Receiver<bool>) {
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+    mut listening: watch::Receiver<bool>,
+) {
     let ctl = ConnCtl(Arc::new(Notify::new()));
     let req_ctl = ctl.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -434,7 +565,7 @@ async fn serve_connection(stream: TcpStream, router: Router, mut shutdown: watch
         _ = ctl.0.notified() => {
             tracing::debug!("dropping connection (injected fault)");
         }
-        _ = stopped(&mut shutdown) => {}
+        _ = either_stopped(&mut shutdown, &mut listening) => {}
     }
 }
 

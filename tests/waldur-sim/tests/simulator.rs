@@ -1914,3 +1914,150 @@ async fn waldur_7_0_mode_has_the_old_labels_limits_and_routes() {
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+// ----- faults after the commit, outages that refuse connections, out-of-band users -----
+
+#[tokio::test]
+async fn a_create_committed_then_dropped_exists_though_no_answer_came() {
+    let h = Harness::fast().await;
+    h.sim.drop_answers_after_commit(Some("create"), 1);
+    // A refused create (bad policy) commits nothing and leaves the fault armed.
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "bad", "policy": "sideways"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let err = h
+        .http
+        .post(h.create_url(DEFAULT_TENANT))
+        .header("Authorization", format!("Token {USER}"))
+        .json(&json!({"name": "lost", "policy": "affinity"}))
+        .send()
+        .await
+        .expect_err("the connection closes without an answer");
+    assert!(!err.is_status(), "{err:?}");
+    let rows = h.sim.groups();
+    assert_eq!(rows.len(), 1, "the create was committed: {rows:?}");
+    assert_eq!(rows[0]["name"], "lost");
+    h.wait_state(rows[0]["uuid"].as_str().expect("uuid"), "OK")
+        .await;
+    // The fault was used up: the next create is answered, and the name is taken now.
+    let again = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "lost", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(again.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_delayed_answer_comes_after_the_commit() {
+    let h = Harness::fast().await;
+    h.sim
+        .delay_answers_after_commit(Some("create"), 1, Duration::from_millis(400));
+    let started = Instant::now();
+    let sim = h.sim.clone();
+    // While the client waits, the row already exists.
+    let seen = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_millis(350);
+        while Instant::now() < deadline {
+            if !sim.groups().is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    });
+    let body = h.create("late", "affinity").await;
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(seen.await.expect("joined"), "committed before the answer");
+    assert_eq!(body["name"], "late");
+    // Over HTTP: the control plane arms the same fault, and shows it.
+    let resp: Value = h
+        .http
+        .post(h.url("/__sim/faults"))
+        .json(&json!({"after_commit": {"count": 2, "endpoint": "delete"}}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(resp["faults"]["after_commit"][0]["remaining"], 2);
+    assert_eq!(resp["faults"]["after_commit"][0]["action"], "drop");
+    h.sim.clear_faults();
+    assert_eq!(h.get(&h.groups_url(), USER).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn stop_listening_refuses_connections_and_keeps_the_world() {
+    let h = Harness::fast().await;
+    let (uuid, _) = h.create_ok("kept").await;
+    h.sim.stop_listening();
+    assert!(!h.sim.is_listening());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Pooled connections are cut too, and new ones are refused.
+    let err = h
+        .http
+        .get(h.groups_url())
+        .header("Authorization", format!("Token {USER}"))
+        .send()
+        .await
+        .expect_err("refused");
+    assert!(err.is_connect() || err.is_request(), "{err:?}");
+    h.sim.listen_again().await.expect("the same port again");
+    assert!(h.sim.is_listening());
+    let rows = h.list("").await;
+    assert_eq!(uuids(&rows), vec![uuid]);
+    // Listening again while listening changes nothing.
+    h.sim.listen_again().await.expect("no-op");
+}
+
+#[tokio::test]
+async fn out_of_band_users_create_delete_and_unlink() {
+    let h = Harness::fast().await;
+    let uuid = h
+        .sim
+        .waldur_create(DEFAULT_TENANT, "theirs", "anti-affinity")
+        .expect("created");
+    assert!(
+        h.sim
+            .waldur_create(DEFAULT_TENANT, "theirs", "affinity")
+            .expect_err("the name is taken")
+            .contains("400")
+    );
+    let row = h.wait_state(&uuid, "OK").await;
+    let backend_id = row["backend_id"].as_str().expect("backend_id").to_string();
+    assert_eq!(
+        h.sim.requests("create"),
+        0,
+        "out-of-band calls are not counted"
+    );
+
+    assert!(h.sim.waldur_unlink(&uuid));
+    assert!(h.sim.group(&uuid).is_none());
+    assert_eq!(h.sim.openstack_groups(DEFAULT_TENANT).len(), 1);
+    let report = h.sim.resync_report();
+    assert_eq!(report.imported.len(), 1);
+    let reimported = report.imported[0].clone();
+    assert_eq!(
+        h.sim.group(&reimported).expect("row")["backend_id"],
+        backend_id
+    );
+
+    h.sim.waldur_delete(&reimported).expect("accepted");
+    assert!(
+        h.sim
+            .waldur_delete(&reimported)
+            .expect_err("busy deleting")
+            .contains("409")
+    );
+    h.wait_gone(&reimported).await;
+    assert!(h.sim.openstack_groups(DEFAULT_TENANT).is_empty());
+    assert!(!h.sim.waldur_unlink(&reimported));
+}

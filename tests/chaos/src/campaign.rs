@@ -1,0 +1,943 @@
+//! Runs a plan: the Kubernetes API test server and the Waldur simulator in this process, the
+//! operator binary as a child process, the points one after the other with their waits, and
+//! at the end every fault off, a settle, and the invariants.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+use kube_test_server::TestServer;
+use serde_json::{Value, json};
+use waldur_operator::api::{ANNOTATION_PAUSED, ANNOTATION_REQUEST_PULL, ServerGroup};
+use waldur_sim::{DefaultOrder, Delays, SimConfig, Simulator};
+
+use crate::check::{self, Cond, Nova, Outcome, Row, SgView, Truth};
+use crate::operator::{self, Ending, Operator};
+use crate::plan::{
+    Action, CreateSpec, Flavour, Import, NAMESPACES, Plan, Point, ResId, SourcePlan, TENANTS,
+};
+use crate::record::{ResRecord, SourceRecord};
+
+/// How the campaign runs, from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub seed: u64,
+    pub operator: PathBuf,
+    /// Where logs, the kubeconfig, the trace and the report go.
+    pub dir: PathBuf,
+    /// The longest wait for the operator to settle at the end.
+    pub settle: Duration,
+    /// Stop settling once the same violations have stood this long.
+    pub stuck: Duration,
+    pub read_path: String,
+    pub log_level: String,
+    /// The operator's WALDUR_TIMEOUT; the timeout fault adds latency beyond it.
+    pub waldur_timeout: Duration,
+    /// Run Waldur's periodic re-sync once more before settling (what Waldur does within two
+    /// hours anyway): it brings back unlinked groups and drops rows whose Nova group is gone.
+    pub final_resync: bool,
+}
+
+/// What a finished campaign reports.
+pub struct Report {
+    pub outcomes: Vec<Outcome>,
+    pub trace: Vec<String>,
+    pub points_time: Duration,
+    pub settle_time: Duration,
+    pub settled: bool,
+    pub runs: Vec<(PathBuf, String)>,
+}
+
+pub struct Campaign {
+    settings: Settings,
+    kube: TestServer,
+    sim: Simulator,
+    client: Client,
+    operator: Operator,
+    records: BTreeMap<ResId, ResRecord>,
+    sources: Vec<SourceRecord>,
+    trace: Vec<String>,
+    history: Vec<String>,
+    seen: BTreeSet<String>,
+    crashes: Vec<String>,
+    t0: Instant,
+}
+
+/// Create transitions: short, so that a campaign is quick, and long enough that the operator
+/// meets groups in every transitional state.
+const SCHEDULE: Duration = Duration::from_millis(100);
+const RUN: Duration = Duration::from_millis(100);
+
+fn resource() -> ApiResource {
+    ApiResource::erase::<ServerGroup>(&())
+}
+
+impl Campaign {
+    pub async fn start(settings: Settings) -> Result<Campaign, String> {
+        std::fs::create_dir_all(&settings.dir)
+            .map_err(|e| format!("{}: {e}", settings.dir.display()))?;
+        let kube = TestServer::start().await.map_err(|e| e.to_string())?;
+        let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
+        kube.install_crd(crd)?;
+        for ns in NAMESPACES {
+            kube.create_namespace(ns)?;
+        }
+        let sim = Simulator::start(SimConfig {
+            delays: Delays {
+                schedule: SCHEDULE,
+                run: RUN,
+            },
+            tenants: TENANTS.iter().map(|t| t.to_string()).collect(),
+            default_order: DefaultOrder::Shuffled {
+                seed: settings.seed,
+            },
+            ..SimConfig::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let kubeconfig = settings.dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kube.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
+        let client = client(&kube).await?;
+        let env = vec![
+            ("KUBECONFIG", kubeconfig.to_string_lossy().to_string()),
+            ("WALDUR_URL", sim.base_url()),
+            ("WALDUR_TOKEN", SimConfig::default().staff_token),
+            ("DEFAULT_CREDENTIALS_NAMESPACES", "*".into()),
+            ("RESYNC_PERIOD", "30s".into()),
+            ("BUSY_SWEEP", "200ms".into()),
+            (
+                "WALDUR_TIMEOUT",
+                format!("{}ms", settings.waldur_timeout.as_millis()),
+            ),
+            ("WALDUR_RATE", "0".into()),
+            ("CONCURRENCY", "8".into()),
+            ("READ_PATH", settings.read_path.clone()),
+            ("METRICS_ADDR", "127.0.0.1:0".into()),
+            ("ADMIN_ADDR", "127.0.0.1:0".into()),
+            ("LOG_LEVEL", settings.log_level.clone()),
+            // Plain text in the log files, for grep.
+            ("NO_COLOR", "1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut operator = Operator::new(&settings.operator, env, &settings.dir);
+        operator.start()?;
+        Ok(Campaign {
+            settings,
+            kube,
+            sim,
+            client,
+            operator,
+            records: BTreeMap::new(),
+            sources: Vec::new(),
+            trace: Vec::new(),
+            history: Vec::new(),
+            seen: BTreeSet::new(),
+            crashes: Vec::new(),
+            t0: Instant::now(),
+        })
+    }
+
+    /// Runs every point, then settles and checks.
+    pub async fn run(mut self, plan: &Plan) -> Report {
+        self.t0 = Instant::now();
+        for point in &plan.points {
+            tokio::time::sleep(Duration::from_millis(point.wait_ms)).await;
+            self.mind_the_operator(point.index);
+            let started = self.t0.elapsed();
+            let outcome = self.execute(point).await;
+            self.trace.push(format!(
+                "[{:8.3}s] #{:03} {:<14} {} -> {outcome}",
+                started.as_secs_f64(),
+                point.index,
+                point.action.category().as_str(),
+                point.action
+            ));
+            self.look(point.index).await;
+        }
+        let points_time = self.t0.elapsed();
+        let (settled, settle_time) = self.settle(plan.points.len()).await;
+        let (sgs, truth) = self.snapshot().await;
+        let runs = self.operator.runs.len();
+        let mut crashes = self.crashes.clone();
+        crashes.extend(operator::panics(&self.operator.runs));
+        let outcomes = check::check(&check::Input {
+            records: &self.records,
+            sources: &self.sources,
+            sgs: &sgs,
+            truth: &truth,
+            history: &self.history,
+            crashes: &crashes,
+            runs,
+        });
+        self.operator.kill();
+        self.dump(&sgs, &truth).await;
+        let runs = self
+            .operator
+            .runs
+            .iter()
+            .map(|r| {
+                let ending = match &r.ending {
+                    Ending::Running => "running".to_string(),
+                    Ending::Killed => "killed".to_string(),
+                    Ending::Exited(s) => format!("exited by itself: {s}"),
+                };
+                (
+                    r.log.clone(),
+                    format!("{ending}, ran {:.1} s", r.ran.as_secs_f64()),
+                )
+            })
+            .collect();
+        self.kube.shutdown();
+        self.sim.shutdown();
+        Report {
+            outcomes,
+            trace: self.trace,
+            points_time,
+            settle_time,
+            settled,
+            runs,
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        self.trace.push(format!(
+            "[{:8.3}s]      {what}",
+            self.t0.elapsed().as_secs_f64()
+        ));
+    }
+
+    /// An operator that exited by itself is a finding; start it again so the campaign goes on.
+    fn mind_the_operator(&mut self, point: usize) {
+        if let Some(how) = self.operator.exited() {
+            let log = self
+                .operator
+                .runs
+                .last()
+                .map(|r| r.log.display().to_string())
+                .unwrap_or_default();
+            self.crashes.push(format!(
+                "before point #{point}: the operator exited by itself ({how}); log {log}"
+            ));
+            self.note(format!(
+                "the operator exited by itself ({how}); starting it again"
+            ));
+            if let Err(e) = self.operator.start() {
+                self.note(format!("cannot start the operator: {e}"));
+            }
+        }
+    }
+
+    async fn execute(&mut self, point: &Point) -> String {
+        let sim = self.sim.clone();
+        match &point.action {
+            Action::Create(c) => self.create(c).await,
+            Action::CreateTwins(a, b) => {
+                let (ma, mb) = (self.manifest(a), self.manifest(b));
+                let (ra, rb) = tokio::join!(
+                    post(&self.client, a.res.ns, ma),
+                    post(&self.client, b.res.ns, mb)
+                );
+                let out = format!("{}; {}", self.accepted(a, ra), self.accepted(b, rb));
+                out
+            }
+            Action::SetDeletionPolicy { res, to } => {
+                let r = self
+                    .merge(res, json!({"spec": {"deletionPolicy": to.as_str()}}))
+                    .await;
+                if let Some(rec) = self.records.get_mut(res) {
+                    rec.deletion = *to;
+                }
+                r
+            }
+            Action::Pause { res } | Action::Unpause { res } => {
+                let pause = matches!(point.action, Action::Pause { .. });
+                let value = if pause { json!("true") } else { Value::Null };
+                let r = self
+                    .merge(
+                        res,
+                        json!({"metadata": {"annotations": {ANNOTATION_PAUSED: value}}}),
+                    )
+                    .await;
+                if let Some(rec) = self.records.get_mut(res) {
+                    rec.paused = pause;
+                }
+                r
+            }
+            Action::RequestPull { res, token } => {
+                self.merge(
+                    res,
+                    json!({"metadata": {"annotations": {ANNOTATION_REQUEST_PULL: token}}}),
+                )
+                .await
+            }
+            Action::Delete { res } => {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), res.ns, &resource());
+                let r = api.delete(&res.name, &DeleteParams::default()).await;
+                if let Some(rec) = self.records.get_mut(res) {
+                    rec.deleted_at = Some(point.index);
+                }
+                match r {
+                    Ok(_) => "deletion requested".into(),
+                    Err(e) => format!("delete failed: {e}"),
+                }
+            }
+            Action::Kill { down_ms } => {
+                self.operator.kill();
+                tokio::time::sleep(Duration::from_millis(*down_ms)).await;
+                self.restart()
+            }
+            Action::KillAfterCommit {
+                create,
+                answer_delay_ms,
+                down_ms,
+            } => {
+                sim.delay_answers_after_commit(
+                    Some("create"),
+                    1,
+                    Duration::from_millis(*answer_delay_ms),
+                );
+                let created = self.create(create).await;
+                let started = Instant::now();
+                let committed = self
+                    .wait_for_row(create.tenant, &create.waldur_name(), Duration::from_secs(5))
+                    .await;
+                self.operator.kill();
+                sim.clear_faults();
+                tokio::time::sleep(Duration::from_millis(*down_ms)).await;
+                let restarted = self.restart();
+                match committed {
+                    true => format!(
+                        "{created}; committed after {} ms, operator killed while Waldur held the 201; {restarted}",
+                        started.elapsed().as_millis()
+                    ),
+                    false => format!(
+                        "{created}; no create reached Waldur within 5 s, killed anyway; {restarted}"
+                    ),
+                }
+            }
+            Action::Burst5xx { n, status, hold_ms } => {
+                sim.fail_next_requests(*n, *status);
+                self.hold_then_clear(*hold_ms).await;
+                "armed, then cleared".into()
+            }
+            Action::DropConnections { n, hold_ms } => {
+                sim.drop_next_connections(*n);
+                self.hold_then_clear(*hold_ms).await;
+                "armed, then cleared".into()
+            }
+            Action::Timeouts { hold_ms } => {
+                sim.set_latency(self.settings.waldur_timeout + Duration::from_millis(500));
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                sim.set_latency(Duration::ZERO);
+                "latency beyond the operator's timeout, then none".into()
+            }
+            Action::DelayedAnswer {
+                create,
+                delay_ms,
+                hold_ms,
+            } => {
+                let before = sim.requests("create");
+                sim.delay_answers_after_commit(Some("create"), 1, Duration::from_millis(*delay_ms));
+                let created = match create {
+                    Some(c) => self.create(c).await,
+                    None => "no create of ours".into(),
+                };
+                self.hold_then_clear(*hold_ms).await;
+                format!(
+                    "{created}; {} create request(s) while armed",
+                    sim.requests("create") - before
+                )
+            }
+            Action::CommitThenDrop {
+                endpoint,
+                create,
+                hold_ms,
+            } => {
+                let before = sim.requests(endpoint);
+                sim.drop_answers_after_commit(Some(endpoint), 1);
+                let created = match create {
+                    Some(c) => self.create(c).await,
+                    None => "no create of ours".into(),
+                };
+                self.hold_then_clear(*hold_ms).await;
+                format!(
+                    "{created}; {} {endpoint} request(s) while armed",
+                    sim.requests(endpoint) - before
+                )
+            }
+            Action::Outage { refuse, hold_ms } => {
+                if *refuse {
+                    sim.stop_listening();
+                } else {
+                    sim.set_failing(Some(503));
+                }
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                if *refuse {
+                    match sim.listen_again().await {
+                        Ok(()) => "connections refused, then accepted again".into(),
+                        Err(e) => format!("cannot listen again: {e}"),
+                    }
+                } else {
+                    sim.set_failing(None);
+                    "every request 503, then none".into()
+                }
+            }
+            Action::Resync => {
+                let r = sim.resync_report();
+                format!(
+                    "deleted {}, imported {}, recovered {}",
+                    r.deleted.len(),
+                    r.imported.len(),
+                    r.recovered.len()
+                )
+            }
+            Action::OobOpenstackDelete { res }
+            | Action::OobWaldurDelete { res }
+            | Action::OobUnlink { res } => self.out_of_band(point, res).await,
+            Action::FailCreate { create, hold_ms } => {
+                sim.fail_next_creates(1);
+                let created = self.create(create).await;
+                self.hold_then_clear(*hold_ms).await;
+                created
+            }
+            Action::Conflicts { n, target, hold_ms } => {
+                let before = self.kube.count("patch", "servergroups", None);
+                self.kube
+                    .fail_next(*n, "patch", "servergroups", target.subresource(), 409);
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                self.kube
+                    .fail_next(0, "patch", "servergroups", target.subresource(), 409);
+                format!(
+                    "{} patch(es) of servergroups while armed",
+                    self.kube.count("patch", "servergroups", None) - before
+                )
+            }
+            Action::ExpireWatches => {
+                self.kube.expire_watches();
+                "watches ended".into()
+            }
+            Action::Compact => {
+                self.kube.compact();
+                self.kube.expire_watches();
+                "history dropped, watches ended (re-watches get 410)".into()
+            }
+            Action::WatchDelay { delay_ms, hold_ms } => {
+                self.kube.set_watch_delay(Duration::from_millis(*delay_ms));
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                self.kube.set_watch_delay(Duration::ZERO);
+                "watch events late, then on time".into()
+            }
+        }
+    }
+
+    fn restart(&mut self) -> String {
+        match self.operator.start() {
+            Ok(()) => format!("operator run {} started", self.operator.runs.len() - 1),
+            Err(e) => format!("cannot start the operator: {e}"),
+        }
+    }
+
+    /// Holds a one-shot Waldur fault armed for a while, then clears every Waldur fault: no
+    /// point's fault outlives it.
+    async fn hold_then_clear(&self, hold_ms: u64) {
+        tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        self.sim.clear_faults();
+    }
+
+    async fn wait_for_row(&self, tenant: &str, name: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let tenant = check::norm(tenant);
+        while Instant::now() < deadline {
+            let found = self.sim.groups().iter().any(|g| {
+                g["name"] == name
+                    && g["tenant_uuid"].as_str().map(check::norm) == Some(tenant.clone())
+            });
+            if found {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    /// Someone acts on the resource's group behind the operator's back.
+    async fn out_of_band(&mut self, point: &Point, res: &ResId) -> String {
+        let api: Api<ServerGroup> = Api::namespaced(self.client.clone(), res.ns);
+        let uuid = match api.get_opt(&res.name).await {
+            Ok(Some(sg)) => sg.status.and_then(|s| s.uuid),
+            Ok(None) => return "skipped: the resource is gone".into(),
+            Err(e) => return format!("skipped: cannot read the resource: {e}"),
+        };
+        let Some(uuid) = uuid else {
+            return "skipped: no group bound yet".into();
+        };
+        let backend = self
+            .sim
+            .group(&uuid)
+            .and_then(|g| g["backend_id"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        let (done, what) = match &point.action {
+            Action::OobOpenstackDelete { .. } => (
+                self.sim.openstack_delete(&uuid),
+                format!("Nova group {backend:?} of {uuid} deleted in OpenStack"),
+            ),
+            Action::OobWaldurDelete { .. } => match self.sim.waldur_delete(&uuid) {
+                Ok(()) => (true, format!("DELETE of {uuid} accepted")),
+                Err(e) => (false, format!("DELETE of {uuid} refused: {e}")),
+            },
+            _ => (
+                self.sim.waldur_unlink(&uuid),
+                format!("{uuid} unlinked, Nova group {backend:?} kept"),
+            ),
+        };
+        if done && let Some(rec) = self.records.get_mut(res) {
+            rec.out_of_band = true;
+            rec.taints
+                .push(format!("#{} {}: {what}", point.index, point.action.kind()));
+            if matches!(point.action, Action::OobUnlink { .. }) && !backend.is_empty() {
+                rec.excused_backends.push(backend.clone());
+            }
+            if let Some(src) = rec
+                .spec
+                .import
+                .as_ref()
+                .and_then(|i| match i {
+                    Import::SourceUuid(id) | Import::SourceBackendId(id) => Some(*id),
+                    Import::Missing(_) => None,
+                })
+                .and_then(|id| self.sources.iter_mut().find(|s| s.plan.id == id))
+            {
+                src.out_of_band = true;
+            }
+        }
+        if done {
+            what
+        } else {
+            format!("no effect: {what}")
+        }
+    }
+
+    async fn merge(&self, res: &ResId, patch: Value) -> String {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), res.ns, &resource());
+        match api
+            .patch(&res.name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => "patched".into(),
+            Err(e) => format!("patch failed: {e}"),
+        }
+    }
+
+    async fn create(&mut self, c: &CreateSpec) -> String {
+        let mut notes = Vec::new();
+        if let Some(src) = &c.new_source {
+            notes.push(self.prepare_source(src).await);
+        }
+        let manifest = self.manifest(c);
+        let r = post(&self.client, c.res.ns, manifest).await;
+        notes.push(self.accepted(c, r));
+        notes.join("; ")
+    }
+
+    /// Records a create the API server answered.
+    fn accepted(&mut self, c: &CreateSpec, r: Result<(), String>) -> String {
+        let mut rec = ResRecord::new(c.clone());
+        let out = match r {
+            Ok(()) => format!("{} created", c.res),
+            Err(e) => {
+                rec.accepted = false;
+                format!("{} refused: {e}", c.res)
+            }
+        };
+        self.records.insert(c.res.clone(), rec);
+        out
+    }
+
+    /// Someone creates the group in Waldur first; it is an import's or an observe's source.
+    async fn prepare_source(&mut self, src: &SourcePlan) -> String {
+        let mut rec = SourceRecord {
+            plan: src.clone(),
+            uuid: None,
+            backend_id: None,
+            out_of_band: false,
+        };
+        let out = match self.sim.waldur_create(src.tenant, &src.name, src.policy) {
+            Ok(uuid) => {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let mut backend = None;
+                while Instant::now() < deadline {
+                    if let Some(g) = self.sim.group(&uuid)
+                        && g["state"] == "OK"
+                    {
+                        backend = g["backend_id"].as_str().map(str::to_string);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                rec.uuid = Some(uuid.clone());
+                rec.backend_id = backend.clone();
+                format!(
+                    "source {} made in Waldur: {uuid} backend {:?}",
+                    src.name,
+                    backend.unwrap_or_default()
+                )
+            }
+            Err(e) => format!("source {} refused by Waldur: {e}", src.name),
+        };
+        self.sources.push(rec);
+        out
+    }
+
+    fn manifest(&self, c: &CreateSpec) -> Value {
+        let mut spec = serde_json::Map::new();
+        spec.insert("deletionPolicy".into(), json!(c.deletion.as_str()));
+        if c.flavour == Flavour::Observe {
+            spec.insert("managementPolicy".into(), json!("Observe"));
+        }
+        let source = |id: &usize| self.sources.iter().find(|s| s.plan.id == *id);
+        match &c.import {
+            None => {
+                spec.insert("tenant".into(), json!(c.tenant));
+                spec.insert("policy".into(), json!(c.policy));
+                if let Some(n) = &c.spec_name {
+                    spec.insert("name".into(), json!(n));
+                }
+            }
+            Some(Import::Missing(u)) => {
+                spec.insert("import".into(), json!({"uuid": u}));
+            }
+            Some(Import::SourceUuid(id)) => {
+                let uuid = source(id).and_then(|s| s.uuid.clone());
+                spec.insert(
+                    "import".into(),
+                    json!({"uuid": uuid.unwrap_or_else(|| "0".repeat(32))}),
+                );
+            }
+            Some(Import::SourceBackendId(id)) => {
+                let s = source(id);
+                match s.and_then(|s| s.backend_id.clone()).filter(|b| !b.is_empty()) {
+                    Some(b) => spec.insert("import".into(), json!({"backendId": b})),
+                    // The source never reached OK: import it by UUID instead.
+                    None => spec.insert(
+                        "import".into(),
+                        json!({"uuid": s.and_then(|s| s.uuid.clone()).unwrap_or_else(|| "0".repeat(32))}),
+                    ),
+                };
+            }
+        }
+        json!({
+            "apiVersion": "openstack.waldur.com/v1alpha1",
+            "kind": "ServerGroup",
+            "metadata": {"name": c.res.name, "namespace": c.res.ns},
+            "spec": spec,
+        })
+    }
+
+    /// Reads Kubernetes and Waldur, remembers which group each resource is bound to, and
+    /// notes violations that can be seen at any moment.
+    async fn look(&mut self, point: usize) {
+        let (sgs, truth) = self.snapshot().await;
+        for sg in &sgs {
+            let (Some(res), Some(uuid)) = (&sg.res, &sg.uuid) else {
+                continue;
+            };
+            if let Some(rec) = self.records.get_mut(res) {
+                let backend = truth
+                    .row(uuid)
+                    .map(|r| r.backend_id.clone())
+                    .filter(|b| !b.is_empty())
+                    .or_else(|| sg.backend_id.clone())
+                    .unwrap_or_default();
+                rec.last_bound = Some((uuid.clone(), backend));
+            }
+        }
+        for v in check::during_run(point, &self.records, &sgs, &truth, &mut self.seen) {
+            self.note(format!("VIOLATION SEEN: {v}"));
+            self.history.push(v);
+        }
+    }
+
+    /// Writes what a diagnosis needs besides the operator's logs: the Events the operator
+    /// published (its account of each binding, create and delete) and the final state of
+    /// Kubernetes, Waldur and OpenStack.
+    async fn dump(&self, sgs: &[SgView], truth: &Truth) {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::all(self.client.clone());
+        let mut lines = Vec::new();
+        match events.list(&ListParams::default()).await {
+            Ok(list) => {
+                let mut items = list.items;
+                items.sort_by_key(|e| {
+                    e.event_time
+                        .as_ref()
+                        .map(|t| t.0)
+                        .or(e.deprecated_last_timestamp.as_ref().map(|t| t.0))
+                });
+                for e in items {
+                    let when = e
+                        .event_time
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .or(e
+                            .deprecated_last_timestamp
+                            .as_ref()
+                            .map(|t| t.0.to_string()))
+                        .unwrap_or_default();
+                    let about = e
+                        .regarding
+                        .as_ref()
+                        .map(|r| {
+                            format!(
+                                "{}/{}",
+                                r.namespace.clone().unwrap_or_default(),
+                                r.name.clone().unwrap_or_default()
+                            )
+                        })
+                        .unwrap_or_default();
+                    lines.push(format!(
+                        "{when} {about} {} {} x{}: {}",
+                        e.type_.unwrap_or_default(),
+                        e.reason.unwrap_or_default(),
+                        e.deprecated_count.unwrap_or(1),
+                        e.note.unwrap_or_default()
+                    ));
+                }
+            }
+            Err(e) => lines.push(format!("cannot list Events: {e}")),
+        }
+        let _ = std::fs::write(
+            self.settings.dir.join("events.txt"),
+            lines.join("\n") + "\n",
+        );
+        let mut state = vec!["ServerGroups:".to_string()];
+        state.extend(
+            sgs.iter()
+                .map(|sg| format!("  {} {}", sg.key, sg.describe())),
+        );
+        state.push("Waldur rows:".into());
+        state.extend(truth.rows.iter().map(|r| {
+            format!(
+                "  {} {:<10} {:<8} tenant={} backend={:?} created={:?}",
+                r.uuid,
+                r.name,
+                r.state,
+                &r.tenant[..6],
+                r.backend_id,
+                r.created
+            )
+        }));
+        state.push("Nova groups:".into());
+        state.extend(truth.nova.iter().map(|g| {
+            format!(
+                "  {} {:<10} tenant={}",
+                g.backend_id,
+                g.name,
+                &g.tenant[..6]
+            )
+        }));
+        let _ = std::fs::write(
+            self.settings.dir.join("final-state.txt"),
+            state.join("\n") + "\n",
+        );
+    }
+
+    /// Every ServerGroup, every Waldur row, every Nova group.
+    async fn snapshot(&self) -> (Vec<SgView>, Truth) {
+        let api: Api<ServerGroup> = Api::all(self.client.clone());
+        let sgs = match api.list(&ListParams::default()).await {
+            Ok(list) => list.items.iter().map(view).collect(),
+            Err(e) => {
+                eprintln!("cannot list ServerGroups: {e}");
+                Vec::new()
+            }
+        };
+        (sgs, truth(&self.sim))
+    }
+
+    /// Every fault off, the operator running, one last Waldur re-sync; then waits until the
+    /// invariants hold twice in a row or the time is up. Returns whether they did.
+    async fn settle(&mut self, points: usize) -> (bool, Duration) {
+        let started = Instant::now();
+        self.sim.clear_faults();
+        if let Err(e) = self.sim.listen_again().await {
+            self.note(format!("cannot listen again: {e}"));
+        }
+        self.kube.set_watch_delay(Duration::ZERO);
+        for sub in [None, Some("status"), Some("*")] {
+            self.kube.fail_next(0, "patch", "servergroups", sub, 409);
+        }
+        self.mind_the_operator(points);
+        if !self.operator.is_running() {
+            let r = self.restart();
+            self.note(r);
+        }
+        // A paused resource waits for its deletion too; the user unpauses what they deleted.
+        let stuck: Vec<ResId> = self
+            .records
+            .values()
+            .filter(|r| r.deleted_at.is_some() && r.paused)
+            .map(|r| r.spec.res.clone())
+            .collect();
+        for res in stuck {
+            let r = self
+                .merge(
+                    &res,
+                    json!({"metadata": {"annotations": {ANNOTATION_PAUSED: null}}}),
+                )
+                .await;
+            if let Some(rec) = self.records.get_mut(&res) {
+                rec.paused = false;
+            }
+            self.note(format!("end: unpause deleted {res}: {r}"));
+        }
+        if self.settings.final_resync {
+            let r = self.sim.resync_report();
+            self.note(format!(
+                "end: all faults off; Waldur's periodic re-sync: deleted {}, imported {}, recovered {}",
+                r.deleted.len(),
+                r.imported.len(),
+                r.recovered.len()
+            ));
+        } else {
+            self.note("end: all faults off".into());
+        }
+        let deadline = started + self.settings.settle;
+        let mut passes = 0;
+        // The same violations for longer than a resync period (and its jitter) will not go
+        // away by themselves: stop waiting for them.
+        let mut last: Vec<String> = Vec::new();
+        let mut unchanged_since = Instant::now();
+        loop {
+            self.mind_the_operator(points);
+            let (sgs, truth) = self.snapshot().await;
+            let outcomes = check::check(&check::Input {
+                records: &self.records,
+                sources: &self.sources,
+                sgs: &sgs,
+                truth: &truth,
+                history: &[],
+                crashes: &[],
+                runs: 0,
+            });
+            let good = outcomes.iter().all(|o| o.violations.is_empty()) && !truth.busy();
+            passes = if good { passes + 1 } else { 0 };
+            if passes >= 2 {
+                let t = started.elapsed();
+                self.note(format!("end: settled after {:.1} s", t.as_secs_f64()));
+                return (true, t);
+            }
+            let now: Vec<String> = outcomes
+                .iter()
+                .flat_map(|o| o.violations.iter().cloned())
+                .collect();
+            if now != last || now.is_empty() {
+                last = now;
+                unchanged_since = Instant::now();
+            }
+            let stuck = unchanged_since.elapsed() >= self.settings.stuck;
+            if Instant::now() >= deadline || stuck {
+                let t = started.elapsed();
+                self.note(format!(
+                    "end: not settled after {:.1} s{}; checking as it stands",
+                    t.as_secs_f64(),
+                    if stuck {
+                        format!(
+                            " (the same violations for {} s)",
+                            self.settings.stuck.as_secs()
+                        )
+                    } else {
+                        String::new()
+                    }
+                ));
+                return (false, t);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+async fn post(client: &Client, ns: &str, manifest: Value) -> Result<(), String> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource());
+    let obj: DynamicObject = serde_json::from_value(manifest).map_err(|e| e.to_string())?;
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn client(server: &TestServer) -> Result<Client, String> {
+    let kubeconfig =
+        Kubeconfig::from_yaml(&server.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Client::try_from(config).map_err(|e| e.to_string())
+}
+
+fn view(sg: &ServerGroup) -> SgView {
+    let ns = sg.namespace().unwrap_or_default();
+    let res = NAMESPACES.iter().find(|n| **n == ns).map(|n| ResId {
+        ns: n,
+        name: sg.name_any(),
+    });
+    let status = sg.status.clone().unwrap_or_default();
+    SgView {
+        res,
+        key: format!("{ns}/{}", sg.name_any()),
+        generation: sg.metadata.generation,
+        created: sg.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        deleting: sg.metadata.deletion_timestamp.is_some(),
+        finalizers: sg.finalizers().to_vec(),
+        paused: sg.is_paused(),
+        uuid: status.uuid.clone(),
+        backend_id: status.backend_id.clone(),
+        conditions: status
+            .conditions
+            .iter()
+            .map(|c| Cond {
+                type_: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: c.observed_generation,
+            })
+            .collect(),
+    }
+}
+
+fn truth(sim: &Simulator) -> Truth {
+    let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let rows = sim
+        .groups()
+        .iter()
+        .map(|g| Row {
+            uuid: check::norm(&s(g, "uuid")),
+            name: s(g, "name"),
+            tenant: check::norm(&s(g, "tenant_uuid")),
+            state: s(g, "state"),
+            backend_id: s(g, "backend_id"),
+            created: g["created"].as_str().and_then(|c| c.parse().ok()),
+        })
+        .collect();
+    let nova = TENANTS
+        .iter()
+        .flat_map(|t| {
+            sim.openstack_groups(t)
+                .into_iter()
+                .map(|(backend_id, name, _)| Nova {
+                    tenant: check::norm(t),
+                    backend_id,
+                    name,
+                })
+        })
+        .collect();
+    Truth { rows, nova }
+}

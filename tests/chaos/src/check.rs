@@ -1,0 +1,1067 @@
+//! The invariants, as pure functions of what the driver recorded and what Kubernetes and the
+//! simulated Waldur (and OpenStack behind it) hold at the end.
+//!
+//! Everything is compared by the simulator's truth, never by what the operator says: a status
+//! that claims Ready for a group Waldur does not have is a violation, not a pass. Where the
+//! truth leaves room (a group deleted behind the operator's back, a name someone else holds),
+//! the rules say so next to the check rather than skipping the resource.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::plan::{Deletion, Flavour, Import, ResId};
+use crate::record::{ResRecord, SourceRecord};
+
+/// A condition, as the check needs it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Cond {
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub observed_generation: Option<i64>,
+}
+
+/// A ServerGroup as Kubernetes holds it.
+#[derive(Clone, Debug, Default)]
+pub struct SgView {
+    pub res: Option<ResId>,
+    pub key: String,
+    pub generation: Option<i64>,
+    pub created: Option<Timestamp>,
+    pub deleting: bool,
+    pub finalizers: Vec<String>,
+    pub paused: bool,
+    pub uuid: Option<String>,
+    pub backend_id: Option<String>,
+    pub conditions: Vec<Cond>,
+}
+
+impl SgView {
+    pub fn cond(&self, type_: &str) -> Option<&Cond> {
+        self.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    /// `Ready=<status> <reason>: <message>` and the same for Synced and Stalled, for reports.
+    pub fn describe(&self) -> String {
+        let mut out = Vec::new();
+        for t in ["Ready", "Synced", "Stalled"] {
+            if let Some(c) = self.cond(t) {
+                out.push(format!(
+                    "{t}={} {} (gen {:?}): {}",
+                    c.status,
+                    c.reason,
+                    c.observed_generation,
+                    clip(&c.message, 160)
+                ));
+            }
+        }
+        format!(
+            "uuid={} gen={:?} finalizers={:?} deleting={} paused={} | {}",
+            self.uuid.as_deref().unwrap_or("-"),
+            self.generation,
+            self.finalizers,
+            self.deleting,
+            self.paused,
+            out.join(" | ")
+        )
+    }
+}
+
+/// A Waldur row, as the simulator's staff view renders it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row {
+    pub uuid: String,
+    pub name: String,
+    pub tenant: String,
+    pub state: String,
+    pub backend_id: String,
+    pub created: Option<Timestamp>,
+}
+
+/// A Nova server group.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nova {
+    pub tenant: String,
+    pub backend_id: String,
+    pub name: String,
+}
+
+/// The simulator's truth.
+#[derive(Clone, Debug, Default)]
+pub struct Truth {
+    pub rows: Vec<Row>,
+    pub nova: Vec<Nova>,
+}
+
+impl Truth {
+    pub fn row(&self, uuid: &str) -> Option<&Row> {
+        let uuid = norm(uuid);
+        self.rows.iter().find(|r| r.uuid == uuid)
+    }
+
+    pub fn rows_named(&self, tenant: &str, name: &str) -> Vec<&Row> {
+        let tenant = norm(tenant);
+        self.rows
+            .iter()
+            .filter(|r| r.tenant == tenant && r.name == name)
+            .collect()
+    }
+
+    pub fn row_with_backend(&self, backend_id: &str) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| !backend_id.is_empty() && r.backend_id == backend_id)
+    }
+
+    pub fn nova_named(&self, tenant: &str, name: &str) -> Vec<&Nova> {
+        let tenant = norm(tenant);
+        self.nova
+            .iter()
+            .filter(|g| g.tenant == tenant && g.name == name)
+            .collect()
+    }
+
+    pub fn nova_has(&self, backend_id: &str) -> bool {
+        self.nova.iter().any(|g| g.backend_id == backend_id)
+    }
+
+    /// Whether any row is in a transitional state (the workers are still busy).
+    pub fn busy(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.state != "OK" && r.state != "ERRED")
+    }
+}
+
+/// UUIDs compare as 32 lowercase hex digits.
+pub fn norm(uuid: &str) -> String {
+    uuid.replace('-', "").to_ascii_lowercase()
+}
+
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    }
+}
+
+/// One invariant's result: one line of the report.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub name: &'static str,
+    pub unit: &'static str,
+    pub checked: usize,
+    pub violations: Vec<String>,
+}
+
+impl Outcome {
+    fn new(name: &'static str, unit: &'static str) -> Outcome {
+        Outcome {
+            name,
+            unit,
+            checked: 0,
+            violations: Vec::new(),
+        }
+    }
+}
+
+pub const ONE_GROUP: &str = "one-group-per-resource";
+pub const NO_LEAK: &str = "nothing-left-behind-by-deletes";
+pub const NO_FINALIZER: &str = "no-finalizer-left-on-deleted";
+pub const TRUTHFUL: &str = "status-is-true";
+pub const NO_PANIC: &str = "no-panic-no-crash";
+
+/// Everything the check reads.
+pub struct Input<'a> {
+    pub records: &'a BTreeMap<ResId, ResRecord>,
+    pub sources: &'a [SourceRecord],
+    pub sgs: &'a [SgView],
+    pub truth: &'a Truth,
+    /// Violations seen while the campaign ran (two resources bound to one group, a group
+    /// bound that the resource did not create), already worded.
+    pub history: &'a [String],
+    /// Panic lines and unexpected exits of the operator, already worded.
+    pub crashes: &'a [String],
+    pub runs: usize,
+}
+
+/// All five invariants, in report order.
+pub fn check(input: &Input) -> Vec<Outcome> {
+    let ctx = Ctx::new(input);
+    vec![
+        ctx.one_group(),
+        ctx.no_leak(),
+        ctx.no_finalizer(),
+        ctx.truthful(),
+        ctx.no_panic(),
+    ]
+}
+
+struct Ctx<'a> {
+    input: &'a Input<'a>,
+    by_res: BTreeMap<&'a ResId, &'a SgView>,
+    /// UUID -> the present, not deleting resources bound to it.
+    bound: BTreeMap<String, Vec<&'a ResId>>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(input: &'a Input<'a>) -> Ctx<'a> {
+        let mut by_res = BTreeMap::new();
+        let mut bound: BTreeMap<String, Vec<&ResId>> = BTreeMap::new();
+        for sg in input.sgs {
+            if let Some(res) = &sg.res {
+                by_res.insert(res, sg);
+                if let Some(u) = &sg.uuid
+                    && !sg.deleting
+                {
+                    bound.entry(norm(u)).or_default().push(res);
+                }
+            }
+        }
+        Ctx {
+            input,
+            by_res,
+            bound,
+        }
+    }
+
+    fn truth(&self) -> &Truth {
+        self.input.truth
+    }
+
+    fn source(&self, import: &Import) -> Option<&SourceRecord> {
+        match import {
+            Import::SourceUuid(id) | Import::SourceBackendId(id) => {
+                self.input.sources.iter().find(|s| s.plan.id == *id)
+            }
+            Import::Missing(_) => None,
+        }
+    }
+
+    /// Whether more than this resource claim the tenant+name (twins, clashes, sources, other
+    /// resources): then counting groups by name proves nothing about this one.
+    fn name_shared(&self, rec: &ResRecord) -> bool {
+        let name = rec.spec.waldur_name();
+        let others = self
+            .input
+            .records
+            .values()
+            .filter(|o| o.spec.res != rec.spec.res && o.spec.flavour.creates())
+            .any(|o| o.spec.waldur_name() == name && o.spec.tenant == rec.spec.tenant);
+        let source = self
+            .input
+            .sources
+            .iter()
+            .any(|s| s.plan.name == name && s.plan.tenant == rec.spec.tenant);
+        others || source
+    }
+
+    fn live(&self) -> impl Iterator<Item = (&'a ResRecord, &'a SgView)> + '_ {
+        self.input
+            .records
+            .values()
+            .filter(|r| r.accepted && r.deleted_at.is_none())
+            .filter_map(|r| self.by_res.get(&r.spec.res).map(|sg| (r, *sg)))
+    }
+
+    fn others_bound(&self, uuid: &str, me: &ResId) -> Vec<String> {
+        self.bound
+            .get(&norm(uuid))
+            .into_iter()
+            .flatten()
+            .filter(|r| **r != me)
+            .map(|r| r.to_string())
+            .collect()
+    }
+
+    /// Exactly one Waldur group (and one Nova group) per Managed, live resource, and it is
+    /// the right one.
+    fn one_group(&self) -> Outcome {
+        let mut out = Outcome::new(ONE_GROUP, "managed resources");
+        out.violations.extend(self.input.history.iter().cloned());
+        for rec in self.input.records.values() {
+            if rec.accepted && rec.deleted_at.is_none() && !self.by_res.contains_key(&rec.spec.res)
+            {
+                out.violations.push(format!(
+                    "{}: created and never deleted, yet gone from Kubernetes",
+                    rec.spec.res
+                ));
+            }
+        }
+        for (rec, sg) in self.live() {
+            if rec.spec.flavour == Flavour::Observe || sg.paused {
+                continue;
+            }
+            out.checked += 1;
+            let res = &rec.spec.res;
+            let reason = sg.cond("Ready").map(|c| c.reason.as_str()).unwrap_or("");
+            let Some(uuid) = &sg.uuid else {
+                if !matches!(reason, "NotFound" | "AlreadyManaged" | "InvalidSpec") {
+                    out.violations.push(format!(
+                        "{res}: no Waldur group bound ({}) | {}",
+                        rec.spec,
+                        sg.describe()
+                    ));
+                }
+                continue;
+            };
+            let others = self.others_bound(uuid, res);
+            if !others.is_empty() {
+                out.violations.push(format!(
+                    "{res}: group {uuid} is also bound by {}",
+                    others.join(", ")
+                ));
+            }
+            let Some(row) = self.truth().row(uuid) else {
+                if !matches!(reason, "NotFound" | "AlreadyManaged" | "InvalidSpec") {
+                    out.violations.push(format!(
+                        "{res}: bound to {uuid}, which Waldur does not have | {}",
+                        sg.describe()
+                    ));
+                }
+                continue;
+            };
+            if rec.spec.flavour.creates() {
+                if let (Some(made), Some(resource)) = (row.created, sg.created)
+                    && made < resource
+                {
+                    out.violations.push(format!(
+                        "{res}: bound to {uuid} '{}', created {made} before the resource ({resource}): not its own group",
+                        row.name
+                    ));
+                }
+                let name = rec.spec.waldur_name();
+                if !self.name_shared(rec) || rec.spec.flavour == Flavour::Twin {
+                    let rows = self.truth().rows_named(rec.spec.tenant, &name);
+                    if rows.len() != 1 || rows[0].uuid != norm(uuid) {
+                        out.violations.push(format!(
+                            "{res}: {} Waldur group(s) named {name:?} in the tenant, bound to {uuid}: {}",
+                            rows.len(),
+                            rows.iter()
+                                .map(|r| format!("{} {} backend={:?}", r.uuid, r.state, r.backend_id))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ));
+                    }
+                    let nova = self.truth().nova_named(rec.spec.tenant, &name);
+                    let want = usize::from(!row.backend_id.is_empty());
+                    if nova.len() != want {
+                        out.violations.push(format!(
+                            "{res}: {} Nova group(s) named {name:?} (expected {want}): {}",
+                            nova.len(),
+                            nova.iter()
+                                .map(|g| g.backend_id.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                }
+            }
+            if !row.backend_id.is_empty() && !self.truth().nova_has(&row.backend_id) {
+                out.violations.push(format!(
+                    "{res}: bound to {uuid} whose Nova group {} is gone",
+                    row.backend_id
+                ));
+            }
+            if let Some(import) = &rec.spec.import
+                && let Some(src) = self.source(import)
+            {
+                let same_uuid = src.uuid.as_deref().map(norm) == Some(row.uuid.clone());
+                let same_backend = src
+                    .backend_id
+                    .as_deref()
+                    .is_some_and(|b| !b.is_empty() && b == row.backend_id);
+                if !same_uuid && !same_backend {
+                    out.violations.push(format!(
+                        "{res}: imports {} ({:?}) but is bound to {uuid} '{}'",
+                        src.plan.name, src.uuid, row.name
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// A deleted resource left behind what its deletionPolicy says, and nothing else.
+    fn no_leak(&self) -> Outcome {
+        let mut out = Outcome::new(NO_LEAK, "deleted resources");
+        for rec in self.input.records.values() {
+            if rec.deleted_at.is_none() || !rec.accepted || self.by_res.contains_key(&rec.spec.res)
+            {
+                continue;
+            }
+            if matches!(
+                rec.spec.flavour,
+                Flavour::Observe | Flavour::MissingImport | Flavour::DuplicateImport
+            ) {
+                // Never theirs to delete: the source's fate is decided by its importer.
+                out.checked += 1;
+                if let Some(src) = rec.spec.import.as_ref().and_then(|i| self.source(i))
+                    && let Some(u) = &src.uuid
+                    && rec.spec.flavour == Flavour::Observe
+                    && self.truth().row(u).is_none()
+                    && !src
+                        .backend_id
+                        .as_deref()
+                        .is_some_and(|b| self.truth().nova_has(b))
+                    && !self.deleted_by_importer(src)
+                {
+                    out.violations.push(format!(
+                        "{}: observed {} ({u}), which is gone from Waldur and OpenStack though no importer deleted it",
+                        rec.spec.res, src.plan.name
+                    ));
+                }
+                continue;
+            }
+            out.checked += 1;
+            let res = &rec.spec.res;
+            let excused = |backend: &str| rec.excused_backends.iter().any(|b| b == backend);
+            let bound = rec
+                .last_bound
+                .as_ref()
+                .filter(|(u, _)| self.bound.get(&norm(u)).is_none_or(|v| v.is_empty()));
+            let sole = rec.spec.flavour.creates() && !self.name_shared(rec);
+            let name = rec.spec.waldur_name();
+            match rec.deletion {
+                Deletion::Delete => {
+                    if let Some((u, b)) = bound {
+                        if self.truth().row(u).is_some() {
+                            out.violations
+                                .push(format!("{res} (Delete): its group {u} is still in Waldur"));
+                        }
+                        if !b.is_empty() && !excused(b) && self.truth().nova_has(b) {
+                            out.violations.push(format!(
+                                "{res} (Delete): its Nova group {b} is still in OpenStack"
+                            ));
+                        }
+                    }
+                    if sole {
+                        let rows: Vec<&Row> = self
+                            .truth()
+                            .rows_named(rec.spec.tenant, &name)
+                            .into_iter()
+                            .filter(|r| !excused(&r.backend_id))
+                            .collect();
+                        let nova: Vec<&Nova> = self
+                            .truth()
+                            .nova_named(rec.spec.tenant, &name)
+                            .into_iter()
+                            .filter(|g| !excused(&g.backend_id))
+                            .collect();
+                        if !rows.is_empty() || !nova.is_empty() {
+                            out.violations.push(format!(
+                                "{res} (Delete): left {} Waldur group(s) [{}] and {} Nova group(s) [{}] named {name:?}{}",
+                                rows.len(),
+                                rows.iter()
+                                    .map(|r| format!("{} {} backend={:?}", r.uuid, r.state, r.backend_id))
+                                    .collect::<Vec<_>>()
+                                    .join("; "),
+                                nova.len(),
+                                nova.iter().map(|g| g.backend_id.as_str()).collect::<Vec<_>>().join(", "),
+                                taints(rec)
+                            ));
+                        }
+                    }
+                }
+                Deletion::Unlink => {
+                    if let Some((u, b)) = bound {
+                        if self.truth().row(u).is_some() {
+                            out.violations.push(format!(
+                                "{res} (Unlink): its Waldur record {u} is still there"
+                            ));
+                        }
+                        if !b.is_empty() && !rec.out_of_band && !self.truth().nova_has(b) {
+                            out.violations.push(format!(
+                                "{res} (Unlink): its Nova group {b} is gone from OpenStack"
+                            ));
+                        }
+                    }
+                    if sole {
+                        let nova = self.truth().nova_named(rec.spec.tenant, &name);
+                        if nova.len() > 1 {
+                            out.violations.push(format!(
+                                "{res} (Unlink): {} Nova groups named {name:?}{}",
+                                nova.len(),
+                                taints(rec)
+                            ));
+                        }
+                    }
+                }
+                Deletion::Orphan => {
+                    if let Some((u, b)) = bound
+                        && !b.is_empty()
+                        && !rec.out_of_band
+                    {
+                        if !self.truth().nova_has(b) {
+                            out.violations.push(format!(
+                                "{res} (Orphan): its Nova group {b} is gone from OpenStack"
+                            ));
+                        }
+                        if self.truth().row(u).is_none()
+                            && self.truth().row_with_backend(b).is_none()
+                        {
+                            out.violations.push(format!(
+                                "{res} (Orphan): its Waldur group {u} (backend {b}) is gone"
+                            ));
+                        }
+                    }
+                    if sole {
+                        let rows = self.truth().rows_named(rec.spec.tenant, &name);
+                        let nova = self.truth().nova_named(rec.spec.tenant, &name);
+                        if rows.len() > 1 || nova.len() > 1 {
+                            out.violations.push(format!(
+                                "{res} (Orphan): {} Waldur and {} Nova groups named {name:?}{}",
+                                rows.len(),
+                                nova.len(),
+                                taints(rec)
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a Managed importer of `src` was deleted with Delete: then the source's absence
+    /// is explained.
+    fn deleted_by_importer(&self, src: &SourceRecord) -> bool {
+        self.input.records.values().any(|r| {
+            r.deleted_at.is_some()
+                && r.deletion == Deletion::Delete
+                && matches!(r.spec.flavour, Flavour::Import)
+                && r.spec
+                    .import
+                    .as_ref()
+                    .and_then(|i| self.source(i))
+                    .map(|s| s.plan.id)
+                    == Some(src.plan.id)
+        }) || src.out_of_band
+    }
+
+    /// Every resource the campaign deleted is gone: no finalizer was left behind.
+    fn no_finalizer(&self) -> Outcome {
+        let mut out = Outcome::new(NO_FINALIZER, "deleted resources");
+        for rec in self.input.records.values() {
+            if rec.deleted_at.is_none() || !rec.accepted {
+                continue;
+            }
+            out.checked += 1;
+            if let Some(sg) = self.by_res.get(&rec.spec.res) {
+                out.violations.push(format!(
+                    "{}: deleted at point #{} and still here ({}) | {}",
+                    rec.spec.res,
+                    rec.deleted_at.unwrap_or_default(),
+                    rec.deletion.as_str(),
+                    sg.describe()
+                ));
+            }
+        }
+        out
+    }
+
+    /// Every remaining resource is Ready, or says truthfully why not.
+    fn truthful(&self) -> Outcome {
+        let mut out = Outcome::new(TRUTHFUL, "remaining resources");
+        for (rec, sg) in self.live() {
+            out.checked += 1;
+            let res = &rec.spec.res;
+            let synced = sg.cond("Synced");
+            if sg.paused {
+                if !synced.is_some_and(|c| c.status == "False" && c.reason == "Paused") {
+                    out.violations.push(format!(
+                        "{res}: paused, but not Synced=False Paused | {}",
+                        sg.describe()
+                    ));
+                }
+                continue;
+            }
+            let Some(ready) = sg.cond("Ready") else {
+                out.violations
+                    .push(format!("{res}: no Ready condition | {}", sg.describe()));
+                continue;
+            };
+            if ready.observed_generation != sg.generation {
+                out.violations.push(format!(
+                    "{res}: Ready is for generation {:?}, the object is at {:?} | {}",
+                    ready.observed_generation,
+                    sg.generation,
+                    sg.describe()
+                ));
+                continue;
+            }
+            let row = sg.uuid.as_deref().and_then(|u| self.truth().row(u));
+            let stalled = sg.cond("Stalled").filter(|c| c.status == "True");
+            let mut problem = |what: String| {
+                out.violations.push(format!(
+                    "{res} [{}]: {what} | {}",
+                    rec.spec.flavour.as_str(),
+                    sg.describe()
+                ));
+            };
+            match ready.reason.as_str() {
+                "Available" => match row {
+                    Some(r) if r.state == "OK" && ready.status == "True" => {}
+                    Some(r) => problem(format!("says Available, Waldur says {}", r.state)),
+                    None => problem("says Available, Waldur has no such group".into()),
+                },
+                "Erred" => match row {
+                    Some(r) if r.state == "ERRED" => {}
+                    Some(r) => problem(format!("says Erred, Waldur says {}", r.state)),
+                    None => problem("says Erred, Waldur has no such group".into()),
+                },
+                "NotFound" => {
+                    let gone = match &rec.spec.import {
+                        Some(Import::Missing(u)) => self.truth().row(u).is_none(),
+                        Some(Import::SourceUuid(id)) => self
+                            .input
+                            .sources
+                            .iter()
+                            .find(|s| s.plan.id == *id)
+                            .and_then(|s| s.uuid.as_deref())
+                            .is_none_or(|u| self.truth().row(u).is_none()),
+                        Some(Import::SourceBackendId(id)) => self
+                            .input
+                            .sources
+                            .iter()
+                            .find(|s| s.plan.id == *id)
+                            .and_then(|s| s.backend_id.as_deref())
+                            .is_none_or(|b| self.truth().row_with_backend(b).is_none()),
+                        None => false,
+                    };
+                    if !gone {
+                        problem(if rec.spec.import.is_some() {
+                            "says NotFound, but the group to import is in Waldur".into()
+                        } else {
+                            "says NotFound for a group the operator should create".into()
+                        });
+                    } else if stalled.is_none_or(|c| c.reason != "NotFound") {
+                        problem("NotFound without Stalled=True NotFound".into());
+                    }
+                }
+                "AlreadyManaged" => {
+                    let target: Vec<String> = match &rec.spec.import {
+                        Some(i) => self
+                            .source(i)
+                            .map(|s| {
+                                let mut t: Vec<String> = s.uuid.iter().map(|u| norm(u)).collect();
+                                if let Some(r) = s
+                                    .backend_id
+                                    .as_deref()
+                                    .and_then(|b| self.truth().row_with_backend(b))
+                                {
+                                    t.push(r.uuid.clone());
+                                }
+                                t
+                            })
+                            .unwrap_or_default(),
+                        None => self
+                            .truth()
+                            .rows_named(rec.spec.tenant, &rec.spec.waldur_name())
+                            .iter()
+                            .map(|r| r.uuid.clone())
+                            .collect(),
+                    };
+                    let held = target.iter().any(|u| !self.others_bound(u, res).is_empty());
+                    if !held {
+                        problem(
+                            "says AlreadyManaged, but no other resource holds the group".into(),
+                        );
+                    }
+                }
+                "InvalidSpec" => {
+                    // Waldur refuses a create only for a taken name here (every spec the
+                    // campaign writes is valid), and only twins and clashes share names.
+                    if !matches!(rec.spec.flavour, Flavour::Clash | Flavour::Twin) {
+                        problem(format!(
+                            "says InvalidSpec for a valid spec ({}): {}",
+                            rec.spec,
+                            clip(&ready.message, 200)
+                        ));
+                    }
+                }
+                other => problem(format!("not settled: Ready reason {other:?}")),
+            }
+            let synced_ok = match ready.reason.as_str() {
+                "InvalidSpec" => synced.is_some_and(|c| c.reason == "InvalidSpec"),
+                _ => synced.is_some_and(|c| c.status == "True"),
+            };
+            if !synced_ok {
+                problem("Synced does not say the last reconcile succeeded".into());
+            }
+            if ready.status == "True" && stalled.is_some() {
+                problem("Ready and Stalled at once".into());
+            }
+        }
+        out
+    }
+
+    fn no_panic(&self) -> Outcome {
+        let mut out = Outcome::new(NO_PANIC, "operator runs");
+        out.checked = self.input.runs;
+        out.violations.extend(self.input.crashes.iter().cloned());
+        out
+    }
+}
+
+fn taints(rec: &ResRecord) -> String {
+    if rec.taints.is_empty() {
+        String::new()
+    } else {
+        format!(" (out of band: {})", rec.taints.join("; "))
+    }
+}
+
+/// Violations visible while the campaign runs, from one look at Kubernetes and Waldur:
+/// two resources bound to one group, and a creating resource bound to a group older than
+/// itself (someone else's). `seen` keeps them from being reported twice.
+pub fn during_run(
+    point: usize,
+    records: &BTreeMap<ResId, ResRecord>,
+    sgs: &[SgView],
+    truth: &Truth,
+    seen: &mut BTreeSet<String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut bound: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for sg in sgs {
+        if let Some(u) = &sg.uuid {
+            bound.entry(norm(u)).or_default().push(sg.key.clone());
+        }
+    }
+    for (uuid, holders) in &bound {
+        if holders.len() > 1 {
+            let key = format!("double:{uuid}:{}", holders.join(","));
+            if seen.insert(key) {
+                out.push(format!(
+                    "at point #{point}: Waldur group {uuid} bound by {} at once",
+                    holders.join(" and ")
+                ));
+            }
+        }
+    }
+    for sg in sgs {
+        let (Some(res), Some(uuid), Some(created)) = (&sg.res, &sg.uuid, sg.created) else {
+            continue;
+        };
+        let Some(rec) = records.get(res) else {
+            continue;
+        };
+        if !rec.spec.flavour.creates() {
+            continue;
+        }
+        if let Some(row) = truth.row(uuid)
+            && let Some(made) = row.created
+            && made < created
+        {
+            let key = format!("foreign:{res}:{uuid}");
+            if seen.insert(key) {
+                out.push(format!(
+                    "at point #{point}: {res} bound {uuid} '{}', created {made}, before the resource ({created}): someone else's group",
+                    row.name
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{CreateSpec, SourcePlan};
+
+    const T: &str = waldur_sim::DEFAULT_TENANT;
+
+    fn spec(name: &str, flavour: Flavour, deletion: Deletion) -> CreateSpec {
+        CreateSpec {
+            res: ResId {
+                ns: "chaos-a",
+                name: name.into(),
+            },
+            flavour,
+            tenant: T,
+            policy: "affinity",
+            spec_name: None,
+            deletion,
+            import: None,
+            new_source: None,
+        }
+    }
+
+    fn record(spec: CreateSpec) -> ResRecord {
+        ResRecord::new(spec)
+    }
+
+    fn ready(reason: &str, ok: bool) -> Vec<Cond> {
+        vec![
+            Cond {
+                type_: "Ready".into(),
+                status: if ok { "True" } else { "False" }.into(),
+                reason: reason.into(),
+                message: String::new(),
+                observed_generation: Some(1),
+            },
+            Cond {
+                type_: "Synced".into(),
+                status: "True".into(),
+                reason: "ReconcileSuccess".into(),
+                message: String::new(),
+                observed_generation: Some(1),
+            },
+        ]
+    }
+
+    fn view(res: &ResId, uuid: Option<&str>, conditions: Vec<Cond>) -> SgView {
+        SgView {
+            res: Some(res.clone()),
+            key: res.to_string(),
+            generation: Some(1),
+            created: Some("2026-01-01T00:00:00Z".parse().unwrap()),
+            uuid: uuid.map(str::to_string),
+            conditions,
+            ..SgView::default()
+        }
+    }
+
+    fn row(uuid: &str, name: &str, state: &str, backend: &str) -> Row {
+        Row {
+            uuid: uuid.into(),
+            name: name.into(),
+            tenant: T.into(),
+            state: state.into(),
+            backend_id: backend.into(),
+            created: Some("2026-01-01T00:00:01Z".parse().unwrap()),
+        }
+    }
+
+    fn nova(backend: &str, name: &str) -> Nova {
+        Nova {
+            tenant: T.into(),
+            backend_id: backend.into(),
+            name: name.into(),
+        }
+    }
+
+    fn run(
+        records: &BTreeMap<ResId, ResRecord>,
+        sources: &[SourceRecord],
+        sgs: &[SgView],
+        truth: &Truth,
+    ) -> Vec<Outcome> {
+        check(&Input {
+            records,
+            sources,
+            sgs,
+            truth,
+            history: &[],
+            crashes: &[],
+            runs: 1,
+        })
+    }
+
+    fn violations(out: &[Outcome], name: &str) -> Vec<String> {
+        out.iter()
+            .find(|o| o.name == name)
+            .map(|o| o.violations.clone())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_ready_resource_with_its_one_group_passes_and_a_duplicate_fails() {
+        let mut records = BTreeMap::new();
+        let r = record(spec("r001", Flavour::Plain, Deletion::Delete));
+        let res = r.spec.res.clone();
+        records.insert(res.clone(), r);
+        let sgs = vec![view(&res, Some("aa"), ready("Available", true))];
+        let mut truth = Truth {
+            rows: vec![row("aa", "r001", "OK", "n1")],
+            nova: vec![nova("n1", "r001")],
+        };
+        let out = run(&records, &[], &sgs, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        assert_eq!(out[0].checked, 1);
+        // A second group under the name (a re-import after an unlink, say) is one too many.
+        truth.rows.push(row("bb", "r001", "OK", "n2"));
+        truth.nova.push(nova("n2", "r001"));
+        let out = run(&records, &[], &sgs, &truth);
+        assert_eq!(violations(&out, ONE_GROUP).len(), 2, "{out:?}");
+    }
+
+    #[test]
+    fn a_status_that_claims_more_than_waldur_has_is_a_violation() {
+        let mut records = BTreeMap::new();
+        let r = record(spec("r002", Flavour::Plain, Deletion::Delete));
+        let res = r.spec.res.clone();
+        records.insert(res.clone(), r);
+        let sgs = vec![view(&res, Some("aa"), ready("Available", true))];
+        let truth = Truth {
+            rows: vec![row("aa", "r002", "ERRED", "")],
+            nova: vec![],
+        };
+        let out = run(&records, &[], &sgs, &truth);
+        assert_eq!(violations(&out, TRUTHFUL).len(), 1, "{out:?}");
+        // Saying Erred is the truth.
+        let sgs = vec![view(&res, Some("aa"), ready("Erred", false))];
+        let out = run(&records, &[], &sgs, &truth);
+        assert!(violations(&out, TRUTHFUL).is_empty(), "{out:?}");
+        // InvalidSpec for a spec nobody else shares a name with is not.
+        let mut conds = ready("InvalidSpec", false);
+        conds[1].status = "False".into();
+        conds[1].reason = "InvalidSpec".into();
+        let sgs = vec![view(&res, None, conds)];
+        let out = run(&records, &[], &sgs, &truth);
+        assert_eq!(violations(&out, TRUTHFUL).len(), 1, "{out:?}");
+    }
+
+    #[test]
+    fn deletes_are_judged_by_their_policy() {
+        let mut records = BTreeMap::new();
+        for (name, deletion) in [
+            ("d1", Deletion::Delete),
+            ("o1", Deletion::Orphan),
+            ("u1", Deletion::Unlink),
+        ] {
+            let mut r = record(spec(name, Flavour::Plain, deletion));
+            r.deleted_at = Some(3);
+            r.last_bound = Some((format!("{name}uuid"), format!("{name}nova")));
+            records.insert(r.spec.res.clone(), r);
+        }
+        // Everything as it should be: Delete left nothing, Orphan left both, Unlink left Nova.
+        let truth = Truth {
+            rows: vec![row("o1uuid", "o1", "OK", "o1nova")],
+            nova: vec![nova("o1nova", "o1"), nova("u1nova", "u1")],
+        };
+        let out = run(&records, &[], &[], &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        assert_eq!(out[1].checked, 3);
+        assert_eq!(out[2].checked, 3);
+        // A leftover of the Delete one, a lost Nova group of the Unlink one.
+        let truth = Truth {
+            rows: vec![
+                row("o1uuid", "o1", "OK", "o1nova"),
+                row("d1uuid", "d1", "OK", "d1nova"),
+            ],
+            nova: vec![nova("o1nova", "o1"), nova("d1nova", "d1")],
+        };
+        let out = run(&records, &[], &[], &truth);
+        let v = violations(&out, NO_LEAK);
+        assert_eq!(v.len(), 4, "{v:?}");
+        // A Nova group a staff user unlinked behind the operator's back is excused.
+        let mut excused = records.clone();
+        for r in excused.values_mut() {
+            r.excused_backends.push("d1nova".into());
+            r.out_of_band = true;
+        }
+        let truth = Truth {
+            rows: vec![
+                row("o1uuid", "o1", "OK", "o1nova"),
+                row("cc", "d1", "OK", "d1nova"),
+            ],
+            nova: vec![
+                nova("o1nova", "o1"),
+                nova("d1nova", "d1"),
+                nova("u1nova", "u1"),
+            ],
+        };
+        let out = run(&excused, &[], &[], &truth);
+        assert!(violations(&out, NO_LEAK).is_empty(), "{out:?}");
+        // Still present: a finalizer was left.
+        let res = ResId {
+            ns: "chaos-a",
+            name: "d1".into(),
+        };
+        let mut sg = view(&res, Some("d1uuid"), ready("Deleting", false));
+        sg.deleting = true;
+        sg.finalizers = vec!["openstack.waldur.com/server-group".into()];
+        let out = run(&records, &[], &[sg], &truth);
+        assert_eq!(violations(&out, NO_FINALIZER).len(), 1);
+    }
+
+    #[test]
+    fn imports_are_judged_against_their_source() {
+        let mut records = BTreeMap::new();
+        let mut s = spec("i1", Flavour::Import, Deletion::Orphan);
+        s.import = Some(Import::SourceUuid(0));
+        let mut missing = spec("m1", Flavour::MissingImport, Deletion::Delete);
+        missing.import = Some(Import::Missing("ff".repeat(16)));
+        for s in [s, missing] {
+            records.insert(s.res.clone(), record(s));
+        }
+        let sources = vec![SourceRecord {
+            plan: SourcePlan {
+                id: 0,
+                name: "src001".into(),
+                tenant: T,
+                policy: "affinity",
+            },
+            uuid: Some("aa".into()),
+            backend_id: Some("n1".into()),
+            out_of_band: false,
+        }];
+        let i1 = ResId {
+            ns: "chaos-a",
+            name: "i1".into(),
+        };
+        let m1 = ResId {
+            ns: "chaos-a",
+            name: "m1".into(),
+        };
+        let mut not_found = ready("NotFound", false);
+        not_found.push(Cond {
+            type_: "Stalled".into(),
+            status: "True".into(),
+            reason: "NotFound".into(),
+            ..Cond::default()
+        });
+        let truth = Truth {
+            rows: vec![row("aa", "src001", "OK", "n1")],
+            nova: vec![nova("n1", "src001")],
+        };
+        let sgs = vec![
+            view(&i1, Some("aa"), ready("Available", true)),
+            view(&m1, None, not_found.clone()),
+        ];
+        let out = run(&records, &sources, &sgs, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        // NotFound while the source is right there is a lie.
+        let sgs = vec![
+            view(&i1, None, not_found),
+            view(&m1, None, ready("Unknown", false)),
+        ];
+        let out = run(&records, &sources, &sgs, &truth);
+        assert_eq!(violations(&out, TRUTHFUL).len(), 2, "{out:?}");
+    }
+
+    #[test]
+    fn double_bindings_and_foreign_groups_are_seen_during_the_run() {
+        let mut records = BTreeMap::new();
+        let mut a = spec("r1a", Flavour::Twin, Deletion::Delete);
+        a.spec_name = Some("tw1".into());
+        let mut b = a.clone();
+        b.res.name = "r1b".into();
+        b.res.ns = "chaos-b";
+        records.insert(a.res.clone(), record(a.clone()));
+        records.insert(b.res.clone(), record(b.clone()));
+        let truth = Truth {
+            rows: vec![row("aa", "tw1", "OK", "n1")],
+            nova: vec![],
+        };
+        let sgs = vec![
+            view(&a.res, Some("aa"), vec![]),
+            view(&b.res, Some("AA"), vec![]),
+        ];
+        let mut seen = BTreeSet::new();
+        let v = during_run(4, &records, &sgs, &truth, &mut seen);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(during_run(5, &records, &sgs, &truth, &mut seen).is_empty());
+        // A group created before the resource was someone else's.
+        let mut old = truth.clone();
+        old.rows[0].created = Some("2025-12-31T23:00:00Z".parse().unwrap());
+        let v = during_run(6, &records, &sgs[..1], &old, &mut seen);
+        assert_eq!(v.len(), 1, "{v:?}");
+    }
+}

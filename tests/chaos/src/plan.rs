@@ -1,0 +1,1004 @@
+//! The campaign's plan: every point, with every random choice already made, drawn from one
+//! seed before anything runs.
+//!
+//! Drawing everything up front (which resource a delete hits, how long an outage lasts, how
+//! long to wait before the next point) keeps a seed's campaign the same from run to run
+//! whatever the operator does meanwhile: only the operator's timing differs, never the
+//! driver's. The plan keeps its own model of which resources are live and paused, so that it
+//! only draws actions that make sense (no unpause of a resource that is not paused, no more
+//! than `max_live` resources at once), and names resources after the point that creates them,
+//! so a trace reads as a script.
+
+use std::fmt;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Namespaces the resources are spread over.
+pub const NAMESPACES: [&str; 3] = ["chaos-a", "chaos-b", "chaos-c"];
+/// A second tenant besides the simulator's default one.
+pub const SECOND_TENANT: &str = "3c1f9e2a7b6d4c5e8f0a1b2c3d4e5f60";
+pub const TENANTS: [&str; 2] = [waldur_sim::DEFAULT_TENANT, SECOND_TENANT];
+/// Every policy the simulator accepts (it runs as a current Waldur, not the affinity-only 7.0).
+pub const POLICIES: [&str; 4] = [
+    "affinity",
+    "anti-affinity",
+    "soft-affinity",
+    "soft-anti-affinity",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    Delete,
+    Orphan,
+    Unlink,
+}
+
+impl Deletion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Deletion::Delete => "Delete",
+            Deletion::Orphan => "Orphan",
+            Deletion::Unlink => "Unlink",
+        }
+    }
+}
+
+/// A ServerGroup, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResId {
+    pub ns: &'static str,
+    pub name: String,
+}
+
+impl fmt::Display for ResId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ns, self.name)
+    }
+}
+
+/// A group someone created in Waldur (not the operator), for imports and observes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourcePlan {
+    pub id: usize,
+    pub name: String,
+    pub tenant: &'static str,
+    pub policy: &'static str,
+}
+
+/// What `spec.import` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Import {
+    SourceUuid(usize),
+    SourceBackendId(usize),
+    /// A UUID no group has.
+    Missing(String),
+}
+
+/// Which kind of ServerGroup a create writes, and so what the end state may truthfully be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// The operator creates the group under the resource's own name.
+    Plain,
+    /// One of two resources in two namespaces with the same spec.name, created at once (a
+    /// kustomize base applied twice): at most one may bind the group.
+    Twin,
+    /// spec.name is the name of a group someone else holds in the tenant: the resource must
+    /// not bind it.
+    Clash,
+    /// Managed import of a source group.
+    Import,
+    /// managementPolicy Observe of a source group.
+    Observe,
+    /// Another resource imports a source group that an earlier one imports (deletionPolicy
+    /// Orphan, so its deletion never decides the source's fate).
+    DuplicateImport,
+    /// Import of a group that does not exist.
+    MissingImport,
+}
+
+impl Flavour {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavour::Plain => "plain",
+            Flavour::Twin => "twin",
+            Flavour::Clash => "clash",
+            Flavour::Import => "import",
+            Flavour::Observe => "observe",
+            Flavour::DuplicateImport => "duplicate-import",
+            Flavour::MissingImport => "missing-import",
+        }
+    }
+
+    /// The operator creates this resource's group itself (under spec.name or metadata.name).
+    pub fn creates(self) -> bool {
+        matches!(self, Flavour::Plain | Flavour::Twin | Flavour::Clash)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateSpec {
+    pub res: ResId,
+    pub flavour: Flavour,
+    /// The tenant of the group (the source's for imports; not written in the spec then).
+    pub tenant: &'static str,
+    pub policy: &'static str,
+    /// `spec.name`; `None` leaves the Waldur name to metadata.name.
+    pub spec_name: Option<String>,
+    pub deletion: Deletion,
+    pub import: Option<Import>,
+    /// Create this source out of band first.
+    pub new_source: Option<SourcePlan>,
+}
+
+impl CreateSpec {
+    /// The name of the group in Waldur, for the flavours that create one.
+    pub fn waldur_name(&self) -> String {
+        self.spec_name
+            .clone()
+            .unwrap_or_else(|| self.res.name.clone())
+    }
+}
+
+impl fmt::Display for CreateSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} [{}", self.res, self.flavour.as_str())?;
+        if let Some(n) = &self.spec_name {
+            write!(f, " name={n}")?;
+        }
+        if self.flavour.creates() {
+            write!(f, " {} tenant={}", self.policy, &self.tenant[..6])?;
+        }
+        match &self.import {
+            Some(Import::SourceUuid(s)) => write!(f, " src#{s} by uuid")?,
+            Some(Import::SourceBackendId(s)) => write!(f, " src#{s} by backendId")?,
+            Some(Import::Missing(u)) => write!(f, " uuid {}", &u[..8])?,
+            None => {}
+        }
+        if self.flavour != Flavour::Observe {
+            write!(f, " {}", self.deletion.as_str())?;
+        }
+        write!(f, "]")
+    }
+}
+
+/// Which status writes a conflict fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConflictTarget {
+    /// `patch servergroups/status`: the operator's status writes.
+    Status,
+    /// `patch servergroups`: finalizer adds and removes.
+    Main,
+    /// Both.
+    Any,
+}
+
+impl ConflictTarget {
+    /// The test server's subresource selector.
+    pub fn subresource(self) -> Option<&'static str> {
+        match self {
+            ConflictTarget::Status => Some("status"),
+            ConflictTarget::Main => None,
+            ConflictTarget::Any => Some("*"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    // ----- user actions -----
+    Create(CreateSpec),
+    CreateTwins(CreateSpec, CreateSpec),
+    SetDeletionPolicy {
+        res: ResId,
+        to: Deletion,
+    },
+    Pause {
+        res: ResId,
+    },
+    Unpause {
+        res: ResId,
+    },
+    RequestPull {
+        res: ResId,
+        token: String,
+    },
+    Delete {
+        res: ResId,
+    },
+    // ----- operator faults -----
+    /// SIGKILL the operator; start it again `down_ms` later.
+    Kill {
+        down_ms: u64,
+    },
+    /// Make Waldur hold its 201 back `answer_delay_ms` after committing, create a resource,
+    /// and SIGKILL the operator as soon as the create is committed (so between the 201 and
+    /// the status write).
+    KillAfterCommit {
+        create: CreateSpec,
+        answer_delay_ms: u64,
+        down_ms: u64,
+    },
+    // ----- Waldur faults -----
+    Burst5xx {
+        n: usize,
+        status: u16,
+        hold_ms: u64,
+    },
+    DropConnections {
+        n: usize,
+        hold_ms: u64,
+    },
+    /// Latency longer than the operator's WALDUR_TIMEOUT.
+    Timeouts {
+        hold_ms: u64,
+    },
+    /// The next successful create is answered `delay_ms` after its commit (more or less than
+    /// the operator's timeout); with `create`, this point makes one.
+    DelayedAnswer {
+        create: Option<CreateSpec>,
+        delay_ms: u64,
+        hold_ms: u64,
+    },
+    /// The next successful request to `endpoint` is committed, then its connection dropped.
+    CommitThenDrop {
+        endpoint: &'static str,
+        create: Option<CreateSpec>,
+        hold_ms: u64,
+    },
+    /// Every request answers 503 (`refuse` false) or connections are refused (`refuse` true).
+    Outage {
+        refuse: bool,
+        hold_ms: u64,
+    },
+    /// Waldur's periodic tenant re-sync, now.
+    Resync,
+    /// The resource's group is deleted in OpenStack (the Waldur row stays until a re-sync).
+    OobOpenstackDelete {
+        res: ResId,
+    },
+    /// Another Waldur user DELETEs the resource's group.
+    OobWaldurDelete {
+        res: ResId,
+    },
+    /// A staff user unlinks the resource's group (OpenStack keeps it).
+    OobUnlink {
+        res: ResId,
+    },
+    /// The next create ends ERRED in OpenStack; this point makes one.
+    FailCreate {
+        create: CreateSpec,
+        hold_ms: u64,
+    },
+    // ----- Kubernetes faults -----
+    Conflicts {
+        n: usize,
+        target: ConflictTarget,
+        hold_ms: u64,
+    },
+    ExpireWatches,
+    /// Drop the watch history, then end the watches: every re-watch is answered 410.
+    Compact,
+    WatchDelay {
+        delay_ms: u64,
+        hold_ms: u64,
+    },
+}
+
+/// The four groups of points, for the summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Category {
+    User,
+    Operator,
+    Waldur,
+    Kubernetes,
+}
+
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::User => "user",
+            Category::Operator => "operator-fault",
+            Category::Waldur => "waldur-fault",
+            Category::Kubernetes => "kube-fault",
+        }
+    }
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Create(_) => "create",
+            Action::CreateTwins(..) => "create-twins",
+            Action::SetDeletionPolicy { .. } => "set-deletion-policy",
+            Action::Pause { .. } => "pause",
+            Action::Unpause { .. } => "unpause",
+            Action::RequestPull { .. } => "request-pull",
+            Action::Delete { .. } => "delete",
+            Action::Kill { .. } => "kill",
+            Action::KillAfterCommit { .. } => "kill-after-commit",
+            Action::Burst5xx { .. } => "5xx-burst",
+            Action::DropConnections { .. } => "drop-connections",
+            Action::Timeouts { .. } => "timeouts",
+            Action::DelayedAnswer { .. } => "delayed-201",
+            Action::CommitThenDrop { .. } => "commit-then-drop",
+            Action::Outage { refuse: false, .. } => "outage-503",
+            Action::Outage { refuse: true, .. } => "outage-refused",
+            Action::Resync => "resync",
+            Action::OobOpenstackDelete { .. } => "oob-openstack-delete",
+            Action::OobWaldurDelete { .. } => "oob-waldur-delete",
+            Action::OobUnlink { .. } => "oob-unlink",
+            Action::FailCreate { .. } => "create-erred",
+            Action::Conflicts { .. } => "409-conflicts",
+            Action::ExpireWatches => "expire-watches",
+            Action::Compact => "compact-410",
+            Action::WatchDelay { .. } => "watch-delay",
+        }
+    }
+
+    pub fn category(&self) -> Category {
+        match self {
+            Action::Create(_)
+            | Action::CreateTwins(..)
+            | Action::SetDeletionPolicy { .. }
+            | Action::Pause { .. }
+            | Action::Unpause { .. }
+            | Action::RequestPull { .. }
+            | Action::Delete { .. } => Category::User,
+            Action::Kill { .. } | Action::KillAfterCommit { .. } => Category::Operator,
+            Action::Conflicts { .. }
+            | Action::ExpireWatches
+            | Action::Compact
+            | Action::WatchDelay { .. } => Category::Kubernetes,
+            _ => Category::Waldur,
+        }
+    }
+
+    /// Every resource this point creates.
+    pub fn creates(&self) -> Vec<&CreateSpec> {
+        match self {
+            Action::Create(c)
+            | Action::KillAfterCommit { create: c, .. }
+            | Action::FailCreate { create: c, .. } => vec![c],
+            Action::CreateTwins(a, b) => vec![a, b],
+            Action::DelayedAnswer { create, .. } | Action::CommitThenDrop { create, .. } => {
+                create.iter().collect()
+            }
+            _ => vec![],
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.kind();
+        match self {
+            Action::Create(c) => write!(f, "{kind} {c}"),
+            Action::CreateTwins(a, b) => write!(f, "{kind} {a} + {b}"),
+            Action::SetDeletionPolicy { res, to } => write!(f, "{kind} {res} -> {}", to.as_str()),
+            Action::Pause { res } | Action::Unpause { res } | Action::Delete { res } => {
+                write!(f, "{kind} {res}")
+            }
+            Action::RequestPull { res, token } => write!(f, "{kind} {res} token={token}"),
+            Action::Kill { down_ms } => write!(f, "{kind} (down {down_ms} ms)"),
+            Action::KillAfterCommit {
+                create,
+                answer_delay_ms,
+                down_ms,
+            } => write!(
+                f,
+                "{kind}: 201 held {answer_delay_ms} ms, create {create}, kill at commit (down {down_ms} ms)"
+            ),
+            Action::Burst5xx { n, status, hold_ms } => {
+                write!(f, "{kind} next {n} requests {status} (for {hold_ms} ms)")
+            }
+            Action::DropConnections { n, hold_ms } => {
+                write!(f, "{kind} next {n} requests (for {hold_ms} ms)")
+            }
+            Action::Timeouts { hold_ms } => write!(f, "{kind} for {hold_ms} ms"),
+            Action::DelayedAnswer {
+                create,
+                delay_ms,
+                hold_ms,
+            } => {
+                write!(
+                    f,
+                    "{kind} next create answered {delay_ms} ms after commit (for {hold_ms} ms)"
+                )?;
+                if let Some(c) = create {
+                    write!(f, ", create {c}")?;
+                }
+                Ok(())
+            }
+            Action::CommitThenDrop {
+                endpoint,
+                create,
+                hold_ms,
+            } => {
+                write!(f, "{kind} next {endpoint} (for {hold_ms} ms)")?;
+                if let Some(c) = create {
+                    write!(f, ", create {c}")?;
+                }
+                Ok(())
+            }
+            Action::Outage { hold_ms, .. } => write!(f, "{kind} for {hold_ms} ms"),
+            Action::Resync | Action::ExpireWatches | Action::Compact => write!(f, "{kind}"),
+            Action::OobOpenstackDelete { res }
+            | Action::OobWaldurDelete { res }
+            | Action::OobUnlink { res } => write!(f, "{kind} of {res}'s group"),
+            Action::FailCreate { create, hold_ms } => {
+                write!(
+                    f,
+                    "{kind}: next create ERRED (for {hold_ms} ms), create {create}"
+                )
+            }
+            Action::Conflicts { n, target, hold_ms } => {
+                write!(
+                    f,
+                    "{kind} next {n} patches of {target:?} (for {hold_ms} ms)"
+                )
+            }
+            Action::WatchDelay { delay_ms, hold_ms } => {
+                write!(f, "{kind} {delay_ms} ms (for {hold_ms} ms)")
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point {
+    pub index: usize,
+    /// How long to wait before this point, so that reconciles interleave with the faults.
+    pub wait_ms: u64,
+    pub action: Action,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub seed: u64,
+    pub points: Vec<Point>,
+}
+
+/// What the plan knows of a live resource while it draws.
+#[derive(Clone, Debug)]
+struct Live {
+    res: ResId,
+    flavour: Flavour,
+    paused: bool,
+}
+
+/// The drawing state: the seeded generator and the plan's model of the cluster.
+struct Drawer {
+    rng: StdRng,
+    max_live: usize,
+    live: Vec<Live>,
+    sources: Vec<SourcePlan>,
+    /// `(name, tenant, policy)` of groups someone other than a live resource holds (sources,
+    /// and the groups of resources deleted with Orphan or Unlink): what a Clash create reuses.
+    foreign: Vec<(String, &'static str, &'static str)>,
+    /// The creates drawn so far, by resource, to know a deleted resource's name.
+    created: Vec<CreateSpec>,
+}
+
+/// Draws the plan for `seed`: `points` points, at most `max_live` resources live at once.
+pub fn draw(seed: u64, points: usize, max_live: usize) -> Plan {
+    let mut d = Drawer {
+        rng: StdRng::seed_from_u64(seed),
+        max_live: max_live.max(2),
+        live: Vec::new(),
+        sources: Vec::new(),
+        foreign: Vec::new(),
+        created: Vec::new(),
+    };
+    let points = (0..points)
+        .map(|index| {
+            let wait_ms = d.rng.random_range(20..=300);
+            let action = d.action(index);
+            Point {
+                index,
+                wait_ms,
+                action,
+            }
+        })
+        .collect();
+    Plan { seed, points }
+}
+
+/// Weights of the point kinds (they need not sum to anything).
+const WEIGHTS: &[(&str, u32)] = &[
+    ("create", 16),
+    ("create-twins", 2),
+    ("set-deletion-policy", 5),
+    ("pause", 3),
+    ("unpause", 3),
+    ("request-pull", 4),
+    ("delete", 10),
+    ("kill", 4),
+    ("kill-after-commit", 3),
+    ("5xx-burst", 5),
+    ("drop-connections", 4),
+    ("timeouts", 3),
+    ("delayed-201", 3),
+    ("commit-then-drop", 4),
+    ("outage", 3),
+    ("resync", 4),
+    ("oob-openstack-delete", 2),
+    ("oob-waldur-delete", 2),
+    ("oob-unlink", 2),
+    ("create-erred", 3),
+    ("409-conflicts", 5),
+    ("expire-watches", 3),
+    ("compact-410", 2),
+    ("watch-delay", 3),
+];
+
+impl Drawer {
+    fn action(&mut self, index: usize) -> Action {
+        let total: u32 = WEIGHTS.iter().map(|(_, w)| w).sum();
+        let mut pick = self.rng.random_range(0..total);
+        let mut kind = WEIGHTS[0].0;
+        for (k, w) in WEIGHTS {
+            if pick < *w {
+                kind = k;
+                break;
+            }
+            pick -= w;
+        }
+        let full = self.live.len() >= self.max_live;
+        let room_for_two = self.live.len() + 2 <= self.max_live;
+        match kind {
+            "create" | "create-twins" | "create-erred" if full => self.delete(),
+            "create" => Action::Create(self.create(index)),
+            "create-twins" if room_for_two => self.twins(index),
+            "create-twins" => Action::Create(self.create(index)),
+            "set-deletion-policy" => self.set_policy().unwrap_or_else(|| self.fallback(index)),
+            "pause" => self.pause(true).unwrap_or_else(|| self.fallback(index)),
+            "unpause" => self.pause(false).unwrap_or_else(|| self.fallback(index)),
+            "request-pull" => match self.target() {
+                Some(res) => Action::RequestPull {
+                    res,
+                    token: format!("t{index}"),
+                },
+                None => self.fallback(index),
+            },
+            "delete" if self.live.is_empty() => self.fallback(index),
+            "delete" => self.delete(),
+            "kill" => Action::Kill {
+                down_ms: self.rng.random_range(0..=800),
+            },
+            "kill-after-commit" if full => Action::Kill {
+                down_ms: self.rng.random_range(0..=800),
+            },
+            "kill-after-commit" => Action::KillAfterCommit {
+                create: self.plain(index),
+                answer_delay_ms: self.rng.random_range(800..=1800),
+                down_ms: self.rng.random_range(0..=500),
+            },
+            "5xx-burst" => Action::Burst5xx {
+                n: self.rng.random_range(1..=6),
+                status: [500, 502, 503, 504][self.rng.random_range(0..4)],
+                hold_ms: self.rng.random_range(200..=1200),
+            },
+            "drop-connections" => Action::DropConnections {
+                n: self.rng.random_range(1..=4),
+                hold_ms: self.rng.random_range(200..=1200),
+            },
+            "timeouts" => Action::Timeouts {
+                hold_ms: self.rng.random_range(1000..=2500),
+            },
+            "delayed-201" => Action::DelayedAnswer {
+                create: (!full).then(|| self.plain(index)),
+                // Either side of the operator's 2 s timeout.
+                delay_ms: self.rng.random_range(500..=3500),
+                hold_ms: self.rng.random_range(1000..=2000),
+            },
+            "commit-then-drop" => {
+                let endpoint = if self.rng.random_bool(0.7) {
+                    "create"
+                } else {
+                    ["delete", "pull", "unlink"][self.rng.random_range(0..3)]
+                };
+                let create = (endpoint == "create" && !full).then(|| self.plain(index));
+                Action::CommitThenDrop {
+                    endpoint,
+                    create,
+                    hold_ms: self.rng.random_range(500..=1500),
+                }
+            }
+            "outage" => Action::Outage {
+                refuse: self.rng.random_bool(0.5),
+                hold_ms: self.rng.random_range(800..=3000),
+            },
+            "resync" => Action::Resync,
+            "oob-openstack-delete" | "oob-waldur-delete" | "oob-unlink" => match self.target() {
+                Some(res) => match kind {
+                    "oob-openstack-delete" => Action::OobOpenstackDelete { res },
+                    "oob-waldur-delete" => Action::OobWaldurDelete { res },
+                    _ => Action::OobUnlink { res },
+                },
+                None => self.fallback(index),
+            },
+            "create-erred" => Action::FailCreate {
+                create: self.plain(index),
+                hold_ms: self.rng.random_range(300..=1000),
+            },
+            "409-conflicts" => Action::Conflicts {
+                n: self.rng.random_range(1..=5),
+                target: [
+                    ConflictTarget::Status,
+                    ConflictTarget::Main,
+                    ConflictTarget::Any,
+                ][self.rng.random_range(0..3)],
+                hold_ms: self.rng.random_range(300..=1500),
+            },
+            "expire-watches" => Action::ExpireWatches,
+            "compact-410" => Action::Compact,
+            _ => Action::WatchDelay {
+                delay_ms: self.rng.random_range(300..=1500),
+                hold_ms: self.rng.random_range(500..=2000),
+            },
+        }
+    }
+
+    /// When the drawn action has no target: a create, or a delete when full.
+    fn fallback(&mut self, index: usize) -> Action {
+        if self.live.len() >= self.max_live {
+            self.delete()
+        } else {
+            Action::Create(self.create(index))
+        }
+    }
+
+    fn namespace(&mut self) -> &'static str {
+        NAMESPACES[self.rng.random_range(0..NAMESPACES.len())]
+    }
+
+    fn policy(&mut self) -> &'static str {
+        POLICIES[self.rng.random_range(0..POLICIES.len())]
+    }
+
+    fn tenant(&mut self) -> &'static str {
+        TENANTS[self.rng.random_range(0..TENANTS.len())]
+    }
+
+    fn deletion(&mut self) -> Deletion {
+        match self.rng.random_range(0..10) {
+            0..=5 => Deletion::Delete,
+            6 | 7 => Deletion::Orphan,
+            _ => Deletion::Unlink,
+        }
+    }
+
+    fn new_source(&mut self, index: usize) -> SourcePlan {
+        let s = SourcePlan {
+            id: self.sources.len(),
+            name: format!("src{index:03}"),
+            tenant: self.tenant(),
+            policy: self.policy(),
+        };
+        self.sources.push(s.clone());
+        self.foreign.push((s.name.clone(), s.tenant, s.policy));
+        s
+    }
+
+    fn remember(&mut self, c: &CreateSpec) {
+        self.live.push(Live {
+            res: c.res.clone(),
+            flavour: c.flavour,
+            paused: false,
+        });
+        self.created.push(c.clone());
+    }
+
+    /// A plain create: the resource the create-related faults need.
+    fn plain(&mut self, index: usize) -> CreateSpec {
+        let c = CreateSpec {
+            res: ResId {
+                ns: self.namespace(),
+                name: format!("r{index:03}"),
+            },
+            flavour: Flavour::Plain,
+            tenant: self.tenant(),
+            policy: self.policy(),
+            spec_name: None,
+            deletion: self.deletion(),
+            import: None,
+            new_source: None,
+        };
+        self.remember(&c);
+        c
+    }
+
+    fn create(&mut self, index: usize) -> CreateSpec {
+        let roll = self.rng.random_range(0..100);
+        let res = ResId {
+            ns: self.namespace(),
+            name: format!("r{index:03}"),
+        };
+        let deletion = self.deletion();
+        let c = match roll {
+            0..=54 => return self.plain(index),
+            55..=72 => {
+                let src = self.new_source(index);
+                let import = if self.rng.random_bool(0.5) {
+                    Import::SourceUuid(src.id)
+                } else {
+                    Import::SourceBackendId(src.id)
+                };
+                CreateSpec {
+                    res,
+                    flavour: Flavour::Import,
+                    tenant: src.tenant,
+                    policy: src.policy,
+                    spec_name: None,
+                    deletion,
+                    import: Some(import),
+                    new_source: Some(src),
+                }
+            }
+            73..=80 => {
+                let fresh = self.sources.is_empty() || self.rng.random_bool(0.6);
+                let (src, new_source) = if fresh {
+                    let s = self.new_source(index);
+                    (s.clone(), Some(s))
+                } else {
+                    let i = self.rng.random_range(0..self.sources.len());
+                    (self.sources[i].clone(), None)
+                };
+                CreateSpec {
+                    res,
+                    flavour: Flavour::Observe,
+                    tenant: src.tenant,
+                    policy: src.policy,
+                    spec_name: None,
+                    deletion,
+                    import: Some(Import::SourceUuid(src.id)),
+                    new_source,
+                }
+            }
+            81..=85 => {
+                let uuid: String = (0..32)
+                    .map(|_| char::from(b"0123456789abcdef"[self.rng.random_range(0..16)]))
+                    .collect();
+                CreateSpec {
+                    res,
+                    flavour: Flavour::MissingImport,
+                    tenant: self.tenant(),
+                    policy: self.policy(),
+                    spec_name: None,
+                    deletion,
+                    import: Some(Import::Missing(uuid)),
+                    new_source: None,
+                }
+            }
+            86..=92 if !self.sources.is_empty() => {
+                let src = self.sources[self.rng.random_range(0..self.sources.len())].clone();
+                let import = if self.rng.random_bool(0.5) {
+                    Import::SourceUuid(src.id)
+                } else {
+                    Import::SourceBackendId(src.id)
+                };
+                CreateSpec {
+                    res,
+                    flavour: Flavour::DuplicateImport,
+                    tenant: src.tenant,
+                    policy: src.policy,
+                    spec_name: None,
+                    deletion: Deletion::Orphan,
+                    import: Some(import),
+                    new_source: None,
+                }
+            }
+            93.. if !self.foreign.is_empty() => {
+                let (name, tenant, theirs) =
+                    self.foreign[self.rng.random_range(0..self.foreign.len())].clone();
+                // Half the time the policy matches too: only the creation time then tells
+                // the resource's own group from the one someone else holds.
+                let policy = if self.rng.random_bool(0.5) {
+                    theirs
+                } else {
+                    self.policy()
+                };
+                CreateSpec {
+                    res,
+                    flavour: Flavour::Clash,
+                    tenant,
+                    policy,
+                    spec_name: Some(name),
+                    deletion,
+                    import: None,
+                    new_source: None,
+                }
+            }
+            _ => return self.plain(index),
+        };
+        self.remember(&c);
+        c
+    }
+
+    fn twins(&mut self, index: usize) -> Action {
+        let first = self.rng.random_range(0..NAMESPACES.len());
+        let second = (first + self.rng.random_range(1..NAMESPACES.len())) % NAMESPACES.len();
+        let tenant = self.tenant();
+        let policy = self.policy();
+        let make = |ns: &'static str, suffix: &str, deletion: Deletion| CreateSpec {
+            res: ResId {
+                ns,
+                name: format!("r{index:03}{suffix}"),
+            },
+            flavour: Flavour::Twin,
+            tenant,
+            policy,
+            spec_name: Some(format!("tw{index:03}")),
+            deletion,
+            import: None,
+            new_source: None,
+        };
+        let (da, db) = (self.deletion(), self.deletion());
+        let a = make(NAMESPACES[first], "a", da);
+        let b = make(NAMESPACES[second], "b", db);
+        self.remember(&a);
+        self.remember(&b);
+        Action::CreateTwins(a, b)
+    }
+
+    fn target(&mut self) -> Option<ResId> {
+        if self.live.is_empty() {
+            return None;
+        }
+        let i = self.rng.random_range(0..self.live.len());
+        Some(self.live[i].res.clone())
+    }
+
+    fn set_policy(&mut self) -> Option<Action> {
+        // Duplicate imports stay Orphan: their deletion must never decide the source's fate.
+        let candidates: Vec<usize> = (0..self.live.len())
+            .filter(|i| self.live[*i].flavour != Flavour::DuplicateImport)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = candidates[self.rng.random_range(0..candidates.len())];
+        let res = self.live[i].res.clone();
+        let to = self.deletion();
+        if let Some(c) = self.created.iter_mut().find(|c| c.res == res) {
+            c.deletion = to;
+        }
+        Some(Action::SetDeletionPolicy { res, to })
+    }
+
+    fn pause(&mut self, pause: bool) -> Option<Action> {
+        let candidates: Vec<usize> = (0..self.live.len())
+            .filter(|i| self.live[*i].paused != pause)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = candidates[self.rng.random_range(0..candidates.len())];
+        self.live[i].paused = pause;
+        let res = self.live[i].res.clone();
+        Some(if pause {
+            Action::Pause { res }
+        } else {
+            Action::Unpause { res }
+        })
+    }
+
+    fn delete(&mut self) -> Action {
+        let i = self.rng.random_range(0..self.live.len());
+        let gone = self.live.remove(i);
+        if let Some(c) = self.created.iter().find(|c| c.res == gone.res)
+            && c.flavour.creates()
+            && c.deletion != Deletion::Delete
+        {
+            // Its group stays behind (Orphan) or comes back at a re-sync (Unlink).
+            self.foreign.push((c.waldur_name(), c.tenant, c.policy));
+        }
+        Action::Delete { res: gone.res }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_always_draws_the_same_plan() {
+        let a = draw(7, 200, 12);
+        let b = draw(7, 200, 12);
+        assert_eq!(a.points, b.points);
+        let c = draw(8, 200, 12);
+        assert_ne!(a.points, c.points, "another seed, another plan");
+    }
+
+    #[test]
+    fn plans_respect_the_live_limit_and_target_only_live_resources() {
+        for seed in 0..20 {
+            let plan = draw(seed, 300, 6);
+            let mut live: Vec<ResId> = Vec::new();
+            let mut paused: Vec<ResId> = Vec::new();
+            for p in &plan.points {
+                for c in p.action.creates() {
+                    assert!(!live.contains(&c.res), "seed {seed}: {} twice", c.res);
+                    live.push(c.res.clone());
+                }
+                assert!(
+                    live.len() <= 6,
+                    "seed {seed} point {}: {}",
+                    p.index,
+                    live.len()
+                );
+                match &p.action {
+                    Action::Delete { res } => {
+                        assert!(live.contains(res), "seed {seed}: delete of {res}");
+                        live.retain(|r| r != res);
+                        paused.retain(|r| r != res);
+                    }
+                    Action::Pause { res } => {
+                        assert!(live.contains(res) && !paused.contains(res));
+                        paused.push(res.clone());
+                    }
+                    Action::Unpause { res } => {
+                        assert!(paused.contains(res));
+                        paused.retain(|r| r != res);
+                    }
+                    Action::SetDeletionPolicy { res, .. }
+                    | Action::RequestPull { res, .. }
+                    | Action::OobOpenstackDelete { res }
+                    | Action::OobWaldurDelete { res }
+                    | Action::OobUnlink { res } => {
+                        assert!(
+                            live.contains(res),
+                            "seed {seed}: {} of {res}",
+                            p.action.kind()
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_plan_draws_every_kind_of_point() {
+        let plan = draw(1, 2000, 12);
+        let kinds: std::collections::BTreeSet<&str> =
+            plan.points.iter().map(|p| p.action.kind()).collect();
+        for k in [
+            "create",
+            "create-twins",
+            "set-deletion-policy",
+            "pause",
+            "unpause",
+            "request-pull",
+            "delete",
+            "kill",
+            "kill-after-commit",
+            "5xx-burst",
+            "drop-connections",
+            "timeouts",
+            "delayed-201",
+            "commit-then-drop",
+            "outage-503",
+            "outage-refused",
+            "resync",
+            "oob-openstack-delete",
+            "oob-waldur-delete",
+            "oob-unlink",
+            "create-erred",
+            "409-conflicts",
+            "expire-watches",
+            "compact-410",
+            "watch-delay",
+        ] {
+            assert!(kinds.contains(k), "no {k} in {kinds:?}");
+        }
+        let flavours: std::collections::BTreeSet<&str> = plan
+            .points
+            .iter()
+            .flat_map(|p| p.action.creates())
+            .map(|c| c.flavour.as_str())
+            .collect();
+        assert_eq!(flavours.len(), 7, "{flavours:?}");
+    }
+}
