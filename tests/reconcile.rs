@@ -234,9 +234,14 @@ macro_rules! scenarios {
             h.apply("web", s);
             h.converge("web", is_ready).await;
             h.kube.delete(PLURAL, NS, "web");
-            h.converge("web", |sg| sg.is_none()).await;
+            // One reconcile unlinks and lets go: nothing else may be needed to trigger the
+            // release (before, a Waldur re-sync could re-import the group first, and the next
+            // reconcile unlinked that too and hung; found by the fault campaign).
+            h.reconcile("web").await.unwrap();
+            assert!(h.sg("web").is_none(), "released in the reconcile that unlinked");
             assert_eq!(h.sim.requests("unlink"), 1);
             assert!(h.sim.groups().is_empty());
+            assert!(h.kube.event_reasons("web").contains(&"Unlinked".to_string()));
         }
 
         #[tokio::test]

@@ -178,25 +178,26 @@ pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
 }
 
 /// Which of the listed groups is the one this resource created: same policy, created no
-/// earlier than the resource (with slack for clocks that disagree), the oldest first.
+/// earlier than the resource, the oldest first (review m15). A group made before the resource
+/// is someone else's, even with the same name (the fault campaign's name clash); one second of
+/// slack covers the resource's timestamp being cut to whole seconds and a small clock
+/// difference between Waldur and the API server. A group whose creation time is missing or
+/// unreadable is never taken for this resource's own.
 pub fn pick_own_creation(
     candidates: &[WaldurGroup],
     policy: Policy,
     resource_created: Option<Timestamp>,
 ) -> Option<&WaldurGroup> {
-    const CLOCK_SLACK: SignedDuration = SignedDuration::from_mins(5);
-    let not_before = resource_created.and_then(|t| t.checked_sub(CLOCK_SLACK).ok());
-    let mut fitting: Vec<&WaldurGroup> = candidates
+    const CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(1);
+    let not_before = resource_created.and_then(|t| t.checked_sub(CLOCK_SLACK).ok())?;
+    let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())
-        .filter(|g| match (not_before, g.created.parse::<Timestamp>()) {
-            (Some(nb), Ok(created)) => created >= nb,
-            // Without timestamps to compare, the exact name in the tenant is the best evidence.
-            _ => true,
-        })
+        .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
+        .filter(|(created, _)| *created >= not_before)
         .collect();
-    fitting.sort_by(|a, b| a.created.cmp(&b.created));
-    fitting.into_iter().next()
+    fitting.sort_by_key(|(created, _)| *created);
+    fitting.into_iter().next().map(|(_, g)| g)
 }
 
 /// What a deleted resource needs next.

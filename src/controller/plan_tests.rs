@@ -294,6 +294,21 @@ fn own_creation_is_recognised_by_policy_and_creation_time() {
         pick_own_creation(&[older, other_policy], Policy::AntiAffinity, Some(created)),
         None
     );
+    // Someone else's group of the same name, made 1.3 s before the resource: not ours.
+    let mut just_before = group(State::Ok, "c");
+    just_before.created = "2026-11-27T11:59:58.7Z".into();
+    assert_eq!(
+        pick_own_creation(&[just_before], Policy::AntiAffinity, Some(created)),
+        None
+    );
+    // No readable creation time, or no resource time: no evidence, no adoption.
+    let mut undated = ours.clone();
+    undated.created = String::new();
+    assert_eq!(
+        pick_own_creation(&[undated], Policy::AntiAffinity, Some(created)),
+        None
+    );
+    assert_eq!(pick_own_creation(&[ours], Policy::AntiAffinity, None), None);
 }
 
 #[test]

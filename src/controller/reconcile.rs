@@ -425,6 +425,13 @@ impl Reconciler {
         let group = match client.create(&tenant, &new).await {
             Ok(group) => {
                 client.record(&group);
+                // Claim what this resource made before anything else can bind it: a resource
+                // elsewhere with the same tenant and name (a twin) may find this group in its
+                // own lookups before this status write reaches its cache, and without a claim
+                // both would bind it (found by the fault campaign).
+                if let Some(owner) = self.claim(&group.uuid).await? {
+                    return Ok(Located::AlreadyManaged(owner));
+                }
                 group
             }
             // The name is taken: most likely by this resource's own earlier create whose
@@ -784,29 +791,35 @@ impl Reconciler {
                 return Ok(action);
             }
         }
-        if let Cleanup::Release { reason } = decision {
-            if let Some(uuid) = self.status_uuid() {
-                super::claims::release(&self.ctx.kube, &self.ctx.claims_namespace, &uuid, &self.sg)
-                    .await?;
-            }
-            self.remove_finalizer().await?;
-            if let Some(reference) = &self.sg.spec.credentials_ref {
-                super::secret_guard::release_if_unused(
-                    &self.ctx.kube,
-                    &self.ctx.store,
-                    &self.namespace(),
-                    &reference.name,
-                    self.sg.metadata.uid.as_deref(),
-                )
+        // Here the finalizer may go: the decision was to release, or carrying it out finished
+        // the job (an unlink done, a DELETE or pull answered 404). Waiting for another trigger
+        // instead left a finished unlink holding its finalizer (found by the fault campaign).
+        let reason = match &decision {
+            Cleanup::Release { reason } => *reason,
+            Cleanup::Unlink(_) => "unlinked: Waldur's record is gone, OpenStack keeps the group",
+            _ => "the group is gone from Waldur",
+        };
+        if let Some(uuid) = self.status_uuid() {
+            super::claims::release(&self.ctx.kube, &self.ctx.claims_namespace, &uuid, &self.sg)
                 .await?;
-            }
-            let event = if self.sg.spec.deletion_policy == crate::api::DeletionPolicy::Orphan {
-                "Orphaned"
-            } else {
-                "Deleted"
-            };
-            self.event(EventType::Normal, event, "Delete", reason).await;
         }
+        self.remove_finalizer().await?;
+        if let Some(reference) = &self.sg.spec.credentials_ref {
+            super::secret_guard::release_if_unused(
+                &self.ctx.kube,
+                &self.ctx.store,
+                &self.namespace(),
+                &reference.name,
+                self.sg.metadata.uid.as_deref(),
+            )
+            .await?;
+        }
+        let event = match self.sg.spec.deletion_policy {
+            crate::api::DeletionPolicy::Orphan => "Orphaned",
+            crate::api::DeletionPolicy::Unlink => "Unlinked",
+            crate::api::DeletionPolicy::Delete => "Deleted",
+        };
+        self.event(EventType::Normal, event, "Delete", reason).await;
         Ok(Action::await_change())
     }
 

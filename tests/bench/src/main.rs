@@ -90,10 +90,10 @@ struct Row {
 }
 
 /// Kubernetes writes per resource `--check` allows, Events included: the finalizer, three
-/// status writes (created, CREATING, OK) and two Events (Created, and StateChanged when the
-/// group becomes OK) while nothing fails. The goal is 4; getting there means fewer status
-/// writes on the happy path, which is not done yet.
-const MAX_WRITES: f64 = 6.0;
+/// status writes (created, CREATING, OK), two Events (Created, and StateChanged when the
+/// group becomes OK) and the claim on the new group (a Lease) while nothing fails. The goal is
+/// 4; getting there means fewer status writes on the happy path, which is not done yet.
+const MAX_WRITES: f64 = 7.0;
 
 /// The peak RSS `--check --rss-bar` allows for N resources, for release builds: 32 MiB for
 /// the process and its caches, plus 3.2 KiB per resource (64 MiB at 10,000). Not met yet at
@@ -179,6 +179,7 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     sim.reset_counters();
     let writes_before = kube_server.writes("servergroups");
     let events_before = kube_server.writes("events");
+    let claims_before = kube_server.writes("leases");
     let started = Instant::now();
     let watching = tokio::spawn(wait_all_ready(
         client.clone(),
@@ -208,7 +209,9 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     let resync_requests = sim.total_requests() as f64 / f64::from(periods);
     // The benchmark's own writes are the N creates; the rest are the operator's, Events too.
     let events = kube_server.writes("events") - events_before;
-    let kube_writes = kube_server.writes("servergroups") - writes_before - args.n as u64 + events;
+    let claims = kube_server.writes("leases") - claims_before;
+    let kube_writes =
+        kube_server.writes("servergroups") - writes_before - args.n as u64 + events + claims;
     let peak_rss = peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0);
     let _ = operator.kill().await;
     kube_server.shutdown();
