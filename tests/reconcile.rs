@@ -690,3 +690,44 @@ async fn an_index_nobody_uses_is_dropped() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.sim.requests("list"), lists, "its sweeps stopped");
 }
+
+/// Review M3: Waldur commits a create and the answer never arrives. The retry must find the
+/// group in Waldur (the index's picture predates it) and bind it: one group, Ready, never a
+/// terminal InvalidSpec from Waldur's "name should be unique".
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_bound_not_rejected() {
+    use support::{Harness, TENANT, is_ready};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        // Let the index sweep a Waldur without the group first.
+        h.apply(
+            "warm",
+            serde_json::json!({"policy": "affinity", "tenant": TENANT}),
+        );
+        h.converge("warm", is_ready).await;
+        h.sim.drop_answers_after_commit(Some("create"), 1);
+        h.apply(
+            "web",
+            serde_json::json!({"policy": "affinity", "tenant": TENANT}),
+        );
+        assert!(h.reconcile("web").await.is_err(), "the answer was lost");
+        let sg = h.converge("web", is_ready).await.unwrap();
+        let named: Vec<_> = h
+            .sim
+            .groups()
+            .into_iter()
+            .filter(|g| g["name"] == "web")
+            .collect();
+        assert_eq!(named.len(), 1, "{mode:?}: one group");
+        assert_eq!(
+            sg.status.unwrap().uuid.as_deref(),
+            named[0]["uuid"].as_str(),
+            "{mode:?}: the committed group is bound"
+        );
+        assert_eq!(
+            h.sim.requests("create"),
+            2,
+            "{mode:?}: the first create and warm's"
+        );
+    }
+}
