@@ -195,8 +195,7 @@ impl Reconciler {
                     wait.max(Duration::from_secs(1)),
                 )))
             }
-            Located::AlreadyManaged(owner) => {
-                let message = format!("the Waldur group is already managed by ServerGroup {owner}");
+            Located::AlreadyManaged(message) => {
                 self.event(
                     EventType::Warning,
                     ready_reason::ALREADY_MANAGED,
@@ -241,15 +240,25 @@ impl Reconciler {
                     return Ok(Located::Found(Box::new(group), Binding::Known));
                 }
                 if let Some(owner) = self.owner_of(&group.uuid) {
-                    return Ok(Located::AlreadyManaged(owner));
+                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
                 }
                 let binding = match (&lookup, known.is_some()) {
                     (Lookup::BackendId(_), true) => Binding::Rebound,
                     (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
                     _ => Binding::Imported,
                 };
+                if binding == Binding::Adopted && self.lost_the_name_before() {
+                    // Another resource created the group of this name; it may have gone
+                    // since, or the group is a re-import of its unlinked one: either way this
+                    // resource did not create it (found by the fault campaign).
+                    return Ok(Located::AlreadyManaged(format!(
+                        "a Waldur group named {:?} exists in the tenant, made by another ServerGroup, \
+                         not by this one: choose another spec.name, or bind it with spec.import",
+                        group.name
+                    )));
+                }
                 if let Some(owner) = self.claim(&group.uuid).await? {
-                    return Ok(Located::AlreadyManaged(owner));
+                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
                 }
                 return Ok(Located::Found(Box::new(group), binding));
             }
@@ -430,7 +439,7 @@ impl Reconciler {
                 // own lookups before this status write reaches its cache, and without a claim
                 // both would bind it (found by the fault campaign).
                 if let Some(owner) = self.claim(&group.uuid).await? {
-                    return Ok(Located::AlreadyManaged(owner));
+                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
                 }
                 group
             }
@@ -443,9 +452,11 @@ impl Reconciler {
                     policy,
                 };
                 return match self.look_in_waldur(client, &own).await? {
-                    Some(group) if self.owner_of(&group.uuid).is_none() => {
+                    Some(group)
+                        if self.owner_of(&group.uuid).is_none() && !self.lost_the_name_before() =>
+                    {
                         if let Some(owner) = self.claim(&group.uuid).await? {
-                            return Ok(Located::AlreadyManaged(owner));
+                            return Ok(Located::AlreadyManaged(managed_by(&owner)));
                         }
                         Ok(Located::Found(Box::new(group), Binding::Adopted))
                     }
@@ -1114,6 +1125,17 @@ impl Reconciler {
 
     /// Claims a group this Managed resource is about to bind (not one it created): `Some`
     /// names the resource that holds it. The cache `owner_of` reads may lag; a claim cannot.
+    /// Whether this resource was told AlreadyManaged without ever binding a group: the group
+    /// of its name was another resource's, so a group of that name is never its own creation.
+    fn lost_the_name_before(&self) -> bool {
+        let status = self.status();
+        status.uuid.is_none()
+            && status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == READY && c.reason == ready_reason::ALREADY_MANAGED)
+    }
+
     async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
         if self.sg.spec.management_policy != ManagementPolicy::Managed {
             return Ok(None);
@@ -1232,4 +1254,9 @@ fn deletion_waits(e: Error) -> Error {
         )),
         other => other,
     }
+}
+
+/// The AlreadyManaged message naming the ServerGroup that holds the group.
+fn managed_by(owner: &str) -> String {
+    format!("the Waldur group is already managed by ServerGroup {owner}")
 }
