@@ -179,17 +179,16 @@ pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
 
 /// Which of the listed groups is the one this resource created: same policy, created no
 /// earlier than the resource, the oldest first (review m15). A group made before the resource
-/// is someone else's, even with the same name (the fault campaign's name clash); one second of
-/// slack covers the resource's timestamp being cut to whole seconds and a small clock
-/// difference between Waldur and the API server. A group whose creation time is missing or
-/// unreadable is never taken for this resource's own.
+/// is someone else's, even with the same name (the fault campaign's name clash, also 0.5 s
+/// before). No slack: the resource's timestamp is cut to whole seconds, which already errs
+/// towards the group; Waldur's clock and the API server's are taken to agree (NTP). A group
+/// whose creation time is missing or unreadable is never taken for this resource's own.
 pub fn pick_own_creation(
     candidates: &[WaldurGroup],
     policy: Policy,
     resource_created: Option<Timestamp>,
 ) -> Option<&WaldurGroup> {
-    const CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(1);
-    let not_before = resource_created.and_then(|t| t.checked_sub(CLOCK_SLACK).ok())?;
+    let not_before = resource_created?;
     let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())

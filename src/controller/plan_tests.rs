@@ -294,9 +294,9 @@ fn own_creation_is_recognised_by_policy_and_creation_time() {
         pick_own_creation(&[older, other_policy], Policy::AntiAffinity, Some(created)),
         None
     );
-    // Someone else's group of the same name, made 1.3 s before the resource: not ours.
+    // Someone else's group of the same name, made half a second before the resource: not ours.
     let mut just_before = group(State::Ok, "c");
-    just_before.created = "2026-11-27T11:59:58.7Z".into();
+    just_before.created = "2026-11-27T11:59:59.5Z".into();
     assert_eq!(
         pick_own_creation(&[just_before], Policy::AntiAffinity, Some(created)),
         None
