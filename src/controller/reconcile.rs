@@ -249,13 +249,21 @@ impl Reconciler {
                 };
                 if binding == Binding::Adopted && self.lost_the_name_before() {
                     // Another resource created the group of this name; it may have gone
-                    // since, or the group is a re-import of its unlinked one: either way this
-                    // resource did not create it (found by the fault campaign).
-                    return Ok(Located::AlreadyManaged(format!(
-                        "a Waldur group named {:?} exists in the tenant, made by another ServerGroup, \
-                         not by this one: choose another spec.name, or bind it with spec.import",
-                        group.name
-                    )));
+                    // since (orphaned it, unlinked it and Waldur re-imported it): either way this
+                    // resource did not create it, and Waldur takes one group per name in a
+                    // tenant (found by the fault campaign).
+                    return Ok(Located::Rejected(WaldurError::Invalid {
+                        endpoint: "create",
+                        messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
+                            field: Some("name".into()),
+                            message: format!(
+                                "a group named {:?} already exists in the tenant, made by another \
+                                 ServerGroup, not by this one; choose another spec.name, or bind it \
+                                 with spec.import",
+                                group.name
+                            ),
+                        }]),
+                    }));
                 }
                 if let Some(owner) = self.claim(&group.uuid).await? {
                     return Ok(Located::AlreadyManaged(managed_by(&owner)));
@@ -1125,15 +1133,17 @@ impl Reconciler {
 
     /// Claims a group this Managed resource is about to bind (not one it created): `Some`
     /// names the resource that holds it. The cache `owner_of` reads may lag; a claim cannot.
-    /// Whether this resource was told AlreadyManaged without ever binding a group: the group
-    /// of its name was another resource's, so a group of that name is never its own creation.
+    /// Whether this resource never bound a group and was told AlreadyManaged (the group of its
+    /// name was another resource's) or InvalidSpec (Waldur refused its create): it made no
+    /// group, so a group of its name is never its own creation.
     fn lost_the_name_before(&self) -> bool {
         let status = self.status();
         status.uuid.is_none()
-            && status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == READY && c.reason == ready_reason::ALREADY_MANAGED)
+            && status.conditions.iter().any(|c| {
+                c.type_ == READY
+                    && (c.reason == ready_reason::ALREADY_MANAGED
+                        || c.reason == ready_reason::INVALID_SPEC)
+            })
     }
 
     async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
