@@ -669,6 +669,15 @@ impl Drawer {
         }
     }
 
+    /// An import of source `id`, by its UUID or its backend id, half and half.
+    fn by_uuid_or_backend_id(&mut self, id: usize) -> Import {
+        if self.rng.random_bool(0.5) {
+            Import::SourceUuid(id)
+        } else {
+            Import::SourceBackendId(id)
+        }
+    }
+
     fn new_source(&mut self, index: usize) -> SourcePlan {
         let s = SourcePlan {
             id: self.sources.len(),
@@ -720,11 +729,7 @@ impl Drawer {
             0..=54 => return self.plain(index),
             55..=72 => {
                 let src = self.new_source(index);
-                let import = if self.rng.random_bool(0.5) {
-                    Import::SourceUuid(src.id)
-                } else {
-                    Import::SourceBackendId(src.id)
-                };
+                let import = self.by_uuid_or_backend_id(src.id);
                 CreateSpec {
                     res,
                     flavour: Flavour::Import,
@@ -773,11 +778,7 @@ impl Drawer {
             }
             86..=92 if !self.sources.is_empty() => {
                 let src = self.sources[self.rng.random_range(0..self.sources.len())].clone();
-                let import = if self.rng.random_bool(0.5) {
-                    Import::SourceUuid(src.id)
-                } else {
-                    Import::SourceBackendId(src.id)
-                };
+                let import = self.by_uuid_or_backend_id(src.id);
                 CreateSpec {
                     res,
                     flavour: Flavour::DuplicateImport,
