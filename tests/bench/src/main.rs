@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use futures::{StreamExt, TryStreamExt, stream};
 use kube::api::PostParams;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use kube_test_server::TestServer;
 use serde_json::{Value, json};
 use waldur_sim::{Delays, SimConfig, Simulator};
@@ -152,7 +151,7 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml("default"))
         .map_err(|e| e.to_string())?;
-    let client = client(&kube_server).await?;
+    let client = kube_server.client().await?;
 
     let mut operator = tokio::process::Command::new(&args.operator)
         .arg("run")
@@ -227,15 +226,6 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         events_per_resource: events as f64 / n,
         peak_rss_mib: peak_rss,
     })
-}
-
-async fn client(server: &TestServer) -> Result<Client, String> {
-    let kubeconfig =
-        Kubeconfig::from_yaml(&server.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Client::try_from(config).map_err(|e| e.to_string())
 }
 
 fn manifest(i: usize) -> Value {

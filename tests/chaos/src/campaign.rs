@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config, ResourceExt};
+use kube::{Api, Client, ResourceExt};
 use kube_test_server::TestServer;
 use serde_json::{Value, json};
 use waldur_operator::api::{ANNOTATION_PAUSED, ANNOTATION_REQUEST_PULL, ServerGroup};
@@ -102,7 +101,7 @@ impl Campaign {
         .map_err(|e| e.to_string())?;
         let kubeconfig = settings.dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kube.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
-        let client = client(&kube).await?;
+        let client = kube.client().await?;
         let env = vec![
             ("KUBECONFIG", kubeconfig.to_string_lossy().to_string()),
             ("WALDUR_URL", sim.base_url()),
@@ -871,15 +870,6 @@ async fn post(client: &Client, ns: &str, manifest: Value) -> Result<(), String> 
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-async fn client(server: &TestServer) -> Result<Client, String> {
-    let kubeconfig =
-        Kubeconfig::from_yaml(&server.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
-    Client::try_from(config).map_err(|e| e.to_string())
 }
 
 fn view(sg: &ServerGroup) -> SgView {

@@ -142,6 +142,19 @@ impl TestServer {
         kubeconfig_yaml(&self.url(), namespace)
     }
 
+    /// A kube client for this server, built from the same kubeconfig a user would get.
+    pub async fn client(&self) -> Result<kube::Client, String> {
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.kubeconfig_yaml("default"))
+            .map_err(|e| e.to_string())?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        kube::Client::try_from(config).map_err(|e| e.to_string())
+    }
+
     /// Registers a CRD, with the same effect as `POST .../customresourcedefinitions`.
     pub fn install_crd(&self, crd: Value) -> Result<(), String> {
         let mut store = self.shared.store();
