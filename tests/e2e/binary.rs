@@ -65,6 +65,34 @@ async fn run_without_the_crd_exits_non_zero_saying_how_to_install_it() {
     );
 }
 
+/// The shipped binary, given `[::]` as the chart's METRICS_ADDR does, answers its probes on
+/// IPv4 and on IPv6: an IPv6-only or an IPv4-only cluster's kubelet both reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probes_answer_on_ipv4_and_ipv6() {
+    let env = Env::new(Kind::TestServer, "dual-stack").await;
+    let port = control_plane::free_port().expect("a free port");
+    let addr = format!("[::]:{port}");
+    let (pid, _) = env.spawn_operator(&[("METRICS_ADDR", addr.as_str())], &[]);
+    for host in ["127.0.0.1", "[::1]"] {
+        wait_http_ok(&format!("http://{host}:{port}/healthz"), || {
+            env.with_operator(pid, |o| o.exited().map(|s| format!("exited: {s}")))
+        })
+        .await;
+    }
+}
+
+/// The floor on polling holds for the admin's flag too: the binary refuses to start.
+#[test]
+fn a_resync_period_under_30s_is_refused_at_start() {
+    let out = Command::new(OPERATOR)
+        .args(["run", "--resync-period", "10s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("shorter than 30s"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_namespace_scope_token_file_and_sigterm() {
     let env = Env::new(Kind::TestServer, "binary-surface").await;
