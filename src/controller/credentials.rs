@@ -139,7 +139,8 @@ impl ClientCache {
         let client = WaldurClient::new(&settings)?
             .with_limiter(self.limiter.clone())
             .with_observer(self.observer.clone());
-        let client = client.clone().with_breaker(self.breaker(client.base_url()));
+        let breaker = self.breaker(client.base_url());
+        let client = client.with_breaker(breaker);
         if clients.len() >= MAX_CLIENTS {
             clients.clear();
         }

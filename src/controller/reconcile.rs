@@ -522,12 +522,7 @@ impl Reconciler {
                     // Keep what was done before the error goes up (review m1): a request
                     // already carried out is recorded and never sent twice.
                     let kept = self
-                        .write_status(true, |s| {
-                            plan::mirror(s, &group);
-                            s.handled_requests =
-                                Some(handled.clone()).filter(|h| *h != HandledRequests::default());
-                            s.auto_pull = auto_pull.clone();
-                        })
+                        .write_status(true, |s| progress(s, &group, &handled, &auto_pull))
                         .await;
                     if let Err(write) = kept {
                         tracing::warn!(error = %write, "could not record the requests already carried out");
@@ -555,9 +550,7 @@ impl Reconciler {
             .clone()
             .or_else(|| self.still_unsupported(&handled));
         self.write_status(true, |s| {
-            plan::mirror(s, &group);
-            s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
-            s.auto_pull = auto_pull.clone();
+            progress(s, &group, &handled, &auto_pull);
             self.ready(s, ready, reason, &message);
             match &unsupported {
                 Some(note) => self.synced(s, false, synced_reason::UNSUPPORTED, note),
@@ -1250,6 +1243,19 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// What an observation has established, whatever happens next: the group as Waldur shows it,
+/// the request tokens acted on, and the recovery pulls sent.
+fn progress(
+    s: &mut ServerGroupStatus,
+    group: &WaldurGroup,
+    handled: &HandledRequests,
+    auto_pull: &Option<AutoPull>,
+) {
+    plan::mirror(s, group);
+    s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
+    s.auto_pull = auto_pull.clone();
 }
 
 /// A deletion that cannot reach Waldur says so, and how to let go without it.
