@@ -33,15 +33,31 @@ pub struct LeaseSettings {
 
 impl LeaseSettings {
     /// How long before the lease could expire a leader that cannot confirm it stops: a third
-    /// of the duration, at least one second, so the term has ended (and its reconciles are
-    /// dropped) well before another replica may acquire the lease.
+    /// of the duration, but at most half the grace, so that the deadline falls after the lease
+    /// manager's renewal (at `duration - grace`); a deadline on the renewal itself would end
+    /// the term at every renewal. The term ends (and its reconciles are dropped) well before
+    /// another replica may acquire the lease.
     pub fn margin(&self) -> Duration {
-        (self.duration / 3).max(Duration::from_secs(1))
+        (self.grace / 2)
+            .min(self.duration / 3)
+            .max(Duration::from_millis(200))
     }
 
     /// How often a leader reads its lease back.
     fn check_every(&self) -> Duration {
-        (self.margin() / 2).max(Duration::from_millis(200))
+        (self.margin() / 2).max(Duration::from_millis(100))
+    }
+
+    /// Refuses settings the lease manager cannot run (it counts whole seconds, and renews
+    /// `grace` before expiry).
+    pub fn check(&self) -> Result<(), String> {
+        if self.grace < Duration::from_secs(1) || self.grace >= self.duration {
+            return Err(format!(
+                "--lease-grace ({:?}) must be at least 1s and shorter than --lease-duration ({:?})",
+                self.grace, self.duration
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -263,20 +279,28 @@ mod tests {
     }
 
     #[test]
-    fn the_margin_leaves_time_to_stop_before_another_replica_may_lead() {
-        let s = LeaseSettings {
+    fn the_deadline_falls_between_the_renewal_and_the_expiry() {
+        let s = |duration, grace| LeaseSettings {
             name: "l".into(),
             namespace: "n".into(),
             identity: "i".into(),
-            duration: Duration::from_secs(15),
-            grace: Duration::from_secs(5),
+            duration: Duration::from_secs(duration),
+            grace: Duration::from_secs(grace),
         };
-        assert_eq!(s.margin(), Duration::from_secs(5));
-        assert!(s.check_every() < s.margin());
-        let short = LeaseSettings {
-            duration: Duration::from_secs(2),
-            ..s
-        };
-        assert_eq!(short.margin(), Duration::from_secs(1));
+        for (duration, grace) in [(15, 5), (4, 2), (3, 1), (2, 1), (60, 30)] {
+            let s = s(duration, grace);
+            assert_eq!(s.check(), Ok(()));
+            let renewal = s.duration - s.grace;
+            let deadline = s.duration - s.margin();
+            // One check after the renewal is seen still lands before the deadline.
+            assert!(
+                renewal + s.check_every() < deadline && deadline < s.duration,
+                "{duration}/{grace}: renewal {renewal:?}, check {:?}, deadline {deadline:?}",
+                s.check_every()
+            );
+        }
+        assert_eq!(s(15, 5).margin(), Duration::from_millis(2500));
+        assert!(s(15, 15).check().unwrap_err().contains("shorter than"));
+        assert!(s(15, 0).check().is_err());
     }
 }

@@ -247,6 +247,9 @@ fn options(args: &RunArgs) -> Result<Options, String> {
         duration: args.lease_duration,
         grace: args.lease_grace,
     });
+    if let Some(lease) = &lease {
+        lease.check()?;
+    }
     Ok(Options {
         waldur,
         defaults: DefaultCredentials {

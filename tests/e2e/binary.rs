@@ -249,3 +249,38 @@ async fn every_waldur_request_obeys_the_rate_and_in_flight_limits() {
         "waldur_operator_waldur_requests_total = {counted}, the simulator saw {seen}"
     );
 }
+
+/// A lone leader keeps its term through many renewals: its watchdog's deadline must fall after
+/// the lease manager's renewal (`duration - grace`), not on it. With the chart's 15 s / 5 s
+/// the two used to coincide, and a leader could end its own term at every renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_leader_keeps_leading_through_renewals() {
+    let env = Env::new(Kind::TestServer, "renewals").await;
+    // The chart's ratio, scaled down: renewal 2 s after each renewal, duration 3 s.
+    let pid = env
+        .start_operator_with(&[
+            ("LEADER_ELECT", "true"),
+            ("POD_NAME", "alone"),
+            ("LEASE_DURATION", "3s"),
+            ("LEASE_GRACE", "1s"),
+        ])
+        .await;
+    let port = env.with_operator(pid, |o| o.metrics);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(&format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .1
+        .trim()
+        != "ok: leader"
+    {
+        assert!(Instant::now() < deadline, "never led");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let log = env.with_operator(pid, |o| o.log_text());
+    assert!(
+        !log.contains("stopped reconciling"),
+        "the leader ended its own term:\n{log}"
+    );
+    assert_eq!(log.matches("acquired the lease").count(), 1, "{log}");
+}
