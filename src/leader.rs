@@ -13,6 +13,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
@@ -21,17 +23,25 @@ use tokio::time::Instant;
 use crate::controller::{self, Runtime};
 use crate::metrics::Metrics;
 use crate::server::Health;
+use crate::sharding::{self, PeerLease, SHARD_LEASE_LABEL, Shard};
 
 #[derive(Clone, Debug)]
 pub struct LeaseSettings {
+    /// The operator's Lease name; a shard's Lease adds its place (see [`Shard::lease_name`]).
     pub name: String,
     pub namespace: String,
     pub identity: String,
     pub duration: Duration,
     pub grace: Duration,
+    pub shard: Shard,
 }
 
 impl LeaseSettings {
+    /// The Lease this process competes for.
+    pub fn lease_name(&self) -> String {
+        self.shard.lease_name(&self.name)
+    }
+
     /// How long before the lease could expire a leader that cannot confirm it stops: a third
     /// of the duration, but at most half the grace, so that the deadline falls after the lease
     /// manager's renewal (at `duration - grace`); a deadline on the renewal itself would end
@@ -67,6 +77,17 @@ enum TermEnd {
     Stopped,
     Lost,
     Unconfirmed,
+    /// Another shard runs with a different number of shards.
+    Resharding(String),
+}
+
+/// Why the lease cannot be relied on now.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// Not read in time, or not ours; why, when the API server said (a missing RBAC verb).
+    Unconfirmed(Option<String>),
+    /// Ours, but the shards disagree on their number.
+    Disagree(String),
 }
 
 /// Runs the controller during each term of leadership until `stop` turns true. Returns an
@@ -80,7 +101,9 @@ pub async fn run_when_leading(
     stop: watch::Receiver<bool>,
     runtime: impl Fn() -> Runtime,
 ) -> Result<(), String> {
-    let manager = LeaseManagerBuilder::new(kube.clone(), &lease.name)
+    let name = lease.lease_name();
+    label_shard_lease(kube, lease).await?;
+    let manager = LeaseManagerBuilder::new(kube.clone(), &name)
         .with_namespace(&lease.namespace)
         .with_identity(&lease.identity)
         .with_duration(lease.duration.as_secs().max(1))
@@ -89,24 +112,24 @@ pub async fn run_when_leading(
         .await
         .map_err(|e| {
             format!(
-                "cannot set up leader election on Lease {}/{}: {e}",
-                lease.namespace, lease.name
+                "cannot set up leader election on Lease {}/{name}: {e}",
+                lease.namespace
             )
         })?;
     let (mut leading, task) = manager.watch().await;
     let watchdog = Watchdog::new(kube, lease);
-    tracing::info!(lease = %lease.name, namespace = %lease.namespace, identity = %lease.identity, "waiting for the lease");
+    tracing::info!(lease = %name, namespace = %lease.namespace, identity = %lease.identity, shard = %lease.shard, "waiting for the lease");
     let mut stop_wait = stop.clone();
     let mut outcome = Ok(());
     loop {
         // A term starts when the manager says we lead *and* the lease, read back, says so.
         let valid_until = tokio::select! {
-            v = acquired(&mut leading, &watchdog) => match v {
+            v = acquired(&mut leading, &watchdog, metrics) => match v {
                 Some(v) => v,
                 None => {
                     outcome = Err(format!(
-                        "leader election on Lease {}/{} ended unexpectedly",
-                        lease.namespace, lease.name
+                        "leader election on Lease {}/{name} ended unexpectedly",
+                        lease.namespace
                     ));
                     break;
                 }
@@ -123,7 +146,7 @@ pub async fn run_when_leading(
         let end = tokio::select! {
             _ = &mut term => TermEnd::Stopped,
             _ = leading.wait_for(|l| !*l) => TermEnd::Lost,
-            _ = watchdog.guard(valid_until) => TermEnd::Unconfirmed,
+            end = watchdog.guard(valid_until) => end,
         };
         // Dropping the term drops every reconcile in flight; tell its background tasks too.
         let _ = term_stop_tx.send(true);
@@ -136,6 +159,9 @@ pub async fn run_when_leading(
                 margin = ?lease.margin(),
                 "cannot confirm the lease with the API server: stopped reconciling before it can expire"
             ),
+            TermEnd::Resharding(why) => {
+                tracing::warn!(%why, "the shards disagree on their number: stopped reconciling");
+            }
         }
     }
     // Dropping the receiver ends the manager's task, which releases the lease for the next
@@ -145,22 +171,84 @@ pub async fn run_when_leading(
     outcome
 }
 
-/// Waits until the manager reports leadership and the lease confirms it; the deadline by
-/// which it must be confirmed again. `None` when the manager has ended.
-async fn acquired(leading: &mut watch::Receiver<bool>, watchdog: &Watchdog) -> Option<Instant> {
+/// Waits until the manager reports leadership, the lease confirms it and every shard agrees
+/// on their number; the deadline by which the lease must be confirmed again. `None` when the
+/// manager has ended.
+async fn acquired(
+    leading: &mut watch::Receiver<bool>,
+    watchdog: &Watchdog,
+    metrics: &Metrics,
+) -> Option<Instant> {
+    let mut told = None;
     loop {
+        if !*leading.borrow() {
+            // Not holding the shard's lease: not waiting on the other shards either.
+            metrics.shard_waiting.set(0);
+        }
         leading.wait_for(|l| *l).await.ok()?;
-        if let Some(until) = watchdog.confirm().await {
-            return Some(until);
+        match watchdog.confirm().await {
+            Ok(until) => {
+                metrics.shard_waiting.set(0);
+                return Some(until);
+            }
+            Err(Refusal::Disagree(why)) => {
+                metrics.shard_waiting.set(1);
+                if told.as_ref() != Some(&why) {
+                    tracing::warn!(%why, "holding the shard's lease, not reconciling yet");
+                    told = Some(why);
+                }
+            }
+            Err(Refusal::Unconfirmed(Some(why))) => {
+                if told.as_ref() != Some(&why) {
+                    tracing::warn!(%why, "cannot read the shard leases, not reconciling yet");
+                    told = Some(why);
+                }
+            }
+            Err(Refusal::Unconfirmed(None)) => {}
         }
         tokio::time::sleep(watchdog.check_every).await;
     }
 }
 
-/// Reads the Lease back to learn until when it is surely ours.
+/// Makes sure the shard's Lease exists and carries [`SHARD_LEASE_LABEL`], so that every shard
+/// finds the others' with one labelled list. The lease manager patches the spec only, so the
+/// label stays.
+async fn label_shard_lease(kube: &Client, lease: &LeaseSettings) -> Result<(), String> {
+    let api: Api<Lease> = Api::namespaced(kube.clone(), &lease.namespace);
+    let name = lease.lease_name();
+    let fail = |e: kube::Error| {
+        format!(
+            "cannot label the shard Lease {}/{name}: {e}",
+            lease.namespace
+        )
+    };
+    let labelled = Lease {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some([(SHARD_LEASE_LABEL.to_string(), lease.name.clone())].into()),
+            ..Default::default()
+        },
+        spec: None,
+    };
+    match api.create(&PostParams::default(), &labelled).await {
+        Ok(_) => return Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(fail(e)),
+    }
+    let patch = serde_json::json!({"metadata": {"labels": {SHARD_LEASE_LABEL: lease.name}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+        .map_err(fail)
+}
+
+/// Reads the Lease back to learn until when it is surely ours, and the other shards' Leases
+/// to learn whether they agree on the number of shards.
 struct Watchdog {
     api: Api<Lease>,
     name: String,
+    base: String,
+    shard: Shard,
     identity: String,
     duration: Duration,
     margin: Duration,
@@ -171,7 +259,9 @@ impl Watchdog {
     fn new(kube: &Client, lease: &LeaseSettings) -> Self {
         Self {
             api: Api::namespaced(kube.clone(), &lease.namespace),
-            name: lease.name.clone(),
+            name: lease.lease_name(),
+            base: lease.name.clone(),
+            shard: lease.shard,
             identity: lease.identity.clone(),
             duration: lease.duration,
             margin: lease.margin(),
@@ -179,65 +269,109 @@ impl Watchdog {
         }
     }
 
+    /// Every shard Lease of this operator: the labelled ones, and the plain-named Lease of an
+    /// unsharded operator (one from before sharding has no label).
+    async fn shard_leases(&self) -> Result<Vec<Lease>, kube::Error> {
+        let selector = format!("{SHARD_LEASE_LABEL}={}", self.base);
+        let mut leases = self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items;
+        let has = |leases: &[Lease], name: &str| {
+            leases
+                .iter()
+                .any(|l| l.metadata.name.as_deref() == Some(name))
+        };
+        if !has(&leases, &self.name) {
+            leases.extend(self.api.get_opt(&self.name).await?);
+        }
+        if !has(&leases, &self.base) {
+            leases.extend(self.api.get_opt(&self.base).await?);
+        }
+        Ok(leases)
+    }
+
     /// When this replica must stop unless it confirms the lease again: the lease's expiry
     /// (its last renewal plus its duration, read from the API server) less the margin.
-    /// `None` when the lease cannot be read in time or is not ours.
-    async fn confirm(&self) -> Option<Instant> {
+    async fn confirm(&self) -> Result<Instant, Refusal> {
         let asked = Instant::now();
-        let lease = tokio::time::timeout(
+        let leases = tokio::time::timeout(
             self.check_every.max(Duration::from_secs(1)),
-            self.api.get(&self.name),
+            self.shard_leases(),
         )
         .await
-        .ok()?
-        .ok()?;
-        let spec = lease.spec?;
-        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-            return None;
+        .map_err(|_| Refusal::Unconfirmed(None))?
+        .map_err(|e| match e {
+            kube::Error::Api(e) => Refusal::Unconfirmed(Some(format!(
+                "{} ({}): the operator needs get and list on leases in its namespace",
+                e.message, e.code
+            ))),
+            _ => Refusal::Unconfirmed(None),
+        })?;
+        let peers: Vec<PeerLease> = leases.iter().map(peer).collect();
+        let mine = peers
+            .iter()
+            .find(|p| p.name == self.name)
+            .ok_or(Refusal::Unconfirmed(None))?;
+        if mine.holder.as_deref() != Some(self.identity.as_str()) {
+            return Err(Refusal::Unconfirmed(None));
         }
-        let renewed = spec.renew_time?.0;
-        let duration = spec
-            .lease_duration_seconds
+        let renewed = mine.renewed_ms.ok_or(Refusal::Unconfirmed(None))?;
+        let duration = mine
+            .duration_s
             .map(|s| Duration::from_secs(u64::try_from(s).unwrap_or(0)))
             .unwrap_or(self.duration);
-        let age_ms = k8s_openapi::jiff::Timestamp::now()
-            .as_millisecond()
-            .saturating_sub(renewed.as_millisecond())
-            .max(0);
+        let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+        let age_ms = now_ms.saturating_sub(renewed).max(0);
         let left = duration
             .saturating_sub(Duration::from_millis(
                 u64::try_from(age_ms).unwrap_or(u64::MAX),
             ))
             .saturating_sub(self.margin);
+        sharding::agreement(self.shard, &self.base, &peers, now_ms).map_err(Refusal::Disagree)?;
         // Counted from when the read was sent: the answer may have taken a while.
-        Some(asked + left)
+        Ok(asked + left)
     }
 
-    /// Resolves when the lease has not been confirmed in time: at the deadline, even while a
-    /// read of the lease is still waiting for an API server that does not answer.
-    async fn guard(&self, mut valid_until: Instant) {
+    /// Resolves when the term must end: at the deadline when the lease has not been confirmed
+    /// in time (even while a read is still waiting for an API server that does not answer),
+    /// or as soon as another shard disagrees on the number of shards.
+    async fn guard(&self, mut valid_until: Instant) -> TermEnd {
         loop {
             let next = (Instant::now() + self.check_every).min(valid_until);
             tokio::time::sleep_until(next).await;
             if Instant::now() >= valid_until {
-                return;
+                return TermEnd::Unconfirmed;
             }
             tokio::select! {
-                confirmed = self.confirm() => {
-                    if let Some(until) = confirmed {
-                        valid_until = until;
-                    }
-                }
-                _ = tokio::time::sleep_until(valid_until) => return,
+                confirmed = self.confirm() => match confirmed {
+                    Ok(until) => valid_until = until,
+                    Err(Refusal::Disagree(why)) => return TermEnd::Resharding(why),
+                    Err(Refusal::Unconfirmed(_)) => {}
+                },
+                _ = tokio::time::sleep_until(valid_until) => return TermEnd::Unconfirmed,
             }
         }
+    }
+}
+
+fn peer(lease: &Lease) -> PeerLease {
+    let spec = lease.spec.as_ref();
+    PeerLease {
+        name: lease.metadata.name.clone().unwrap_or_default(),
+        holder: spec.and_then(|s| s.holder_identity.clone()),
+        renewed_ms: spec
+            .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
+            .map(|t| t.0.as_millisecond()),
+        duration_s: spec.and_then(|s| s.lease_duration_seconds).map(i64::from),
     }
 }
 
 fn set_leader(health: &Health, metrics: &Metrics, leading: bool) {
     health.leader.store(leading, Ordering::SeqCst);
     health.synced.store(false, Ordering::SeqCst);
-    metrics.leader.set(i64::from(leading));
+    metrics.set_leader(leading);
     if !leading {
         // A standby does not count resources: its last counts would be read as current and
         // summed with the new leader's (an ERRED alert on old data).
@@ -275,7 +409,7 @@ mod tests {
         assert!(text().contains("waldur_operator_resources{"), "{}", text());
         set_leader(&health, &metrics, false);
         assert!(!text().contains("waldur_operator_resources{"), "{}", text());
-        assert!(text().contains("waldur_operator_leader 0"));
+        assert!(text().contains("waldur_operator_leader{shard=\"0\",shards=\"1\"} 0"));
     }
 
     #[test]
@@ -286,6 +420,7 @@ mod tests {
             identity: "i".into(),
             duration: Duration::from_secs(duration),
             grace: Duration::from_secs(grace),
+            shard: Shard::ALL,
         };
         for (duration, grace) in [(15, 5), (4, 2), (3, 1), (2, 1), (60, 30)] {
             let s = s(duration, grace);

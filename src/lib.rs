@@ -6,5 +6,6 @@ pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod server;
+pub mod sharding;
 pub mod telemetry;
 pub mod waldur;

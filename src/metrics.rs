@@ -1,5 +1,6 @@
 //! Prometheus metrics: reconciles, Waldur requests, resources by state, leadership, build.
 
+use crate::sharding::Shard;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,22 @@ pub struct WaldurLabel {
     pub waldur: String,
 }
 
+/// Which shard a replica serves: leadership is per shard.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+    pub shards: String,
+}
+
+impl From<Shard> for ShardLabels {
+    fn from(s: Shard) -> Self {
+        Self {
+            shard: s.index.to_string(),
+            shards: s.total.to_string(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: String,
@@ -61,7 +78,11 @@ pub struct Metrics {
     pub waldur_request_duration: Family<EndpointLabel, Histogram>,
     pub waldur_queue_wait: Histogram,
     pub resources: Family<StateLabel, Gauge>,
-    pub leader: Gauge,
+    leader: Family<ShardLabels, Gauge>,
+    shard: ShardLabels,
+    /// 1 while this replica holds its shard's lease but waits for the other shards to agree
+    /// on their number (a change of --total-shards being rolled out).
+    pub shard_waiting: Gauge,
     pub waldur_unreachable: Family<WaldurLabel, Gauge>,
     pub waldur_refused: Family<EndpointLabel, Counter>,
     registry: Arc<Registry>,
@@ -120,11 +141,19 @@ impl Metrics {
             "ServerGroups by observed Waldur state (UNKNOWN before the first observation)",
             resources.clone(),
         );
-        let leader = Gauge::default();
+        let leader = Family::<ShardLabels, Gauge>::default();
         registry.register(
             "leader",
-            "1 while this replica holds the leader lease",
+            "1 while this replica holds the leader lease of its shard",
             leader.clone(),
+        );
+        let shard = ShardLabels::from(Shard::ALL);
+        leader.get_or_create(&shard).set(0);
+        let shard_waiting = Gauge::default();
+        registry.register(
+            "shard_waiting",
+            "1 while this replica holds its shard's lease but waits for every shard to run with the same --total-shards",
+            shard_waiting.clone(),
         );
         let waldur_unreachable = Family::<WaldurLabel, Gauge>::default();
         registry.register(
@@ -154,10 +183,27 @@ impl Metrics {
             waldur_queue_wait,
             resources,
             leader,
+            shard,
+            shard_waiting,
             waldur_unreachable,
             waldur_refused,
             registry: Arc::new(registry),
         }
+    }
+
+    /// Labels leadership with this process's shard.
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.leader.clear();
+        self.shard = shard.into();
+        self.leader.get_or_create(&self.shard).set(0);
+        self
+    }
+
+    /// Whether this replica reconciles its shard now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader
+            .get_or_create(&self.shard)
+            .set(i64::from(leading));
     }
 
     /// The metrics in the OpenMetrics text format (what `/metrics` serves).
@@ -268,7 +314,7 @@ mod tests {
             Duration::from_millis(20),
             Duration::ZERO,
         );
-        m.leader.set(1);
+        m.set_leader(true);
         let mut sg = ServerGroup::new("a", Default::default());
         sg.status = Some(crate::api::ServerGroupStatus {
             state: Some("OK".into()),
@@ -290,7 +336,7 @@ mod tests {
             "waldur_operator_waldur_queue_wait_seconds_count 2",
             "waldur_operator_resources{state=\"OK\"} 1",
             "waldur_operator_resources{state=\"UNKNOWN\"} 1",
-            "waldur_operator_leader 1",
+            "waldur_operator_leader{shard=\"0\",shards=\"1\"} 1",
             "waldur_operator_build_info{version=\"0.1.0\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

@@ -19,6 +19,7 @@ use crate::controller::{self, ClientCache, DefaultCredentials, Settings};
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
+use crate::sharding::Shard;
 use crate::telemetry::LogControl;
 use crate::waldur::{ClientSettings, Limiter, Limits};
 
@@ -43,6 +44,8 @@ pub struct Options {
     pub lease: Option<LeaseSettings>,
     /// The operator's own namespace: its claims on Waldur groups live there.
     pub claims_namespace: String,
+    /// The part of the resources this process reconciles (scale-out); every one by default.
+    pub shard: Shard,
 }
 
 /// The Waldur clients of the process: every one of them, the defaults' included, shares one
@@ -70,7 +73,7 @@ pub async fn run(
     logs: Option<LogControl>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::new().with_shard(options.shard);
     let credentials = credentials(&options, &metrics)?;
     if options.defaults.url.is_none() || options.defaults.token.is_none() {
         tracing::warn!(
@@ -130,6 +133,7 @@ pub async fn run(
         metrics: metrics.clone(),
         health: health.clone(),
         claims_namespace: options.claims_namespace.clone(),
+        shard: options.shard,
     };
     tracing::info!(
         namespace = if options.namespace.is_empty() { "(all)" } else { &options.namespace },
@@ -138,6 +142,8 @@ pub async fn run(
         max_in_flight = options.limits.max_in_flight,
         rate = options.limits.rate_per_second,
         leader_elect = options.lease.is_some(),
+        shard = options.shard.index,
+        total_shards = options.shard.total,
         default_credentials_namespaces = %options.defaults.scope.describe(),
         metrics_addr = %options.metrics_addr,
         "waldur-operator {} starting",
@@ -150,7 +156,7 @@ pub async fn run(
         }
         None => {
             health.leader.store(true, Ordering::SeqCst);
-            metrics.leader.set(1);
+            metrics.set_leader(true);
             controller::run(runtime(), leader::stopped(stop_rx.clone())).await;
             Ok(())
         }

@@ -292,7 +292,8 @@ pub struct ServerGroupStatus {
     pub conditions: Vec<Condition>,
     /// The request-* annotation tokens already acted on, so each request runs once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub handled_requests: Option<HandledRequests>,
+    // Boxed: usually absent, and a status lives in the cache once per resource.
+    pub handled_requests: Option<Box<HandledRequests>>,
     /// When the operator last asked Waldur to pull this ERRED group by itself, and how many
     /// times in a row, to back off.
     #[serde(default, skip_serializing_if = "Option::is_none")]

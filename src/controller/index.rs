@@ -52,28 +52,85 @@ pub struct SweepTiming {
     pub after_write: Duration,
 }
 
+/// A group as the index keeps it: the swept fields only ([`SWEEP_FIELDS`]), each string
+/// exactly its length. A [`WaldurGroup`] has room for every field of Waldur's answer (408
+/// bytes before its strings); at 10,000 groups the difference is about 2.5 MiB.
+#[derive(Debug, PartialEq, Eq)]
+struct Record {
+    uuid: Box<str>,
+    url: Box<str>,
+    name: Box<str>,
+    policy: Box<str>,
+    state: Option<crate::waldur::State>,
+    backend_id: Box<str>,
+    instances: Box<[crate::waldur::Instance]>,
+    error_message: Box<str>,
+    tenant_uuid: Box<str>,
+    created: Box<str>,
+}
+
+impl From<WaldurGroup> for Record {
+    fn from(g: WaldurGroup) -> Self {
+        Self {
+            uuid: g.uuid.as_str().into(),
+            url: g.url.into_boxed_str(),
+            name: g.name.into_boxed_str(),
+            policy: g.policy.into_boxed_str(),
+            state: g.state,
+            backend_id: g.backend_id.into_boxed_str(),
+            instances: g.instances.into_boxed_slice(),
+            error_message: g.error_message.into_boxed_str(),
+            tenant_uuid: g.tenant_uuid.as_str().into(),
+            created: g.created.into_boxed_str(),
+        }
+    }
+}
+
+impl Record {
+    fn group(&self) -> WaldurGroup {
+        WaldurGroup {
+            uuid: WaldurUuid::from_canonical(&self.uuid),
+            url: self.url.to_string(),
+            name: self.name.to_string(),
+            policy: self.policy.to_string(),
+            state: self.state.clone(),
+            backend_id: self.backend_id.to_string(),
+            instances: self.instances.to_vec(),
+            error_message: self.error_message.to_string(),
+            tenant_uuid: WaldurUuid::from_canonical(&self.tenant_uuid),
+            created: self.created.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Default)]
 struct Snapshot {
-    by_uuid: HashMap<WaldurUuid, Arc<WaldurGroup>>,
-    by_backend: HashMap<String, WaldurUuid>,
+    by_uuid: HashMap<WaldurUuid, Arc<Record>>,
+    by_backend: HashMap<Box<str>, WaldurUuid>,
     /// Set after the first complete sweep: before it, a miss proves nothing.
     complete: bool,
 }
 
 impl Snapshot {
     fn insert(&mut self, group: WaldurGroup) {
-        if !group.backend_id.is_empty() {
+        let uuid = group.uuid.clone();
+        self.insert_shared(uuid, Arc::new(Record::from(group)));
+    }
+
+    fn insert_shared(&mut self, uuid: WaldurUuid, record: Arc<Record>) {
+        if !record.backend_id.is_empty() {
             self.by_backend
-                .insert(group.backend_id.clone(), group.uuid.clone());
+                .insert(record.backend_id.clone(), uuid.clone());
         }
-        self.by_uuid.insert(group.uuid.clone(), Arc::new(group));
+        self.by_uuid.insert(uuid, record);
     }
 
     fn transitional(&self) -> impl Iterator<Item = &WaldurUuid> {
         self.by_uuid
-            .values()
-            .filter(|g| g.state.as_ref().is_none_or(|s| s.is_transitional()))
-            .map(|g| &g.uuid)
+            .iter()
+            .filter(|(_, g)| g.state.as_ref().is_none_or(|s| s.is_transitional()))
+            .map(|(uuid, _)| uuid)
     }
 }
 
@@ -187,7 +244,7 @@ impl Shard {
         }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
         match snap.by_uuid.get(uuid) {
-            Some(g) => Answer::Found(g.clone()),
+            Some(g) => Answer::Found(Arc::new(g.group())),
             None if snap.complete => Answer::Missing,
             None => Answer::Unknown,
         }
@@ -201,9 +258,9 @@ impl Shard {
         match snap
             .by_backend
             .get(backend_id)
-            .and_then(|u| snap.by_uuid.get(u))
+            .and_then(|u| Some((u, snap.by_uuid.get(u)?)))
         {
-            Some(g) if !self.is_dirty(&g.uuid) => Answer::Found(g.clone()),
+            Some((uuid, g)) if !self.is_dirty(uuid) => Answer::Found(Arc::new(g.group())),
             Some(_) => Answer::Unknown,
             None if snap.complete => Answer::Missing,
             None => Answer::Unknown,
@@ -227,8 +284,8 @@ impl Shard {
         Some(
             snap.by_uuid
                 .values()
-                .filter(|g| &g.tenant_uuid == tenant && g.name == name)
-                .map(|g| (**g).clone())
+                .filter(|g| &*g.name == name && &*g.tenant_uuid == tenant.as_str())
+                .map(|g| g.group())
                 .collect(),
         )
     }
@@ -286,16 +343,31 @@ impl Shard {
     /// appeared or disappeared.
     pub async fn sweep(&self) -> Result<Vec<WaldurUuid>, WaldurError> {
         let started = Instant::now();
-        let groups = self
-            .client
-            .list(&ListQuery::new().fields(SWEEP_FIELDS))
-            .await?;
         let mut next = Snapshot {
             complete: true,
             ..Default::default()
         };
-        for g in groups {
-            next.insert(g);
+        {
+            // A group as it was in the last sweep keeps its record: a settled sweep of 10,000
+            // groups then allocates two maps of pointers, not 10,000 new records beside the
+            // old ones (a reader holding the old snapshot's lock is not blocked meanwhile: the
+            // read lock is taken once per page).
+            let query = ListQuery::new().fields(SWEEP_FIELDS);
+            self.client
+                .list_pages(&query, |page| {
+                    let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+                    for group in page {
+                        let uuid = group.uuid.clone();
+                        let record = Record::from(group);
+                        match snap.by_uuid.get(&uuid) {
+                            Some(same) if **same == record => {
+                                next.insert_shared(uuid, same.clone())
+                            }
+                            _ => next.insert_shared(uuid, Arc::new(record)),
+                        }
+                    }
+                })
+                .await?;
         }
         let changed = {
             let mut snap = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
@@ -372,8 +444,8 @@ impl Shard {
 }
 
 fn diff(
-    old: &HashMap<WaldurUuid, Arc<WaldurGroup>>,
-    new: &HashMap<WaldurUuid, Arc<WaldurGroup>>,
+    old: &HashMap<WaldurUuid, Arc<Record>>,
+    new: &HashMap<WaldurUuid, Arc<Record>>,
 ) -> Vec<WaldurUuid> {
     let mut changed: Vec<WaldurUuid> = new
         .iter()
@@ -566,11 +638,21 @@ mod tests {
         let c = "00000000000000000000000000000003";
         let old: HashMap<_, _> = [(a, State::Ok), (b, State::Creating)]
             .into_iter()
-            .map(|(u, s)| (WaldurUuid::parse(u).unwrap(), Arc::new(g(u, s))))
+            .map(|(u, s)| {
+                (
+                    WaldurUuid::parse(u).unwrap(),
+                    Arc::new(Record::from(g(u, s))),
+                )
+            })
             .collect();
         let new: HashMap<_, _> = [(a, State::Ok), (c, State::Ok)]
             .into_iter()
-            .map(|(u, s)| (WaldurUuid::parse(u).unwrap(), Arc::new(g(u, s))))
+            .map(|(u, s)| {
+                (
+                    WaldurUuid::parse(u).unwrap(),
+                    Arc::new(Record::from(g(u, s))),
+                )
+            })
             .collect();
         let mut changed: Vec<String> = diff(&old, &new).iter().map(|u| u.to_string()).collect();
         changed.sort();

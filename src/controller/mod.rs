@@ -3,6 +3,7 @@
 pub mod claims;
 pub mod credentials;
 mod error;
+pub mod events;
 pub mod index;
 pub mod plan;
 mod reconcile;
@@ -17,7 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource};
@@ -25,13 +26,64 @@ use kube::{Api, Client, Resource};
 use crate::api::ServerGroup;
 use crate::metrics::Metrics;
 use crate::server::Health;
+use crate::sharding::Shard;
 pub use credentials::{ClientCache, DefaultCredentials, DefaultScope};
 pub use error::Error;
 pub use plan::Settings;
 pub use reconcile::reconcile;
 
+/// The annotation in which `kubectl apply` keeps the last manifest it applied.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// The field manager of the operator's server-side-apply writes.
 pub const MANAGER: &str = "waldur-operator";
+
+/// Statuses this process wrote that the watch has not delivered yet, by uid, each with the
+/// resourceVersion its write produced. An entry goes as soon as the watch brings that version
+/// (or a later one), so the map holds the writes in flight, not a status per resource.
+#[derive(Default)]
+pub struct OwnWrites {
+    /// Boxed: the table holds a pointer per entry, not a whole status.
+    map: Mutex<HashMap<String, (u64, Box<crate::api::ServerGroupStatus>)>>,
+}
+
+impl OwnWrites {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Box<crate::api::ServerGroupStatus>)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The watch delivered `sg`: a write it includes is no longer in flight.
+    fn seen(&self, sg: &ServerGroup) {
+        let Some(uid) = sg.metadata.uid.as_deref() else {
+            return;
+        };
+        let mut map = self.lock();
+        let Some((written, _)) = map.get(uid) else {
+            return;
+        };
+        let current: Option<u64> = sg
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok());
+        if current.is_none_or(|c| c >= *written) {
+            map.remove(uid);
+            if map.is_empty() {
+                // The burst is over: give the table back.
+                map.shrink_to_fit();
+            }
+        }
+    }
+
+    /// The object is gone: nothing of it is in flight.
+    fn forget(&self, sg: &ServerGroup) {
+        if let Some(uid) = sg.metadata.uid.as_deref() {
+            self.lock().remove(uid);
+        }
+    }
+}
 
 /// Everything a reconcile needs besides the object.
 pub struct Context {
@@ -39,9 +91,9 @@ pub struct Context {
     pub settings: Settings,
     pub credentials: Arc<ClientCache>,
     pub reporter: Reporter,
-    /// Shared by every reconcile, so that a repeated Event (same object, reason and note)
-    /// becomes one Event with a count, not one object per failure (review M10).
-    pub recorder: Recorder,
+    /// Shared by every reconcile, so that a repeated Event (same object, type, action and
+    /// reason) becomes one Event with a count, not one object per failure (review M10).
+    pub events: Arc<events::EventWriter>,
     /// All ServerGroups the operator sees, to refuse binding a group another resource holds.
     pub store: Store<ServerGroup>,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
@@ -50,13 +102,15 @@ pub struct Context {
     pub index: Option<Arc<index::WaldurIndex>>,
     pub metrics: Metrics,
     /// Statuses this process wrote that the watch may not have delivered yet, by uid.
-    own_writes: Mutex<HashMap<String, (u64, crate::api::ServerGroupStatus)>>,
+    own_writes: Arc<OwnWrites>,
     /// Where the claims on Waldur groups live (the operator's own namespace).
     pub claims_namespace: String,
     /// Resources parked until the breaker of their Waldur closes, by Waldur base URL.
     parked: Mutex<HashMap<String, std::collections::HashSet<ObjectRef<ServerGroup>>>>,
     /// Reconciles a resource now (the controller's external trigger).
     wake: Option<futures::channel::mpsc::UnboundedSender<ObjectRef<ServerGroup>>>,
+    /// The part of the resources this process reconciles; its Secret finalizer is its own.
+    pub shard: Shard,
 }
 
 impl Context {
@@ -71,7 +125,7 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(kube.clone(), reporter.clone()),
+            events: Arc::new(events::EventWriter::new(kube.clone(), reporter.clone())),
             kube,
             settings,
             credentials,
@@ -80,11 +134,22 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             index: None,
             metrics: Metrics::new(),
-            own_writes: Mutex::new(HashMap::new()),
+            own_writes: Arc::default(),
             claims_namespace: "default".into(),
             parked: Mutex::new(HashMap::new()),
             wake: None,
+            shard: Shard::ALL,
         }
+    }
+
+    fn with_own_writes(mut self, own_writes: Arc<OwnWrites>) -> Self {
+        self.own_writes = own_writes;
+        self
+    }
+
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
     }
 
     pub fn with_wake(
@@ -148,12 +213,22 @@ impl Context {
         ) else {
             return;
         };
-        let mut map = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.own_writes.lock();
+        // The watch may have delivered this write already (the lock orders this check
+        // against `OwnWrites::seen`): then there is nothing in flight to remember.
+        let cached = self
+            .store
+            .get(&ObjectRef::from_obj(obj))
+            .and_then(|c| c.metadata.resource_version.as_deref()?.parse::<u64>().ok());
+        if cached.is_some_and(|c| c >= rv) {
+            map.remove(&uid);
+            return;
+        }
         // Entries of deleted objects are never caught up with; do not let them pile up.
         if map.len() > 50_000 {
             map.clear();
         }
-        map.insert(uid, (rv, status.clone()));
+        map.insert(uid, (rv, Box::new(status.clone())));
     }
 
     /// Reads its own writes: when the cache still holds an object older than a status this
@@ -163,19 +238,30 @@ impl Context {
     /// resourceVersions are opaque in the API's contract but ordered integers in practice;
     /// one that does not parse leaves the object as it is.
     fn freshest(&self, obj: Arc<ServerGroup>) -> Arc<ServerGroup> {
+        let version = |o: &ServerGroup| -> Option<u64> {
+            o.metadata.resource_version.as_deref()?.parse().ok()
+        };
+        let mut map = self.own_writes.lock();
+        // The controller handed over the object as the cache held it when the reconcile was
+        // queued; the watch may have brought a newer one since (and with it, our write, whose
+        // entry then went): start from the newer one. Under the lock, so that an entry and
+        // the cache are read at one moment (`OwnWrites::seen` runs after the cache update).
+        let obj = match self.store.get(&ObjectRef::from_obj(&*obj)) {
+            Some(cached)
+                if version(&cached) > version(&obj) && cached.metadata.uid == obj.metadata.uid =>
+            {
+                cached
+            }
+            _ => obj,
+        };
         let Some(uid) = obj.metadata.uid.as_deref() else {
             return obj;
         };
-        let current: Option<u64> = obj
-            .metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse().ok());
-        let mut map = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = version(&obj);
         match (map.get(uid), current) {
             (Some((written, status)), Some(current)) if *written > current => {
                 let mut fresher = (*obj).clone();
-                fresher.status = Some(status.clone());
+                fresher.status = Some((**status).clone());
                 Arc::new(fresher)
             }
             (Some(_), _) => {
@@ -247,6 +333,8 @@ pub struct Runtime {
     pub health: Arc<Health>,
     /// The operator's own namespace, where its claims on Waldur groups live.
     pub claims_namespace: String,
+    /// The resources of this shard are the only ones cached and reconciled.
+    pub shard: Shard,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -261,21 +349,45 @@ pub async fn run(
     // read could be older than what this process already saw; a relist after 410 must not
     // go back in time.)
     let (groups_synced_tx, groups_synced) = tokio::sync::watch::channel(false);
+    let shard = rt.shard;
+    let own_writes = Arc::new(OwnWrites::default());
+    let changes = Arc::new(Changes::default());
+    let seen = changes.clone();
     let stream = watcher(rt.api, watcher::Config::default())
         .default_backoff()
+        // Another shard's resources are neither cached nor reconciled here: each process
+        // holds its own part only (a uid never changes, so neither does its shard).
+        .filter(move |event| std::future::ready(belongs_to(shard, event)))
         .modify(|sg: &mut ServerGroup| {
-            sg.meta_mut().managed_fields = None;
+            let meta = sg.meta_mut();
+            meta.managed_fields = None;
+            // `kubectl apply` keeps a copy of the whole manifest in an annotation; the
+            // operator never reads it, and it would double what the cache holds per object.
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove(LAST_APPLIED);
+            }
         })
         .reflect(writer)
-        .inspect(move |e| {
-            if matches!(e, Ok(watcher::Event::InitDone)) {
-                groups_synced_tx.send_replace(true);
+        .inspect({
+            let own_writes = own_writes.clone();
+            move |e| match e {
+                Ok(watcher::Event::InitDone) => {
+                    groups_synced_tx.send_replace(true);
+                }
+                Ok(watcher::Event::Apply(sg) | watcher::Event::InitApply(sg)) => {
+                    own_writes.seen(sg);
+                }
+                Ok(watcher::Event::Delete(sg)) => {
+                    own_writes.forget(sg);
+                    changes.forget(sg);
+                }
+                _ => {}
             }
         })
         .touched_objects()
         // The operator's own status writes come back as watch events; reconciling on them
         // would bypass the error backoff whenever a failure's message changed (review M10).
-        .predicate_filter(what_asks_for_a_reconcile, Default::default());
+        .filter(move |obj| std::future::ready(obj.as_ref().map_or(true, |sg| seen.changed(sg))));
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     let mut ctx = Context::new(
         rt.kube.clone(),
@@ -285,7 +397,9 @@ pub async fn run(
     )
     .with_metrics(rt.metrics.clone())
     .with_claims_namespace(rt.claims_namespace.clone())
-    .with_wake(wake_tx.clone());
+    .with_wake(wake_tx.clone())
+    .with_own_writes(own_writes)
+    .with_shard(rt.shard);
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,
@@ -328,6 +442,7 @@ pub async fn run(
         secrets_synced,
         reader.clone(),
         groups_synced,
+        rt.shard,
     )));
     let groups = reader.clone();
     Controller::for_stream(stream, reader)
@@ -351,9 +466,52 @@ pub async fn run(
         .await;
 }
 
+/// Whether a watch event concerns this shard: resources by their uid; the list's start and
+/// end markers always.
+fn belongs_to(shard: Shard, event: &Result<watcher::Event<ServerGroup>, watcher::Error>) -> bool {
+    match event {
+        Ok(
+            watcher::Event::Apply(sg) | watcher::Event::InitApply(sg) | watcher::Event::Delete(sg),
+        ) => shard.owns(sg.metadata.uid.as_deref().unwrap_or_default()),
+        Ok(watcher::Event::Init | watcher::Event::InitDone) | Err(_) => true,
+    }
+}
+
+/// What each object last looked like to [`what_asks_for_a_reconcile`], to pass on only the
+/// changes that ask for a reconcile. kube's `predicate_filter` does the same keyed by name,
+/// namespace and uid (about 170 bytes an object); a hash of the uid is enough here, and an
+/// entry goes when its object is deleted.
+#[derive(Default)]
+struct Changes {
+    by_uid: Mutex<HashMap<u64, u64>>,
+}
+
+impl Changes {
+    fn key(sg: &ServerGroup) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        sg.metadata.uid.hash(&mut h);
+        sg.metadata.namespace.hash(&mut h);
+        sg.metadata.name.hash(&mut h);
+        h.finish()
+    }
+
+    /// Whether `sg` differs from what was seen of it last, remembering it.
+    fn changed(&self, sg: &ServerGroup) -> bool {
+        let now = what_asks_for_a_reconcile(sg);
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        by_uid.insert(Self::key(sg), now) != Some(now)
+    }
+
+    fn forget(&self, sg: &ServerGroup) {
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        by_uid.remove(&Self::key(sg));
+    }
+}
+
 /// What a change must touch to be worth a reconcile: the spec (generation), annotations
 /// (paused, requests), finalizers and deletion. Status-only changes are the operator's own.
-fn what_asks_for_a_reconcile(sg: &ServerGroup) -> Option<u64> {
+fn what_asks_for_a_reconcile(sg: &ServerGroup) -> u64 {
     use std::hash::{Hash, Hasher};
     let meta = &sg.metadata;
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -364,7 +522,7 @@ fn what_asks_for_a_reconcile(sg: &ServerGroup) -> Option<u64> {
         .as_ref()
         .map(|t| t.0.as_second())
         .hash(&mut h);
-    Some(h.finish())
+    h.finish()
 }
 
 /// Takes the operator's finalizer off credentials Secrets that no resource needs any more,
@@ -375,6 +533,7 @@ async fn release_unused_secrets(
     mut secrets_synced: tokio::sync::watch::Receiver<bool>,
     groups: Store<ServerGroup>,
     mut groups_synced: tokio::sync::watch::Receiver<bool>,
+    shard: Shard,
 ) {
     // Both caches complete first: a Secret is never released on a partial view.
     if secrets_synced.wait_for(|s| *s).await.is_err()
@@ -382,11 +541,18 @@ async fn release_unused_secrets(
     {
         return;
     }
+    let started = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        secret_guard::release_unused(&kube, &secrets, &groups).await;
+        // The finalizers of shards that no longer exist go only after the remaining shards
+        // have had time to reconcile what moved to them, and so to hold those Secrets.
+        let settled = started.elapsed() >= SHARDS_GONE_AFTER;
+        secret_guard::release_unused(&kube, &secrets, &groups, shard, settled).await;
     }
 }
+
+/// How long shard 0 runs before it releases Secrets held by shards that no longer exist.
+const SHARDS_GONE_AFTER: Duration = Duration::from_secs(120);
 
 /// Aborts a background task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

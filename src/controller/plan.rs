@@ -343,7 +343,11 @@ pub fn follow_ups(
         return vec![];
     }
     let status = sg.status.clone().unwrap_or_default();
-    let handled = status.handled_requests.clone().unwrap_or_default();
+    let handled = status
+        .handled_requests
+        .as_deref()
+        .cloned()
+        .unwrap_or_default();
     // Tokens present when the resource first binds a group were written before there was a
     // group to act on: a manifest re-applied from Git, or a group made a moment ago. They are
     // recorded as handled (see `tokens_at_first_binding`), never run (review m2).

@@ -371,7 +371,7 @@ fn annotated(pairs: &[(&str, &str)], handled: HandledRequests) -> ServerGroup {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect::<BTreeMap<_, _>>(),
     );
-    sg.status.as_mut().unwrap().handled_requests = Some(handled);
+    sg.status.as_mut().unwrap().handled_requests = Some(Box::new(handled));
     sg
 }
 

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
@@ -109,7 +109,7 @@ struct Reconciler {
     sg: Arc<ServerGroup>,
     ctx: Arc<Context>,
     api: Api<ServerGroup>,
-    recorder: Recorder,
+    events: Arc<super::events::EventWriter>,
     now: Time,
     /// The status as this reconcile last wrote it: the base for the next write, so that one
     /// reconcile never writes the same status twice.
@@ -124,7 +124,7 @@ impl Reconciler {
         Self {
             api: Api::namespaced(ctx.kube.clone(), &namespace),
             // One recorder for the process: it aggregates repeats into an Event series.
-            recorder: ctx.recorder.clone(),
+            events: ctx.events.clone(),
             now: Time(Timestamp::now()),
             latest: tokio::sync::Mutex::new(None),
             unsupported: std::sync::Mutex::new(None),
@@ -164,7 +164,13 @@ impl Reconciler {
             && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
         {
             // Before any Waldur write: the Secret must outlive this resource's cleanup.
-            super::secret_guard::hold(&self.ctx.kube, &self.namespace(), secret).await?;
+            super::secret_guard::hold(
+                &self.ctx.kube,
+                &self.namespace(),
+                secret,
+                &self.ctx.shard.secret_finalizer(),
+            )
+            .await?;
         }
         match self.locate(&client, true).await? {
             Located::Found(group, binding) => self.observe(&client, *group, binding).await,
@@ -508,7 +514,7 @@ impl Reconciler {
     ) -> Result<Action, Error> {
         self.announce_binding(&group, binding).await;
         let mut handled = plan::tokens_at_first_binding(&self.sg)
-            .or(self.status().handled_requests)
+            .or(self.status().handled_requests.map(|h| *h))
             .unwrap_or_default();
         let mut auto_pull = self.status().auto_pull;
         let mut busy = false;
@@ -823,6 +829,7 @@ impl Reconciler {
                 &self.namespace(),
                 &reference.name,
                 self.sg.metadata.uid.as_deref(),
+                &self.ctx.shard.secret_finalizer(),
             )
             .await?;
         }
@@ -1214,7 +1221,7 @@ impl Reconciler {
             secondary: None,
         };
         let reference = self.sg.object_ref(&());
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        if let Err(e) = self.events.publish(&event, &reference).await {
             tracing::warn!(error = %e, reason, "could not publish an Event");
         }
     }
@@ -1254,7 +1261,8 @@ fn progress(
     auto_pull: &Option<AutoPull>,
 ) {
     plan::mirror(s, group);
-    s.handled_requests = Some(handled.clone()).filter(|h| *h != HandledRequests::default());
+    s.handled_requests =
+        Some(Box::new(handled.clone())).filter(|h| **h != HandledRequests::default());
     s.auto_pull = auto_pull.clone();
 }
 

@@ -18,8 +18,10 @@ use serde_json::json;
 
 use super::error::Error;
 use crate::api::{DeletionPolicy, FINALIZER, ServerGroup};
+use crate::sharding::Shard;
 
-/// The finalizer the operator puts on credentials Secrets in use.
+/// The finalizer the operator puts on credentials Secrets in use (an unsharded operator's, and
+/// shard 0's; other shards add `-shard-<i>`, see [`crate::sharding::Shard::secret_finalizer`]).
 pub const SECRET_FINALIZER: &str = "openstack.waldur.com/credentials-in-use";
 
 /// Whether the resource will need its credentials to clean up: it holds the operator's
@@ -47,25 +49,25 @@ pub fn in_use(
 
 /// The JSON patch that adds the finalizer to a Secret whose finalizers are `current`, guarded
 /// so that a concurrent change fails instead of being overwritten; `None` when it is there.
-pub fn add_patch(current: Option<&Vec<String>>) -> Option<serde_json::Value> {
+pub fn add_patch(current: Option<&Vec<String>>, finalizer: &str) -> Option<serde_json::Value> {
     match current {
-        Some(list) if list.iter().any(|f| f == SECRET_FINALIZER) => None,
+        Some(list) if list.iter().any(|f| f == finalizer) => None,
         Some(list) => Some(json!([
             {"op": "test", "path": "/metadata/finalizers", "value": list},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": SECRET_FINALIZER},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer},
         ])),
         None => Some(json!([
             {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [SECRET_FINALIZER]},
+            {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]},
         ])),
     }
 }
 
 /// The JSON patch that removes the finalizer; `None` when it is not there.
-pub fn remove_patch(current: &[String]) -> Option<serde_json::Value> {
-    let index = current.iter().position(|f| f == SECRET_FINALIZER)?;
+pub fn remove_patch(current: &[String], finalizer: &str) -> Option<serde_json::Value> {
+    let index = current.iter().position(|f| f == finalizer)?;
     Some(json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": SECRET_FINALIZER},
+        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": finalizer},
         {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
     ]))
 }
@@ -90,9 +92,14 @@ async fn json_patch(
     }
 }
 
-/// Puts the finalizer on the Secret (read as `secret`) if it is not there yet.
-pub async fn hold(kube: &Client, namespace: &str, secret: &Secret) -> Result<(), Error> {
-    let Some(patch) = add_patch(secret.metadata.finalizers.as_ref()) else {
+/// Puts `finalizer` (this shard's) on the Secret (read as `secret`) if it is not there yet.
+pub async fn hold(
+    kube: &Client,
+    namespace: &str,
+    secret: &Secret,
+    finalizer: &str,
+) -> Result<(), Error> {
+    let Some(patch) = add_patch(secret.metadata.finalizers.as_ref(), finalizer) else {
         return Ok(());
     };
     if secret.metadata.deletion_timestamp.is_some() {
@@ -102,14 +109,15 @@ pub async fn hold(kube: &Client, namespace: &str, secret: &Secret) -> Result<(),
     json_patch(kube, namespace, &secret.name_any(), patch).await
 }
 
-/// Takes the finalizer off the Secret `namespace/name` unless a ServerGroup other than
-/// `except` still needs it.
+/// Takes `finalizer` (this shard's) off the Secret `namespace/name` unless a ServerGroup of
+/// this shard other than `except` still needs it.
 pub async fn release_if_unused(
     kube: &Client,
     groups: &Store<ServerGroup>,
     namespace: &str,
     name: &str,
     except: Option<&str>,
+    finalizer: &str,
 ) -> Result<(), Error> {
     if in_use(&groups.state(), namespace, name, except) {
         return Ok(());
@@ -118,33 +126,75 @@ pub async fn release_if_unused(
     let Some(secret) = secrets.get_metadata_opt(name).await? else {
         return Ok(());
     };
-    match remove_patch(secret.finalizers()) {
+    match remove_patch(secret.finalizers(), finalizer) {
         Some(patch) => json_patch(kube, namespace, name, patch).await,
         None => Ok(()),
     }
 }
 
-/// Releases every Secret that carries the finalizer and that no ServerGroup needs any more
-/// (a credentialsRef changed, a resource orphaned or gone while the operator was down).
+/// The finalizers of a Secret that `shard` should take off now: its own when none of its
+/// resources needs the Secret (a credentialsRef changed, a resource orphaned or gone while the
+/// operator was down), and, for shard 0 once `settled`, those of shards that no longer exist
+/// (the operator now runs fewer shards; their resources moved to shards that hold Secrets
+/// with finalizers of their own, added when they reconciled).
+pub fn releasable(
+    finalizers: &[String],
+    in_use: impl Fn() -> bool,
+    shard: Shard,
+    settled: bool,
+) -> Vec<&str> {
+    let mut used = None;
+    finalizers
+        .iter()
+        .filter(|f| match Shard::of_secret_finalizer(f) {
+            Some(i) if i == shard.index => !*used.get_or_insert_with(&in_use),
+            Some(i) => shard.index == 0 && settled && i >= shard.total,
+            None => false,
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// Takes off every finalizer [`releasable`] names, on every Secret the operator sees.
 pub async fn release_unused(
     kube: &Client,
     secrets: &Store<PartialObjectMeta<Secret>>,
     groups: &Store<ServerGroup>,
+    shard: Shard,
+    settled: bool,
 ) {
     let state = groups.state();
     for secret in secrets.state() {
         let (Some(namespace), name) = (secret.namespace(), secret.name_any()) else {
             continue;
         };
-        if !secret.finalizers().iter().any(|f| f == SECRET_FINALIZER)
-            || in_use(&state, &namespace, &name, None)
-        {
-            continue;
-        }
-        if let Some(patch) = remove_patch(secret.finalizers())
-            && let Err(e) = json_patch(kube, &namespace, &name, patch).await
-        {
-            tracing::warn!(namespace, name, error = %e, "cannot release the credentials Secret");
+        let release = releasable(
+            secret.finalizers(),
+            || in_use(&state, &namespace, &name, None),
+            shard,
+            settled,
+        );
+        for finalizer in release {
+            // One patch each: the indexes of a guarded remove change with every removal.
+            let current = match Api::<PartialObjectMeta<Secret>>::namespaced(
+                kube.clone(),
+                &namespace,
+            )
+            .get_metadata_opt(&name)
+            .await
+            {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(namespace, name, error = %e, "cannot read the credentials Secret");
+                    break;
+                }
+            };
+            if let Some(patch) = remove_patch(current.finalizers(), finalizer)
+                && let Err(e) = json_patch(kube, &namespace, &name, patch).await
+            {
+                tracing::warn!(namespace, name, error = %e, "cannot release the credentials Secret");
+            }
         }
     }
 }
@@ -197,21 +247,54 @@ mod tests {
 
     #[test]
     fn the_patches_are_guarded_and_idempotent() {
+        let f = SECRET_FINALIZER;
         assert_eq!(
-            add_patch(None).unwrap()[0],
+            add_patch(None, f).unwrap()[0],
             json!({"op": "test", "path": "/metadata/finalizers", "value": null})
         );
         let empty: Vec<String> = vec![];
         assert_eq!(
-            add_patch(Some(&empty)).unwrap()[1],
+            add_patch(Some(&empty), f).unwrap()[1],
             json!({"op": "add", "path": "/metadata/finalizers/-", "value": SECRET_FINALIZER}),
             "a stored empty list is appended to, not tested against null"
         );
-        assert!(add_patch(Some(&vec![SECRET_FINALIZER.to_string()])).is_none());
-        assert!(remove_patch(&["x".to_string()]).is_none());
+        assert!(add_patch(Some(&vec![SECRET_FINALIZER.to_string()]), f).is_none());
+        assert!(remove_patch(&["x".to_string()], f).is_none());
         assert_eq!(
-            remove_patch(&["x".to_string(), SECRET_FINALIZER.to_string()]).unwrap()[1],
+            remove_patch(&["x".to_string(), SECRET_FINALIZER.to_string()], f).unwrap()[1],
             json!({"op": "remove", "path": "/metadata/finalizers/1"})
+        );
+    }
+
+    #[test]
+    fn each_shard_releases_its_own_finalizer_and_shard_0_those_of_shards_gone() {
+        let shard = |i, n| Shard::new(i, n).unwrap();
+        let on_secret: Vec<String> = [0, 1, 2, 3]
+            .map(|i| shard(i, 4).secret_finalizer().into_owned())
+            .into_iter()
+            .chain(["kubernetes.io/other".to_string()])
+            .collect();
+        let unused = || false;
+        let used = || true;
+        assert_eq!(
+            releasable(&on_secret, unused, shard(1, 4), true),
+            [on_secret[1].as_str()]
+        );
+        assert!(releasable(&on_secret, used, shard(1, 4), true).is_empty());
+        // Down to 2 shards: shard 0 takes off the finalizers of shards 2 and 3, once settled.
+        assert_eq!(
+            releasable(&on_secret, used, shard(0, 2), true),
+            [on_secret[2].as_str(), on_secret[3].as_str()]
+        );
+        assert!(releasable(&on_secret, used, shard(0, 2), false).is_empty());
+        assert!(
+            releasable(&on_secret, unused, shard(1, 2), true) == [on_secret[1].as_str()],
+            "only shard 0 cleans up after shards gone"
+        );
+        assert_eq!(
+            releasable(&on_secret, unused, Shard::ALL, true),
+            [0, 1, 2, 3].map(|i| on_secret[i].as_str()),
+            "one process: every other shard is gone"
         );
     }
 }

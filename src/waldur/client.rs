@@ -245,6 +245,17 @@ impl WaldurClient {
     /// its own host into links is still read through the configured address.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<ServerGroup>, WaldurError> {
         let mut out = Vec::new();
+        self.list_pages(query, |items| out.extend(items)).await?;
+        Ok(out)
+    }
+
+    /// Like [`list`](Self::list), handing over each page as it arrives: a sweep of 10,000
+    /// groups then never holds them all in one more buffer beside its index.
+    pub async fn list_pages(
+        &self,
+        query: &ListQuery,
+        mut on_page: impl FnMut(Vec<ServerGroup>),
+    ) -> Result<(), WaldurError> {
         let mut page = 1u32;
         loop {
             let params = query.params_for_page(page);
@@ -254,10 +265,10 @@ impl WaldurClient {
                 })
                 .await?;
             let items: Vec<ServerGroup> = decode(Endpoint::List, &answer)?;
-            out.extend(items);
+            on_page(items);
             match next_page(&answer.headers) {
                 Some(next) if next > page && next <= MAX_PAGES => page = next,
-                _ => return Ok(out),
+                _ => return Ok(()),
             }
         }
     }

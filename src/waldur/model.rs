@@ -41,6 +41,11 @@ impl WaldurUuid {
         }
     }
 
+    /// A UUID already in canonical form (taken from another `WaldurUuid`).
+    pub(crate) fn from_canonical(s: &str) -> Self {
+        Self(s.to_string())
+    }
+
     /// Canonicalises without validating: what Waldur sends is taken as it is, even if odd.
     fn lenient(s: &str) -> Self {
         Self(Self::canonical(s))

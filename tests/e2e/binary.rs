@@ -150,7 +150,7 @@ async fn endpoints_namespace_scope_token_file_and_sigterm() {
     for family in [
         "waldur_operator_waldur_requests_total{",
         "waldur_operator_reconciles_total",
-        "waldur_operator_leader 1",
+        "waldur_operator_leader{shard=\"0\",shards=\"1\"} 1",
         "waldur_operator_build_info{",
     ] {
         assert!(metrics.contains(family), "{family} missing from\n{metrics}");

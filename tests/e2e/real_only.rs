@@ -72,7 +72,7 @@ async fn leader_gauge(metrics_port: u16) -> Option<i64> {
     let (code, text) = http_get(&format!("http://127.0.0.1:{metrics_port}/metrics")).await;
     assert_eq!(code, 200);
     text.lines()
-        .find(|l| l.starts_with("waldur_operator_leader "))
+        .find(|l| l.starts_with("waldur_operator_leader{"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }

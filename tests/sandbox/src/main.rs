@@ -114,6 +114,7 @@ async fn run(args: Args) -> Result<(), String> {
         admin_addr: None,
         lease: None,
         claims_namespace: "default".into(),
+        shard: waldur_operator::sharding::Shard::ALL,
     };
     print_welcome(&args, &sim);
     let _ = logs;
