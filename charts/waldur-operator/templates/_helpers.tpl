@@ -46,9 +46,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{/* "true" when the pods elect a leader: asked for, or more than one replica. */}}
+{{/* "true" when the pods elect a leader: asked for, more than one replica, or shards (each
+shard elects its own). */}}
 {{- define "waldur-operator.leaderElect" -}}
-{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) }}true{{ end }}
+{{- if or .Values.leaderElection.enabled (gt (int .Values.replicaCount) 1) (gt (int (include "waldur-operator.shards" .)) 1) }}true{{ end }}
+{{- end }}
+
+{{/* The number of shards (sharding.shards), checked: an integer of at least 1. */}}
+{{- define "waldur-operator.shards" -}}
+{{- $sharding := .Values.sharding | default dict }}
+{{- $shards := hasKey $sharding "shards" | ternary $sharding.shards 1 }}
+{{- if not (or (kindIs "int" $shards) (kindIs "int64" $shards) (and (kindIs "float64" $shards) (eq (float64 $shards) (float64 (int $shards))))) }}
+{{- fail (printf "sharding.shards must be an integer of at least 1, not %v" $shards) }}
+{{- end }}
+{{- if lt (int $shards) 1 }}
+{{- fail (printf "sharding.shards must be an integer of at least 1, not %v" $shards) }}
+{{- end }}
+{{- int $shards }}
+{{- end }}
+
+{{/* The name of shard i's Deployment (and PodDisruptionBudget): include with (list . i).
+The full name is shortened so that the name stays within 63 characters with its index. */}}
+{{- define "waldur-operator.shardName" -}}
+{{- $suffix := printf "-shard-%d" (int (index . 1)) }}
+{{- $base := include "waldur-operator.fullname" (index . 0) | trunc (int (sub 63 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $base $suffix }}
+{{- end }}
+
+{{/* The pod label that tells shard i's pods from the other shards': include with the index. */}}
+{{- define "waldur-operator.shardLabel" -}}
+openstack.waldur.com/shard: {{ . | quote }}
 {{- end }}
 
 {{- define "waldur-operator.leaseName" -}}
