@@ -1167,21 +1167,28 @@ impl Reconciler {
     }
 
     /// Adds the finalizer with a JSON patch guarded by `test`, so a concurrent change to the
-    /// finalizer list fails (409) instead of being overwritten.
+    /// finalizer list fails (422) instead of being overwritten.
     async fn add_finalizer(&self) -> Result<(), Error> {
-        // Test against what is stored: absent (null) and an empty list are different, and
-        // testing a stored `[]` against null would fail on every attempt.
-        let patch = match &self.sg.metadata.finalizers {
-            None => json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": null},
-                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-            ]),
-            Some(list) => json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": list},
-                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
-            ]),
-        };
-        self.json_patch(patch).await
+        match self
+            .json_patch(add_finalizer_patch(self.sg.metadata.finalizers.as_ref()))
+            .await
+        {
+            // The list changed since this object was read: most often this operator's own
+            // add, which a lagging watch has not delivered yet (seen at 30,000 resources over
+            // three shards). Read the list as it is now rather than fail the reconcile.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 422 => {
+                let fresh = self.api.get_metadata(&self.sg.name_any()).await?;
+                if fresh.metadata.uid != self.sg.metadata.uid {
+                    return Err(Error::Kube(kube::Error::Api(e)));
+                }
+                if fresh.finalizers().iter().any(|f| f == FINALIZER) {
+                    return Ok(());
+                }
+                self.json_patch(add_finalizer_patch(fresh.metadata.finalizers.as_ref()))
+                    .await
+            }
+            other => other,
+        }
     }
 
     async fn remove_finalizer(&self) -> Result<(), Error> {
@@ -1224,6 +1231,22 @@ impl Reconciler {
         if let Err(e) = self.events.publish(&event, &reference).await {
             tracing::warn!(error = %e, reason, "could not publish an Event");
         }
+    }
+}
+
+/// The guarded patch that adds the finalizer to an object whose list is `current`. It tests
+/// against what is stored: absent (null) and an empty list are different, and testing a
+/// stored `[]` against null would fail on every attempt.
+fn add_finalizer_patch(current: Option<&Vec<String>>) -> serde_json::Value {
+    match current {
+        None => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ]),
+        Some(list) => json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": list},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ]),
     }
 }
 

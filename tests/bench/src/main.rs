@@ -221,6 +221,14 @@ async fn run(args: &Args, mode: Mode) -> Result<Row, String> {
         status = any_exit => return Err(format!("an operator exited: {status:?}")),
     }
     let ready_secs = started.elapsed().as_secs_f64();
+    // Where the 2 cores went until all were Ready: the operators' and this process's (the API
+    // test server, the simulator and the benchmark itself).
+    let operator_cpu: f64 = operators.iter().filter_map(|(_, pid)| cpu_secs(*pid)).sum();
+    let own_cpu = cpu_secs(std::process::id()).unwrap_or_default();
+    eprintln!(
+        "  {}: CPU until all Ready: operator(s) {operator_cpu:.1} s, test server + simulator + benchmark {own_cpu:.1} s, in {ready_secs:.1} s",
+        mode.flag()
+    );
     // Every Waldur request from the first create to the end of the settled window is counted,
     // in one of three phases: creation (until all Ready), the tail, the settled window.
     let create_requests = sim.total_requests();
@@ -375,15 +383,33 @@ async fn event_reasons(client: &Client) -> String {
         return "unreadable".into();
     };
     let mut by_reason = std::collections::BTreeMap::<String, i64>::new();
+    // The most frequent Warning, so that a failing run says why.
+    let mut warnings = std::collections::HashMap::<String, i64>::new();
     for e in list.items {
         let times = e.series.map_or(1, |s| i64::from(s.count));
         *by_reason.entry(e.reason.unwrap_or_default()).or_default() += times;
+        if e.type_.as_deref() == Some("Warning") {
+            *warnings.entry(e.note.unwrap_or_default()).or_default() += times;
+        }
     }
-    by_reason
+    let mut text = by_reason
         .iter()
         .map(|(r, n)| format!("{r} {n}"))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if let Some((note, n)) = warnings.into_iter().max_by_key(|(_, n)| *n) {
+        text.push_str(&format!("; most frequent Warning ({n}x): {note}"));
+    }
+    text
+}
+
+/// CPU time the process has used so far, in seconds (user + system, from /proc).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 /// SIGTERM, as Kubernetes stops a pod (a heap-profiling build writes its profile then), and
