@@ -108,8 +108,101 @@ impl Record {
 struct Snapshot {
     by_uuid: HashMap<WaldurUuid, Arc<Record>>,
     by_backend: HashMap<Box<str>, WaldurUuid>,
+    /// Groups the sweep saw but keeps no record of, because no resource of this process
+    /// could want them (see [`Wanted`]): a lookup that meets one asks Waldur instead of
+    /// answering "missing".
+    elsewhere: Fingerprints,
     /// Set after the first complete sweep: before it, a miss proves nothing.
     complete: bool,
+}
+
+/// 64-bit fingerprints of the groups a sweep saw but did not keep: by UUID, by backend id, by
+/// (tenant, name). Nine bytes a group in each set instead of a record: at 30,000 groups over
+/// three shards, a shard keeps its 10,000 records and 20,000 fingerprints.
+#[derive(Default)]
+struct Fingerprints {
+    uuids: HashSet<u64>,
+    backend_ids: HashSet<u64>,
+    names: HashSet<u64>,
+}
+
+fn fingerprint(parts: &[&str]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+impl Fingerprints {
+    fn add(&mut self, g: &WaldurGroup) {
+        self.uuids.insert(fingerprint(&[g.uuid.as_str()]));
+        if !g.backend_id.is_empty() {
+            self.backend_ids.insert(fingerprint(&[&g.backend_id]));
+        }
+        self.names
+            .insert(fingerprint(&[g.tenant_uuid.as_str(), &g.name]));
+    }
+}
+
+/// What the resources of this process could ask the index about: the groups they are bound
+/// to or import (by UUID or backend id), and the (tenant, name) of those they would create or
+/// adopt. Taken from the cache when a sweep starts; a resource that appears later and asks
+/// about a group the sweep did not keep finds a fingerprint, and asks Waldur. With shards,
+/// this keeps a shard from holding every other shard's groups too.
+#[derive(Default)]
+pub struct Wanted {
+    uuids: HashSet<String>,
+    backend_ids: HashSet<String>,
+    names: HashSet<u64>,
+}
+
+impl Wanted {
+    pub fn of(groups: &[Arc<ServerGroup>]) -> Self {
+        let mut wanted = Self::default();
+        for sg in groups {
+            let status = sg.status.as_ref();
+            let import = sg.spec.import.as_ref();
+            for uuid in [
+                status.and_then(|s| s.uuid.as_deref()),
+                import.and_then(|i| i.uuid.as_deref()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if let Ok(uuid) = WaldurUuid::parse(uuid) {
+                    wanted.uuids.insert(uuid.as_str().to_string());
+                }
+            }
+            for backend_id in [
+                status.and_then(|s| s.backend_id.as_deref()),
+                import.and_then(|i| i.backend_id.as_deref()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                wanted.backend_ids.insert(backend_id.to_string());
+            }
+            if let Some(tenant) = sg
+                .spec
+                .tenant
+                .as_deref()
+                .and_then(|t| WaldurUuid::parse(t).ok())
+            {
+                wanted
+                    .names
+                    .insert(fingerprint(&[tenant.as_str(), &sg.waldur_name()]));
+            }
+        }
+        wanted
+    }
+
+    fn wants(&self, g: &WaldurGroup) -> bool {
+        self.uuids.contains(g.uuid.as_str())
+            || (!g.backend_id.is_empty() && self.backend_ids.contains(&g.backend_id))
+            || self
+                .names
+                .contains(&fingerprint(&[g.tenant_uuid.as_str(), &g.name]))
+    }
 }
 
 impl Snapshot {
@@ -245,6 +338,13 @@ impl Shard {
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
         match snap.by_uuid.get(uuid) {
             Some(g) => Answer::Found(Arc::new(g.group())),
+            None if snap
+                .elsewhere
+                .uuids
+                .contains(&fingerprint(&[uuid.as_str()])) =>
+            {
+                Answer::Unknown
+            }
             None if snap.complete => Answer::Missing,
             None => Answer::Unknown,
         }
@@ -262,6 +362,13 @@ impl Shard {
         {
             Some((uuid, g)) if !self.is_dirty(uuid) => Answer::Found(Arc::new(g.group())),
             Some(_) => Answer::Unknown,
+            None if snap
+                .elsewhere
+                .backend_ids
+                .contains(&fingerprint(&[backend_id])) =>
+            {
+                Answer::Unknown
+            }
             None if snap.complete => Answer::Missing,
             None => Answer::Unknown,
         }
@@ -278,7 +385,12 @@ impl Shard {
             return None;
         }
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
-        if !snap.complete {
+        if !snap.complete
+            || snap
+                .elsewhere
+                .names
+                .contains(&fingerprint(&[tenant.as_str(), name]))
+        {
             return None;
         }
         Some(
@@ -341,7 +453,7 @@ impl Shard {
 
     /// One sweep: list everything, swap the snapshot, and return the UUIDs whose group changed,
     /// appeared or disappeared.
-    pub async fn sweep(&self) -> Result<Vec<WaldurUuid>, WaldurError> {
+    pub async fn sweep(&self, wanted: &Wanted) -> Result<Vec<WaldurUuid>, WaldurError> {
         let started = Instant::now();
         let mut next = Snapshot {
             complete: true,
@@ -357,6 +469,10 @@ impl Shard {
                 .list_pages(&query, |page| {
                     let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
                     for group in page {
+                        if !wanted.wants(&group) {
+                            next.elsewhere.add(&group);
+                            continue;
+                        }
                         let uuid = group.uuid.clone();
                         let record = Record::from(group);
                         match snap.by_uuid.get(&uuid) {
@@ -569,7 +685,7 @@ async fn sweep_loop(
         if index.drop_if_idle(&key, index.timing.settled * 3) {
             return;
         }
-        let pause = match shard.sweep().await {
+        let pause = match shard.sweep(&Wanted::of(&index.store.state())).await {
             Ok(changed) => {
                 failures = 0;
                 index.wake_bound_to(&changed);
@@ -629,6 +745,70 @@ mod tests {
             state: Some(state),
             ..Default::default()
         }
+    }
+
+    fn named(uuid: &str, tenant: &str, name: &str, backend_id: &str) -> WaldurGroup {
+        WaldurGroup {
+            uuid: WaldurUuid::parse(uuid).unwrap(),
+            tenant_uuid: WaldurUuid::parse(tenant).unwrap(),
+            name: name.into(),
+            backend_id: backend_id.into(),
+            state: Some(State::Ok),
+            ..Default::default()
+        }
+    }
+
+    /// A shard keeps records of the groups its resources could ask about, and fingerprints of
+    /// the rest: a question about one of those is "ask Waldur", never "missing" (a wrong
+    /// "missing" before a create would make a second group).
+    #[test]
+    fn groups_kept_elsewhere_are_unknown_not_missing() {
+        let tenant = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+        let mine = named("00000000000000000000000000000001", tenant, "web", "nova-1");
+        let theirs = named("00000000000000000000000000000002", tenant, "db", "nova-2");
+        let mut sg = ServerGroup::new(
+            "web",
+            crate::api::ServerGroupSpec {
+                tenant: Some(tenant.into()),
+                ..Default::default()
+            },
+        );
+        sg.metadata.namespace = Some("team-a".into());
+        let wanted = Wanted::of(&[Arc::new(sg)]);
+        assert!(wanted.wants(&mine), "by tenant and name");
+        assert!(!wanted.wants(&theirs));
+
+        let client = WaldurClient::new(&crate::waldur::ClientSettings::new(
+            "http://127.0.0.1:9",
+            crate::waldur::Token::new("t"),
+        ))
+        .unwrap();
+        let shard = Shard::new(client, Duration::from_secs(1), Duration::from_secs(60));
+        {
+            let mut snap = shard.snapshot.write().unwrap();
+            snap.complete = true;
+            snap.insert(mine.clone());
+            snap.elsewhere.add(&theirs);
+        }
+        shard.complete.send_replace(SweepState::Complete);
+        let tenant = WaldurUuid::parse(tenant).unwrap();
+        assert!(matches!(shard.lookup_uuid(&mine.uuid), Answer::Found(_)));
+        assert_eq!(shard.lookup_uuid(&theirs.uuid), Answer::Unknown);
+        assert_eq!(
+            shard.lookup_uuid(&WaldurUuid::parse("00000000000000000000000000000003").unwrap()),
+            Answer::Missing
+        );
+        assert_eq!(shard.lookup_backend_id("nova-2"), Answer::Unknown);
+        assert_eq!(shard.lookup_backend_id("nova-3"), Answer::Missing);
+        assert_eq!(
+            shard.by_tenant_and_name(&tenant, "web").map(|g| g.len()),
+            Some(1)
+        );
+        assert_eq!(shard.by_tenant_and_name(&tenant, "db"), None, "ask Waldur");
+        assert_eq!(
+            shard.by_tenant_and_name(&tenant, "new").map(|g| g.len()),
+            Some(0)
+        );
     }
 
     #[test]
