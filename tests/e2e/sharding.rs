@@ -61,6 +61,21 @@ async fn wait_gauge(env: &Env, port: u16, family: &str, want: i64, within: Durat
     }
 }
 
+const WAITING: &str = "waldur_operator_shard_waiting";
+
+/// Waits until the process on `port` leads its shard (reconciles), or has stopped leading.
+async fn wait_leading(env: &Env, port: u16, leading: bool) {
+    let want = i64::from(leading);
+    wait_gauge(
+        env,
+        port,
+        "waldur_operator_leader{",
+        want,
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
 /// The instances (POD_NAME) that reported creating each ServerGroup, by name.
 async fn creators(env: &Env) -> HashMap<String, Vec<String>> {
     let events: Api<Event> = Api::namespaced(env.kube.clone(), &env.ns);
@@ -124,14 +139,7 @@ pub async fn shards_split_the_resources_and_each_is_reconciled_once(env: &Env) {
         shards.push(start_shard(env, &format!("shard-{i}"), i, 3).await);
     }
     for (_, port) in &shards {
-        wait_gauge(
-            env,
-            *port,
-            "waldur_operator_leader{",
-            1,
-            Duration::from_secs(20),
-        )
-        .await;
+        wait_leading(env, *port, true).await;
     }
     let first = names("web", 30);
     apply_all(env, &first).await;
@@ -185,31 +193,10 @@ pub async fn shards_split_the_resources_and_each_is_reconciled_once(env: &Env) {
     // A rollout to 4 shards begins: the new shard 3 of 4 holds its lease and waits, and the
     // running shards of 3 stop once they see it. Nothing is reconciled meanwhile.
     let (_, port_3) = start_shard(env, "shard-3-of-4", 3, 4).await;
-    wait_gauge(
-        env,
-        port_3,
-        "waldur_operator_shard_waiting",
-        1,
-        Duration::from_secs(20),
-    )
-    .await;
+    wait_gauge(env, port_3, WAITING, 1, Duration::from_secs(20)).await;
     for (_, port) in &shards {
-        wait_gauge(
-            env,
-            *port,
-            "waldur_operator_leader{",
-            0,
-            Duration::from_secs(20),
-        )
-        .await;
-        wait_gauge(
-            env,
-            *port,
-            "waldur_operator_shard_waiting",
-            1,
-            Duration::from_secs(5),
-        )
-        .await;
+        wait_leading(env, *port, false).await;
+        wait_gauge(env, *port, WAITING, 1, Duration::from_secs(5)).await;
     }
     let third = names("db", 10);
     apply_all(env, &third).await;
