@@ -28,12 +28,6 @@ pub struct Shard {
     pub total: u32,
 }
 
-impl Default for Shard {
-    fn default() -> Self {
-        Self::ALL
-    }
-}
-
 impl std::fmt::Display for Shard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "shard {} of {}", self.index, self.total)

@@ -197,11 +197,6 @@ impl EventWriter {
             ..Default::default()
         }
     }
-
-    /// How many Events are remembered for repeats (for tests and the benchmark's reading).
-    pub fn remembered(&self) -> usize {
-        self.recent().by_key.len()
-    }
 }
 
 #[cfg(test)]

@@ -159,29 +159,13 @@ pub struct Wanted {
     names: HashSet<u64>,
 }
 
-/// A UUID in the index's canonical form (32 lower-case hex digits, no dashes), on the stack:
-/// the walk over every cached resource at each busy sweep allocates nothing per resource.
-fn canonical_uuid(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    let mut n = 0;
-    for b in s.trim().bytes().filter(|b| *b != b'-') {
-        if n == 32 || !b.is_ascii_hexdigit() {
-            return None;
-        }
-        out[n] = b.to_ascii_lowercase();
-        n += 1;
-    }
-    (n == 32).then_some(out)
-}
-
 /// The fingerprint of a UUID (and a name after it, if any) as the index writes them, from
 /// any form a manifest may use.
 fn uuid_fingerprint(uuid: &str, name: Option<&str>) -> Option<u64> {
-    let canonical = canonical_uuid(uuid)?;
-    let uuid = std::str::from_utf8(&canonical).ok()?;
+    let uuid = WaldurUuid::parse(uuid).ok()?;
     Some(match name {
-        None => fingerprint(&[uuid]),
-        Some(name) => fingerprint(&[uuid, name]),
+        None => fingerprint(&[uuid.as_str()]),
+        Some(name) => fingerprint(&[uuid.as_str(), name]),
     })
 }
 

@@ -63,12 +63,7 @@ impl OwnWrites {
         let Some((written, _)) = map.get(uid) else {
             return;
         };
-        let current: Option<u64> = sg
-            .metadata
-            .resource_version
-            .as_deref()
-            .and_then(|v| v.parse().ok());
-        if current.is_none_or(|c| c >= *written) {
+        if version(sg).is_none_or(|c| c >= *written) {
             map.remove(uid);
             if map.is_empty() {
                 // The burst is over: give the table back.
@@ -83,6 +78,12 @@ impl OwnWrites {
             self.lock().remove(uid);
         }
     }
+}
+
+/// An object's resourceVersion as a number: opaque in the API's contract, ordered integers
+/// in practice; `None` when it does not parse, which makes no comparison hold.
+fn version(sg: &ServerGroup) -> Option<u64> {
+    sg.metadata.resource_version.as_deref()?.parse().ok()
 }
 
 /// Everything a reconcile needs besides the object.
@@ -219,7 +220,7 @@ impl Context {
         let cached = self
             .store
             .get(&ObjectRef::from_obj(obj))
-            .and_then(|c| c.metadata.resource_version.as_deref()?.parse::<u64>().ok());
+            .and_then(|c| version(&c));
         if cached.is_some_and(|c| c >= rv) {
             map.remove(&uid);
             return;
@@ -238,9 +239,6 @@ impl Context {
     /// resourceVersions are opaque in the API's contract but ordered integers in practice;
     /// one that does not parse leaves the object as it is.
     fn freshest(&self, obj: Arc<ServerGroup>) -> Arc<ServerGroup> {
-        let version = |o: &ServerGroup| -> Option<u64> {
-            o.metadata.resource_version.as_deref()?.parse().ok()
-        };
         let mut map = self.own_writes.lock();
         // The controller handed over the object as the cache held it when the reconcile was
         // queued; the watch may have brought a newer one since (and with it, our write, whose
