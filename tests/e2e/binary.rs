@@ -284,3 +284,27 @@ async fn a_lone_leader_keeps_leading_through_renewals() {
     );
     assert_eq!(log.matches("acquired the lease").count(), 1, "{log}");
 }
+
+/// The shipped binary runs jemalloc with the compiled-in settings the memory figures were
+/// measured with (one arena, pages back after a second); jemalloc prints the settings in
+/// effect when asked to through its environment variable.
+#[test]
+fn the_binary_runs_jemalloc_with_its_compiled_in_settings() {
+    let out = Command::new(OPERATOR)
+        .arg("crd")
+        .env(
+            "_RJEM_MALLOC_CONF",
+            "stats_print:true,stats_print_opts:Jmdablxe",
+        )
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for setting in [
+        "\"narenas\":1,",
+        "\"dirty_decay_ms\":1000,",
+        "\"muzzy_decay_ms\":0,",
+    ] {
+        assert!(stats.contains(setting), "{setting} not in effect:\n{stats}");
+    }
+}
