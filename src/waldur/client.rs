@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::breaker::{self, Breaker};
 use super::error::WaldurError;
 use super::limiter::Limiter;
-use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
+use super::model::{Detail, NewServerGroup, ServerGroup, Tenant, WaldurUuid};
 use super::query::ListQuery;
 
 /// Waldur clamps larger pages to this size.
@@ -98,6 +98,8 @@ pub enum Endpoint {
     SetOk,
     /// The tenant's re-sync of its server groups (`pull_server_groups`).
     PullTenant,
+    /// One tenant (`GET /api/openstack-tenants/{uuid}/`): its state.
+    TenantRetrieve,
 }
 
 impl Endpoint {
@@ -114,12 +116,16 @@ impl Endpoint {
             Self::SetErred => "set_erred",
             Self::SetOk => "set_ok",
             Self::PullTenant => "pull_server_groups",
+            Self::TenantRetrieve => "tenant_retrieve",
         }
     }
 
     /// Only reads are safe to send twice.
     pub fn is_read(self) -> bool {
-        matches!(self, Self::List | Self::Count | Self::Retrieve)
+        matches!(
+            self,
+            Self::List | Self::Count | Self::Retrieve | Self::TenantRetrieve
+        )
     }
 }
 
@@ -335,6 +341,24 @@ impl WaldurClient {
         self.send(Endpoint::PullTenant, self.request(Method::POST, &url))
             .await
             .map(|_| ())
+    }
+
+    /// One tenant, for its state: whether Waldur holds it (a tenant action running), whether
+    /// it is Erred, and so whether a re-sync asked for has finished.
+    pub async fn get_tenant(&self, tenant: &WaldurUuid) -> Result<Tenant, WaldurError> {
+        let url = format!("{}/api/openstack-tenants/{tenant}/", self.base);
+        let params = [
+            ("field", "uuid"),
+            ("field", "name"),
+            ("field", "state"),
+            ("field", "error_message"),
+        ];
+        let answer = self
+            .read(Endpoint::TenantRetrieve, || {
+                self.request(Method::GET, &url).query(&params)
+            })
+            .await?;
+        decode(Endpoint::TenantRetrieve, &answer)
     }
 
     /// Creates on the collection, as the public docs describe. Real servers answer 500 here;

@@ -18,5 +18,7 @@ pub use client::{
 };
 pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
 pub use limiter::{Limiter, Limits, Slot};
-pub use model::{Instance, InvalidUuid, NewServerGroup, Policy, ServerGroup, State, WaldurUuid};
+pub use model::{
+    Instance, InvalidUuid, NewServerGroup, Policy, ServerGroup, State, Tenant, WaldurUuid,
+};
 pub use query::ListQuery;

@@ -184,6 +184,22 @@ impl<'de> Deserialize<'de> for State {
     }
 }
 
+/// The part of a Waldur OpenStack tenant the operator reads: its state says whether Waldur
+/// will run tenant actions (creates and re-syncs of server groups are refused with 409 while
+/// it is not OK), and whether a re-sync the operator asked for has run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+pub struct Tenant {
+    #[serde(default)]
+    pub uuid: WaldurUuid,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub name: String,
+    /// `None` when the server sent no state.
+    #[serde(default)]
+    pub state: Option<State>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub error_message: String,
+}
+
 /// The four server-group policies of Nova. Servers before Waldur 8.0.4 accept `affinity` only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
