@@ -87,11 +87,22 @@ struct RunArgs {
     /// otherwise. At least 30s.
     #[arg(long, env = "RESYNC_PERIOD", default_value = "10m", value_parser = resync_period)]
     resync_period: Duration,
-    /// When a group's UUID and Nova id vanish from Waldur (an unlink), the operator asks
-    /// Waldur to re-sync the tenant and makes a new group only if the old one is not back
-    /// this long after.
-    #[arg(long, env = "REIMPORT_WAIT", default_value = "30s", value_parser = duration)]
+    /// When a group vanishes from Waldur while OpenStack may still hold it (an unlink), a new
+    /// group is made only on evidence that it will not come back: a tenant re-sync the
+    /// operator asked for ran and did not bring it back. Without such evidence (automatic
+    /// tenant re-syncs off, refused, or the tenant unreadable) it waits this long, longer than
+    /// Waldur's own 2-hourly re-sync. The request-recreate annotation skips the wait.
+    #[arg(long, env = "REIMPORT_WAIT", default_value = "3h", value_parser = duration)]
     reimport_wait: Duration,
+    /// Whether the operator asks Waldur to re-sync a tenant's server groups by itself (after
+    /// an unlink, and before deleting an ERRED group). Each re-sync holds the whole tenant
+    /// while it runs, and one that fails in OpenStack leaves the tenant Erred for every user
+    /// until staff repair it; with false, only Waldur's periodic re-sync is waited for.
+    #[arg(long, env = "TENANT_PULLS", default_value_t = true, action = clap::ArgAction::Set)]
+    tenant_pulls: bool,
+    /// The least time between two tenant re-syncs the operator asks for in one tenant.
+    #[arg(long, env = "TENANT_PULL_FLOOR", default_value = "5m", value_parser = duration)]
+    tenant_pull_floor: Duration,
     /// Ask Waldur to pull settled groups from OpenStack this often, such as 1h. Off by default:
     /// Waldur re-syncs every 2 hours by itself.
     #[arg(long, env = "PULL_INTERVAL", value_parser = duration)]
@@ -305,6 +316,8 @@ fn options(args: &RunArgs) -> Result<Options, String> {
             resync_period: args.resync_period,
             pull_interval: args.pull_interval,
             reimport_wait: args.reimport_wait,
+            tenant_pulls: args.tenant_pulls,
+            tenant_pull_floor: args.tenant_pull_floor,
         },
         concurrency: args.concurrency,
         read_path: match args.read_path {

@@ -121,6 +121,7 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    let tenant_pulls = Arc::new(controller::tenant_pulls::TenantPulls::default());
     let runtime = || controller::Runtime {
         kube: kube.clone(),
         api: api.clone(),
@@ -134,6 +135,7 @@ pub async fn run(
         health: health.clone(),
         claims_namespace: options.claims_namespace.clone(),
         shard: options.shard,
+        tenant_pulls: tenant_pulls.clone(),
     };
     tracing::info!(
         namespace = if options.namespace.is_empty() { "(all)" } else { &options.namespace },

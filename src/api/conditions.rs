@@ -22,6 +22,9 @@ pub mod ready_reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The group vanished from Waldur; a tenant re-sync may bring it back before a new one.
     pub const REIMPORTING: &str = "Reimporting";
+    /// The group's tenant is Erred in Waldur: every tenant action, creates included, is
+    /// refused for every user until staff or Waldur's background pull repairs the tenant.
+    pub const TENANT_ERRED: &str = "TenantErred";
     /// Nothing is known yet (first reconcile, or Waldur could not be reached).
     pub const UNKNOWN: &str = "Unknown";
 }

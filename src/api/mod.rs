@@ -29,6 +29,13 @@ pub const ANNOTATION_REQUEST_PULL: &str = "openstack.waldur.com/request-pull";
 pub const ANNOTATION_REQUEST_SET_OK: &str = "openstack.waldur.com/request-set-ok";
 /// A new token asks Waldur once to mark the group ERRED (staff).
 pub const ANNOTATION_REQUEST_SET_ERRED: &str = "openstack.waldur.com/request-set-erred";
+/// A new token makes a new group now for a resource whose group vanished, without waiting
+/// for evidence that Waldur will not bring it back (the user knows it was deleted).
+pub const ANNOTATION_REQUEST_RECREATE: &str = "openstack.waldur.com/request-recreate";
+/// Written by the operator just before it asks Waldur to create a group, in the same
+/// Kubernetes write as the finalizer when it can: if the create's answer is lost, the group
+/// found later is recognised as this resource's own (Crossplane's create-pending, refined).
+pub const ANNOTATION_CREATE_INTENT: &str = "openstack.waldur.com/create-intent";
 /// Held while the Waldur group may still exist.
 pub const FINALIZER: &str = "openstack.waldur.com/server-group";
 
@@ -305,15 +312,50 @@ pub struct ServerGroupStatus {
     pub reimport: Option<Reimport>,
 }
 
-/// A re-sync of the tenant asked for, to get a vanished group back before making another.
+/// A group that vanished from Waldur while OpenStack may still hold it, and what the operator
+/// has learnt since about whether Waldur will bring it back.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Reimport {
-    /// The Nova server-group id expected back.
+    /// The Nova server-group id expected back; empty when the group vanished before Waldur
+    /// reported one (it is then looked for by name).
+    #[serde(default)]
     pub backend_id: String,
-    /// When the re-sync was asked for.
-    #[schemars(extend("description" = "When the re-sync was asked for."))]
-    pub requested_at: Time,
+    /// When the operator first found the group gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("description" = "When the operator first found the group gone."))]
+    pub since: Option<Time>,
+    /// When Waldur accepted the operator's request to re-sync the tenant (202); absent while
+    /// none was accepted since the group vanished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("description" = "When Waldur accepted the operator's request to re-sync the tenant (202); absent while none was accepted since the group vanished."))]
+    pub requested_at: Option<Time>,
+}
+
+impl Reimport {
+    /// When the group was first found gone (older statuses recorded only the request).
+    pub fn since(&self) -> Option<&Time> {
+        self.since.as_ref().or(self.requested_at.as_ref())
+    }
+}
+
+/// What the operator wrote into `openstack.waldur.com/create-intent` before a create: where,
+/// under which name, when, and which groups of that name already existed then (not its own).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct CreateIntent {
+    /// The tenant UUID, canonical.
+    pub tenant: String,
+    /// The name in Waldur.
+    pub name: String,
+    /// When the create was decided (the operator's clock, RFC 3339).
+    pub at: String,
+    /// The status UUID this create replaces (a recreate), or empty for a first create: an
+    /// intent stands only until a group is bound.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replaces: String,
+    /// UUIDs of groups with this name seen in the tenant when the create was decided.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<String>,
 }
 
 /// A VM in the group.
@@ -342,6 +384,9 @@ pub struct HandledRequests {
     /// The last openstack.waldur.com/request-set-erred token acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub set_erred: Option<String>,
+    /// The last openstack.waldur.com/request-recreate token acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recreate: Option<String>,
 }
 
 /// Bookkeeping of the automatic pulls of an ERRED group.
@@ -372,6 +417,11 @@ impl ServerGroup {
             .as_ref()
             .and_then(|a| a.get(key))
             .map(String::as_str)
+    }
+
+    /// The create intent the operator recorded, when readable.
+    pub fn create_intent(&self) -> Option<CreateIntent> {
+        serde_json::from_str(self.annotation(ANNOTATION_CREATE_INTENT)?).ok()
     }
 
     pub fn is_paused(&self) -> bool {

@@ -8,8 +8,10 @@
 //! first to create the claim wins and the other reports AlreadyManaged. A claim whose holder
 //! is gone (deleted while the operator was down) or has moved to another group is taken over.
 //!
-//! Groups the operator creates itself are not claimed: their UUID is new, and a claim per
-//! create would cost two more API writes per resource.
+//! Groups the operator creates itself are claimed right after Waldur's 201, before the status
+//! write: a twin (same tenant and name) could otherwise find and bind the new group first. A
+//! resource releases its claim when it lets its group go (cleanup) and when it binds another
+//! group (a rebind after a re-import, or a recreate).
 
 use std::time::Duration;
 

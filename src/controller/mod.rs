@@ -9,6 +9,7 @@ pub mod plan;
 mod reconcile;
 pub mod secret_guard;
 mod status;
+pub mod tenant_pulls;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -112,6 +113,8 @@ pub struct Context {
     wake: Option<futures::channel::mpsc::UnboundedSender<ObjectRef<ServerGroup>>>,
     /// The part of the resources this process reconciles; its Secret finalizer is its own.
     pub shard: Shard,
+    /// The tenant re-syncs this process asked for: one per tenant at a time, with a floor.
+    pub tenant_pulls: Arc<tenant_pulls::TenantPulls>,
 }
 
 impl Context {
@@ -140,7 +143,15 @@ impl Context {
             parked: Mutex::new(HashMap::new()),
             wake: None,
             shard: Shard::ALL,
+            tenant_pulls: Arc::default(),
         }
+    }
+
+    /// Shares the record of tenant re-syncs across leadership terms: the floor between two
+    /// holds one process's requests, whoever leads.
+    pub fn with_tenant_pulls(mut self, pulls: Arc<tenant_pulls::TenantPulls>) -> Self {
+        self.tenant_pulls = pulls;
+        self
     }
 
     fn with_own_writes(mut self, own_writes: Arc<OwnWrites>) -> Self {
@@ -333,6 +344,8 @@ pub struct Runtime {
     pub claims_namespace: String,
     /// The resources of this shard are the only ones cached and reconciled.
     pub shard: Shard,
+    /// The tenant re-syncs asked for, kept for the whole process (not per leadership term).
+    pub tenant_pulls: Arc<tenant_pulls::TenantPulls>,
 }
 
 /// Runs the controller until `shutdown` resolves.
@@ -397,7 +410,8 @@ pub async fn run(
     .with_claims_namespace(rt.claims_namespace.clone())
     .with_wake(wake_tx.clone())
     .with_own_writes(own_writes)
-    .with_shard(rt.shard);
+    .with_shard(rt.shard)
+    .with_tenant_pulls(rt.tenant_pulls.clone());
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::conditions::synced_reason;
 use crate::api::{
-    DeletionPolicy, HandledRequests, ManagementPolicy, READY, SYNCED, ServerGroup,
+    CreateIntent, DeletionPolicy, HandledRequests, ManagementPolicy, READY, SYNCED, ServerGroup,
     ServerGroupStatus, ready_reason,
 };
 use crate::waldur::{Policy, ServerGroup as WaldurGroup, State, WaldurUuid};
@@ -21,12 +21,35 @@ pub struct Settings {
     pub resync_period: Duration,
     /// Pull settled groups this often; `None` leaves it to Waldur's own 2-hourly re-sync.
     pub pull_interval: Option<Duration>,
-    /// How long after asking Waldur to re-sync a tenant a vanished group may be made anew.
+    /// How long a vanished group is waited for when no evidence can be had (automatic tenant
+    /// re-syncs off, refused, or the tenant's state unreadable): longer than Waldur's own
+    /// periodic re-sync (every 2 hours) and its lateness, so that a group Waldur re-imports is
+    /// back before a new one is made.
     pub reimport_wait: Duration,
+    /// Whether the operator asks Waldur for tenant re-syncs by itself (after an unlink, and
+    /// before deleting an ERRED group). Each holds the whole tenant while it runs, and a failed
+    /// one leaves the tenant Erred for every user.
+    pub tenant_pulls: bool,
+    /// The least time between two tenant re-syncs this operator asks for in one tenant.
+    pub tenant_pull_floor: Duration,
 }
 
 impl Settings {
-    pub const DEFAULT_REIMPORT_WAIT: Duration = Duration::from_secs(30);
+    /// Waldur's periodic re-sync runs every 2 hours; one more hour covers a late one.
+    pub const DEFAULT_REIMPORT_WAIT: Duration = Duration::from_secs(3 * 3600);
+    pub const DEFAULT_TENANT_PULL_FLOOR: Duration = Duration::from_secs(300);
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            resync_period: Duration::from_secs(600),
+            pull_interval: None,
+            reimport_wait: Self::DEFAULT_REIMPORT_WAIT,
+            tenant_pulls: true,
+            tenant_pull_floor: Self::DEFAULT_TENANT_PULL_FLOOR,
+        }
+    }
 }
 
 /// How Waldur is asked where the group is.
@@ -56,12 +79,13 @@ pub enum Missing {
     NotFound,
     /// The group's UUID and Nova id are both unknown to Waldur, but OpenStack may still hold
     /// it (an unlink): Waldur re-imports it only on a tenant re-sync, under a new UUID. Making
-    /// a new group now would leave two in OpenStack (review M2), so ask for the re-sync
-    /// (`ask`) and wait for it.
+    /// a new group before that is known not to happen would leave two in OpenStack (review
+    /// M2), so learn what the tenant's re-sync did first ([`reimport_step`]).
     AwaitReimport {
         tenant: WaldurUuid,
+        /// Empty when the group vanished before Waldur reported its Nova id: it is then looked
+        /// for by name.
         backend_id: String,
-        ask: bool,
     },
 }
 
@@ -114,54 +138,252 @@ pub fn first_lookup_for_create(sg: &ServerGroup) -> Result<Lookup, SpecProblem> 
     })
 }
 
-/// The next step after `lookup` found nothing.
+/// The next step after `lookup` found nothing. `deleting`: the resource is being deleted, so
+/// nothing is created, but a group that may come back is still waited for (review N2).
 pub fn after_missing(
     sg: &ServerGroup,
     lookup: &Lookup,
-    settings: &Settings,
-    now: Timestamp,
+    deleting: bool,
 ) -> Result<Missing, SpecProblem> {
     let managed = sg.spec.management_policy == ManagementPolicy::Managed;
     let imported = sg.spec.import.is_some();
-    let known_backend_id = sg
-        .status
-        .as_ref()
+    let status = sg.status.as_ref();
+    let known_backend_id = status
         .and_then(|s| s.backend_id.as_deref())
         .filter(|b| !b.is_empty());
-    let had_uuid = sg.status.as_ref().and_then(|s| s.uuid.as_ref()).is_some();
+    let had_uuid = status.and_then(|s| s.uuid.as_ref()).is_some();
+    // A group last seen while Waldur was still creating it may have got a Nova group since,
+    // which this resource never saw: it too may come back, by name.
+    let maybe_in_openstack_unseen = had_uuid
+        && known_backend_id.is_none()
+        && status
+            .and_then(|s| s.state.as_deref())
+            .map(State::parse)
+            .is_some_and(|s| s.is_transitional());
+    // Deleting with the Delete policy: the group must be found to be deleted, whatever
+    // brought it here. Unlink wants Waldur's record gone, and it is.
+    let may_come_back_for = managed
+        && if deleting {
+            sg.spec.deletion_policy == DeletionPolicy::Delete
+        } else {
+            !imported
+        };
+    let await_reimport = |backend_id: &str| -> Result<Missing, SpecProblem> {
+        let Some(tenant) = sg.spec.tenant.as_deref() else {
+            return Ok(Missing::NotFound);
+        };
+        Ok(Missing::AwaitReimport {
+            tenant: WaldurUuid::parse(tenant).map_err(|e| SpecProblem::BadTenant(e.to_string()))?,
+            backend_id: backend_id.to_string(),
+        })
+    };
     match lookup {
         // Waldur re-imports a group that survived in OpenStack under a new UUID: find it
         // by its Nova id before concluding it is gone.
         Lookup::Uuid(_) if had_uuid && known_backend_id.is_some() => Ok(Missing::Lookup(
             Lookup::BackendId(known_backend_id.unwrap_or_default().to_string()),
         )),
-        _ if imported || !managed => Ok(Missing::NotFound),
-        Lookup::BackendId(backend_id) if had_uuid && known_backend_id == Some(backend_id) => {
-            let asked = sg
-                .status
-                .as_ref()
-                .and_then(|s| s.reimport.as_ref())
-                .filter(|r| &r.backend_id == backend_id);
-            match asked {
-                Some(r) if due(Some(r.requested_at.0), settings.reimport_wait, now) => {
-                    Ok(Missing::Create { recreate: true })
-                }
-                _ => {
-                    let Some(tenant) = sg.spec.tenant.as_deref() else {
-                        return Err(SpecProblem::MissingTenantOrPolicy);
-                    };
-                    Ok(Missing::AwaitReimport {
-                        tenant: WaldurUuid::parse(tenant)
-                            .map_err(|e| SpecProblem::BadTenant(e.to_string()))?,
-                        backend_id: backend_id.clone(),
-                        ask: asked.is_none(),
-                    })
-                }
-            }
+        Lookup::BackendId(backend_id)
+            if had_uuid && known_backend_id == Some(backend_id) && may_come_back_for =>
+        {
+            await_reimport(backend_id)
         }
+        Lookup::Uuid(_) if maybe_in_openstack_unseen && may_come_back_for => await_reimport(""),
+        _ if imported || !managed || deleting => Ok(Missing::NotFound),
         Lookup::Uuid(_) | Lookup::BackendId(_) => Ok(Missing::Create { recreate: had_uuid }),
         Lookup::OwnCreation { .. } => Ok(Missing::Create { recreate: false }),
     }
+}
+
+/// What the operator saw of the group's tenant in this reconcile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TenantSeen {
+    /// OK: Waldur runs tenant actions, and no re-sync of it is pending.
+    Ok,
+    /// Held by a tenant action (Update Scheduled, Updating...): a re-sync is pending or running.
+    Busy(String),
+    /// Erred: every tenant action is refused until it is repaired. Waldur's message.
+    Erred(String),
+    /// These credentials cannot see the tenant (404).
+    Invisible,
+    /// Its state could not be read (an older Waldur, a malformed answer).
+    Unknown,
+}
+
+impl TenantSeen {
+    pub fn of(state: Option<&State>, error_message: &str) -> Self {
+        match state {
+            Some(State::Ok) => Self::Ok,
+            Some(State::Erred) => Self::Erred(error_message.to_string()),
+            Some(other) => Self::Busy(other.to_string()),
+            None => Self::Unknown,
+        }
+    }
+}
+
+/// The tenant re-syncs this process asked for in the group's tenant.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantPullsSeen {
+    /// The last one Waldur accepted (202).
+    pub last_accepted: Option<Timestamp>,
+    /// The last one asked for, accepted or not: the floor counts from it.
+    pub last_asked: Option<Timestamp>,
+}
+
+/// The next step for a group that vanished and may come back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReimportStep {
+    /// Ask Waldur to re-sync the tenant now.
+    AskPull,
+    /// A re-sync that started after the group vanished has finished (the tenant is back to
+    /// OK): look for the group once more; if it is still absent, it is gone for good.
+    Recheck,
+    /// Gone for good without a re-sync to show it: the safe wait passed, or the user asked.
+    Gone(String),
+    /// Nothing to learn yet: look again after `retry_in`.
+    Wait { message: String, retry_in: Duration },
+    /// The tenant is Erred (Waldur's message in `message`).
+    TenantErred { message: String, retry_in: Duration },
+}
+
+/// Decides, on evidence, whether a vanished group may still come back (review M2 and E2): only
+/// a tenant re-sync that started after the disappearance and finished without bringing it back
+/// shows it will not, or a wait longer than Waldur's own periodic re-sync when no such re-sync
+/// can be had. Never a fixed time after a request. Returns the step, and the accepted re-sync
+/// the evidence rests on (to record in status).
+pub fn reimport_step(
+    sg: &ServerGroup,
+    reimport: &crate::api::Reimport,
+    tenant: &TenantSeen,
+    pulls: TenantPullsSeen,
+    settings: &Settings,
+    now: Timestamp,
+) -> (ReimportStep, Option<Timestamp>) {
+    let since = reimport.since().map_or(now, |t| t.0);
+    // A re-sync accepted after the group vanished re-imports it if OpenStack has it: the one
+    // this resource asked for, or one another resource of this process asked for since.
+    let accepted = reimport
+        .requested_at
+        .as_ref()
+        .map(|t| t.0)
+        .or(pulls.last_accepted.filter(|t| *t >= since));
+    let waited = now.duration_since(since).unsigned_abs();
+    let safe_wait_left = settings.reimport_wait.saturating_sub(waited);
+    let poll =
+        |elapsed: Duration| (elapsed / 4).clamp(Duration::from_secs(2), Duration::from_secs(60));
+    let step = match (tenant, accepted) {
+        (TenantSeen::Erred(message), _) => ReimportStep::TenantErred {
+            message: tenant_erred_message(sg, message),
+            retry_in: settings.resync_period.min(Duration::from_secs(300)),
+        },
+        // The tenant was held when Waldur accepted the re-sync; back to OK means it ran.
+        (TenantSeen::Ok, Some(_)) => ReimportStep::Recheck,
+        (TenantSeen::Busy(state), Some(at)) => ReimportStep::Wait {
+            message: format!(
+                "Waldur is re-syncing the tenant ({state}); the group is looked for again when it \
+                 is done"
+            ),
+            retry_in: poll(now.duration_since(at).unsigned_abs()),
+        },
+        (TenantSeen::Busy(state), None) => ReimportStep::Wait {
+            message: format!(
+                "the tenant is busy ({state}); a re-sync is asked for once it is OK again"
+            ),
+            retry_in: Duration::from_secs(15),
+        },
+        (TenantSeen::Ok, None) if settings.tenant_pulls => {
+            let next = pulls.last_asked.map(|t| {
+                settings
+                    .tenant_pull_floor
+                    .saturating_sub(now.duration_since(t).unsigned_abs())
+            });
+            match next {
+                Some(left) if !left.is_zero() => ReimportStep::Wait {
+                    message: format!(
+                        "a re-sync of the tenant was asked for {:?} ago; the next may be asked \
+                         for in {left:?}",
+                        settings.tenant_pull_floor.saturating_sub(left)
+                    ),
+                    retry_in: left,
+                },
+                _ => ReimportStep::AskPull,
+            }
+        }
+        // No re-sync can be asked for or seen: only Waldur's periodic one remains.
+        _ if safe_wait_left.is_zero() => ReimportStep::Gone(format!(
+            "not back {waited:?} after it vanished, longer than Waldur's periodic re-sync \
+             (--reimport-wait {:?})",
+            settings.reimport_wait
+        )),
+        (TenantSeen::Invisible, _) => ReimportStep::Wait {
+            message: format!(
+                "these credentials cannot see the tenant, so its re-sync cannot be followed; \
+                 waiting for Waldur's periodic re-sync ({safe_wait_left:?} left)"
+            ),
+            retry_in: settings.resync_period.min(safe_wait_left),
+        },
+        _ => ReimportStep::Wait {
+            message: format!(
+                "waiting for Waldur's periodic re-sync to bring it back ({safe_wait_left:?} left \
+                 of --reimport-wait; set the openstack.waldur.com/request-recreate annotation to \
+                 make a new group now)"
+            ),
+            retry_in: settings.resync_period.min(safe_wait_left),
+        },
+    };
+    // The user knows the group is gone: make a new one now.
+    let step = match (&step, new_recreate_token(sg)) {
+        (ReimportStep::Wait { .. } | ReimportStep::AskPull, Some(token)) => {
+            ReimportStep::Gone(format!(
+                "requested by the openstack.waldur.com/request-recreate annotation (token {token})"
+            ))
+        }
+        _ => step,
+    };
+    (step, accepted)
+}
+
+/// Whether the operator may ask for a tenant re-sync now: automatic re-syncs on, the tenant
+/// seen OK (never while it is held or Erred), and the floor passed since the last one asked for.
+pub fn tenant_pull_due(
+    settings: &Settings,
+    pulls: TenantPullsSeen,
+    tenant: &TenantSeen,
+    now: Timestamp,
+) -> bool {
+    settings.tenant_pulls
+        && *tenant == TenantSeen::Ok
+        && pulls
+            .last_asked
+            .is_none_or(|t| now.duration_since(t).unsigned_abs() >= settings.tenant_pull_floor)
+}
+
+/// A `request-recreate` token not yet acted on.
+pub fn new_recreate_token(sg: &ServerGroup) -> Option<String> {
+    let done = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_requests.as_ref())
+        .and_then(|h| h.recreate.clone());
+    sg.annotation(crate::api::ANNOTATION_REQUEST_RECREATE)
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && Some(*t) != done.as_deref())
+        .map(str::to_string)
+}
+
+/// What a user reads on a resource whose tenant is Erred.
+pub fn tenant_erred_message(sg: &ServerGroup, waldur_message: &str) -> String {
+    let tenant = sg.spec.tenant.as_deref().unwrap_or("?");
+    let why = if waldur_message.is_empty() {
+        "no message".to_string()
+    } else {
+        waldur_message.to_string()
+    };
+    format!(
+        "tenant {tenant} is Erred in Waldur ({why}): Waldur refuses every tenant action, creating \
+         server groups included, for every user until the tenant is repaired: a staff user pulls \
+         the tenant in Waldur (or sets it OK), or Waldur's periodic background pull recovers it"
+    )
 }
 
 /// Waldur's 400 for a create whose name the tenant already has ("Server group name should
@@ -177,26 +399,114 @@ pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
     }
 }
 
-/// Which of the listed groups is the one this resource created: same policy, created no
-/// earlier than the resource, the oldest first (review m15). A group made before the resource
-/// is someone else's, even with the same name (the fault campaign's name clash, also 0.5 s
-/// before). No slack: the resource's timestamp is cut to whole seconds, which already errs
-/// towards the group; Waldur's clock and the API server's are taken to agree (NTP). A group
-/// whose creation time is missing or unreadable is never taken for this resource's own.
-pub fn pick_own_creation(
-    candidates: &[WaldurGroup],
+/// Waldur's clock may be this far behind the operator's when a create intent's time is
+/// compared with a group's `created` (the campaign's ±5 s Waldur clock, with room).
+pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(30);
+
+/// The create intent that still stands: recorded for this tenant and name, and no group bound
+/// since (the intent of a recreate names the UUID it replaces).
+pub fn pending_intent(sg: &ServerGroup) -> Option<CreateIntent> {
+    let intent = sg.create_intent()?;
+    let Lookup::OwnCreation { tenant, name, .. } = first_lookup_for_create(sg).ok()? else {
+        return None;
+    };
+    let bound = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.uuid.as_deref())
+        .and_then(|u| WaldurUuid::parse(u).ok());
+    let replaces = WaldurUuid::parse(&intent.replaces).ok();
+    let same_target =
+        WaldurUuid::parse(&intent.tenant).ok().as_ref() == Some(&tenant) && intent.name == name;
+    (same_target && replaces == bound).then_some(intent)
+}
+
+/// The intent to record before a create: the pending one kept (an earlier create of this
+/// resource may have made the group and lost its answer, so its time and the groups it saw
+/// stay), else a fresh one. `fresh` says no earlier create can be this resource's.
+pub fn intent_for_create(
+    sg: &ServerGroup,
+    tenant: &WaldurUuid,
+    name: &str,
+    seen: &[WaldurUuid],
+    now: Timestamp,
+) -> (CreateIntent, bool) {
+    let mut foreign: Vec<String> = seen.iter().map(|u| u.to_string()).collect();
+    if let Some(mut kept) = pending_intent(sg) {
+        for uuid in foreign {
+            if !kept.foreign.contains(&uuid) {
+                kept.foreign.push(uuid);
+            }
+        }
+        return (kept, false);
+    }
+    foreign.sort();
+    foreign.dedup();
+    let intent = CreateIntent {
+        tenant: tenant.to_string(),
+        name: name.to_string(),
+        at: now.to_string(),
+        replaces: sg
+            .status
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_default(),
+        foreign,
+    };
+    (intent, true)
+}
+
+/// Which of the listed groups is the one this resource created.
+///
+/// With a create intent standing (review N3): a group of the name and policy that was not
+/// there when the create was decided and was made no earlier than the intent (less Waldur's
+/// clock slack), whatever the resource's conditions said before. Without one (a resource from
+/// before intents, or one that never asked Waldur to create): same policy, created no earlier
+/// than the resource, the oldest first (review m15); a group made before the resource is
+/// someone else's, even with the same name (the fault campaign's name clash, also 0.5 s
+/// before). A group whose creation time is missing or unreadable is never taken for its own.
+pub fn pick_own_creation<'a>(
+    sg: &ServerGroup,
+    candidates: &'a [WaldurGroup],
     policy: Policy,
-    resource_created: Option<Timestamp>,
-) -> Option<&WaldurGroup> {
-    let not_before = resource_created?;
+) -> Option<&'a WaldurGroup> {
+    let intent = pending_intent(sg);
+    let not_before = match &intent {
+        Some(intent) => intent
+            .at
+            .parse::<Timestamp>()
+            .ok()?
+            .checked_sub(INTENT_CLOCK_SLACK)
+            .ok()?,
+        None if lost_the_name_before(sg) => return None,
+        None => sg.metadata.creation_timestamp.as_ref()?.0,
+    };
+    let foreign = intent.map(|i| i.foreign).unwrap_or_default();
     let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())
+        .filter(|g| !foreign.iter().any(|f| f == g.uuid.as_str()))
         .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
         .filter(|(created, _)| *created >= not_before)
         .collect();
     fitting.sort_by_key(|(created, _)| *created);
     fitting.into_iter().next().map(|(_, g)| g)
+}
+
+/// Whether this resource never bound a group, asked Waldur for none that could still be
+/// answered, and was told AlreadyManaged (the group of its name was another resource's) or
+/// InvalidSpec (Waldur refused its create): then a group of its name is not its own.
+pub fn lost_the_name_before(sg: &ServerGroup) -> bool {
+    let Some(status) = sg.status.as_ref() else {
+        return false;
+    };
+    pending_intent(sg).is_none()
+        && status.uuid.is_none()
+        && status.conditions.iter().any(|c| {
+            c.type_ == READY
+                && (c.reason == ready_reason::ALREADY_MANAGED
+                    || c.reason == ready_reason::INVALID_SPEC)
+        })
 }
 
 /// What a deleted resource needs next.
@@ -417,6 +727,7 @@ pub fn tokens_at_first_binding(sg: &ServerGroup) -> Option<HandledRequests> {
         pull: token(crate::api::ANNOTATION_REQUEST_PULL),
         set_ok: token(crate::api::ANNOTATION_REQUEST_SET_OK),
         set_erred: token(crate::api::ANNOTATION_REQUEST_SET_ERRED),
+        recreate: token(crate::api::ANNOTATION_REQUEST_RECREATE),
     })
 }
 

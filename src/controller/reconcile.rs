@@ -93,16 +93,29 @@ enum Binding {
 }
 
 enum Located {
-    /// Waiting for a tenant re-sync to bring the group back; `asked` when it was asked now.
+    /// The group vanished and may come back: wait, with the record of what was learnt.
     AwaitingReimport {
+        reimport: crate::api::Reimport,
+        /// `Reimporting`, or `TenantErred` when the tenant blocks everything.
+        reason: &'static str,
         message: String,
-        asked: Option<crate::api::Reimport>,
+        retry_in: Duration,
+        /// A re-sync was asked for now.
+        asked: bool,
     },
     Found(Box<WaldurGroup>, Binding),
     NotFound(String),
+    /// Deleting: the group is gone for good, as far as can be known.
+    Gone(String),
     AlreadyManaged(String),
     /// Waldur rejected the create: terminal for this generation.
     Rejected(WaldurError),
+    /// Waldur refused the create because the tenant is Erred or busy.
+    TenantBlocked {
+        reason: &'static str,
+        message: String,
+        retry_in: Duration,
+    },
 }
 
 struct Reconciler {
@@ -116,6 +129,10 @@ struct Reconciler {
     latest: tokio::sync::Mutex<Option<ServerGroupStatus>>,
     /// A request this Waldur cannot serve (no such route), reported in `Synced`.
     unsupported: std::sync::Mutex<Option<String>>,
+    /// Groups of this resource's name seen in its tenant that are not its own.
+    seen_names: std::sync::Mutex<Vec<WaldurUuid>>,
+    /// This reconcile added the finalizer (the object it holds predates that).
+    finalizer_added: std::sync::atomic::AtomicBool,
 }
 
 impl Reconciler {
@@ -128,6 +145,8 @@ impl Reconciler {
             now: Time(Timestamp::now()),
             latest: tokio::sync::Mutex::new(None),
             unsupported: std::sync::Mutex::new(None),
+            seen_names: std::sync::Mutex::new(Vec::new()),
+            finalizer_added: std::sync::atomic::AtomicBool::new(false),
             sg,
             ctx,
         }
@@ -153,12 +172,14 @@ impl Reconciler {
             // Same spec, same answer: wait for the user to change it.
             return Ok(Action::await_change());
         }
-        let client = self.waldur().await?;
+        // A spec the operator cannot act on gets no finalizer that deletion would then be
+        // unable to remove (review N17).
+        plan::first_lookup(&self.sg)?;
         // Only once credentials resolve can anything reach Waldur, so a resource that never
-        // had usable credentials has no finalizer and is deleted without them.
-        if self.sg.spec.management_policy == ManagementPolicy::Managed && !self.has_finalizer() {
-            self.add_finalizer().await?;
-        }
+        // had usable credentials has no finalizer and is deleted without them. The finalizer
+        // goes on before the first Waldur write: with the create intent, or when a group is
+        // bound.
+        let client = self.waldur().await?;
         if let Some(secret) = &client.secret
             && self.sg.spec.management_policy == ManagementPolicy::Managed
             && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
@@ -172,8 +193,11 @@ impl Reconciler {
             )
             .await?;
         }
-        match self.locate(&client, true).await? {
-            Located::Found(group, binding) => self.observe(&client, *group, binding).await,
+        match self.locate(&client, false).await? {
+            Located::Found(group, binding) => {
+                self.ensure_finalizer().await?;
+                self.observe(&client, *group, binding).await
+            }
             Located::NotFound(message) => {
                 self.write_status(true, |s| {
                     self.ready(s, false, ready_reason::NOT_FOUND, &message);
@@ -182,24 +206,36 @@ impl Reconciler {
                 .await?;
                 Ok(self.settled_requeue())
             }
-            Located::AwaitingReimport { message, asked } => {
-                if asked.is_some() {
+            Located::AwaitingReimport {
+                reimport,
+                reason,
+                message,
+                retry_in,
+                asked,
+            } => {
+                if asked {
                     self.event(EventType::Normal, "ReimportRequested", "Locate", &message)
                         .await;
                 }
+                self.blocked(reason, &message, Some(reimport)).await?;
+                Ok(Action::requeue(retry_in))
+            }
+            Located::TenantBlocked {
+                reason,
+                message,
+                retry_in,
+            } => {
+                self.blocked(reason, &message, None).await?;
+                Ok(Action::requeue(retry_in))
+            }
+            // Only deletion reports a group gone for good.
+            Located::Gone(message) => {
                 self.write_status(true, |s| {
-                    if let Some(asked) = asked {
-                        s.reimport = Some(asked);
-                    }
-                    self.ready(s, false, ready_reason::REIMPORTING, &message);
+                    self.ready(s, false, ready_reason::NOT_FOUND, &message);
                     self.synced(s, true, synced_reason::RECONCILED, "");
                 })
                 .await?;
-                let wait = self.ctx.settings.reimport_wait;
-                Ok(Action::requeue((wait / 3).clamp(
-                    Duration::from_secs(1),
-                    wait.max(Duration::from_secs(1)),
-                )))
+                Ok(self.settled_requeue())
             }
             Located::AlreadyManaged(message) => {
                 self.event(
@@ -236,92 +272,196 @@ impl Reconciler {
     }
 
     /// Step 4: find the group, creating it when this resource should have one and has none.
-    /// With `may_create` false (deletion) a missing group is simply reported missing.
-    async fn locate(&self, client: &Waldur, may_create: bool) -> Result<Located, Error> {
+    /// With `deleting` (cleanup) nothing is created, but a group that may come back is still
+    /// waited for, so that it can be deleted (review N2).
+    async fn locate(&self, client: &Waldur, deleting: bool) -> Result<Located, Error> {
         let mut lookup = plan::first_lookup(&self.sg)?;
-        let known = self.status_uuid();
         loop {
             if let Some(group) = self.look(client, &lookup).await? {
-                if known.as_ref() == Some(&group.uuid) {
-                    return Ok(Located::Found(Box::new(group), Binding::Known));
-                }
-                if let Some(owner) = self.owner_of(&group.uuid) {
-                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
-                }
-                let binding = match (&lookup, known.is_some()) {
-                    (Lookup::BackendId(_), true) => Binding::Rebound,
-                    (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
-                    _ => Binding::Imported,
-                };
-                if binding == Binding::Adopted && self.lost_the_name_before() {
-                    // Another resource created the group of this name; it may have gone
-                    // since (orphaned it, unlinked it and Waldur re-imported it): either way this
-                    // resource did not create it, and Waldur takes one group per name in a
-                    // tenant (found by the fault campaign).
-                    return Ok(Located::Rejected(WaldurError::Invalid {
-                        endpoint: "create",
-                        messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
-                            field: Some("name".into()),
-                            message: format!(
-                                "a group named {:?} already exists in the tenant, made by another \
-                                 ServerGroup, not by this one; choose another spec.name, or bind it \
-                                 with spec.import",
-                                group.name
-                            ),
-                        }]),
-                    }));
-                }
-                if let Some(owner) = self.claim(&group.uuid).await? {
-                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
-                }
-                return Ok(Located::Found(Box::new(group), binding));
+                return self.bind(&lookup, group).await;
             }
-            match plan::after_missing(&self.sg, &lookup, &self.ctx.settings, self.now.0)? {
+            match plan::after_missing(&self.sg, &lookup, deleting)? {
                 Missing::Lookup(next) => lookup = next,
-                Missing::NotFound => {
-                    return Ok(Located::NotFound(not_found_message(&lookup)));
+                Missing::NotFound if deleting => {
+                    return Ok(Located::Gone(not_found_message(&lookup)));
                 }
-                Missing::Create { .. } | Missing::AwaitReimport { .. } if !may_create => {
-                    return Ok(Located::NotFound(not_found_message(&lookup)));
-                }
-                Missing::AwaitReimport {
-                    tenant,
-                    backend_id,
-                    ask,
-                } => {
-                    let asked = if ask {
-                        client.pull_tenant_server_groups(&tenant).await?;
-                        Some(crate::api::Reimport {
-                            backend_id: backend_id.clone(),
-                            requested_at: self.now.clone(),
-                        })
-                    } else {
-                        None
-                    };
-                    return Ok(Located::AwaitingReimport {
-                        message: format!(
-                            "the group is gone from Waldur, but OpenStack may still hold its group \
-                             {backend_id}: asked Waldur to re-sync tenant {tenant}, and a new group is \
-                             made only if it is not back within {:?}",
-                            self.ctx.settings.reimport_wait
-                        ),
-                        asked,
-                    });
+                Missing::NotFound => return Ok(Located::NotFound(not_found_message(&lookup))),
+                Missing::AwaitReimport { tenant, backend_id } => {
+                    return self
+                        .await_reimport(client, &tenant, &backend_id, deleting)
+                        .await;
                 }
                 Missing::Create { recreate } => {
-                    // The leak check: a crash after Waldur's 201 and before the status write
-                    // left a group this resource made; bind it instead of making another.
-                    if !matches!(lookup, Lookup::OwnCreation { .. })
-                        && let Ok(own) = plan::first_lookup_for_create(&self.sg)
-                        && let Some(group) = self.look(client, &own).await?
-                        && self.owner_of(&group.uuid).is_none()
-                        && self.claim(&group.uuid).await?.is_none()
-                    {
-                        return Ok(Located::Found(Box::new(group), Binding::Adopted));
-                    }
-                    return self.create(client, recreate).await;
+                    return self.leak_check_then_create(client, &lookup, recreate).await;
                 }
             }
+        }
+    }
+
+    /// Binds a group a lookup found, unless another resource holds it.
+    async fn bind(&self, lookup: &Lookup, group: WaldurGroup) -> Result<Located, Error> {
+        let known = self.status_uuid();
+        if known.as_ref() == Some(&group.uuid) {
+            return Ok(Located::Found(Box::new(group), Binding::Known));
+        }
+        if let Some(owner) = self.owner_of(&group.uuid) {
+            return Ok(Located::AlreadyManaged(managed_by(&owner)));
+        }
+        let binding = match (lookup, known.is_some()) {
+            (Lookup::BackendId(_), true) => Binding::Rebound,
+            (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
+            _ => Binding::Imported,
+        };
+        if let Some(owner) = self.claim(&group.uuid).await? {
+            return Ok(Located::AlreadyManaged(managed_by(&owner)));
+        }
+        Ok(Located::Found(Box::new(group), binding))
+    }
+
+    /// The leak check, then the create: a crash after Waldur's 201 and before the status
+    /// write left a group this resource made; bind it instead of making another.
+    async fn leak_check_then_create(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+        recreate: bool,
+    ) -> Result<Located, Error> {
+        if !matches!(lookup, Lookup::OwnCreation { .. })
+            && let Ok(own) = plan::first_lookup_for_create(&self.sg)
+            && let Some(group) = self.look(client, &own).await?
+            && self.owner_of(&group.uuid).is_none()
+            && self.claim(&group.uuid).await?.is_none()
+        {
+            return Ok(Located::Found(Box::new(group), Binding::Adopted));
+        }
+        self.create(client, recreate).await
+    }
+
+    /// A group that vanished and may come back: learn what the tenant's re-sync did, ask for
+    /// one when due, and make a new group (or, deleting, let go) only on evidence.
+    async fn await_reimport(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+        backend_id: &str,
+        deleting: bool,
+    ) -> Result<Located, Error> {
+        let mut record = self
+            .status()
+            .reimport
+            .filter(|r| r.backend_id == backend_id)
+            .unwrap_or_else(|| crate::api::Reimport {
+                backend_id: backend_id.to_string(),
+                since: Some(self.now.clone()),
+                requested_at: None,
+            });
+        let seen = self.tenant_seen(client, tenant).await?;
+        let pulls = self.ctx.tenant_pulls.seen(client.base_url(), tenant);
+        let settings = &self.ctx.settings;
+        let (step, accepted) =
+            plan::reimport_step(&self.sg, &record, &seen, pulls, settings, self.now.0);
+        if record.requested_at.is_none() {
+            record.requested_at = accepted.map(Time);
+        }
+        let what = if backend_id.is_empty() {
+            format!("a group named {:?}", self.sg.waldur_name())
+        } else {
+            format!("its Nova group {backend_id}")
+        };
+        let waiting = |message: String, retry_in: Duration, asked: bool, record| {
+            Ok(Located::AwaitingReimport {
+                reimport: record,
+                reason: ready_reason::REIMPORTING,
+                message,
+                retry_in,
+                asked,
+            })
+        };
+        match step {
+            plan::ReimportStep::AskPull => match self.ctx.tenant_pulls.ask(client, tenant).await? {
+                super::tenant_pulls::Asked::Accepted(at) => {
+                    record.requested_at = Some(Time(at));
+                    let message = format!(
+                        "the group is gone from Waldur, but OpenStack may still hold {what}: \
+                             asked Waldur to re-sync tenant {tenant}, and the group is looked for \
+                             again when the re-sync has run"
+                    );
+                    waiting(message, Duration::from_secs(3), true, record)
+                }
+                super::tenant_pulls::Asked::InFlight => waiting(
+                    format!(
+                        "the group is gone from Waldur; a re-sync of tenant {tenant} is being asked for"
+                    ),
+                    Duration::from_secs(5),
+                    false,
+                    record,
+                ),
+                super::tenant_pulls::Asked::Refused(e) => waiting(
+                    format!(
+                        "the group is gone from Waldur, and Waldur refused to re-sync tenant \
+                             {tenant} now ({}); asking again in {:?}",
+                        e.waldur_message(),
+                        settings.tenant_pull_floor
+                    ),
+                    settings.tenant_pull_floor,
+                    false,
+                    record,
+                ),
+            },
+            plan::ReimportStep::Recheck => {
+                // The re-sync ran: read Waldur itself, never an older sweep's picture.
+                let again = if backend_id.is_empty() {
+                    plan::first_lookup_for_create(&self.sg)?
+                } else {
+                    Lookup::BackendId(backend_id.to_string())
+                };
+                match self.look_in_waldur(client, &again).await? {
+                    Some(group) => self.bind(&again, group).await,
+                    None if deleting => Ok(Located::Gone(format!(
+                        "Waldur re-synced tenant {tenant} and {what} did not come back"
+                    ))),
+                    None => self.leak_check_then_create(client, &again, true).await,
+                }
+            }
+            plan::ReimportStep::Gone(why) if deleting => Ok(Located::Gone(why)),
+            plan::ReimportStep::Gone(why) => {
+                tracing::info!(%why, "a vanished group is made anew");
+                self.leak_check_then_create(client, &Lookup::Uuid(WaldurUuid::default()), true)
+                    .await
+            }
+            plan::ReimportStep::Wait { message, retry_in } => waiting(
+                format!(
+                    "the group is gone from Waldur, but OpenStack may still hold {what}: {message}"
+                ),
+                retry_in,
+                false,
+                record,
+            ),
+            plan::ReimportStep::TenantErred { message, retry_in } => {
+                Ok(Located::AwaitingReimport {
+                    reimport: record,
+                    reason: ready_reason::TENANT_ERRED,
+                    message,
+                    retry_in,
+                    asked: false,
+                })
+            }
+        }
+    }
+
+    /// The tenant's state, as far as these credentials can read it.
+    async fn tenant_seen(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+    ) -> Result<plan::TenantSeen, Error> {
+        match client.get_tenant(tenant).await {
+            Ok(t) => Ok(plan::TenantSeen::of(t.state.as_ref(), &t.error_message)),
+            Err(e) if e.is_not_found() => Ok(plan::TenantSeen::Invisible),
+            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::Unexpected) => {
+                Ok(plan::TenantSeen::Unknown)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -366,8 +506,7 @@ impl Reconciler {
                 let candidates = client
                     .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
                     .await?;
-                let created = self.sg.meta().creation_timestamp.as_ref().map(|t| t.0);
-                Ok(plan::pick_own_creation(&candidates, *policy, created).cloned())
+                Ok(self.own_among(&candidates, *policy))
             }
         }
     }
@@ -397,10 +536,103 @@ impl Reconciler {
                 policy,
             } => {
                 let candidates = shard.by_tenant_and_name(tenant, name)?;
-                let created = self.sg.meta().creation_timestamp.as_ref().map(|t| t.0);
-                Some(plan::pick_own_creation(&candidates, *policy, created).cloned())
+                Some(self.own_among(&candidates, *policy))
             }
         }
+    }
+
+    /// This resource's own creation among groups of its name, remembering the others: they
+    /// were there before any create this reconcile decides, so they are never its own.
+    fn own_among(
+        &self,
+        candidates: &[WaldurGroup],
+        policy: crate::waldur::Policy,
+    ) -> Option<WaldurGroup> {
+        let own = plan::pick_own_creation(&self.sg, candidates, policy).cloned();
+        let mut seen = self.seen_names.lock().unwrap_or_else(|p| p.into_inner());
+        for group in candidates {
+            if own.as_ref().map(|o| &o.uuid) != Some(&group.uuid) && !seen.contains(&group.uuid) {
+                seen.push(group.uuid.clone());
+            }
+        }
+        own
+    }
+
+    /// The create's 400 for a taken name, naming who holds the group when a ServerGroup does
+    /// (review N16), and what the user can do: spec.name cannot change.
+    async fn name_taken_error(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+        name: &str,
+        original: WaldurError,
+    ) -> WaldurError {
+        let holder = match client
+            .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
+            .await
+        {
+            Ok(groups) => groups.first().map(|g| match self.owner_of(&g.uuid) {
+                Some(owner) => format!("group {} is held by ServerGroup {owner}", g.uuid),
+                None => format!("group {} is not managed by any ServerGroup", g.uuid),
+            }),
+            Err(_) => None,
+        };
+        let Some(holder) = holder else {
+            return original;
+        };
+        WaldurError::Invalid {
+            endpoint: "create",
+            messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
+                field: Some("name".into()),
+                message: format!(
+                    "tenant {tenant} already has a server group named {name:?} ({holder}), and \
+                     Waldur takes one group per name in a tenant: spec.name cannot change, so \
+                     create a ServerGroup with another name, or one that imports that group"
+                ),
+            }]),
+        }
+    }
+
+    /// Records the create intent, and the finalizer when it is not there yet, in one write: a
+    /// JSON patch guarded by a test of the resourceVersion, so neither a concurrent change of
+    /// the finalizers nor of the annotations is overwritten (a conflict re-reads and tries
+    /// once more). The finalizer is then on before Waldur is asked for anything.
+    async fn record_intent(&self, intent: &crate::api::CreateIntent) -> Result<(), Error> {
+        let value =
+            serde_json::to_string(intent).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+        let key = crate::api::ANNOTATION_CREATE_INTENT;
+        if self.sg.annotation(key) == Some(value.as_str()) && self.has_finalizer() {
+            return Ok(());
+        }
+        let patch = |meta: &kube::api::ObjectMeta| {
+            let mut finalizers = meta.finalizers.clone().unwrap_or_default();
+            if !finalizers.iter().any(|f| f == FINALIZER) {
+                finalizers.push(FINALIZER.to_string());
+            }
+            let mut annotations = meta.annotations.clone().unwrap_or_default();
+            annotations.insert(key.to_string(), value.clone());
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": meta.resource_version},
+                {"op": "add", "path": "/metadata/annotations", "value": annotations},
+                {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+            ])
+        };
+        match self.json_patch(patch(&self.sg.metadata)).await {
+            Ok(()) => {}
+            // Changed since this object was read (often by this operator's own status write,
+            // which the cache has not delivered yet): read it as it is now, once.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 422 => {
+                let fresh = self.api.get_metadata(&self.sg.name_any()).await?;
+                if fresh.metadata.uid != self.sg.metadata.uid {
+                    return Err(Error::Kube(kube::Error::Api(e)));
+                }
+                self.json_patch(patch(&fresh.metadata)).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.finalizer_added
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The client for this resource's credentials, and its index shard on the batched path.
@@ -440,6 +672,15 @@ impl Reconciler {
         else {
             return Ok(Located::NotFound("nothing to create from".into()));
         };
+        // Recorded before the POST, with the finalizer when it is not there yet (one write):
+        // a lost answer is then always recognised as this resource's own (review N3).
+        let seen = self
+            .seen_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (intent, fresh) = plan::intent_for_create(&self.sg, &tenant, &name, &seen, self.now.0);
+        self.record_intent(&intent).await?;
         let new = NewServerGroup {
             name: name.clone(),
             policy,
@@ -457,27 +698,55 @@ impl Reconciler {
                 }
                 group
             }
-            // The name is taken: most likely by this resource's own earlier create whose
-            // answer was lost (review M3). Ask Waldur itself, and bind the group if it is ours.
+            // The name is taken. With an intent kept from an earlier create, most likely by
+            // that create, whose answer was lost (review M3): ask Waldur itself, and bind the
+            // group if it is ours. With a fresh intent no create of this resource came before,
+            // so the group is someone else's.
             Err(e) if e.kind() == ErrorKind::Invalid && plan::name_taken(&e) => {
                 let own = Lookup::OwnCreation {
-                    tenant,
-                    name,
+                    tenant: tenant.clone(),
+                    name: name.clone(),
                     policy,
                 };
-                return match self.look_in_waldur(client, &own).await? {
-                    Some(group)
-                        if self.owner_of(&group.uuid).is_none() && !self.lost_the_name_before() =>
-                    {
-                        if let Some(owner) = self.claim(&group.uuid).await? {
-                            return Ok(Located::AlreadyManaged(managed_by(&owner)));
-                        }
-                        Ok(Located::Found(Box::new(group), Binding::Adopted))
+                if !fresh
+                    && let Some(group) = self.look_in_waldur(client, &own).await?
+                    && self.owner_of(&group.uuid).is_none()
+                {
+                    if let Some(owner) = self.claim(&group.uuid).await? {
+                        return Ok(Located::AlreadyManaged(managed_by(&owner)));
                     }
-                    _ => Ok(Located::Rejected(e)),
-                };
+                    return Ok(Located::Found(Box::new(group), Binding::Adopted));
+                }
+                return Ok(Located::Rejected(
+                    self.name_taken_error(client, &tenant, &name, e).await,
+                ));
             }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
+            // The tenant is not OK: say which way, with Waldur's message (a tenant Erred by a
+            // failed re-sync refuses every create until it is repaired).
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                return match self.tenant_seen(client, &tenant).await? {
+                    plan::TenantSeen::Erred(message) => Ok(Located::TenantBlocked {
+                        reason: ready_reason::TENANT_ERRED,
+                        message: plan::tenant_erred_message(&self.sg, &message),
+                        retry_in: self
+                            .ctx
+                            .settings
+                            .resync_period
+                            .min(Duration::from_secs(300)),
+                    }),
+                    plan::TenantSeen::Busy(state) => Ok(Located::TenantBlocked {
+                        reason: ready_reason::CREATING,
+                        message: format!(
+                            "Waldur refused the create while tenant {tenant} is busy ({state}): {}; \
+                             creating once the tenant is OK again",
+                            e.waldur_message()
+                        ),
+                        retry_in: Duration::from_secs(15),
+                    }),
+                    _ => Err(e.into()),
+                };
+            }
             Err(e) => {
                 if !e.is_unavailable() {
                     // The create may have been made and its answer lost.
@@ -513,9 +782,27 @@ impl Reconciler {
         binding: Binding,
     ) -> Result<Action, Error> {
         self.announce_binding(&group, binding).await;
+        if let Some(previous) = self.status_uuid().filter(|u| *u != group.uuid) {
+            // Bound to another group now (rebound or recreated): the claim on the old one goes
+            // (review N7), or it would stand for ever.
+            super::claims::release(
+                &self.ctx.kube,
+                &self.ctx.claims_namespace,
+                &previous,
+                &self.sg,
+            )
+            .await?;
+        }
         let mut handled = plan::tokens_at_first_binding(&self.sg)
             .or(self.status().handled_requests.map(|h| *h))
             .unwrap_or_default();
+        // A request-recreate token seen while a group is bound has nothing to act on: it is
+        // recorded, so that it never makes a group without evidence later.
+        handled.recreate = self
+            .sg
+            .annotation(crate::api::ANNOTATION_REQUEST_RECREATE)
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty());
         let mut auto_pull = self.status().auto_pull;
         let mut busy = false;
         for follow_up in plan::follow_ups(&self.sg, &group, &self.ctx.settings, self.now.0) {
@@ -796,13 +1083,31 @@ impl Reconciler {
         let mut decision = plan::cleanup(&self.sg, None, self.now.0);
         if decision == Cleanup::Locate {
             let client = self.waldur().await.map_err(deletion_waits)?;
-            let group = match self.locate(&client, false).await? {
+            let group = match self.locate(&client, true).await? {
                 Located::Found(group, _) => Some(*group),
+                // The group may come back (review N2): the finalizer stays until it is back
+                // (and is deleted) or shown gone for good.
+                Located::AwaitingReimport {
+                    reimport,
+                    reason,
+                    message,
+                    retry_in,
+                    asked,
+                } => {
+                    if asked {
+                        self.event(EventType::Normal, "ReimportRequested", "Delete", &message)
+                            .await;
+                    }
+                    let message = format!("deletion waits for the group to come back: {message}");
+                    self.blocked(reason, &message, Some(reimport)).await?;
+                    return Ok(Action::requeue(retry_in));
+                }
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_)
                 | Located::NotFound(_)
+                | Located::Gone(_)
                 | Located::Rejected(_)
-                | Located::AwaitingReimport { .. } => None,
+                | Located::TenantBlocked { .. } => None,
             };
             decision = plan::cleanup(&self.sg, Some(group.as_ref()), self.now.0);
             if let Some(action) = self.carry_out(&client, &decision).await? {
@@ -891,15 +1196,38 @@ impl Reconciler {
                     "waiting for Waldur to finish ({state}) before deleting"
                 ))
                 .await?;
-                Ok(Some(Action::requeue(SOON)))
+                // Backing off like any transitional state (review m3): a group stuck in
+                // DELETING is not read every 2 s for ever.
+                Ok(Some(Action::requeue(plan::requeue_after(
+                    &self.sg,
+                    Some(&State::Deleting),
+                    self.busy_for(),
+                    &self.ctx.settings,
+                    0.0,
+                ))))
             }
             Cleanup::PullFirst {
                 uuid,
                 attempt,
                 tenant,
             } => {
+                // A tenant re-sync only when one may be asked for (on, OK, past the floor);
+                // otherwise the group's own pull, which holds nothing but the group.
+                let tenant = match tenant {
+                    Some(t) => {
+                        let pulls = self.ctx.tenant_pulls.seen(client.base_url(), t);
+                        let seen = self.tenant_seen(client, t).await?;
+                        plan::tenant_pull_due(&self.ctx.settings, pulls, &seen, self.now.0)
+                            .then_some(t)
+                    }
+                    None => None,
+                };
                 let asked = match tenant {
-                    Some(tenant) => client.pull_tenant_server_groups(tenant).await,
+                    Some(tenant) => match self.ctx.tenant_pulls.ask(client, tenant).await {
+                        Ok(super::tenant_pulls::Asked::Refused(e)) => Err(e),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    },
                     None => client.pull(uuid).await.map(|_| ()),
                 };
                 client.written(uuid);
@@ -959,6 +1287,44 @@ impl Reconciler {
             }
             Cleanup::Release { .. } | Cleanup::Locate => Ok(None),
         }
+    }
+
+    /// Reports a resource that waits on Waldur (a re-import, or its tenant) in `Ready`, with
+    /// what it waits for; deleting, the reason stays `Deleting` so users see the finalizer's
+    /// cause. A tenant newly found Erred is also a Warning Event.
+    async fn blocked(
+        &self,
+        reason: &'static str,
+        message: &str,
+        reimport: Option<crate::api::Reimport>,
+    ) -> Result<(), Error> {
+        let deleting = self.sg.meta().deletion_timestamp.is_some();
+        let was = self.ready_reason();
+        if reason == ready_reason::TENANT_ERRED && was.as_deref() != Some(reason) {
+            self.event(EventType::Warning, reason, "Locate", message)
+                .await;
+        }
+        let shown = if deleting {
+            ready_reason::DELETING
+        } else {
+            reason
+        };
+        self.write_status(true, |s| {
+            if let Some(reimport) = reimport {
+                s.reimport = Some(reimport);
+            }
+            self.ready(s, false, shown, message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await
+    }
+
+    fn ready_reason(&self) -> Option<String> {
+        self.status()
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .map(|c| c.reason.clone())
     }
 
     async fn deleting_status(&self, message: &str) -> Result<(), Error> {
@@ -1131,21 +1497,8 @@ impl Reconciler {
         asked.then(|| reported.message.clone())
     }
 
-    /// Claims a group this Managed resource is about to bind (not one it created): `Some`
-    /// names the resource that holds it. The cache `owner_of` reads may lag; a claim cannot.
-    /// Whether this resource never bound a group and was told AlreadyManaged (the group of its
-    /// name was another resource's) or InvalidSpec (Waldur refused its create): it made no
-    /// group, so a group of its name is never its own creation.
-    fn lost_the_name_before(&self) -> bool {
-        let status = self.status();
-        status.uuid.is_none()
-            && status.conditions.iter().any(|c| {
-                c.type_ == READY
-                    && (c.reason == ready_reason::ALREADY_MANAGED
-                        || c.reason == ready_reason::INVALID_SPEC)
-            })
-    }
-
+    /// Claims a group this Managed resource is about to bind: `Some` names the resource that
+    /// holds it. The cache `owner_of` reads may lag; a claim cannot.
     async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
         if self.sg.spec.management_policy != ManagementPolicy::Managed {
             return Ok(None);
@@ -1163,7 +1516,20 @@ impl Reconciler {
     }
 
     fn has_finalizer(&self) -> bool {
-        self.sg.finalizers().iter().any(|f| f == FINALIZER)
+        self.finalizer_added
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || self.sg.finalizers().iter().any(|f| f == FINALIZER)
+    }
+
+    /// The finalizer, before anything this resource binds can be written to.
+    async fn ensure_finalizer(&self) -> Result<(), Error> {
+        if self.sg.spec.management_policy != ManagementPolicy::Managed || self.has_finalizer() {
+            return Ok(());
+        }
+        self.add_finalizer().await?;
+        self.finalizer_added
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Adds the finalizer with a JSON patch guarded by `test`, so a concurrent change to the

@@ -48,9 +48,13 @@ pub async fn write(
     sg: &ServerGroup,
     status: &ServerGroupStatus,
 ) -> Result<Option<String>, kube::Error> {
+    // The uid makes the write a precondition (review N13): a reconcile still in flight for an
+    // object that was deleted and made again under the same name cannot write the old
+    // object's status (and so its group) into the new one.
     let patch = json!({
         "apiVersion": "openstack.waldur.com/v1alpha1",
         "kind": "ServerGroup",
+        "metadata": {"uid": sg.metadata.uid},
         "status": status,
     });
     let written = api

@@ -62,6 +62,9 @@ impl Harness {
             resync_period: Duration::from_secs(600),
             pull_interval: None,
             reimport_wait: Duration::from_secs(2),
+            // Tests drive re-syncs themselves; a floor would only slow them.
+            tenant_pull_floor: Duration::from_secs(1),
+            ..Settings::default()
         };
         let mut ctx = Context::new(
             kube.client(),

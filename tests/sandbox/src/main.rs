@@ -104,8 +104,8 @@ async fn run(args: Args) -> Result<(), String> {
         namespace: String::new(),
         settings: Settings {
             resync_period: Duration::from_secs(60),
-            reimport_wait: Settings::DEFAULT_REIMPORT_WAIT,
             pull_interval: None,
+            ..Settings::default()
         },
         concurrency: 16,
         read_path: ReadPath::Batched,
