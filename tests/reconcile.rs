@@ -750,3 +750,40 @@ async fn a_create_whose_answer_was_lost_is_bound_not_rejected() {
         );
     }
 }
+
+/// Review N3 (E3): a resource once told AlreadyManaged (its twin held the name) creates the
+/// group itself after the twin is gone, and the create's answer is lost. Its create intent
+/// makes the group found later its own: bound and Ready, not "made by another ServerGroup";
+/// and deleting it deletes the group, leaving nothing in Waldur.
+#[tokio::test]
+async fn a_resource_that_once_lost_the_name_still_owns_its_own_lost_create() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready, reason_is};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        let spec = serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "shared"});
+        // Twins: created together, so a's group is younger than b and looks like b's own.
+        h.apply("a", spec.clone());
+        h.apply("b", spec);
+        h.converge("a", is_ready).await;
+        h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
+        h.kube.delete(PLURAL, NS, "a");
+        h.converge("a", |sg| sg.is_none()).await;
+        assert!(h.sim.groups().is_empty(), "{mode:?}: a's group deleted");
+        h.sim.drop_answers_after_commit(Some("create"), 1);
+        let b = h.converge("b", is_ready).await.unwrap();
+        let groups = h.sim.groups();
+        assert_eq!(groups.len(), 1, "{mode:?}: one group");
+        assert_eq!(
+            b.status.unwrap().uuid.as_deref(),
+            groups[0]["uuid"].as_str(),
+            "{mode:?}: b bound the group its lost create made"
+        );
+        h.kube.delete(PLURAL, NS, "b");
+        h.converge("b", |sg| sg.is_none()).await;
+        assert!(
+            h.sim.groups().is_empty(),
+            "{mode:?}: deleting b deleted its group: {:?}",
+            h.sim.groups()
+        );
+    }
+}
