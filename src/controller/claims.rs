@@ -59,9 +59,19 @@ fn parse_holder(holder: &str) -> Option<(&str, &str, &str)> {
     Some((parts.next()?, parts.next()?, parts.next()?))
 }
 
+/// How long a fresh claim stands even though its holder's status still names another group:
+/// a rebind or recreate claims the new group before it writes status (review N6).
+pub const FRESH_CLAIM: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Whether a claim by `holder` still stands, given the holder as the API server has it now
-/// (`None`: gone). Pure, so the rule is tested on its own.
-pub fn still_held(holder_uid: &str, current: Option<&ServerGroup>, uuid: &WaldurUuid) -> bool {
+/// (`None`: gone) and how long ago the claim was made (`None`: unknown, an older claim).
+/// Pure, so the rule is tested on its own.
+pub fn still_held(
+    holder_uid: &str,
+    current: Option<&ServerGroup>,
+    uuid: &WaldurUuid,
+    claimed_ago: Option<std::time::Duration>,
+) -> bool {
     let Some(current) = current else {
         return false;
     };
@@ -70,8 +80,12 @@ pub fn still_held(holder_uid: &str, current: Option<&ServerGroup>, uuid: &Waldur
         return false;
     }
     match current.status.as_ref().and_then(|s| s.uuid.as_deref()) {
-        // Bound to another group since: it moved on.
-        Some(bound) => WaldurUuid::parse(bound).ok().as_ref() == Some(uuid),
+        // Bound to another group: it moved on, unless it claimed this one a moment ago and is
+        // about to write it into status.
+        Some(bound) => {
+            WaldurUuid::parse(bound).ok().as_ref() == Some(uuid)
+                || claimed_ago.is_some_and(|ago| ago < FRESH_CLAIM)
+        }
         // Claimed and not yet written, or still binding: it stands.
         None => true,
     }
@@ -85,7 +99,12 @@ fn lease_body(name: &str, holder: &str) -> Result<Lease, Error> {
             "name": name,
             "labels": {CLAIM_LABEL: "true", "app.kubernetes.io/managed-by": "waldur-operator"},
         },
-        "spec": {"holderIdentity": holder},
+        "spec": {
+            "holderIdentity": holder,
+            "acquireTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                k8s_openapi::jiff::Timestamp::now()
+            ),
+        },
     }))
     .map_err(|e| Error::Kube(kube::Error::SerdeError(e)))
 }
@@ -128,7 +147,18 @@ pub async fn claim(
         let current = Api::<ServerGroup>::namespaced(kube.clone(), ns)
             .get_opt(holder_name)
             .await?;
-        if still_held(uid, current.as_ref(), uuid) {
+        // The Lease's own time, as the API server stored it, against this clock: the grace is
+        // long against any skew between operator replicas.
+        let claimed_ago = existing
+            .spec
+            .as_ref()
+            .and_then(|s| s.acquire_time.as_ref())
+            .map(|t| {
+                k8s_openapi::jiff::Timestamp::now()
+                    .duration_since(t.0)
+                    .unsigned_abs()
+            });
+        if still_held(uid, current.as_ref(), uuid, claimed_ago) {
             return Ok(Claim::HeldBy(format!("{ns}/{holder_name}")));
         }
         // Stale: take it over, guarded by the resourceVersion just read.
@@ -211,20 +241,48 @@ mod tests {
     #[test]
     fn a_claim_stands_while_its_holder_exists_and_is_bound_to_it_or_binding() {
         let uuid = WaldurUuid::parse(UUID).unwrap();
-        assert!(still_held("u1", Some(&sg("u1", None)), &uuid), "binding");
+        let old = Some(FRESH_CLAIM * 2);
         assert!(
-            still_held("u1", Some(&sg("u1", Some(UUID))), &uuid),
+            still_held("u1", Some(&sg("u1", None)), &uuid, old),
+            "binding"
+        );
+        assert!(
+            still_held("u1", Some(&sg("u1", Some(UUID))), &uuid, old),
             "bound"
         );
-        assert!(!still_held("u1", None, &uuid), "gone");
+        assert!(!still_held("u1", None, &uuid, old), "gone");
         assert!(
-            !still_held("u1", Some(&sg("u2", None)), &uuid),
+            !still_held("u1", Some(&sg("u2", None)), &uuid, old),
             "a new object of that name"
         );
         assert!(
-            !still_held("u1", Some(&sg("u1", Some(OTHER))), &uuid),
+            !still_held("u1", Some(&sg("u1", Some(OTHER))), &uuid, old),
             "moved on"
         );
+        assert!(
+            !still_held("u1", Some(&sg("u1", Some(OTHER))), &uuid, None),
+            "moved on, a claim without a time"
+        );
+    }
+
+    /// Review N6: a resource rebinding to a re-imported group claims it before its status
+    /// names it; a claim that fresh stands, so nobody takes it over in that window.
+    #[test]
+    fn a_fresh_claim_stands_while_its_holder_writes_status() {
+        let uuid = WaldurUuid::parse(UUID).unwrap();
+        let rebinding = sg("u1", Some(OTHER));
+        assert!(still_held(
+            "u1",
+            Some(&rebinding),
+            &uuid,
+            Some(std::time::Duration::from_secs(1))
+        ));
+        assert!(!still_held(
+            "u1",
+            Some(&rebinding),
+            &uuid,
+            Some(FRESH_CLAIM)
+        ));
     }
 
     #[test]

@@ -138,7 +138,9 @@ impl EventWriter {
                 count,
                 last_observed_time: MicroTime(now),
             };
-            let patch = json!({ "series": series });
+            // The latest words too (review N15): a series of failures whose message changed
+            // shows what is wrong now, not what was wrong first.
+            let patch = json!({ "series": series, "note": ev.note });
             match events
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await

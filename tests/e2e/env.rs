@@ -242,8 +242,11 @@ impl Env {
             ("ADMIN_ADDR", "127.0.0.1:0"),
             ("BUSY_SWEEP", "200ms"),
             ("RESYNC_PERIOD", "30s"),
-            // Waldur's re-sync is near-instant in the simulator: no need for the 30 s default.
-            ("REIMPORT_WAIT", "2s"),
+            // A vanished group is made anew on evidence (a tenant re-sync that ran), never
+            // on this timer: an hour that no test waits out proves it.
+            ("REIMPORT_WAIT", "1h"),
+            // Tests unlink in one tenant many times within a minute.
+            ("TENANT_PULL_FLOOR", "1s"),
             ("CONCURRENCY", "32"),
             ("WALDUR_RATE", "0"),
             ("LOG_LEVEL", "info"),
@@ -561,6 +564,8 @@ fn clear_operator_env(cmd: &mut Command) {
             "ADMIN_ADDR",
             "RESYNC_PERIOD",
             "REIMPORT_WAIT",
+            "TENANT_PULLS",
+            "TENANT_PULL_FLOOR",
             "DEFAULT_CREDENTIALS_NAMESPACES",
             "PULL_INTERVAL",
             "CONCURRENCY",
