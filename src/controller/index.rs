@@ -308,6 +308,14 @@ impl Shard {
         let _ = tokio::time::timeout(limit, rx.wait_for(|s| *s != SweepState::Unreachable)).await;
     }
 
+    /// How old the snapshot is: since its sweep started.
+    pub fn snapshot_age(&self) -> Duration {
+        self.swept_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
     /// Whether the snapshot may answer: the last sweep succeeded, recently enough.
     fn trusted(&self) -> bool {
         *self.complete.borrow() == SweepState::Complete

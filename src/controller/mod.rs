@@ -439,7 +439,13 @@ pub async fn run(
     let secret_changes = watcher(rt.secrets, watcher::Config::default())
         .default_backoff()
         .modify(|s: &mut PartialObjectMeta<Secret>| {
-            s.meta_mut().managed_fields = None;
+            // Only names, uids, versions and finalizers are read. Annotations go too: for a
+            // Secret applied with kubectl, last-applied-configuration holds its data (review
+            // N11), which this process has no business keeping.
+            let meta = s.meta_mut();
+            meta.managed_fields = None;
+            meta.annotations = None;
+            meta.labels = None;
         })
         .reflect(secret_writer)
         .inspect(move |e| {
