@@ -4,6 +4,7 @@ pub mod claims;
 pub mod credentials;
 mod error;
 pub mod events;
+mod finalizers;
 pub mod index;
 pub mod plan;
 mod reconcile;

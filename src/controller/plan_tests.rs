@@ -262,14 +262,22 @@ fn deletion_waits_for_a_group_that_may_come_back() {
     let mut creating = resource(Mode::Managed, known, Some(""));
     creating.status.as_mut().unwrap().state = Some("CREATING".into());
     assert_eq!(
-        after_missing(&creating, &Lookup::Uuid(uuid(known.unwrap())), true),
+        after_missing(
+            &creating,
+            &Lookup::Uuid(uuid("11111111111111111111111111111111")),
+            true
+        ),
         Ok(Missing::AwaitReimport {
             tenant: uuid(TENANT),
             backend_id: String::new(),
         })
     );
     assert_eq!(
-        after_missing(&creating, &Lookup::Uuid(uuid(known.unwrap())), false),
+        after_missing(
+            &creating,
+            &Lookup::Uuid(uuid("11111111111111111111111111111111")),
+            false
+        ),
         Ok(Missing::AwaitReimport {
             tenant: uuid(TENANT),
             backend_id: String::new(),
@@ -599,7 +607,13 @@ fn an_intent_is_kept_until_a_group_is_bound() {
         serde_json::to_string(&first).unwrap(),
     )]));
     let other = uuid("33333333333333333333333333333333");
-    let (again, fresh) = intent_for_create(&sg, &uuid(TENANT), "web", &[other.clone()], at(9_000));
+    let (again, fresh) = intent_for_create(
+        &sg,
+        &uuid(TENANT),
+        "web",
+        std::slice::from_ref(&other),
+        at(9_000),
+    );
     assert!(!fresh);
     assert_eq!(again.at, first.at);
     assert_eq!(again.foreign, vec![other.to_string()]);

@@ -14,9 +14,9 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 
 use super::error::Error;
+pub use super::finalizers::{add_patch, remove_patch};
 use crate::api::{DeletionPolicy, FINALIZER, ServerGroup};
 use crate::sharding::Shard;
 
@@ -45,31 +45,6 @@ pub fn in_use(
             && needs_credentials_to_clean_up(sg)
             && (except.is_none() || sg.metadata.uid.as_deref() != except)
     })
-}
-
-/// The JSON patch that adds the finalizer to a Secret whose finalizers are `current`, guarded
-/// so that a concurrent change fails instead of being overwritten; `None` when it is there.
-pub fn add_patch(current: Option<&Vec<String>>, finalizer: &str) -> Option<serde_json::Value> {
-    match current {
-        Some(list) if list.iter().any(|f| f == finalizer) => None,
-        Some(list) => Some(json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": list},
-            {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer},
-        ])),
-        None => Some(json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": null},
-            {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]},
-        ])),
-    }
-}
-
-/// The JSON patch that removes the finalizer; `None` when it is not there.
-pub fn remove_patch(current: &[String], finalizer: &str) -> Option<serde_json::Value> {
-    let index = current.iter().position(|f| f == finalizer)?;
-    Some(json!([
-        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": finalizer},
-        {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
-    ]))
 }
 
 async fn json_patch(
@@ -203,6 +178,7 @@ pub async fn release_unused(
 mod tests {
     use super::*;
     use crate::api::{CredentialsRef, ServerGroupSpec};
+    use serde_json::json;
 
     fn sg(ns: &str, uid: &str, secret: Option<&str>, finalized: bool) -> Arc<ServerGroup> {
         let mut sg = ServerGroup::new(

@@ -1,0 +1,246 @@
+//! Step 2: the deletion policy, carried out until the finalizer may go.
+
+use super::*;
+
+impl Reconciler {
+    /// Step 2: the deletion policy.
+    pub(super) async fn cleanup(&self) -> Result<Action, Error> {
+        if !self.has_finalizer() {
+            return Ok(Action::await_change());
+        }
+        let mut decision = plan::cleanup(&self.sg, None, self.now.0);
+        if decision == Cleanup::Locate {
+            let client = self.waldur().await.map_err(deletion_waits)?;
+            let group = match self.locate(&client, true).await? {
+                Located::Found(group, _) => Some(*group),
+                // The group may come back (review N2): the finalizer stays until it is back
+                // (and is deleted) or shown gone for good.
+                Located::AwaitingReimport {
+                    reimport,
+                    reason,
+                    message,
+                    retry_in,
+                    asked,
+                } => {
+                    if asked {
+                        self.event(EventType::Normal, "ReimportRequested", "Delete", &message)
+                            .await;
+                    }
+                    let message = format!("deletion waits for the group to come back: {message}");
+                    self.blocked(reason, &message, Some(reimport)).await?;
+                    return Ok(Action::requeue(retry_in));
+                }
+                // Held by another resource: not ours to delete.
+                Located::AlreadyManaged(_)
+                | Located::NotFound(_)
+                | Located::Gone(_)
+                | Located::Rejected(_)
+                | Located::TenantBlocked { .. } => None,
+            };
+            decision = plan::cleanup(&self.sg, Some(group.as_ref()), self.now.0);
+            if let Some(action) = self.carry_out(&client, &decision).await? {
+                return Ok(action);
+            }
+        }
+        // Here the finalizer may go: the decision was to release, or carrying it out finished
+        // the job (an unlink done, a DELETE or pull answered 404). Waiting for another trigger
+        // instead left a finished unlink holding its finalizer (found by the fault campaign).
+        let reason = match &decision {
+            Cleanup::Release { reason } => *reason,
+            Cleanup::Unlink(_) => "unlinked: Waldur's record is gone, OpenStack keeps the group",
+            _ => "the group is gone from Waldur",
+        };
+        if let Some(uuid) = self.status_uuid() {
+            crate::controller::claims::release(
+                &self.ctx.kube,
+                &self.ctx.claims_namespace,
+                &uuid,
+                &self.sg,
+            )
+            .await?;
+        }
+        self.remove_finalizer().await?;
+        if let Some(reference) = &self.sg.spec.credentials_ref {
+            crate::controller::secret_guard::release_if_unused(
+                &self.ctx.kube,
+                &self.ctx.store,
+                &self.namespace(),
+                &reference.name,
+                self.sg.metadata.uid.as_deref(),
+                &self.ctx.shard.secret_finalizer(),
+            )
+            .await?;
+        }
+        let event = match self.sg.spec.deletion_policy {
+            crate::api::DeletionPolicy::Orphan => "Orphaned",
+            crate::api::DeletionPolicy::Unlink => "Unlinked",
+            crate::api::DeletionPolicy::Delete => "Deleted",
+        };
+        self.event(EventType::Normal, event, "Delete", reason).await;
+        Ok(Action::await_change())
+    }
+
+    /// Sends DELETE or unlink, or waits. `None` means the finalizer may go.
+    pub(super) async fn carry_out(
+        &self,
+        client: &Waldur,
+        decision: &Cleanup,
+    ) -> Result<Option<Action>, Error> {
+        match decision {
+            Cleanup::Delete(uuid) => {
+                match client.delete(uuid).await.inspect(|_| client.written(uuid)) {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "DeleteRequested",
+                            "Delete",
+                            &format!("asked Waldur to delete {uuid}"),
+                        )
+                        .await;
+                        self.deleting_status("Waldur is deleting the group").await?;
+                        Ok(Some(Action::requeue(SOON)))
+                    }
+                    Err(e) if e.is_not_found() => Ok(None),
+                    // Busy with another operation: ask again shortly.
+                    Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Cleanup::Unlink(uuid) => {
+                match client.unlink(uuid).await.inspect(|_| client.written(uuid)) {
+                    Ok(()) => {
+                        self.event(
+                            EventType::Normal,
+                            "Unlinked",
+                            "Delete",
+                            &format!(
+                                "removed Waldur's record of {uuid}; OpenStack keeps the group"
+                            ),
+                        )
+                        .await;
+                        Ok(None)
+                    }
+                    Err(e) if e.is_not_found() => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Cleanup::Wait { state } => {
+                self.deleting_status(&format!(
+                    "waiting for Waldur to finish ({state}) before deleting"
+                ))
+                .await?;
+                // Backing off like any transitional state (review m3): a group stuck in
+                // DELETING is not read every 2 s for ever.
+                Ok(Some(Action::requeue(plan::requeue_after(
+                    &self.sg,
+                    Some(&State::Deleting),
+                    self.busy_for(),
+                    &self.ctx.settings,
+                    0.0,
+                ))))
+            }
+            Cleanup::PullFirst {
+                uuid,
+                attempt,
+                tenant,
+            } => {
+                // A tenant re-sync only when one may be asked for (on, OK, past the floor);
+                // otherwise the group's own pull, which holds nothing but the group.
+                let tenant = match tenant {
+                    Some(t) => {
+                        let pulls = self.ctx.tenant_pulls.seen(client.base_url(), t);
+                        let seen = self.tenant_seen(client, t).await?;
+                        plan::tenant_pull_due(&self.ctx.settings, pulls, &seen, self.now.0)
+                            .then_some(t)
+                    }
+                    None => None,
+                };
+                let asked = match tenant {
+                    Some(tenant) => match self.ctx.tenant_pulls.ask(client, tenant).await {
+                        Ok(crate::controller::tenant_pulls::Asked::Refused(e)) => Err(e),
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    },
+                    None => client.pull(uuid).await.map(|_| ()),
+                };
+                client.written(uuid);
+                match asked {
+                    Ok(()) => {
+                        let how = if tenant.is_some() {
+                            "asked for the tenant's re-sync, which brings it back to OK or drops \
+                             the record if the Nova group is gone"
+                        } else {
+                            "asked Waldur to pull it"
+                        };
+                        let note = format!(
+                            "the group is ERRED and OpenStack may still hold it: {how} before \
+                             deleting, so that the Nova group is deleted too (attempt {attempt})"
+                        );
+                        self.event(EventType::Normal, "PullBeforeDelete", "Delete", &note)
+                            .await;
+                        let pulled = AutoPull {
+                            last_time: self.now.clone(),
+                            attempts: *attempt,
+                        };
+                        self.write_status(true, |s| {
+                            s.auto_pull = Some(pulled.clone());
+                            self.ready(s, false, ready_reason::DELETING, &note);
+                            self.synced(s, true, synced_reason::RECONCILED, "");
+                        })
+                        .await?;
+                        Ok(Some(Action::requeue(SOON)))
+                    }
+                    // The group is gone (a 404 for the tenant says nothing about the group).
+                    Err(e) if e.is_not_found() && tenant.is_none() => Ok(None),
+                    Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Cleanup::Held {
+                message,
+                attempts,
+                retry_in,
+            } => {
+                if self
+                    .status()
+                    .conditions
+                    .iter()
+                    .all(|c| c.message != *message)
+                {
+                    self.event(EventType::Warning, "DeleteBlocked", "Delete", message)
+                        .await;
+                }
+                self.write_status(true, |s| {
+                    self.ready(s, false, ready_reason::DELETING, message);
+                    self.synced(s, false, synced_reason::DELETE_BLOCKED, message);
+                })
+                .await?;
+                tracing::debug!(attempts, ?retry_in, "deletion held: the group is ERRED");
+                Ok(Some(Action::requeue(*retry_in)))
+            }
+            Cleanup::Release { .. } | Cleanup::Locate => Ok(None),
+        }
+    }
+
+    pub(super) async fn deleting_status(&self, message: &str) -> Result<(), Error> {
+        self.write_status(true, |s| {
+            self.ready(s, false, ready_reason::DELETING, message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await
+    }
+}
+
+/// A deletion that cannot reach Waldur says so, and how to let go without it.
+pub(super) fn deletion_waits(e: Error) -> Error {
+    let how = "restore them, or set spec.deletionPolicy: Orphan to remove this resource and leave the Waldur group";
+    match e {
+        Error::CredentialsNotFound(m) => {
+            Error::CredentialsNotFound(format!("deletion waits for credentials: {m}; {how}"))
+        }
+        Error::DefaultCredentialsNotAllowed(m) => Error::DefaultCredentialsNotAllowed(format!(
+            "deletion waits for credentials: {m}; {how}"
+        )),
+        other => other,
+    }
+}

@@ -1,0 +1,580 @@
+//! Step 4: find the resource's group in Waldur (the index or Waldur itself), bind it, or
+//! create it; and, for a group that vanished, wait on evidence before making another.
+
+use super::*;
+
+impl Reconciler {
+    /// Step 4: find the group, creating it when this resource should have one and has none.
+    /// With `deleting` (cleanup) nothing is created, but a group that may come back is still
+    /// waited for, so that it can be deleted (review N2).
+    pub(super) async fn locate(&self, client: &Waldur, deleting: bool) -> Result<Located, Error> {
+        let mut lookup = plan::first_lookup(&self.sg)?;
+        loop {
+            if let Some(group) = self.look(client, &lookup).await? {
+                return self.bind(&lookup, group).await;
+            }
+            match plan::after_missing(&self.sg, &lookup, deleting)? {
+                Missing::Lookup(next) => lookup = next,
+                Missing::NotFound if deleting => {
+                    return Ok(Located::Gone(not_found_message(&lookup)));
+                }
+                Missing::NotFound => return Ok(Located::NotFound(not_found_message(&lookup))),
+                Missing::AwaitReimport { tenant, backend_id } => {
+                    return self
+                        .await_reimport(client, &tenant, &backend_id, deleting)
+                        .await;
+                }
+                Missing::Create { recreate } => {
+                    return self.leak_check_then_create(client, &lookup, recreate).await;
+                }
+            }
+        }
+    }
+
+    /// Binds a group a lookup found, unless another resource holds it.
+    pub(super) async fn bind(&self, lookup: &Lookup, group: WaldurGroup) -> Result<Located, Error> {
+        let known = self.status_uuid();
+        if known.as_ref() == Some(&group.uuid) {
+            return Ok(Located::Found(Box::new(group), Binding::Known));
+        }
+        if let Some(owner) = self.owner_of(&group.uuid) {
+            return Ok(Located::AlreadyManaged(managed_by(&owner)));
+        }
+        let binding = match (lookup, known.is_some()) {
+            (Lookup::BackendId(_), true) => Binding::Rebound,
+            (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
+            _ => Binding::Imported,
+        };
+        if let Some(owner) = self.claim(&group.uuid).await? {
+            return Ok(Located::AlreadyManaged(managed_by(&owner)));
+        }
+        Ok(Located::Found(Box::new(group), binding))
+    }
+
+    /// The leak check, then the create: a crash after Waldur's 201 and before the status
+    /// write left a group this resource made; bind it instead of making another.
+    pub(super) async fn leak_check_then_create(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+        recreate: bool,
+    ) -> Result<Located, Error> {
+        if !matches!(lookup, Lookup::OwnCreation { .. })
+            && let Ok(own) = plan::first_lookup_for_create(&self.sg)
+            && let Some(group) = self.look(client, &own).await?
+            && self.owner_of(&group.uuid).is_none()
+            && self.claim(&group.uuid).await?.is_none()
+        {
+            return Ok(Located::Found(Box::new(group), Binding::Adopted));
+        }
+        self.create(client, recreate).await
+    }
+
+    /// A group that vanished and may come back: learn what the tenant's re-sync did, ask for
+    /// one when due, and make a new group (or, deleting, let go) only on evidence.
+    pub(super) async fn await_reimport(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+        backend_id: &str,
+        deleting: bool,
+    ) -> Result<Located, Error> {
+        let mut record = self
+            .status()
+            .reimport
+            .filter(|r| r.backend_id == backend_id)
+            .unwrap_or_else(|| crate::api::Reimport {
+                backend_id: backend_id.to_string(),
+                since: Some(self.now.clone()),
+                requested_at: None,
+            });
+        let seen = self.tenant_seen(client, tenant).await?;
+        let pulls = self.ctx.tenant_pulls.seen(client.base_url(), tenant);
+        let settings = &self.ctx.settings;
+        let (step, accepted) =
+            plan::reimport_step(&self.sg, &record, &seen, pulls, settings, self.now.0);
+        if record.requested_at.is_none() {
+            record.requested_at = accepted.map(Time);
+        }
+        let what = if backend_id.is_empty() {
+            format!("a group named {:?}", self.sg.waldur_name())
+        } else {
+            format!("its Nova group {backend_id}")
+        };
+        let waiting = |message: String, retry_in: Duration, asked: bool, record| {
+            Ok(Located::AwaitingReimport {
+                reimport: record,
+                reason: ready_reason::REIMPORTING,
+                message,
+                retry_in,
+                asked,
+            })
+        };
+        match step {
+            plan::ReimportStep::AskPull => match self.ctx.tenant_pulls.ask(client, tenant).await? {
+                crate::controller::tenant_pulls::Asked::Accepted(at) => {
+                    record.requested_at = Some(Time(at));
+                    let message = format!(
+                        "the group is gone from Waldur, but OpenStack may still hold {what}: \
+                             asked Waldur to re-sync tenant {tenant}, and the group is looked for \
+                             again when the re-sync has run"
+                    );
+                    waiting(message, Duration::from_secs(3), true, record)
+                }
+                crate::controller::tenant_pulls::Asked::InFlight => waiting(
+                    format!(
+                        "the group is gone from Waldur; a re-sync of tenant {tenant} is being asked for"
+                    ),
+                    Duration::from_secs(5),
+                    false,
+                    record,
+                ),
+                crate::controller::tenant_pulls::Asked::Refused(e) => waiting(
+                    format!(
+                        "the group is gone from Waldur, and Waldur refused to re-sync tenant \
+                             {tenant} now ({}); asking again in {:?}",
+                        e.waldur_message(),
+                        settings.tenant_pull_floor
+                    ),
+                    settings.tenant_pull_floor,
+                    false,
+                    record,
+                ),
+            },
+            plan::ReimportStep::Recheck => {
+                // The re-sync ran: read Waldur itself, never an older sweep's picture.
+                let again = if backend_id.is_empty() {
+                    plan::first_lookup_for_create(&self.sg)?
+                } else {
+                    Lookup::BackendId(backend_id.to_string())
+                };
+                match self.look_in_waldur(client, &again).await? {
+                    Some(group) => self.bind(&again, group).await,
+                    None if deleting => Ok(Located::Gone(format!(
+                        "Waldur re-synced tenant {tenant} and {what} did not come back"
+                    ))),
+                    None => self.leak_check_then_create(client, &again, true).await,
+                }
+            }
+            plan::ReimportStep::Gone(why) if deleting => Ok(Located::Gone(why)),
+            plan::ReimportStep::Gone(why) => {
+                tracing::info!(%why, "a vanished group is made anew");
+                self.leak_check_then_create(client, &Lookup::Uuid(WaldurUuid::default()), true)
+                    .await
+            }
+            plan::ReimportStep::Wait { message, retry_in } => waiting(
+                format!(
+                    "the group is gone from Waldur, but OpenStack may still hold {what}: {message}"
+                ),
+                retry_in,
+                false,
+                record,
+            ),
+            plan::ReimportStep::TenantErred { message, retry_in } => {
+                Ok(Located::AwaitingReimport {
+                    reimport: record,
+                    reason: ready_reason::TENANT_ERRED,
+                    message,
+                    retry_in,
+                    asked: false,
+                })
+            }
+        }
+    }
+
+    /// The tenant's state, as far as these credentials can read it.
+    pub(super) async fn tenant_seen(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+    ) -> Result<plan::TenantSeen, Error> {
+        match client.get_tenant(tenant).await {
+            Ok(t) => Ok(plan::TenantSeen::of(t.state.as_ref(), &t.error_message)),
+            Err(e) if e.is_not_found() => Ok(plan::TenantSeen::Invisible),
+            Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::Unexpected) => {
+                Ok(plan::TenantSeen::Unknown)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(super) async fn look(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+    ) -> Result<Option<WaldurGroup>, Error> {
+        if let Some(answer) = self.look_in_index(client, lookup) {
+            return Ok(answer);
+        }
+        self.look_in_waldur(client, lookup).await
+    }
+
+    pub(super) async fn look_in_waldur(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+    ) -> Result<Option<WaldurGroup>, Error> {
+        match lookup {
+            Lookup::Uuid(uuid) => match client.get(uuid, &[]).await {
+                Ok(g) => {
+                    client.record(&g);
+                    Ok(Some(g))
+                }
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            Lookup::BackendId(backend_id) => {
+                let found = client
+                    .list(&ListQuery::new().backend_id(backend_id))
+                    .await?;
+                // Several rows can carry one Nova id briefly (a re-import racing a delete):
+                // prefer one that is not on its way out.
+                Ok(found
+                    .iter()
+                    .find(|g| !matches!(g.state, Some(State::DeletionScheduled | State::Deleting)))
+                    .or(found.first())
+                    .cloned())
+            }
+            Lookup::OwnCreation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let candidates = client
+                    .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
+                    .await?;
+                Ok(self.own_among(&candidates, *policy))
+            }
+        }
+    }
+
+    /// The index's answer, when it has a trustworthy one. A group the index misses is asked
+    /// for directly (the miss may be a group created after the sweep began), so only hits
+    /// and lists of own creations come from the index.
+    pub(super) fn look_in_index(
+        &self,
+        client: &Waldur,
+        lookup: &Lookup,
+    ) -> Option<Option<WaldurGroup>> {
+        // A deletion decides a write from what it reads: it reads Waldur, not a sweep's
+        // older picture, so it does not send a DELETE that Waldur would refuse.
+        if self.sg.meta().deletion_timestamp.is_some() {
+            return None;
+        }
+        let shard = client.shard.as_ref()?;
+        // A resource that asks to be read more often than the sweeps run is read directly
+        // once the sweep's picture is older than its period (review N14).
+        let own_period = plan::resync_of(&self.sg, &self.ctx.settings);
+        if own_period < self.ctx.settings.resync_period && shard.snapshot_age() > own_period {
+            return None;
+        }
+        match lookup {
+            Lookup::Uuid(uuid) => match shard.lookup_uuid(uuid) {
+                Answer::Found(g) => Some(Some((*g).clone())),
+                Answer::Missing | Answer::Unknown => None,
+            },
+            Lookup::BackendId(backend_id) => match shard.lookup_backend_id(backend_id) {
+                Answer::Found(g) => Some(Some((*g).clone())),
+                Answer::Missing | Answer::Unknown => None,
+            },
+            Lookup::OwnCreation {
+                tenant,
+                name,
+                policy,
+            } => {
+                let candidates = shard.by_tenant_and_name(tenant, name)?;
+                Some(self.own_among(&candidates, *policy))
+            }
+        }
+    }
+
+    /// This resource's own creation among groups of its name, remembering the others: they
+    /// were there before any create this reconcile decides, so they are never its own.
+    pub(super) fn own_among(
+        &self,
+        candidates: &[WaldurGroup],
+        policy: crate::waldur::Policy,
+    ) -> Option<WaldurGroup> {
+        let own = plan::pick_own_creation(&self.sg, candidates, policy).cloned();
+        let mut seen = self.seen_names.lock().unwrap_or_else(|p| p.into_inner());
+        for group in candidates {
+            if own.as_ref().map(|o| &o.uuid) != Some(&group.uuid) && !seen.contains(&group.uuid) {
+                seen.push(group.uuid.clone());
+            }
+        }
+        own
+    }
+
+    /// The create's 400 for a taken name, naming who holds the group when a ServerGroup does
+    /// (review N16), and what the user can do: spec.name cannot change.
+    pub(super) async fn name_taken_error(
+        &self,
+        client: &Waldur,
+        tenant: &WaldurUuid,
+        name: &str,
+        original: WaldurError,
+    ) -> WaldurError {
+        let holder = match client
+            .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
+            .await
+        {
+            Ok(groups) => groups.first().map(|g| match self.owner_of(&g.uuid) {
+                Some(owner) => format!("group {} is held by ServerGroup {owner}", g.uuid),
+                None => format!("group {} is not managed by any ServerGroup", g.uuid),
+            }),
+            Err(_) => None,
+        };
+        let Some(holder) = holder else {
+            return original;
+        };
+        WaldurError::Invalid {
+            endpoint: "create",
+            messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
+                field: Some("name".into()),
+                message: format!(
+                    "tenant {tenant} already has a server group named {name:?} ({holder}), and \
+                     Waldur takes one group per name in a tenant: spec.name cannot change, so \
+                     create a ServerGroup with another name, or one that imports that group"
+                ),
+            }]),
+        }
+    }
+
+    /// Records the create intent, and the finalizer when it is not there yet, in one write: a
+    /// JSON patch guarded by a test of the resourceVersion, so neither a concurrent change of
+    /// the finalizers nor of the annotations is overwritten (a conflict re-reads and tries
+    /// once more). The finalizer is then on before Waldur is asked for anything.
+    pub(super) async fn record_intent(
+        &self,
+        intent: &crate::api::CreateIntent,
+    ) -> Result<(), Error> {
+        let value =
+            serde_json::to_string(intent).map_err(|e| Error::Kube(kube::Error::SerdeError(e)))?;
+        let key = crate::api::ANNOTATION_CREATE_INTENT;
+        if self.sg.annotation(key) == Some(value.as_str()) && self.has_finalizer() {
+            return Ok(());
+        }
+        let patch = |meta: &kube::api::ObjectMeta| {
+            let mut finalizers = meta.finalizers.clone().unwrap_or_default();
+            if !finalizers.iter().any(|f| f == FINALIZER) {
+                finalizers.push(FINALIZER.to_string());
+            }
+            let mut annotations = meta.annotations.clone().unwrap_or_default();
+            annotations.insert(key.to_string(), value.clone());
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": meta.resource_version},
+                {"op": "add", "path": "/metadata/annotations", "value": annotations},
+                {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+            ])
+        };
+        match self.json_patch(patch(&self.sg.metadata)).await {
+            Ok(()) => {}
+            // Changed since this object was read (often by this operator's own status write,
+            // which the cache has not delivered yet): read it as it is now, once.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 || e.code == 422 => {
+                let fresh = self.api.get_metadata(&self.sg.name_any()).await?;
+                if fresh.metadata.uid != self.sg.metadata.uid {
+                    return Err(Error::Kube(kube::Error::Api(e)));
+                }
+                self.json_patch(patch(&fresh.metadata)).await?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.finalizer_added
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The client for this resource's credentials, and its index shard on the batched path.
+    pub(super) async fn waldur(&self) -> Result<Waldur, Error> {
+        let creds = self
+            .ctx
+            .credentials
+            .for_resource(&self.ctx.kube, &self.sg)
+            .await?;
+        // While Waldur is unreachable nothing can be learnt or done: say so at once and wait
+        // for the breaker to close (the error policy parks the resource until then).
+        if let Some(refusal) = creds.client.breaker().and_then(|b| b.refusal("reconcile")) {
+            return Err(refusal.into());
+        }
+        let shard = match &self.ctx.index {
+            Some(index) => {
+                let shard = index.shard(&creds.key, &creds.client);
+                shard.wait_complete(Duration::from_secs(30)).await;
+                shard.wait_after_outage(Duration::from_secs(10)).await;
+                Some(shard)
+            }
+            None => None,
+        };
+        Ok(Waldur {
+            client: creds.client,
+            shard,
+            secret: creds.secret,
+        })
+    }
+
+    pub(super) async fn create(&self, client: &Waldur, recreate: bool) -> Result<Located, Error> {
+        let Lookup::OwnCreation {
+            tenant,
+            name,
+            policy,
+        } = plan::first_lookup_for_create(&self.sg)?
+        else {
+            return Ok(Located::NotFound("nothing to create from".into()));
+        };
+        // Recorded before the POST, with the finalizer when it is not there yet (one write):
+        // a lost answer is then always recognised as this resource's own (review N3).
+        let seen = self
+            .seen_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (intent, fresh) = plan::intent_for_create(&self.sg, &tenant, &name, &seen, self.now.0);
+        self.record_intent(&intent).await?;
+        let new = NewServerGroup {
+            name: name.clone(),
+            policy,
+            description: self.sg.spec.description.clone(),
+        };
+        let group = match client.create(&tenant, &new).await {
+            Ok(group) => {
+                client.record(&group);
+                // Claim what this resource made before anything else can bind it: a resource
+                // elsewhere with the same tenant and name (a twin) may find this group in its
+                // own lookups before this status write reaches its cache, and without a claim
+                // both would bind it (found by the fault campaign).
+                if let Some(owner) = self.claim(&group.uuid).await? {
+                    return Ok(Located::AlreadyManaged(managed_by(&owner)));
+                }
+                group
+            }
+            // The name is taken. With an intent kept from an earlier create, most likely by
+            // that create, whose answer was lost (review M3): ask Waldur itself, and bind the
+            // group if it is ours. With a fresh intent no create of this resource came before,
+            // so the group is someone else's.
+            Err(e) if e.kind() == ErrorKind::Invalid && plan::name_taken(&e) => {
+                let own = Lookup::OwnCreation {
+                    tenant: tenant.clone(),
+                    name: name.clone(),
+                    policy,
+                };
+                if !fresh
+                    && let Some(group) = self.look_in_waldur(client, &own).await?
+                    && self.owner_of(&group.uuid).is_none()
+                {
+                    if let Some(owner) = self.claim(&group.uuid).await? {
+                        return Ok(Located::AlreadyManaged(managed_by(&owner)));
+                    }
+                    return Ok(Located::Found(Box::new(group), Binding::Adopted));
+                }
+                return Ok(Located::Rejected(
+                    self.name_taken_error(client, &tenant, &name, e).await,
+                ));
+            }
+            Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
+            // The tenant is not OK: say which way, with Waldur's message (a tenant Erred by a
+            // failed re-sync refuses every create until it is repaired).
+            Err(e) if e.kind() == ErrorKind::Conflict => {
+                return match self.tenant_seen(client, &tenant).await? {
+                    plan::TenantSeen::Erred(message) => Ok(Located::TenantBlocked {
+                        reason: ready_reason::TENANT_ERRED,
+                        message: plan::tenant_erred_message(&self.sg, &message),
+                        retry_in: self
+                            .ctx
+                            .settings
+                            .resync_period
+                            .min(Duration::from_secs(300)),
+                    }),
+                    plan::TenantSeen::Busy(state) => Ok(Located::TenantBlocked {
+                        reason: ready_reason::CREATING,
+                        message: format!(
+                            "Waldur refused the create while tenant {tenant} is busy ({state}): {}; \
+                             creating once the tenant is OK again",
+                            e.waldur_message()
+                        ),
+                        retry_in: Duration::from_secs(15),
+                    }),
+                    _ => Err(e.into()),
+                };
+            }
+            Err(e) => {
+                if !e.is_unavailable() {
+                    // The create may have been made and its answer lost.
+                    client.create_attempted(&tenant, &name);
+                }
+                return Err(e.into());
+            }
+        };
+        // Write the UUID at once: from here on a crash cannot lose track of the group.
+        // It is the whole status the observation that follows would write, so that one
+        // write, not two, records the creation.
+        self.write_status(true, |s| {
+            s.auto_pull = None;
+            plan::mirror(s, &group);
+            let (_, reason, message) = plan::readiness(&group);
+            self.ready(s, false, reason, &message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await?;
+        let binding = if recreate {
+            Binding::Recreated
+        } else {
+            Binding::Created
+        };
+        Ok(Located::Found(Box::new(group), binding))
+    }
+
+    /// Another ServerGroup whose status holds this UUID, as `namespace/name`.
+    pub(super) fn owner_of(&self, uuid: &WaldurUuid) -> Option<String> {
+        let me = self.sg.uid();
+        self.ctx.store.state().iter().find_map(|other| {
+            let theirs = other.status.as_ref()?.uuid.as_deref()?;
+            let same = WaldurUuid::parse(theirs).ok().as_ref() == Some(uuid);
+            (same && other.uid() != me).then(|| {
+                format!(
+                    "{}/{}",
+                    other.namespace().unwrap_or_default(),
+                    other.name_any()
+                )
+            })
+        })
+    }
+
+    /// Claims a group this Managed resource is about to bind: `Some` names the resource that
+    /// holds it. The cache `owner_of` reads may lag; a claim cannot.
+    pub(super) async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
+        if self.sg.spec.management_policy != ManagementPolicy::Managed {
+            return Ok(None);
+        }
+        match crate::controller::claims::claim(
+            &self.ctx.kube,
+            &self.ctx.claims_namespace,
+            uuid,
+            &self.sg,
+        )
+        .await?
+        {
+            crate::controller::claims::Claim::Granted => Ok(None),
+            crate::controller::claims::Claim::HeldBy(owner) => Ok(Some(owner)),
+        }
+    }
+}
+
+pub(super) fn not_found_message(lookup: &Lookup) -> String {
+    match lookup {
+        Lookup::Uuid(uuid) => {
+            format!("Waldur has no server group {uuid} visible to these credentials")
+        }
+        Lookup::BackendId(b) => {
+            format!("Waldur has no server group with backend id {b:?} visible to these credentials")
+        }
+        Lookup::OwnCreation { tenant, name, .. } => {
+            format!("tenant {tenant} has no server group named {name:?}")
+        }
+    }
+}
+
+/// The AlreadyManaged message naming the ServerGroup that holds the group.
+pub(super) fn managed_by(owner: &str) -> String {
+    format!("the Waldur group is already managed by ServerGroup {owner}")
+}
