@@ -13,7 +13,7 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::breaker::{self, Breaker};
+use super::breaker::{self, Breaker, RequestId, Transition};
 use super::error::WaldurError;
 use super::limiter::Limiter;
 use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
@@ -430,7 +430,9 @@ impl WaldurClient {
         F: Fn() -> RequestBuilder,
     {
         debug_assert!(endpoint.is_read());
-        (|| async { self.send(endpoint, build()).await })
+        // Every try of this read is one logical request to the breaker (review N4).
+        let request = RequestId::new();
+        (|| async { self.send_as(endpoint, build(), request).await })
             .retry(self.backoff)
             // An open breaker sent nothing; it says when Waldur answers again.
             .when(|e| e.is_transient() && !e.is_unavailable())
@@ -450,11 +452,23 @@ impl WaldurClient {
             .await
     }
 
-    /// Sends one request and reads the whole answer; anything but 2xx becomes a classified error.
+    /// Sends one request, a logical request of its own (a write, or a probe).
     async fn send(&self, endpoint: Endpoint, req: RequestBuilder) -> Result<Answer, WaldurError> {
-        let admission = match &self.breaker {
+        self.send_as(endpoint, req, RequestId::new()).await
+    }
+
+    /// Sends one request and reads the whole answer; anything but 2xx becomes a classified
+    /// error. The breaker's permit lives across the await: if this future is dropped (a
+    /// reconcile task aborted), the permit's `Drop` frees a probe slot it held (review N1).
+    async fn send_as(
+        &self,
+        endpoint: Endpoint,
+        req: RequestBuilder,
+        request: RequestId,
+    ) -> Result<Answer, WaldurError> {
+        let permit = match &self.breaker {
             Some(b) => match b.admit(endpoint.as_str()) {
-                Ok(a) => Some(a),
+                Ok(p) => Some((b, p)),
                 Err(refused) => {
                     if let Some(o) = &self.observer {
                         o.refused(endpoint);
@@ -465,28 +479,30 @@ impl WaldurClient {
             None => None,
         };
         let mut result = self.send_admitted(endpoint, req).await;
-        if let (Some(b), Some(admission)) = (&self.breaker, admission) {
+        if let Some((b, permit)) = permit {
             let cause = result.as_ref().err().and_then(breaker::unreachable_cause);
             // A failed probe taken by a reconcile's request answers like a held request, so
             // that resource is parked with the others rather than backing off on its own
             // (and, with every probe it happened to take, for longer).
-            if admission == breaker::Admission::Probe
+            if permit.is_probe()
                 && cause.is_some()
                 && let Some(held) = b.refusal(endpoint.as_str())
             {
                 result = Err(held);
             }
-            let was_open = b.is_open();
-            if b.record(admission, cause.as_deref()) {
-                if let Some(o) = &self.observer {
-                    o.breaker_changed(b.waldur(), true);
+            match permit.record(request, cause.as_deref()) {
+                Transition::Opened => {
+                    if let Some(o) = &self.observer {
+                        o.breaker_changed(b.waldur(), true);
+                    }
+                    tokio::spawn(probe_until_closed(self.clone()));
                 }
-                tokio::spawn(probe_until_closed(self.clone()));
-            } else if was_open
-                && !b.is_open()
-                && let Some(o) = &self.observer
-            {
-                o.breaker_changed(b.waldur(), false);
+                Transition::Closed => {
+                    if let Some(o) = &self.observer {
+                        o.breaker_changed(b.waldur(), false);
+                    }
+                }
+                Transition::Unchanged => {}
             }
         }
         result
@@ -711,10 +727,26 @@ fn probe_until_closed(
         let Some(breaker) = client.breaker.clone() else {
             return;
         };
-        while let Some(wait) = breaker.until_probe() {
-            tokio::time::sleep(wait).await;
-            // Refused when a reconcile's request took this second's probe: fine, it probes.
-            let _ = client.probe().await;
+        loop {
+            // Registered before the state is read, so a probe ending meanwhile still wakes us.
+            let ended = breaker.probe_ended();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let Some(wait) = breaker.until_probe() else {
+                return;
+            };
+            if wait.is_zero() {
+                // Refused when a reconcile's request took this second's probe: fine, it
+                // probes, and the next turn waits for it.
+                let _ = client.probe().await;
+                continue;
+            }
+            // While another probe is in flight this waits for its end (or at most a
+            // second), never asks again at once: no busy loop (review N1, E4b).
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut ended => {}
+            }
         }
     })
 }
@@ -770,6 +802,42 @@ mod tests {
         let shown = format!("{settings:?} {client:?}");
         assert!(!shown.contains("s3cr3t-t0ken"), "{shown}");
         assert!(shown.contains("***"));
+    }
+
+    #[derive(Default)]
+    struct Refusals(std::sync::atomic::AtomicUsize);
+
+    impl Observer for Refusals {
+        fn observe(&self, _: Endpoint, _: Option<u16>, _: Duration, _: Duration) {}
+        fn refused(&self, _: Endpoint) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn open(b: &Breaker) {
+        breaker::force_open(b);
+    }
+
+    /// Review N1 (E4b): while another client's probe hangs, the prober waits for it (or for
+    /// the next second) instead of asking the breaker again in a tight loop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_prober_waits_while_another_probe_is_in_flight() {
+        let b = Arc::new(Breaker::new("http://127.0.0.1:9"));
+        let refusals = Arc::new(Refusals::default());
+        let settings = ClientSettings::new("http://127.0.0.1:9", Token::new("t"));
+        let client = WaldurClient::new(&settings)
+            .unwrap()
+            .with_breaker(b.clone())
+            .with_observer(refusals.clone());
+        open(&b);
+        tokio::time::sleep(breaker::PROBE_EVERY).await;
+        let held = b.admit("list").unwrap();
+        let prober = tokio::spawn(probe_until_closed(client));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        prober.abort();
+        let refused = refusals.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(refused < 10, "{refused} refused probes in 3 s");
+        drop(held);
     }
 
     #[test]
