@@ -119,6 +119,12 @@ struct RunArgs {
     /// How often the batched read path sweeps while any group is changing.
     #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = duration)]
     busy_sweep: Duration,
+    /// Requests in flight at once to any one Waldur other than --waldur-url (a Secret's
+    /// `url`), within --waldur-max-in-flight. Unset: a quarter of --waldur-max-in-flight (4
+    /// of 16), which keeps up with the default rate while requests take up to 200ms. So a
+    /// slow or hostile address holds at most that share; the default Waldur is not capped.
+    #[arg(long, env = "WALDUR_MAX_IN_FLIGHT_PER_URL", value_parser = clap::value_parser!(u64).range(1..))]
+    waldur_max_in_flight_per_url: Option<u64>,
     /// Address of /metrics, /healthz and /readyz. `[::]` listens on IPv6 and IPv4 (falling back
     /// to 0.0.0.0 where IPv6 is disabled).
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8080")]
@@ -300,6 +306,9 @@ fn options(args: &RunArgs) -> Result<Options, String> {
             max_in_flight: args.waldur_max_in_flight,
             rate_per_second: args.waldur_rate,
         },
+        waldur_max_in_flight_per_url: args
+            .waldur_max_in_flight_per_url
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         namespace: args.namespace.clone(),
         settings: Settings {
             resync_period: args.resync_period,

@@ -32,6 +32,9 @@ pub struct Options {
     pub defaults: DefaultCredentials,
     /// One budget for every request to Waldur, whatever the credentials.
     pub limits: Limits,
+    /// Requests in flight to one Waldur other than the default one (`None`: a quarter of
+    /// `limits.max_in_flight`): one slow Secret `url` cannot take every slot (review N5).
+    pub waldur_max_in_flight_per_url: Option<usize>,
     /// Watch one namespace; all when empty.
     pub namespace: String,
     pub settings: Settings,
@@ -52,7 +55,9 @@ pub struct Options {
 /// limiter and reports to the metrics. Bad settings (a malformed URL or CA bundle) of the
 /// default credentials stop the start, not the first reconcile.
 pub fn credentials(options: &Options, metrics: &Metrics) -> Result<Arc<ClientCache>, String> {
-    let limiter = Arc::new(Limiter::new(options.limits));
+    let limiter = Arc::new(
+        Limiter::new(options.limits).with_per_waldur_cap(options.waldur_max_in_flight_per_url),
+    );
     let cache = ClientCache::new(
         options.waldur.clone(),
         options.defaults.clone(),
@@ -145,6 +150,9 @@ pub async fn run(
         shard = options.shard.index,
         total_shards = options.shard.total,
         default_credentials_namespaces = %options.defaults.scope.describe(),
+        max_in_flight_per_url = options
+            .waldur_max_in_flight_per_url
+            .unwrap_or_else(|| Limiter::default_per_waldur_cap(options.limits.max_in_flight)),
         metrics_addr = %options.metrics_addr,
         "waldur-operator {} starting",
         env!("CARGO_PKG_VERSION")

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use waldur_operator::waldur::{
-    Breaker, ClientSettings, ErrorKind, ListQuery, NewServerGroup, Policy, ServerGroup, State,
-    Token, WaldurClient, WaldurError, WaldurUuid,
+    Breaker, ClientSettings, ErrorKind, Limiter, Limits, ListQuery, NewServerGroup, Policy,
+    ServerGroup, State, Token, WaldurClient, WaldurError, WaldurUuid,
 };
 use waldur_sim::{Delays, SimConfig, Simulator, Vocabulary};
 
@@ -736,7 +736,7 @@ async fn bodies_are_read_with_a_cap() {
     );
 }
 
-// ----- one view of each Waldur's health (review N1, N4) -----
+// ----- one view of each Waldur's health (review N1, N4) and fairness (N5) -----
 
 fn shared(sim: &Simulator, token: &str, breaker: &Arc<Breaker>) -> WaldurClient {
     client(sim, token).with_breaker(breaker.clone())
@@ -835,4 +835,37 @@ async fn only_several_distinct_requests_timing_out_open_the_breaker() {
     assert!(!breaker.is_open(), "two requests");
     assert!(c.get(&g.uuid, &[]).await.unwrap_err().is_transient());
     assert!(breaker.is_open(), "three distinct requests timed out");
+}
+
+/// Review N5: a Waldur (a namespace's Secret `url`) that answers every request after a long
+/// delay cannot take every in-flight slot of the shared limiter: requests to another Waldur
+/// still go at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_waldur_cannot_take_every_slot_from_another() {
+    let slow = sim(SimConfig::default()).await;
+    let fast = sim(SimConfig::default()).await;
+    slow.set_latency(Duration::from_secs(10));
+    let limiter = Arc::new(Limiter::new(Limits {
+        max_in_flight: 4,
+        rate_per_second: 0.0,
+    }));
+    let s = staff(&slow).with_limiter(limiter.clone());
+    let f = staff(&fast).with_limiter(limiter.clone());
+    let hogs: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.count(&ListQuery::new()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    f.list(&ListQuery::new()).await.unwrap();
+    let took = started.elapsed();
+    for h in &hogs {
+        h.abort();
+    }
+    assert!(
+        took < Duration::from_secs(1),
+        "waited {took:?} behind the slow Waldur"
+    );
 }

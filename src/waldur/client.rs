@@ -148,6 +148,9 @@ pub struct WaldurClient {
     token: Token,
     backoff: ExponentialBuilder,
     limiter: Option<Arc<Limiter>>,
+    /// Whether this client's requests count against the limiter's per-Waldur cap (review
+    /// N5). Every Waldur is capped but the operator's default one, which the admin chose.
+    capped: bool,
     observer: Option<Arc<dyn Observer>>,
     breaker: Option<Arc<Breaker>>,
 }
@@ -196,14 +199,23 @@ impl WaldurClient {
             token: settings.token.clone(),
             backoff,
             limiter: None,
+            capped: true,
             observer: None,
             breaker: None,
         })
     }
 
-    /// Sends every request through `limiter` (shared with other clients).
+    /// Sends every request through `limiter` (shared with other clients), within the
+    /// limiter's cap for this client's Waldur.
     pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Exempts this client from the per-Waldur cap: for the operator's default Waldur, whose
+    /// address the admin chose, so it keeps the whole in-flight budget.
+    pub fn without_waldur_cap(mut self) -> Self {
+        self.capped = false;
         self
     }
 
@@ -524,7 +536,10 @@ impl WaldurClient {
         req: RequestBuilder,
     ) -> Result<Answer, WaldurError> {
         let slot = match &self.limiter {
-            Some(l) => Some(l.acquire().await),
+            Some(l) => Some(
+                l.acquire_for(self.capped.then_some(self.base.as_str()))
+                    .await,
+            ),
             None => None,
         };
         let queued = slot.as_ref().map(|s| s.waited).unwrap_or_default();

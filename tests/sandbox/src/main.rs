@@ -101,6 +101,7 @@ async fn run(args: Args) -> Result<(), String> {
             scope: DefaultScope::all(),
         },
         limits: Limits::default(),
+        waldur_max_in_flight_per_url: None,
         namespace: String::new(),
         settings: Settings {
             resync_period: Duration::from_secs(60),
