@@ -9,6 +9,7 @@ use kube::Client;
 use std::net::SocketAddr;
 
 use waldur_operator::api;
+use waldur_operator::controller::credentials::AllowedHosts;
 use waldur_operator::controller::index::ReadPath;
 use waldur_operator::controller::{DefaultCredentials, DefaultScope, Settings, plan};
 use waldur_operator::leader::LeaseSettings;
@@ -125,6 +126,12 @@ struct RunArgs {
     /// slow or hostile address holds at most that share; the default Waldur is not capped.
     #[arg(long, env = "WALDUR_MAX_IN_FLIGHT_PER_URL", value_parser = clap::value_parser!(u64).range(1..))]
     waldur_max_in_flight_per_url: Option<u64>,
+    /// Hosts a credentialsRef Secret's `url` may name: a comma-separated list of host names
+    /// and patterns such as *.example.com (names under example.com). Empty: any host, as in
+    /// earlier versions. --waldur-url's host is always allowed. A `url` holding a user name,
+    /// password, query or fragment is refused whatever this says.
+    #[arg(long, env = "ALLOWED_WALDUR_HOSTS", default_value = "", value_parser = AllowedHosts::parse)]
+    allowed_waldur_hosts: AllowedHosts,
     /// Address of /metrics, /healthz and /readyz. `[::]` listens on IPv6 and IPv4 (falling back
     /// to 0.0.0.0 where IPv6 is disabled).
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8080")]
@@ -309,6 +316,7 @@ fn options(args: &RunArgs) -> Result<Options, String> {
         waldur_max_in_flight_per_url: args
             .waldur_max_in_flight_per_url
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        allowed_waldur_hosts: args.allowed_waldur_hosts.clone(),
         namespace: args.namespace.clone(),
         settings: Settings {
             resync_period: args.resync_period,

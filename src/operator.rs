@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
 
 use crate::api::ServerGroup;
+use crate::controller::credentials::AllowedHosts;
 use crate::controller::index::ReadPath;
 use crate::controller::{self, ClientCache, DefaultCredentials, Settings};
 use crate::leader::{self, LeaseSettings};
@@ -35,6 +36,8 @@ pub struct Options {
     /// Requests in flight to one Waldur other than the default one (`None`: a quarter of
     /// `limits.max_in_flight`): one slow Secret `url` cannot take every slot (review N5).
     pub waldur_max_in_flight_per_url: Option<usize>,
+    /// The hosts a Secret's `url` may name; empty: any.
+    pub allowed_waldur_hosts: AllowedHosts,
     /// Watch one namespace; all when empty.
     pub namespace: String,
     pub settings: Settings,
@@ -63,7 +66,10 @@ pub fn credentials(options: &Options, metrics: &Metrics) -> Result<Arc<ClientCac
         options.defaults.clone(),
         limiter,
         Arc::new(metrics.clone()),
-    );
+    )
+    .with_allowed_hosts(options.allowed_waldur_hosts.clone())
+    // As the read index drops a shard: every resource reconciles once per resync period.
+    .with_idle_after(options.settings.resync_period * 3);
     if let (Some(url), Some(token)) = (&options.defaults.url, &options.defaults.token) {
         cache.client(url, token).map_err(|e| e.to_string())?;
     }
@@ -150,6 +156,7 @@ pub async fn run(
         shard = options.shard.index,
         total_shards = options.shard.total,
         default_credentials_namespaces = %options.defaults.scope.describe(),
+        allowed_waldur_hosts = %options.allowed_waldur_hosts.describe(),
         max_in_flight_per_url = options
             .waldur_max_in_flight_per_url
             .unwrap_or_else(|| Limiter::default_per_waldur_cap(options.limits.max_in_flight)),

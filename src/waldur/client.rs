@@ -130,6 +130,8 @@ pub trait Observer: Send + Sync {
     fn refused(&self, _endpoint: Endpoint) {}
     /// The breaker of the Waldur at `waldur` opened (`open`) or closed.
     fn breaker_changed(&self, _waldur: &str, _open: bool) {}
+    /// The Waldur at `waldur` has not been used for long: its per-Waldur state is dropped.
+    fn breaker_forgotten(&self, _waldur: &str) {}
 }
 
 /// What came back from a successful request.
@@ -639,12 +641,42 @@ fn decode<T: DeserializeOwned>(endpoint: Endpoint, answer: &Answer) -> Result<T,
 }
 
 /// Accepts `https://host`, `https://host/`, `https://host/api/` and `https://host/prefix/api`.
-fn normalise_base(raw: &str) -> Result<String, WaldurError> {
-    let parsed = url::Url::parse(raw.trim())
-        .map_err(|e| WaldurError::Config(format!("the Waldur URL {raw:?} is not a URL: {e}")))?;
+///
+/// Refuses a user name or password (`https://u:p@host/`), a query string and a fragment
+/// (review m10, N10): the base URL is shown in logs, status, Events and the
+/// `waldur_unreachable{waldur=...}` label, so it must hold nothing secret, and a query would
+/// be lost or mangled when paths are appended. The refusal never quotes the URL when it may
+/// hold user info.
+pub fn normalise_base(raw: &str) -> Result<String, WaldurError> {
+    let raw = raw.trim();
+    // A URL with an `@` may carry a password: never echo it.
+    let shown = if raw.contains('@') {
+        "(not shown: it holds user info)".to_string()
+    } else {
+        format!("{raw:?}")
+    };
+    let parsed = url::Url::parse(raw)
+        .map_err(|e| WaldurError::Config(format!("the Waldur URL {shown} is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(WaldurError::Config(format!(
-            "the Waldur URL {raw:?} must be an http(s) address with a host"
+            "the Waldur URL {shown} must be an http(s) address with a host"
+        )));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(WaldurError::Config(
+            "the Waldur URL must not hold a user name or password (user:password@): the token \
+             goes under the key \"token\", never into the URL"
+                .into(),
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(WaldurError::Config(format!(
+            "the Waldur URL {} must not have a query string (?...) or a fragment (#...)",
+            if raw.contains('@') {
+                shown
+            } else {
+                format!("{:?}", parsed.origin().ascii_serialization())
+            }
         )));
     }
     let mut base = parsed.as_str().trim_end_matches('/').to_string();
@@ -787,6 +819,30 @@ mod tests {
         for bad in ["", "waldur.example.com", "ftp://w.example.com", "https://"] {
             assert!(normalise_base(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Review m10, N10: user info, a query or a fragment are refused, and the refusal never
+    /// shows the password or the query's values.
+    #[test]
+    fn urls_with_user_info_query_or_fragment_are_refused_without_quoting_secrets() {
+        for bad in [
+            "https://u:s3cr3t@w.example.com/",
+            "https://s3cr3t@w.example.com/api/",
+            "https://w.example.com/?token=s3cr3t",
+            "https://w.example.com/api/#s3cr3t",
+            "https://u:s3cr3t@w.example.com/?run=1",
+            "https://u:s3cr3t@[bad",
+        ] {
+            let err = normalise_base(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cr3t"), "{bad}: {err}");
+            assert!(err.contains("Waldur URL"), "{err}");
+        }
+        assert!(
+            normalise_base("https://u:p@w.example.com/")
+                .unwrap_err()
+                .to_string()
+                .contains("user name or password")
+        );
     }
 
     #[test]
