@@ -117,8 +117,9 @@ struct RunArgs {
     /// one GET per resource (per-object, for comparison).
     #[arg(long, env = "READ_PATH", value_enum, default_value_t = ReadPathArg::Batched)]
     read_path: ReadPathArg,
-    /// How often the batched read path sweeps while any group is changing.
-    #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = duration)]
+    /// How often the batched read path sweeps while any group is changing. At least 100ms:
+    /// the pace also sets the back-off while Waldur fails, which at 0s would be a hot loop.
+    #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = busy_sweep)]
     busy_sweep: Duration,
     /// Requests in flight at once to any one Waldur other than --waldur-url (a Secret's
     /// `url`), within --waldur-max-in-flight. Unset: a quarter of --waldur-max-in-flight (4
@@ -194,6 +195,16 @@ fn shard_index(s: &str) -> Result<u32, String> {
     digits.parse().map_err(|_| {
         format!("{s:?} is not a shard index such as 2 (or a pod name such as waldur-operator-2)")
     })
+}
+
+fn busy_sweep(s: &str) -> Result<Duration, String> {
+    let pace = duration(s)?;
+    if pace < Duration::from_millis(100) {
+        return Err(format!(
+            "{s:?} is shorter than 100ms: while Waldur fails the sweep backs off from this pace"
+        ));
+    }
+    Ok(pace)
 }
 
 fn resync_period(s: &str) -> Result<Duration, String> {
