@@ -14,7 +14,7 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::breaker::{self, Breaker, RequestId, Transition};
-use super::error::WaldurError;
+use super::error::{FieldMessage, FieldMessages, WaldurError};
 use super::limiter::Limiter;
 use super::model::{Detail, NewServerGroup, ServerGroup, WaldurUuid};
 use super::query::ListQuery;
@@ -600,31 +600,83 @@ impl WaldurClient {
         Err(self.redact(err))
     }
 
-    /// A server that echoes the token back in an error body must not make it show in logs.
+    /// A server that echoes the token back in an error body must not make it show in logs,
+    /// status or Events: every variant that quotes Waldur's words is covered (review m11).
     fn redact(&self, err: WaldurError) -> WaldurError {
         let token = self.token.expose();
+        let clean = |text: String| {
+            if text.contains(token) {
+                text.replace(token, "***")
+            } else {
+                text
+            }
+        };
         match err {
-            WaldurError::Unexpected {
-                endpoint,
-                status,
-                excerpt,
-            } if excerpt.contains(token) => WaldurError::Unexpected {
-                endpoint,
-                status,
-                excerpt: excerpt.replace(token, "***"),
-            },
             WaldurError::Transient {
                 endpoint,
                 reason,
                 retry_after,
                 status,
-            } if reason.contains(token) => WaldurError::Transient {
+            } => WaldurError::Transient {
                 endpoint,
-                reason: reason.replace(token, "***"),
+                reason: clean(reason),
                 retry_after,
                 status,
             },
-            other => other,
+            WaldurError::Unauthorized { endpoint, detail } => WaldurError::Unauthorized {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Forbidden { endpoint, detail } => WaldurError::Forbidden {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::NotFound { endpoint, detail } => WaldurError::NotFound {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Conflict { endpoint, detail } => WaldurError::Conflict {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Invalid { endpoint, messages } => WaldurError::Invalid {
+                endpoint,
+                messages: FieldMessages(
+                    messages
+                        .0
+                        .into_iter()
+                        .map(|m| FieldMessage {
+                            field: m.field.map(clean),
+                            message: clean(m.message),
+                        })
+                        .collect(),
+                ),
+            },
+            WaldurError::NoSuchRoute { endpoint, excerpt } => WaldurError::NoSuchRoute {
+                endpoint,
+                excerpt: clean(excerpt),
+            },
+            WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt,
+            } => WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt: clean(excerpt),
+            },
+            WaldurError::Config(message) => WaldurError::Config(clean(message)),
+            WaldurError::Unavailable {
+                endpoint,
+                waldur,
+                since,
+                cause,
+            } => WaldurError::Unavailable {
+                endpoint,
+                waldur,
+                since,
+                cause: clean(cause),
+            },
         }
     }
 }
@@ -909,6 +961,23 @@ mod tests {
         let refused = refusals.0.load(std::sync::atomic::Ordering::SeqCst);
         assert!(refused < 10, "{refused} refused probes in 3 s");
         drop(held);
+    }
+
+    /// Review m11: a server that echoes the token in any error body, whatever the status,
+    /// never makes it show in an error (and so in logs, status or Events).
+    #[test]
+    fn every_error_that_quotes_a_body_is_redacted() {
+        let settings = ClientSettings::new("https://w.example.com", Token::new("s3cr3t-t0ken"));
+        let client = WaldurClient::new(&settings).unwrap();
+        let echo = "you sent Token s3cr3t-t0ken";
+        for status in [400, 401, 403, 404, 409, 418, 429, 500] {
+            let json = format!("{{\"detail\": \"{echo}\"}}");
+            for body in [json.as_bytes(), echo.as_bytes()] {
+                let err = client.redact(WaldurError::from_response("list", status, body, None));
+                let shown = format!("{err} {err:?} {}", err.waldur_message());
+                assert!(!shown.contains("s3cr3t-t0ken"), "{status}: {shown}");
+            }
+        }
     }
 
     #[test]
