@@ -9,6 +9,7 @@ use kube::Client;
 use std::net::SocketAddr;
 
 use waldur_operator::api;
+use waldur_operator::controller::credentials::AllowedHosts;
 use waldur_operator::controller::index::ReadPath;
 use waldur_operator::controller::{DefaultCredentials, DefaultScope, Settings, plan};
 use waldur_operator::leader::LeaseSettings;
@@ -127,9 +128,22 @@ struct RunArgs {
     /// one GET per resource (per-object, for comparison).
     #[arg(long, env = "READ_PATH", value_enum, default_value_t = ReadPathArg::Batched)]
     read_path: ReadPathArg,
-    /// How often the batched read path sweeps while any group is changing.
-    #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = duration)]
+    /// How often the batched read path sweeps while any group is changing. At least 100ms:
+    /// the pace also sets the back-off while Waldur fails, which at 0s would be a hot loop.
+    #[arg(long, env = "BUSY_SWEEP", default_value = "1s", value_parser = busy_sweep)]
     busy_sweep: Duration,
+    /// Requests in flight at once to any one Waldur other than --waldur-url (a Secret's
+    /// `url`), within --waldur-max-in-flight. Unset: a quarter of --waldur-max-in-flight (4
+    /// of 16), which keeps up with the default rate while requests take up to 200ms. So a
+    /// slow or hostile address holds at most that share; the default Waldur is not capped.
+    #[arg(long, env = "WALDUR_MAX_IN_FLIGHT_PER_URL", value_parser = clap::value_parser!(u64).range(1..))]
+    waldur_max_in_flight_per_url: Option<u64>,
+    /// Hosts a credentialsRef Secret's `url` may name: a comma-separated list of host names
+    /// and patterns such as *.example.com (names under example.com). Empty: any host, as in
+    /// earlier versions. --waldur-url's host is always allowed. A `url` holding a user name,
+    /// password, query or fragment is refused whatever this says.
+    #[arg(long, env = "ALLOWED_WALDUR_HOSTS", default_value = "", value_parser = AllowedHosts::parse)]
+    allowed_waldur_hosts: AllowedHosts,
     /// Address of /metrics, /healthz and /readyz. `[::]` listens on IPv6 and IPv4 (falling back
     /// to 0.0.0.0 where IPv6 is disabled).
     #[arg(long, env = "METRICS_ADDR", default_value = "[::]:8080")]
@@ -192,6 +206,16 @@ fn shard_index(s: &str) -> Result<u32, String> {
     digits.parse().map_err(|_| {
         format!("{s:?} is not a shard index such as 2 (or a pod name such as waldur-operator-2)")
     })
+}
+
+fn busy_sweep(s: &str) -> Result<Duration, String> {
+    let pace = duration(s)?;
+    if pace < Duration::from_millis(100) {
+        return Err(format!(
+            "{s:?} is shorter than 100ms: while Waldur fails the sweep backs off from this pace"
+        ));
+    }
+    Ok(pace)
 }
 
 fn resync_period(s: &str) -> Result<Duration, String> {
@@ -311,6 +335,10 @@ fn options(args: &RunArgs) -> Result<Options, String> {
             max_in_flight: args.waldur_max_in_flight,
             rate_per_second: args.waldur_rate,
         },
+        waldur_max_in_flight_per_url: args
+            .waldur_max_in_flight_per_url
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        allowed_waldur_hosts: args.allowed_waldur_hosts.clone(),
         namespace: args.namespace.clone(),
         settings: Settings {
             resync_period: args.resync_period,

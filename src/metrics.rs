@@ -291,6 +291,14 @@ impl Observer for Metrics {
             })
             .set(i64::from(open));
     }
+
+    /// A Waldur unused for long has its series removed: Secrets may name many addresses
+    /// over time, and each would otherwise stay exported for ever (review N10).
+    fn breaker_forgotten(&self, waldur: &str) {
+        self.waldur_unreachable.remove(&WaldurLabel {
+            waldur: waldur.into(),
+        });
+    }
 }
 
 #[cfg(test)]
@@ -341,5 +349,16 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_forgotten_waldur_leaves_no_series() {
+        let m = Metrics::new();
+        m.breaker_changed("https://gone.example.com", true);
+        m.breaker_changed("https://kept.example.com", false);
+        m.breaker_forgotten("https://gone.example.com");
+        let text = m.encode();
+        assert!(!text.contains("gone.example.com"), "{text}");
+        assert!(text.contains("kept.example.com"), "{text}");
     }
 }

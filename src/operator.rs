@@ -14,6 +14,7 @@ use kube::core::PartialObjectMeta;
 use kube::{Api, Client};
 
 use crate::api::ServerGroup;
+use crate::controller::credentials::AllowedHosts;
 use crate::controller::index::ReadPath;
 use crate::controller::{self, ClientCache, DefaultCredentials, Settings};
 use crate::leader::{self, LeaseSettings};
@@ -32,6 +33,11 @@ pub struct Options {
     pub defaults: DefaultCredentials,
     /// One budget for every request to Waldur, whatever the credentials.
     pub limits: Limits,
+    /// Requests in flight to one Waldur other than the default one (`None`: a quarter of
+    /// `limits.max_in_flight`): one slow Secret `url` cannot take every slot (review N5).
+    pub waldur_max_in_flight_per_url: Option<usize>,
+    /// The hosts a Secret's `url` may name; empty: any.
+    pub allowed_waldur_hosts: AllowedHosts,
     /// Watch one namespace; all when empty.
     pub namespace: String,
     pub settings: Settings,
@@ -52,13 +58,18 @@ pub struct Options {
 /// limiter and reports to the metrics. Bad settings (a malformed URL or CA bundle) of the
 /// default credentials stop the start, not the first reconcile.
 pub fn credentials(options: &Options, metrics: &Metrics) -> Result<Arc<ClientCache>, String> {
-    let limiter = Arc::new(Limiter::new(options.limits));
+    let limiter = Arc::new(
+        Limiter::new(options.limits).with_per_waldur_cap(options.waldur_max_in_flight_per_url),
+    );
     let cache = ClientCache::new(
         options.waldur.clone(),
         options.defaults.clone(),
         limiter,
         Arc::new(metrics.clone()),
-    );
+    )
+    .with_allowed_hosts(options.allowed_waldur_hosts.clone())
+    // As the read index drops a shard: every resource reconciles once per resync period.
+    .with_idle_after(options.settings.resync_period * 3);
     if let (Some(url), Some(token)) = (&options.defaults.url, &options.defaults.token) {
         cache.client(url, token).map_err(|e| e.to_string())?;
     }
@@ -147,6 +158,10 @@ pub async fn run(
         shard = options.shard.index,
         total_shards = options.shard.total,
         default_credentials_namespaces = %options.defaults.scope.describe(),
+        allowed_waldur_hosts = %options.allowed_waldur_hosts.describe(),
+        max_in_flight_per_url = options
+            .waldur_max_in_flight_per_url
+            .unwrap_or_else(|| Limiter::default_per_waldur_cap(options.limits.max_in_flight)),
         metrics_addr = %options.metrics_addr,
         "waldur-operator {} starting",
         env!("CARGO_PKG_VERSION")

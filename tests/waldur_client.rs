@@ -1,11 +1,12 @@
 //! The Waldur client against the simulator over real HTTP on loopback: every endpoint, every
 //! error class, pagination, both vocabularies, UUID forms and the token's secrecy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use waldur_operator::waldur::{
-    ClientSettings, ErrorKind, ListQuery, NewServerGroup, Policy, ServerGroup, State, Token,
-    WaldurClient, WaldurError, WaldurUuid,
+    Breaker, ClientSettings, ErrorKind, Limiter, Limits, ListQuery, NewServerGroup, Policy,
+    ServerGroup, State, Token, WaldurClient, WaldurError, WaldurUuid,
 };
 use waldur_sim::{Delays, SimConfig, Simulator, Vocabulary};
 
@@ -732,5 +733,139 @@ async fn bodies_are_read_with_a_cap() {
     assert!(
         cut.to_string().len() < 1_000,
         "the quoted error stays short"
+    );
+}
+
+// ----- one view of each Waldur's health (review N1, N4) and fairness (N5) -----
+
+fn shared(sim: &Simulator, token: &str, breaker: &Arc<Breaker>) -> WaldurClient {
+    client(sim, token).with_breaker(breaker.clone())
+}
+
+/// Review N1: a reconcile aborted while its request was the breaker's probe (a leadership
+/// term ending mid-request) must not leave the probe slot taken for good. The breaker is
+/// opened from a runtime that then ends, so its prober is gone too: the waiting request is
+/// the only one that can find out that Waldur answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_cancelled_mid_request_does_not_keep_the_breaker_open() {
+    let sim = sim(SimConfig::default()).await;
+    let breaker = Arc::new(Breaker::new(sim.base_url()));
+    sim.drop_next_connections(usize::MAX);
+    let opener = shared(&sim, &SimConfig::default().staff_token, &breaker);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..3 {
+                let _ = opener.list(&ListQuery::new()).await;
+            }
+        });
+    })
+    .join()
+    .unwrap();
+    assert!(breaker.is_open());
+    sim.drop_next_connections(0);
+    sim.set_latency(Duration::from_secs(60));
+    let c = shared(&sim, &SimConfig::default().staff_token, &breaker);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let probe = tokio::spawn({
+        let c = c.clone();
+        async move { c.list(&ListQuery::new()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!probe.is_finished(), "the probe waits for Waldur");
+    probe.abort();
+    let _ = probe.await;
+    sim.set_latency(Duration::ZERO);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match c.list(&ListQuery::new()).await {
+            Ok(_) => break,
+            Err(e) if e.is_unavailable() && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("Waldur answers, yet the breaker still holds requests: {e}"),
+        }
+    }
+    assert!(!breaker.is_open());
+}
+
+/// Review N4: one object's 500s (with the read's retries) are that object's trouble. They
+/// never mark the whole Waldur unreachable for other tokens and tenants.
+#[tokio::test]
+async fn one_objects_500s_never_mark_waldur_unreachable() {
+    let sim = sim(SimConfig::default()).await;
+    let breaker = Arc::new(Breaker::new(sim.base_url()));
+    let staff = shared(&sim, &SimConfig::default().staff_token, &breaker);
+    let user = shared(&sim, &SimConfig::default().user_token, &breaker);
+    let g = staff
+        .create(&tenant(), &new("web", Policy::Affinity))
+        .await
+        .unwrap();
+    sim.reset_counters();
+    sim.fail_next_requests_for("retrieve", 4, 500);
+    let err = staff.get(&g.uuid, &[]).await.unwrap_err();
+    assert!(err.to_string().contains("HTTP 500"), "{err}");
+    assert_eq!(sim.requests("retrieve"), 4, "one try and three retries");
+    assert!(!breaker.is_open());
+    user.list(&ListQuery::new()).await.unwrap();
+}
+
+/// Review N4: the retries of one request are one piece of evidence, not three; failures of
+/// several distinct requests with no answer in between open the breaker.
+#[tokio::test]
+async fn only_several_distinct_requests_timing_out_open_the_breaker() {
+    let sim = sim(SimConfig::default()).await;
+    let breaker = Arc::new(Breaker::new(sim.base_url()));
+    let mut s = ClientSettings::new(sim.base_url(), Token::new(SimConfig::default().staff_token));
+    s.timeout = Duration::from_millis(200);
+    s.retry_min_delay = Duration::from_millis(5);
+    s.retry_max_delay = Duration::from_millis(20);
+    let c = WaldurClient::new(&s).unwrap().with_breaker(breaker.clone());
+    let g = c
+        .create(&tenant(), &new("web", Policy::Affinity))
+        .await
+        .unwrap();
+    sim.set_latency(Duration::from_secs(1));
+    assert!(c.list(&ListQuery::new()).await.unwrap_err().is_transient());
+    assert!(!breaker.is_open(), "one request timing out four times");
+    assert!(c.count(&ListQuery::new()).await.unwrap_err().is_transient());
+    assert!(!breaker.is_open(), "two requests");
+    assert!(c.get(&g.uuid, &[]).await.unwrap_err().is_transient());
+    assert!(breaker.is_open(), "three distinct requests timed out");
+}
+
+/// Review N5: a Waldur (a namespace's Secret `url`) that answers every request after a long
+/// delay cannot take every in-flight slot of the shared limiter: requests to another Waldur
+/// still go at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_waldur_cannot_take_every_slot_from_another() {
+    let slow = sim(SimConfig::default()).await;
+    let fast = sim(SimConfig::default()).await;
+    slow.set_latency(Duration::from_secs(10));
+    let limiter = Arc::new(Limiter::new(Limits {
+        max_in_flight: 4,
+        rate_per_second: 0.0,
+    }));
+    let s = staff(&slow).with_limiter(limiter.clone());
+    let f = staff(&fast).with_limiter(limiter.clone());
+    let hogs: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.count(&ListQuery::new()).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    f.list(&ListQuery::new()).await.unwrap();
+    let took = started.elapsed();
+    for h in &hogs {
+        h.abort();
+    }
+    assert!(
+        took < Duration::from_secs(1),
+        "waited {took:?} behind the slow Waldur"
     );
 }

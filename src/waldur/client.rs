@@ -13,8 +13,8 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::breaker::{self, Breaker};
-use super::error::WaldurError;
+use super::breaker::{self, Breaker, RequestId, Transition};
+use super::error::{FieldMessage, FieldMessages, WaldurError};
 use super::limiter::Limiter;
 use super::model::{Detail, NewServerGroup, ServerGroup, Tenant, WaldurUuid};
 use super::query::ListQuery;
@@ -136,6 +136,8 @@ pub trait Observer: Send + Sync {
     fn refused(&self, _endpoint: Endpoint) {}
     /// The breaker of the Waldur at `waldur` opened (`open`) or closed.
     fn breaker_changed(&self, _waldur: &str, _open: bool) {}
+    /// The Waldur at `waldur` has not been used for long: its per-Waldur state is dropped.
+    fn breaker_forgotten(&self, _waldur: &str) {}
 }
 
 /// What came back from a successful request.
@@ -154,6 +156,9 @@ pub struct WaldurClient {
     token: Token,
     backoff: ExponentialBuilder,
     limiter: Option<Arc<Limiter>>,
+    /// Whether this client's requests count against the limiter's per-Waldur cap (review
+    /// N5). Every Waldur is capped but the operator's default one, which the admin chose.
+    capped: bool,
     observer: Option<Arc<dyn Observer>>,
     breaker: Option<Arc<Breaker>>,
 }
@@ -202,14 +207,23 @@ impl WaldurClient {
             token: settings.token.clone(),
             backoff,
             limiter: None,
+            capped: true,
             observer: None,
             breaker: None,
         })
     }
 
-    /// Sends every request through `limiter` (shared with other clients).
+    /// Sends every request through `limiter` (shared with other clients), within the
+    /// limiter's cap for this client's Waldur.
     pub fn with_limiter(mut self, limiter: Arc<Limiter>) -> Self {
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Exempts this client from the per-Waldur cap: for the operator's default Waldur, whose
+    /// address the admin chose, so it keeps the whole in-flight budget.
+    pub fn without_waldur_cap(mut self) -> Self {
+        self.capped = false;
         self
     }
 
@@ -454,7 +468,9 @@ impl WaldurClient {
         F: Fn() -> RequestBuilder,
     {
         debug_assert!(endpoint.is_read());
-        (|| async { self.send(endpoint, build()).await })
+        // Every try of this read is one logical request to the breaker (review N4).
+        let request = RequestId::new();
+        (|| async { self.send_as(endpoint, build(), request).await })
             .retry(self.backoff)
             // An open breaker sent nothing; it says when Waldur answers again.
             .when(|e| e.is_transient() && !e.is_unavailable())
@@ -474,11 +490,23 @@ impl WaldurClient {
             .await
     }
 
-    /// Sends one request and reads the whole answer; anything but 2xx becomes a classified error.
+    /// Sends one request, a logical request of its own (a write, or a probe).
     async fn send(&self, endpoint: Endpoint, req: RequestBuilder) -> Result<Answer, WaldurError> {
-        let admission = match &self.breaker {
+        self.send_as(endpoint, req, RequestId::new()).await
+    }
+
+    /// Sends one request and reads the whole answer; anything but 2xx becomes a classified
+    /// error. The breaker's permit lives across the await: if this future is dropped (a
+    /// reconcile task aborted), the permit's `Drop` frees a probe slot it held (review N1).
+    async fn send_as(
+        &self,
+        endpoint: Endpoint,
+        req: RequestBuilder,
+        request: RequestId,
+    ) -> Result<Answer, WaldurError> {
+        let permit = match &self.breaker {
             Some(b) => match b.admit(endpoint.as_str()) {
-                Ok(a) => Some(a),
+                Ok(p) => Some((b, p)),
                 Err(refused) => {
                     if let Some(o) = &self.observer {
                         o.refused(endpoint);
@@ -489,28 +517,30 @@ impl WaldurClient {
             None => None,
         };
         let mut result = self.send_admitted(endpoint, req).await;
-        if let (Some(b), Some(admission)) = (&self.breaker, admission) {
+        if let Some((b, permit)) = permit {
             let cause = result.as_ref().err().and_then(breaker::unreachable_cause);
             // A failed probe taken by a reconcile's request answers like a held request, so
             // that resource is parked with the others rather than backing off on its own
             // (and, with every probe it happened to take, for longer).
-            if admission == breaker::Admission::Probe
+            if permit.is_probe()
                 && cause.is_some()
                 && let Some(held) = b.refusal(endpoint.as_str())
             {
                 result = Err(held);
             }
-            let was_open = b.is_open();
-            if b.record(admission, cause.as_deref()) {
-                if let Some(o) = &self.observer {
-                    o.breaker_changed(b.waldur(), true);
+            match permit.record(request, cause.as_deref()) {
+                Transition::Opened => {
+                    if let Some(o) = &self.observer {
+                        o.breaker_changed(b.waldur(), true);
+                    }
+                    tokio::spawn(probe_until_closed(self.clone()));
                 }
-                tokio::spawn(probe_until_closed(self.clone()));
-            } else if was_open
-                && !b.is_open()
-                && let Some(o) = &self.observer
-            {
-                o.breaker_changed(b.waldur(), false);
+                Transition::Closed => {
+                    if let Some(o) = &self.observer {
+                        o.breaker_changed(b.waldur(), false);
+                    }
+                }
+                Transition::Unchanged => {}
             }
         }
         result
@@ -532,7 +562,10 @@ impl WaldurClient {
         req: RequestBuilder,
     ) -> Result<Answer, WaldurError> {
         let slot = match &self.limiter {
-            Some(l) => Some(l.acquire().await),
+            Some(l) => Some(
+                l.acquire_for(self.capped.then_some(self.base.as_str()))
+                    .await,
+            ),
             None => None,
         };
         let queued = slot.as_ref().map(|s| s.waited).unwrap_or_default();
@@ -591,31 +624,83 @@ impl WaldurClient {
         Err(self.redact(err))
     }
 
-    /// A server that echoes the token back in an error body must not make it show in logs.
+    /// A server that echoes the token back in an error body must not make it show in logs,
+    /// status or Events: every variant that quotes Waldur's words is covered (review m11).
     fn redact(&self, err: WaldurError) -> WaldurError {
         let token = self.token.expose();
+        let clean = |text: String| {
+            if text.contains(token) {
+                text.replace(token, "***")
+            } else {
+                text
+            }
+        };
         match err {
-            WaldurError::Unexpected {
-                endpoint,
-                status,
-                excerpt,
-            } if excerpt.contains(token) => WaldurError::Unexpected {
-                endpoint,
-                status,
-                excerpt: excerpt.replace(token, "***"),
-            },
             WaldurError::Transient {
                 endpoint,
                 reason,
                 retry_after,
                 status,
-            } if reason.contains(token) => WaldurError::Transient {
+            } => WaldurError::Transient {
                 endpoint,
-                reason: reason.replace(token, "***"),
+                reason: clean(reason),
                 retry_after,
                 status,
             },
-            other => other,
+            WaldurError::Unauthorized { endpoint, detail } => WaldurError::Unauthorized {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Forbidden { endpoint, detail } => WaldurError::Forbidden {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::NotFound { endpoint, detail } => WaldurError::NotFound {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Conflict { endpoint, detail } => WaldurError::Conflict {
+                endpoint,
+                detail: clean(detail),
+            },
+            WaldurError::Invalid { endpoint, messages } => WaldurError::Invalid {
+                endpoint,
+                messages: FieldMessages(
+                    messages
+                        .0
+                        .into_iter()
+                        .map(|m| FieldMessage {
+                            field: m.field.map(clean),
+                            message: clean(m.message),
+                        })
+                        .collect(),
+                ),
+            },
+            WaldurError::NoSuchRoute { endpoint, excerpt } => WaldurError::NoSuchRoute {
+                endpoint,
+                excerpt: clean(excerpt),
+            },
+            WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt,
+            } => WaldurError::Unexpected {
+                endpoint,
+                status,
+                excerpt: clean(excerpt),
+            },
+            WaldurError::Config(message) => WaldurError::Config(clean(message)),
+            WaldurError::Unavailable {
+                endpoint,
+                waldur,
+                since,
+                cause,
+            } => WaldurError::Unavailable {
+                endpoint,
+                waldur,
+                since,
+                cause: clean(cause),
+            },
         }
     }
 }
@@ -632,12 +717,42 @@ fn decode<T: DeserializeOwned>(endpoint: Endpoint, answer: &Answer) -> Result<T,
 }
 
 /// Accepts `https://host`, `https://host/`, `https://host/api/` and `https://host/prefix/api`.
-fn normalise_base(raw: &str) -> Result<String, WaldurError> {
-    let parsed = url::Url::parse(raw.trim())
-        .map_err(|e| WaldurError::Config(format!("the Waldur URL {raw:?} is not a URL: {e}")))?;
+///
+/// Refuses a user name or password (`https://u:p@host/`), a query string and a fragment
+/// (review m10, N10): the base URL is shown in logs, status, Events and the
+/// `waldur_unreachable{waldur=...}` label, so it must hold nothing secret, and a query would
+/// be lost or mangled when paths are appended. The refusal never quotes the URL when it may
+/// hold user info.
+pub fn normalise_base(raw: &str) -> Result<String, WaldurError> {
+    let raw = raw.trim();
+    // A URL with an `@` may carry a password: never echo it.
+    let shown = if raw.contains('@') {
+        "(not shown: it holds user info)".to_string()
+    } else {
+        format!("{raw:?}")
+    };
+    let parsed = url::Url::parse(raw)
+        .map_err(|e| WaldurError::Config(format!("the Waldur URL {shown} is not a URL: {e}")))?;
     if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
         return Err(WaldurError::Config(format!(
-            "the Waldur URL {raw:?} must be an http(s) address with a host"
+            "the Waldur URL {shown} must be an http(s) address with a host"
+        )));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(WaldurError::Config(
+            "the Waldur URL must not hold a user name or password (user:password@): the token \
+             goes under the key \"token\", never into the URL"
+                .into(),
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(WaldurError::Config(format!(
+            "the Waldur URL {} must not have a query string (?...) or a fragment (#...)",
+            if raw.contains('@') {
+                shown
+            } else {
+                format!("{:?}", parsed.origin().ascii_serialization())
+            }
         )));
     }
     let mut base = parsed.as_str().trim_end_matches('/').to_string();
@@ -735,10 +850,26 @@ fn probe_until_closed(
         let Some(breaker) = client.breaker.clone() else {
             return;
         };
-        while let Some(wait) = breaker.until_probe() {
-            tokio::time::sleep(wait).await;
-            // Refused when a reconcile's request took this second's probe: fine, it probes.
-            let _ = client.probe().await;
+        loop {
+            // Registered before the state is read, so a probe ending meanwhile still wakes us.
+            let ended = breaker.probe_ended();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let Some(wait) = breaker.until_probe() else {
+                return;
+            };
+            if wait.is_zero() {
+                // Refused when a reconcile's request took this second's probe: fine, it
+                // probes, and the next turn waits for it.
+                let _ = client.probe().await;
+                continue;
+            }
+            // While another probe is in flight this waits for its end (or at most a
+            // second), never asks again at once: no busy loop (review N1, E4b).
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut ended => {}
+            }
         }
     })
 }
@@ -764,6 +895,30 @@ mod tests {
         for bad in ["", "waldur.example.com", "ftp://w.example.com", "https://"] {
             assert!(normalise_base(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Review m10, N10: user info, a query or a fragment are refused, and the refusal never
+    /// shows the password or the query's values.
+    #[test]
+    fn urls_with_user_info_query_or_fragment_are_refused_without_quoting_secrets() {
+        for bad in [
+            "https://u:s3cr3t@w.example.com/",
+            "https://s3cr3t@w.example.com/api/",
+            "https://w.example.com/?token=s3cr3t",
+            "https://w.example.com/api/#s3cr3t",
+            "https://u:s3cr3t@w.example.com/?run=1",
+            "https://u:s3cr3t@[bad",
+        ] {
+            let err = normalise_base(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cr3t"), "{bad}: {err}");
+            assert!(err.contains("Waldur URL"), "{err}");
+        }
+        assert!(
+            normalise_base("https://u:p@w.example.com/")
+                .unwrap_err()
+                .to_string()
+                .contains("user name or password")
+        );
     }
 
     #[test]
@@ -794,6 +949,59 @@ mod tests {
         let shown = format!("{settings:?} {client:?}");
         assert!(!shown.contains("s3cr3t-t0ken"), "{shown}");
         assert!(shown.contains("***"));
+    }
+
+    #[derive(Default)]
+    struct Refusals(std::sync::atomic::AtomicUsize);
+
+    impl Observer for Refusals {
+        fn observe(&self, _: Endpoint, _: Option<u16>, _: Duration, _: Duration) {}
+        fn refused(&self, _: Endpoint) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn open(b: &Breaker) {
+        breaker::force_open(b);
+    }
+
+    /// Review N1 (E4b): while another client's probe hangs, the prober waits for it (or for
+    /// the next second) instead of asking the breaker again in a tight loop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_prober_waits_while_another_probe_is_in_flight() {
+        let b = Arc::new(Breaker::new("http://127.0.0.1:9"));
+        let refusals = Arc::new(Refusals::default());
+        let settings = ClientSettings::new("http://127.0.0.1:9", Token::new("t"));
+        let client = WaldurClient::new(&settings)
+            .unwrap()
+            .with_breaker(b.clone())
+            .with_observer(refusals.clone());
+        open(&b);
+        tokio::time::sleep(breaker::PROBE_EVERY).await;
+        let held = b.admit("list").unwrap();
+        let prober = tokio::spawn(probe_until_closed(client));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        prober.abort();
+        let refused = refusals.0.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(refused < 10, "{refused} refused probes in 3 s");
+        drop(held);
+    }
+
+    /// Review m11: a server that echoes the token in any error body, whatever the status,
+    /// never makes it show in an error (and so in logs, status or Events).
+    #[test]
+    fn every_error_that_quotes_a_body_is_redacted() {
+        let settings = ClientSettings::new("https://w.example.com", Token::new("s3cr3t-t0ken"));
+        let client = WaldurClient::new(&settings).unwrap();
+        let echo = "you sent Token s3cr3t-t0ken";
+        for status in [400, 401, 403, 404, 409, 418, 429, 500] {
+            let json = format!("{{\"detail\": \"{echo}\"}}");
+            for body in [json.as_bytes(), echo.as_bytes()] {
+                let err = client.redact(WaldurError::from_response("list", status, body, None));
+                let shown = format!("{err} {err:?} {}", err.waldur_message());
+                assert!(!shown.contains("s3cr3t-t0ken"), "{status}: {shown}");
+            }
+        }
     }
 
     #[test]

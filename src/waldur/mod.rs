@@ -14,7 +14,7 @@ mod query;
 pub use breaker::Breaker;
 pub use client::{
     ClientSettings, Endpoint, MAX_BODY, MAX_ERROR_BODY, MAX_PAGE_SIZE, Observer, Token,
-    WaldurClient,
+    WaldurClient, normalise_base,
 };
 pub use error::{ErrorKind, FieldMessage, FieldMessages, WaldurError};
 pub use limiter::{Limiter, Limits, Slot};

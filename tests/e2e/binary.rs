@@ -93,6 +93,51 @@ fn a_resync_period_under_30s_is_refused_at_start() {
     assert!(stderr.contains("shorter than 30s"), "{stderr}");
 }
 
+/// Review m14: a busy sweep pace of 0s made the failure back-off 0x2^n, a hot loop against
+/// a failing Waldur. The binary refuses a pace under 100ms before it starts anything.
+#[test]
+fn a_busy_sweep_under_100ms_is_refused_at_start() {
+    for pace in ["0s", "50ms"] {
+        let out = Command::new(OPERATOR)
+            .args(["run", "--busy-sweep", pace])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{pace}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("shorter than 100ms"), "{stderr}");
+    }
+}
+
+/// The admin's Waldur host list and per-URL cap are checked at start: a URL where a host
+/// name belongs, or a cap of 0, stop the binary with a message saying what is expected.
+#[test]
+fn a_bad_waldur_host_list_or_per_url_cap_is_refused_at_start() {
+    let out = Command::new(OPERATOR)
+        .arg("run")
+        .env(
+            "ALLOWED_WALDUR_HOSTS",
+            "waldur.example.com,https://other.example.com/api",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is not a host name") && stderr.contains("ALLOWED_WALDUR_HOSTS"),
+        "{stderr}"
+    );
+    let out = Command::new(OPERATOR)
+        .args(["run", "--waldur-max-in-flight-per-url", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--waldur-max-in-flight-per-url"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_namespace_scope_token_file_and_sigterm() {
     let env = Env::new(Kind::TestServer, "binary-surface").await;

@@ -101,6 +101,8 @@ async fn run(args: Args) -> Result<(), String> {
             scope: DefaultScope::all(),
         },
         limits: Limits::default(),
+        waldur_max_in_flight_per_url: None,
+        allowed_waldur_hosts: Default::default(),
         namespace: String::new(),
         settings: Settings {
             resync_period: Duration::from_secs(60),
