@@ -303,6 +303,12 @@ impl ClientCache {
     }
 
     /// The client for this resource, or `CredentialsNotFound` saying what is missing.
+    /// Whether `base` is the operator's default Waldur (the admin's own, exempt from the
+    /// per-URL shares that keep one namespace's Waldur from starving the others).
+    pub fn is_default(&self, base: &str) -> bool {
+        self.default_base.as_deref() == Some(base)
+    }
+
     pub async fn for_resource(
         &self,
         kube: &kube::Client,

@@ -18,6 +18,10 @@ pub enum Error {
     DefaultCredentialsNotAllowed(String),
     #[error("invalid spec: {0}")]
     Spec(#[from] SpecProblem),
+    /// This resource's Waldur (named by its credentials) already has its share of the
+    /// workers: try again shortly, without reporting a failure (review N5).
+    #[error("the workers for Waldur at {0} are all busy")]
+    WorkersBusy(String),
 }
 
 impl Error {
@@ -38,6 +42,7 @@ impl Error {
             Self::CredentialsNotFound(_) => synced_reason::CREDENTIALS_NOT_FOUND,
             Self::DefaultCredentialsNotAllowed(_) => synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED,
             Self::Spec(_) => "InvalidSpec",
+            Self::WorkersBusy(_) => synced_reason::ERROR,
         }
     }
 

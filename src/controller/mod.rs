@@ -116,6 +116,57 @@ pub struct Context {
     pub shard: Shard,
     /// The tenant re-syncs this process asked for: one per tenant at a time, with a floor.
     pub tenant_pulls: Arc<tenant_pulls::TenantPulls>,
+    /// How many workers each Waldur other than the default one may hold at once.
+    pub url_workers: Arc<UrlWorkers>,
+}
+
+/// Workers per Waldur base URL: a namespace whose Secret names a slow (or hostile) Waldur can
+/// hold at most its share of the controller's workers; the rest go on serving the others
+/// (review N5). The default Waldur is the admin's own and takes no share.
+pub struct UrlWorkers {
+    quota: usize,
+    held: Mutex<HashMap<String, usize>>,
+}
+
+impl UrlWorkers {
+    pub fn new(quota: usize) -> Self {
+        Self {
+            quota: quota.max(1),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A worker for `url`, or `None` when it holds its share already.
+    pub fn try_take(self: &Arc<Self>, url: &str) -> Option<UrlWorker> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(url.to_string()).or_default();
+        if *n >= self.quota {
+            return None;
+        }
+        *n += 1;
+        Some(UrlWorker {
+            workers: self.clone(),
+            url: url.to_string(),
+        })
+    }
+}
+
+/// One worker held for a Waldur; given back when dropped.
+pub struct UrlWorker {
+    workers: Arc<UrlWorkers>,
+    url: String,
+}
+
+impl Drop for UrlWorker {
+    fn drop(&mut self) {
+        let mut held = self.workers.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.url) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.url);
+            }
+        }
+    }
 }
 
 impl Context {
@@ -145,7 +196,14 @@ impl Context {
             wake: None,
             shard: Shard::ALL,
             tenant_pulls: Arc::default(),
+            url_workers: Arc::new(UrlWorkers::new(usize::MAX)),
         }
+    }
+
+    /// Each non-default Waldur may hold at most `quota` workers.
+    pub fn with_url_worker_quota(mut self, quota: usize) -> Self {
+        self.url_workers = Arc::new(UrlWorkers::new(quota));
+        self
     }
 
     /// Shares the record of tenant re-syncs across leadership terms: the floor between two
@@ -309,6 +367,10 @@ impl Context {
 /// Exponential backoff after failed reconciles: 2 s doubling to 5 min, with jitter, so a
 /// failing Waldur is never hammered.
 pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::WorkersBusy(_) = err {
+        // Not a failure of this resource: its Waldur has its share of workers. Soon again.
+        return Action::requeue(Duration::from_secs(2).mul_f64(1.0 + rand::random::<f64>()));
+    }
     if let Error::Waldur(crate::waldur::WaldurError::Unavailable { waldur, .. }) = err {
         ctx.park_until_reachable(&obj, waldur);
         // The breaker's wake comes first; this only bounds a wake that went astray.
@@ -412,7 +474,9 @@ pub async fn run(
     .with_wake(wake_tx.clone())
     .with_own_writes(own_writes)
     .with_shard(rt.shard)
-    .with_tenant_pulls(rt.tenant_pulls.clone());
+    .with_tenant_pulls(rt.tenant_pulls.clone())
+    // A quarter of the workers, as the limiter's per-URL share of in-flight requests.
+    .with_url_worker_quota(usize::from(rt.concurrency / 4).max(1));
     if rt.read_path == index::ReadPath::Batched {
         let timing = index::SweepTiming {
             busy: rt.busy_sweep,
@@ -604,5 +668,30 @@ async fn watch_cache(
     loop {
         metrics.count_resources(&store.state());
         tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review N5: one Waldur's reconciles hold at most its share of the workers; another
+    /// Waldur's are not held up by them, and a worker given back is free again.
+    #[test]
+    fn a_waldur_holds_at_most_its_share_of_the_workers() {
+        let workers = Arc::new(UrlWorkers::new(2));
+        let a1 = workers.try_take("https://slow");
+        let a2 = workers.try_take("https://slow");
+        assert!(a1.is_some() && a2.is_some());
+        assert!(workers.try_take("https://slow").is_none(), "its share is 2");
+        assert!(
+            workers.try_take("https://other").is_some(),
+            "another Waldur is not held up"
+        );
+        drop(a1);
+        assert!(
+            workers.try_take("https://slow").is_some(),
+            "given back on drop"
+        );
     }
 }

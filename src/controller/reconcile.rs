@@ -43,6 +43,8 @@ pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action
     let result = r.run().await;
     match &result {
         Ok(_) => ctx.clear_failures(&sg),
+        // Nothing happened: the resource waits for a worker of its Waldur, and says nothing.
+        Err(Error::WorkersBusy(_)) => {}
         Err(e) => r.report_failure(e).await,
     }
     let reason = result.as_ref().err().map(Error::reason);
@@ -138,6 +140,8 @@ struct Reconciler {
     seen_names: std::sync::Mutex<Vec<WaldurUuid>>,
     /// This reconcile added the finalizer (the object it holds predates that).
     finalizer_added: std::sync::atomic::AtomicBool,
+    /// The worker of a non-default Waldur this reconcile holds (its share, review N5).
+    url_worker: std::sync::Mutex<Option<super::UrlWorker>>,
 }
 
 impl Reconciler {
@@ -152,6 +156,7 @@ impl Reconciler {
             unsupported: std::sync::Mutex::new(None),
             seen_names: std::sync::Mutex::new(Vec::new()),
             finalizer_added: std::sync::atomic::AtomicBool::new(false),
+            url_worker: std::sync::Mutex::new(None),
             sg,
             ctx,
         }

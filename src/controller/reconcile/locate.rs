@@ -392,6 +392,17 @@ impl Reconciler {
             .credentials
             .for_resource(&self.ctx.kube, &self.sg)
             .await?;
+        // A Waldur other than the default one gets its share of the workers, no more: a slow
+        // one then holds a few workers while the others go on (review N5).
+        let base = creds.client.base_url();
+        if !self.ctx.credentials.is_default(base) {
+            let worker = self
+                .ctx
+                .url_workers
+                .try_take(base)
+                .ok_or_else(|| Error::WorkersBusy(base.to_string()))?;
+            *self.url_worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
+        }
         // While Waldur is unreachable nothing can be learnt or done: say so at once and wait
         // for the breaker to close (the error policy parks the resource until then).
         if let Some(refusal) = creds.client.breaker().and_then(|b| b.refusal("reconcile")) {
