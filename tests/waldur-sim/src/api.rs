@@ -59,6 +59,10 @@ enum Route {
     Action(String, Action),
     TenantCreate(String),
     TenantPull(String),
+    /// `GET /api/openstack-tenants/`.
+    TenantList,
+    /// `GET /api/openstack-tenants/{uuid}/`.
+    TenantDetail(String),
     Unknown,
 }
 
@@ -86,6 +90,8 @@ impl Route {
                 };
                 Route::Action((*id).to_string(), action)
             }
+            ["openstack-tenants"] => Route::TenantList,
+            ["openstack-tenants", id] => Route::TenantDetail((*id).to_string()),
             ["openstack-tenants", id, "create_server_group"] => {
                 Route::TenantCreate((*id).to_string())
             }
@@ -106,6 +112,10 @@ impl Route {
             Route::Action(_, action) if method == Method::POST => action.name(),
             Route::TenantCreate(_) if method == Method::POST => "create",
             Route::TenantPull(_) if method == Method::POST => "pull_server_groups",
+            Route::TenantList if method == Method::GET || method == Method::HEAD => "tenant_list",
+            Route::TenantDetail(_) if method == Method::GET || method == Method::HEAD => {
+                "tenant_retrieve"
+            }
             _ => "other",
         }
     }
@@ -402,6 +412,25 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
                 }
             }
         }
+        Route::TenantList => match *method {
+            Method::GET => tenant_list(&shared.world(), caller, ctx),
+            Method::HEAD => {
+                let (parts, _) = tenant_list(&shared.world(), caller, ctx)?.into_parts();
+                Ok(Response::from_parts(parts, Body::empty()))
+            }
+            // Tenants are ordered through the marketplace, not created here.
+            _ => Err(not_allowed()),
+        },
+        Route::TenantDetail(id) => match *method {
+            Method::GET | Method::HEAD => {
+                let world = shared.world();
+                let tenant = world.visible_tenant(caller, id).ok_or(ApiError::NotFound)?;
+                let body = restrict_fields(world.render_tenant(tenant, &ctx.base), &ctx.fields());
+                Ok(json_response(StatusCode::OK, &body))
+            }
+            // Tenant updates and deletions are not part of what the simulator copies.
+            _ => Err(not_allowed()),
+        },
         Route::TenantCreate(tenant) => {
             if *method != Method::POST {
                 return Err(not_allowed());
@@ -657,11 +686,9 @@ fn page_size(ctx: &Ctx) -> usize {
     }
 }
 
-fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
-    let shuffle = world.next_shuffle_seed();
-    let world = &*world;
-    let rows = filtered(world, caller, ctx, shuffle)?;
-    let count = rows.len();
+/// The page this request asks for out of `count` items: `(page, pages, page_size)`, or 404
+/// `Invalid page.` as Django's paginator answers.
+fn page_of(ctx: &Ctx, count: usize) -> Result<(usize, usize, usize), ApiError> {
     let size = page_size(ctx);
     // Django: an empty list still has one (empty) page.
     let pages = count.div_ceil(size).max(1);
@@ -677,13 +704,17 @@ fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiErr
     if page < 1 || page > pages {
         return Err(ApiError::InvalidPage);
     }
-    let fields = ctx.fields();
-    let items: Vec<Value> = rows
-        .iter()
-        .skip((page - 1) * size)
-        .take(size)
-        .map(|r| restrict_fields(world.render(r, &ctx.base), &fields))
-        .collect();
+    Ok((page, pages, size))
+}
+
+/// A page of a list: a bare array, `X-Result-Count` and `Link`, as Waldur's pagination sends.
+fn page_response(
+    ctx: &Ctx,
+    items: Vec<Value>,
+    count: usize,
+    page: usize,
+    pages: usize,
+) -> Response {
     let mut resp = json_response(StatusCode::OK, &Value::Array(items));
     resp.headers_mut()
         .insert("x-result-count", HeaderValue::from(count));
@@ -691,7 +722,67 @@ fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiErr
     if let Ok(v) = HeaderValue::from_str(&link) {
         resp.headers_mut().insert(header::LINK, v);
     }
-    Ok(resp)
+    resp
+}
+
+fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let shuffle = world.next_shuffle_seed();
+    let world = &*world;
+    let rows = filtered(world, caller, ctx, shuffle)?;
+    let count = rows.len();
+    let (page, pages, size) = page_of(ctx, count)?;
+    let fields = ctx.fields();
+    let items: Vec<Value> = rows
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|r| restrict_fields(world.render(r, &ctx.base), &fields))
+        .collect();
+    Ok(page_response(ctx, items, count, page, pages))
+}
+
+/// `GET /api/openstack-tenants/`: the tenants this caller sees, by name (Waldur's
+/// `order_by("name")`), with the UUID filters of `BaseResourceFilter` that matter here.
+fn tenant_list(world: &World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let mut errors = Map::new();
+    let mut uuid_filters: Vec<(&str, String)> = Vec::new();
+    for key in ["uuid", "project_uuid", "customer_uuid"] {
+        match ctx.last(key) {
+            None | Some("") => {}
+            Some(v) => match normalize_uuid(v) {
+                Some(u) => uuid_filters.push((key, u)),
+                None => {
+                    errors.insert(key.to_string(), json!(["Enter a valid UUID."]));
+                }
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(Value::Object(errors)));
+    }
+    let name_exact = ctx.last("name_exact").filter(|v| !v.is_empty());
+    let tenants: Vec<&Tenant> = world
+        .tenants_sorted()
+        .into_iter()
+        .filter(|t| world.tenant_visible(caller, &t.uuid))
+        .filter(|t| {
+            uuid_filters.iter().all(|(k, u)| match *k {
+                "uuid" => t.uuid == *u,
+                "project_uuid" => t.project_uuid == *u,
+                _ => t.customer_uuid == *u,
+            }) && name_exact.is_none_or(|n| t.name == n)
+        })
+        .collect();
+    let count = tenants.len();
+    let (page, pages, size) = page_of(ctx, count)?;
+    let fields = ctx.fields();
+    let items: Vec<Value> = tenants
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|t| restrict_fields(world.render_tenant(t, &ctx.base), &fields))
+        .collect();
+    Ok(page_response(ctx, items, count, page, pages))
 }
 
 /// `HEAD`: the list's answer without its body, so `X-Result-Count` and `Link` both come (and a

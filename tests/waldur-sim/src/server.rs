@@ -16,6 +16,9 @@ use crate::faults::{AfterCommit, AfterCommitRule, Counters, FailRule, Faults};
 use crate::model::State;
 use crate::world::{Caller, Job, ResyncReport, World};
 
+/// The error message of a tenant set ERRED by hand (`set_tenant_ok(uuid, false)`).
+pub(crate) const TENANT_ERRED_BY_HAND: &str = "Tenant marked as erred by the simulator.";
+
 /// State shared by the handle, the HTTP handlers and the workers.
 pub(crate) struct Shared {
     world: Mutex<World>,
@@ -271,13 +274,41 @@ impl Simulator {
         }
     }
 
-    /// A tenant not in OK makes create_server_group answer 409.
+    /// `true`: the tenant is OK (error fields cleared). `false`: the tenant is ERRED with an
+    /// error message, so every tenant action (`create_server_group`, `pull_server_groups`)
+    /// answers 409. Either way a tenant pull in flight on it stops.
     pub fn set_tenant_ok(&self, uuid: &str, ok: bool) {
-        let mut world = self.shared.world();
-        let id = crate::model::normalize_uuid(uuid).unwrap_or_else(|| uuid.to_string());
-        if let Some(t) = world.tenants.get_mut(&id) {
-            t.ok = ok;
+        let (state, message) = if ok {
+            (State::Ok, "")
+        } else {
+            (State::Erred, TENANT_ERRED_BY_HAND)
+        };
+        self.shared
+            .world()
+            .set_tenant_state(uuid, state, message, "");
+    }
+
+    /// Puts a tenant in a state (`OK`, `ERRED`, `UPDATE_SCHEDULED`, `UPDATING`, either
+    /// vocabulary) with this error message (kept only for ERRED), and stops any tenant pull in
+    /// flight on it: a transitional state stays until something else changes it. False if there
+    /// is no such tenant or state.
+    pub fn set_tenant_state(&self, uuid: &str, state: &str, error_message: &str) -> bool {
+        match State::parse_any(state).filter(|s| s.is_tenant_state()) {
+            Some(st) => self
+                .shared
+                .world()
+                .set_tenant_state(uuid, st, error_message, ""),
+            None => false,
         }
+    }
+
+    /// The tenant (UUID dashed or not) as the staff API renders it
+    /// (`GET /api/openstack-tenants/{uuid}/`).
+    pub fn tenant(&self, uuid: &str) -> Option<serde_json::Value> {
+        let world = self.shared.world();
+        world
+            .visible_tenant(Caller::Staff, uuid)
+            .map(|t| world.render_tenant(t, &self.shared.base_url))
     }
 
     /// Deletes a group in OpenStack, by Nova id or by the Waldur row UUID. False if none.

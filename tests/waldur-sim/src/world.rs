@@ -9,7 +9,7 @@ use crate::config::{DefaultOrder, Delays, SimConfig, Vocabulary, WaldurVersion};
 use crate::error::ApiError;
 use crate::model::{
     Instance, NovaGroup, Row, State, Tenant, new_dashed_uuid, new_hex_uuid, normalize_uuid,
-    now_micros, render_row,
+    now_micros, render_row, render_tenant,
 };
 
 /// Who is calling.
@@ -126,9 +126,11 @@ impl World {
     /// Adds a tenant in state OK (no-op if it exists). Returns its normalised UUID.
     pub fn add_tenant(&mut self, uuid: &str, user_visible: bool) -> String {
         let uuid = norm_or_raw(uuid);
-        self.tenants
-            .entry(uuid.clone())
-            .or_insert_with(|| Tenant::new(&uuid, user_visible));
+        if !self.tenants.contains_key(&uuid) {
+            let now = self.tick();
+            self.tenants
+                .insert(uuid.clone(), Tenant::new(&uuid, user_visible, now));
+        }
         self.openstack.entry(uuid.clone()).or_default();
         uuid
     }
@@ -195,6 +197,25 @@ impl World {
         let uuid = normalize_uuid(raw_uuid)?;
         let row = self.rows.get(&uuid)?;
         self.tenant_visible(caller, &row.tenant_uuid).then_some(row)
+    }
+
+    /// The tenant with that UUID (dashed or not) if this caller may see it.
+    pub fn visible_tenant(&self, caller: Caller, raw_uuid: &str) -> Option<&Tenant> {
+        let uuid = normalize_uuid(raw_uuid)?;
+        self.tenant_visible(caller, &uuid)
+            .then(|| self.tenants.get(&uuid))
+            .flatten()
+    }
+
+    pub fn render_tenant(&self, tenant: &Tenant, base: &str) -> Value {
+        render_tenant(tenant, self.vocabulary, base)
+    }
+
+    /// All tenants in Waldur's default order (`order_by("name")`), UUID breaking ties.
+    pub fn tenants_sorted(&self) -> Vec<&Tenant> {
+        let mut tenants: Vec<&Tenant> = self.tenants.values().collect();
+        tenants.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        tenants
     }
 
     pub fn render(&self, row: &Row, base: &str) -> Value {
@@ -392,6 +413,39 @@ impl World {
         Ok(())
     }
 
+    /// Puts a tenant in a state at once (`set_ok`, `set_erred`, or out of band) and stops any
+    /// tenant pull in flight on it. OK clears `error_message` and `error_traceback` as Waldur's
+    /// `set_ok` does; ERRED stores the message given. False if there is no such tenant.
+    pub fn set_tenant_state(
+        &mut self,
+        raw_uuid: &str,
+        state: State,
+        error_message: &str,
+        error_traceback: &str,
+    ) -> bool {
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let Some(t) = self.tenants.get_mut(&norm_or_raw(raw_uuid)) else {
+            return false;
+        };
+        t.state = state;
+        t.op_gen = gen_;
+        t.modified = now;
+        match state {
+            State::Ok => {
+                t.error_message.clear();
+                t.error_traceback.clear();
+            }
+            State::Erred => {
+                t.error_message = error_message.to_string();
+                t.error_traceback = error_traceback.to_string();
+            }
+            _ => {}
+        }
+        tracing::info!(tenant = %t.uuid, state = state.modern(), "tenant state set");
+        true
+    }
+
     // ----- background worker steps -----
 
     /// Moves the row from `from` to `to` if no other operation took it over. False = stop.
@@ -520,7 +574,7 @@ impl World {
         if !self.tenant_visible(caller, &tenant_uuid) {
             return Err(ApiError::NotFound);
         }
-        if !self.tenants.get(&tenant_uuid).is_some_and(|t| t.ok) {
+        if !self.tenants.get(&tenant_uuid).is_some_and(Tenant::is_ok) {
             return Err(ApiError::Conflict(
                 "Valid states for operation: OK.".to_string(),
             ));

@@ -151,6 +151,17 @@ impl Harness {
         ))
     }
 
+    fn tenant_url(&self, tenant: &str) -> String {
+        self.url(&format!("/api/openstack-tenants/{tenant}/"))
+    }
+
+    /// `GET` the tenant as `token` sees it; must be 200.
+    async fn tenant(&self, tenant: &str, token: &str) -> Value {
+        let resp = self.get(&self.tenant_url(tenant), token).await;
+        assert_eq!(resp.status(), StatusCode::OK, "tenant {tenant}");
+        resp.json().await.expect("json")
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -2060,4 +2071,127 @@ async fn out_of_band_users_create_delete_and_unlink() {
     h.wait_gone(&reimported).await;
     assert!(h.sim.openstack_groups(DEFAULT_TENANT).is_empty());
     assert!(!h.sim.waldur_unlink(&reimported));
+}
+
+/// `GET /api/openstack-tenants/{uuid}/` and the list: the fields a real tenant has, 32-hex UUIDs,
+/// DRF datetimes, the server's state vocabulary, visibility, pagination and counters.
+#[tokio::test]
+async fn tenants_can_be_read_like_a_real_waldur_serves_them() {
+    let h = Harness::start(SimConfig {
+        tenants: vec![DEFAULT_TENANT.into(), dashed(OTHER_TENANT)],
+        user_tenants: vec![DEFAULT_TENANT.into()],
+        ..fast_config()
+    })
+    .await;
+    let t = h.tenant(&dashed(DEFAULT_TENANT), USER).await;
+    for key in [
+        "url",
+        "uuid",
+        "name",
+        "state",
+        "error_message",
+        "error_traceback",
+        "created",
+        "modified",
+        "backend_id",
+        "project_uuid",
+        "customer_uuid",
+    ] {
+        assert!(t.get(key).is_some(), "tenant has {key}: {t}");
+    }
+    assert_eq!(t["uuid"], DEFAULT_TENANT);
+    assert!(
+        t["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(&format!("/api/openstack-tenants/{DEFAULT_TENANT}/")))
+    );
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert!(is_hex32(t["project_uuid"].as_str().unwrap_or("")));
+    assert!(is_hex32(t["customer_uuid"].as_str().unwrap_or("")));
+    assert!(!t["backend_id"].as_str().unwrap_or("").is_empty());
+    assert!(is_drf_datetime(t["created"].as_str().unwrap_or("")), "{t}");
+    assert!(is_drf_datetime(t["modified"].as_str().unwrap_or("")), "{t}");
+    // Server groups point at the same tenant.
+    let g = h.create("in-tenant", "affinity").await;
+    assert_eq!(g["tenant"], t["url"]);
+    assert_eq!(g["project_uuid"], t["project_uuid"]);
+
+    // The user token does not see the other tenant: JSON 404, as for a missing one.
+    let resp = h.get(&h.tenant_url(OTHER_TENANT), USER).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Not found."})
+    );
+    let resp = h.get(&h.tenant_url("not-a-uuid"), STAFF).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(h.tenant(OTHER_TENANT, STAFF).await["uuid"], OTHER_TENANT);
+    let resp = h
+        .send(Method::GET, &h.tenant_url(DEFAULT_TENANT), None, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The list: a bare array with X-Result-Count and Link, ordered by name, filtered by uuid.
+    let resp = h.get(&h.url("/api/openstack-tenants/"), STAFF).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "2");
+    assert!(header(&resp, "link").contains("rel=\"last\""));
+    let all: Vec<Value> = resp.json().await.expect("json");
+    assert_eq!(all.len(), 2);
+    // "tenant-0f0e0d0c" sorts before "tenant-6b2a0c4e".
+    assert_eq!(all[0]["uuid"], OTHER_TENANT);
+    let resp = h.get(&h.url("/api/openstack-tenants/"), USER).await;
+    assert_eq!(header(&resp, "x-result-count"), "1");
+    let url = h.url(&format!(
+        "/api/openstack-tenants/?uuid={}&field=uuid&field=state",
+        dashed(OTHER_TENANT)
+    ));
+    let one: Vec<Value> = h.get(&url, STAFF).await.json().await.expect("json");
+    assert_eq!(one, vec![json!({"uuid": OTHER_TENANT, "state": "OK"})]);
+    let resp = h
+        .get(&h.url("/api/openstack-tenants/?page_size=1&page=3"), STAFF)
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = h
+        .get(&h.url("/api/openstack-tenants/?uuid=nope"), STAFF)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    assert_eq!(h.sim.requests("tenant_retrieve"), 5);
+    assert_eq!(h.sim.requests("tenant_list"), 5);
+    assert_eq!(h.sim.requests("retrieve"), 0);
+    assert_eq!(h.sim.stats()["endpoints"]["tenant_list"], 5);
+
+    // An ERRED tenant in both vocabularies.
+    h.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "ERRED");
+    assert!(!t["error_message"].as_str().unwrap_or("").is_empty());
+    let legacy = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    legacy.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    assert_eq!(legacy.tenant(DEFAULT_TENANT, USER).await["state"], "Erred");
+    assert!(
+        legacy
+            .sim
+            .set_tenant_state(DEFAULT_TENANT, "UPDATE_SCHEDULED", "")
+    );
+    assert_eq!(
+        legacy.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Update Scheduled"
+    );
+    assert!(legacy.sim.set_tenant_state(DEFAULT_TENANT, "Updating", ""));
+    assert_eq!(
+        legacy.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Updating"
+    );
+    assert!(!legacy.sim.set_tenant_state(DEFAULT_TENANT, "DELETING", ""));
+    legacy.sim.set_tenant_ok(DEFAULT_TENANT, true);
+    let t = legacy.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
 }
