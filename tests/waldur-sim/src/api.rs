@@ -17,7 +17,7 @@ use crate::config::WaldurVersion;
 use crate::error::{ApiError, html_error, json_response};
 use crate::faults::{AfterCommit, Verdict};
 use crate::model::{Row, State, Tenant, normalize_uuid, restrict_fields};
-use crate::server::{ConnCtl, Shared, spawn_job};
+use crate::server::{ConnCtl, Shared, spawn_job, spawn_tenant_pull};
 use crate::world::{Caller, World, parse_body};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -452,14 +452,9 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
             if *method != Method::POST {
                 return Err(not_allowed());
             }
-            let tenant = shared.world().usable_tenant(caller, tenant)?;
-            // Waldur's worker runs the re-sync a moment later.
-            let delay = shared.world().delays.schedule;
-            let shared = Arc::clone(shared);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                shared.world().resync_tenant(&tenant);
-            });
+            // The tenant is held (UPDATE_SCHEDULED) before the answer goes out.
+            let job = shared.world().pull_server_groups(caller, tenant)?;
+            spawn_tenant_pull(shared, job);
             Ok(json_response(
                 StatusCode::ACCEPTED,
                 &json!({"status": "Server groups pull has been scheduled."}),

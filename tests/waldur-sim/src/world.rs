@@ -42,6 +42,38 @@ pub enum Job {
     },
 }
 
+/// What a tenant pull re-syncs once the worker runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantPullKind {
+    /// `pull_server_groups`: the tenant's server groups only.
+    ServerGroups,
+}
+
+/// A tenant pull accepted by the API: Waldur's action executor holds the tenant
+/// (`UPDATE_SCHEDULED` → `UPDATING` → `OK`) while its worker runs.
+#[derive(Debug, Clone)]
+pub struct TenantJob {
+    pub tenant: String,
+    pub gen_: u64,
+    pub kind: TenantPullKind,
+    /// [`World::tenant_releases`] when the pull was accepted: once it moves on, the pull
+    /// finishes without waiting any longer.
+    pub release_epoch: u64,
+}
+
+/// How long tenant pulls take, independently of the server-group workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TenantPullTiming {
+    /// The server-group delays: `schedule` in `UPDATE_SCHEDULED`, then `run` in `UPDATING`.
+    #[default]
+    FollowGroups,
+    /// This long in all: half in `UPDATE_SCHEDULED`, half in `UPDATING`.
+    After(std::time::Duration),
+    /// The worker never picks the pull up (as when Waldur's Celery worker is stopped): the
+    /// tenant stays `UPDATE_SCHEDULED` until the pulls are released or a delay is set.
+    Never,
+}
+
 /// What a re-sync changed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ResyncReport {
@@ -76,6 +108,10 @@ pub struct World {
     pub fail_deletes: usize,
     /// OpenStack refuses every delete until switched off (OK → ERRED; from ERRED the row goes).
     pub refuse_deletes: bool,
+    /// Timing of tenant pulls (`pull_server_groups`).
+    pub tenant_pull_timing: TenantPullTiming,
+    /// Bumped by `release_tenant_pulls`: every pull accepted before finishes at once.
+    pub tenant_releases: u64,
     next_seq: u64,
     next_gen: u64,
     last_ts: i64,
@@ -111,6 +147,8 @@ impl World {
             fail_creates: 0,
             fail_deletes: 0,
             refuse_deletes: false,
+            tenant_pull_timing: TenantPullTiming::default(),
+            tenant_releases: 0,
             next_seq: 0,
             next_gen: 0,
             last_ts: 0,
@@ -444,6 +482,93 @@ impl World {
         }
         tracing::info!(tenant = %t.uuid, state = state.modern(), "tenant state set");
         true
+    }
+
+    /// `POST /api/openstack-tenants/{uuid}/pull_server_groups/`: Waldur's
+    /// `TenantPullServerGroupsExecutor` holds the tenant at once (`UPDATE_SCHEDULED`, saved, so
+    /// `modified` moves); until its worker has run, every tenant action answers 409.
+    pub fn pull_server_groups(
+        &mut self,
+        caller: Caller,
+        raw_tenant: &str,
+    ) -> Result<TenantJob, ApiError> {
+        let tenant = self.usable_tenant(caller, raw_tenant)?;
+        self.schedule_tenant_pull(&tenant, TenantPullKind::ServerGroups)
+            .ok_or(ApiError::NotFound)
+    }
+
+    /// `schedule_updating` plus save: the tenant is held from here on.
+    fn schedule_tenant_pull(&mut self, tenant: &str, kind: TenantPullKind) -> Option<TenantJob> {
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let release_epoch = self.tenant_releases;
+        let t = self.tenants.get_mut(tenant)?;
+        t.state = State::UpdateScheduled;
+        t.op_gen = gen_;
+        t.modified = now;
+        tracing::info!(%tenant, ?kind, "tenant pull scheduled; the tenant is held");
+        Some(TenantJob {
+            tenant: tenant.to_string(),
+            gen_,
+            kind,
+            release_epoch,
+        })
+    }
+
+    /// `(time in UPDATE_SCHEDULED, time in UPDATING)` of a tenant pull, or `None` when the
+    /// worker never runs it.
+    pub fn tenant_pull_times(&self) -> Option<Delays> {
+        match self.tenant_pull_timing {
+            TenantPullTiming::FollowGroups => Some(self.delays),
+            TenantPullTiming::After(total) => {
+                let schedule = total / 2;
+                Some(Delays {
+                    schedule,
+                    run: total.saturating_sub(schedule),
+                })
+            }
+            TenantPullTiming::Never => None,
+        }
+    }
+
+    /// Moves a held tenant from `from` to `to` (saved: `modified` moves) if no other operation
+    /// took it over. False = the pull was superseded; its worker stops.
+    pub fn advance_tenant(&mut self, job: &TenantJob, from: State, to: State) -> bool {
+        let now = self.tick();
+        match self.tenants.get_mut(&job.tenant) {
+            Some(t) if t.op_gen == job.gen_ && t.state == from => {
+                t.state = to;
+                t.modified = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pull's backend work, halfway through `UPDATING`: the server-group rows change here,
+    /// while the tenant is still held, as Waldur's task does before its success step sets the
+    /// tenant OK. False = superseded (nothing done).
+    pub fn run_tenant_pull(&mut self, job: &TenantJob) -> bool {
+        let current = self
+            .tenants
+            .get(&job.tenant)
+            .is_some_and(|t| t.op_gen == job.gen_ && t.state == State::Updating);
+        if !current {
+            return false;
+        }
+        match job.kind {
+            TenantPullKind::ServerGroups => {
+                self.resync_tenant(&job.tenant);
+            }
+        }
+        true
+    }
+
+    /// The executor's success step: the tenant goes back to OK, the sign the re-sync ran.
+    pub fn finish_tenant_pull(&mut self, job: &TenantJob) {
+        if self.advance_tenant(job, State::Updating, State::Ok) {
+            tracing::info!(tenant = %job.tenant, "tenant pull done; the tenant is OK again");
+        }
     }
 
     // ----- background worker steps -----

@@ -242,6 +242,28 @@ impl Harness {
         }
     }
 
+    /// Polls the simulator (not the API) until the tenant has the state; returns it.
+    async fn wait_tenant_state(&self, tenant: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let t = self.sim.tenant(tenant).expect("tenant exists");
+            if t["state"] == state {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenant {tenant} never reached {state}: {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn pull_groups_url(&self, tenant: &str) -> String {
+        self.url(&format!(
+            "/api/openstack-tenants/{tenant}/pull_server_groups/"
+        ))
+    }
+
     async fn wait_gone(&self, uuid: &str) {
         let deadline = Instant::now() + Duration::from_secs(3);
         while self.sim.group(uuid).is_some() {
@@ -2194,4 +2216,166 @@ async fn tenants_can_be_read_like_a_real_waldur_serves_them() {
     let t = legacy.tenant(DEFAULT_TENANT, USER).await;
     assert_eq!(t["state"], "OK");
     assert_eq!(t["error_message"], "");
+}
+
+const TENANT_409: &str = "Valid states for operation: OK.";
+
+/// `modified` of a tenant or row as a comparable string (DRF datetimes sort as text).
+fn modified(v: &Value) -> String {
+    v["modified"].as_str().expect("modified").to_string()
+}
+
+/// Measured on 7.0.7: `pull_server_groups` holds the whole tenant. It answers 202 and the
+/// tenant is Update Scheduled at once, then Updating, then OK; meanwhile every tenant action is
+/// a 409, and the rows have changed by the time the tenant is OK again.
+#[tokio::test]
+async fn pull_server_groups_holds_the_tenant_until_the_resync_ran() {
+    let h = Harness::fast().await;
+    let (unlinked, backend) = h.create_ok("unlinked").await;
+    assert!(h.sim.waldur_unlink(&unlinked));
+    // Long enough that polls every few ms see each phase on a loaded machine.
+    h.sim
+        .set_tenant_pull_delay(Some(Duration::from_millis(1200)));
+    let before = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(before["state"], "OK");
+
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"status": "Server groups pull has been scheduled."})
+    );
+    let held = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(held["state"], "UPDATE_SCHEDULED", "held at once");
+    assert!(modified(&held) > modified(&before), "the hold is saved");
+
+    // Every tenant action is refused while the tenant is held: no second group is made.
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "unlinked", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+
+    // Watch it through the API: Updating, the row re-imported while still Updating, then OK.
+    let reimported = |h: &Harness| {
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str())
+    };
+    let mut seen = vec![held["state"].as_str().unwrap_or("").to_string()];
+    let mut last_modified = modified(&held);
+    let mut rows_changed_while_held = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = h.tenant(DEFAULT_TENANT, STAFF).await;
+        let state = t["state"].as_str().unwrap_or("").to_string();
+        if seen.last() != Some(&state) {
+            assert!(modified(&t) > last_modified, "each step is saved: {t}");
+            last_modified = modified(&t);
+            seen.push(state.clone());
+        }
+        if state == "OK" {
+            assert!(reimported(&h), "the rows changed before the tenant was OK");
+            break;
+        }
+        rows_changed_while_held |= reimported(&h);
+        assert!(Instant::now() < deadline, "the tenant never came back: {t}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, ["UPDATE_SCHEDULED", "UPDATING", "OK"]);
+    assert!(
+        rows_changed_while_held,
+        "the re-import is visible while the tenant is still Updating"
+    );
+    let back: Vec<Value> = h.list(&format!("backend_id={backend}")).await;
+    assert_eq!(back.len(), 1);
+    assert_ne!(back[0]["uuid"], unlinked.as_str(), "a new UUID");
+
+    // OK again: tenant actions work.
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(h.sim.requests("pull_server_groups"), 3);
+}
+
+/// A pull the worker never picks up holds the tenant until the pulls are released or a delay
+/// is set; by default the tenant pull follows the server-group delays.
+#[tokio::test]
+async fn a_tenant_pull_that_never_runs_holds_the_tenant_until_released() {
+    let h = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    h.sim.set_tenant_pull_delay(None);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Update Scheduled",
+        "7.0.x labels; the worker never ran"
+    );
+    assert!(h.sim.groups().is_empty(), "nothing imported while held");
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "x", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+
+    h.sim.release_tenant_pulls();
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert_eq!(h.sim.groups().len(), 1);
+    assert_eq!(h.sim.groups()[0]["backend_id"], backend.as_str());
+
+    // Still "never": the next pull is held again; setting a delay lets it complete.
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.sim.tenant(DEFAULT_TENANT).expect("tenant")["state"],
+        "Update Scheduled"
+    );
+    h.sim.set_tenant_pull_delay(Some(Duration::from_millis(40)));
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+
+    // The default follows the group delays (20 ms + 20 ms here).
+    h.sim.reset_tenant_pull_delay();
+    let started = Instant::now();
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(started.elapsed() >= Duration::from_millis(40));
 }
