@@ -63,6 +63,8 @@ enum Route {
     TenantList,
     /// `GET /api/openstack-tenants/{uuid}/`.
     TenantDetail(String),
+    /// `POST /api/openstack-tenants/{uuid}/pull|set_ok|set_erred/` (staff).
+    TenantAction(String, Action),
     Unknown,
 }
 
@@ -96,6 +98,16 @@ impl Route {
                 Route::TenantCreate((*id).to_string())
             }
             ["openstack-tenants", id, "pull_server_groups"] => Route::TenantPull((*id).to_string()),
+            ["openstack-tenants", id, action] => {
+                // Tenants are resources too: `pull` always, `set_ok`/`set_erred` from 8.0.0.
+                let action = match *action {
+                    "pull" => Action::Pull,
+                    "set_erred" if set_actions => Action::SetErred,
+                    "set_ok" if set_actions => Action::SetOk,
+                    _ => return Route::Unknown,
+                };
+                Route::TenantAction((*id).to_string(), action)
+            }
             _ => Route::Unknown,
         }
     }
@@ -116,6 +128,12 @@ impl Route {
             Route::TenantDetail(_) if method == Method::GET || method == Method::HEAD => {
                 "tenant_retrieve"
             }
+            Route::TenantAction(_, action) if method == Method::POST => match action {
+                Action::Pull => "tenant_pull",
+                Action::SetOk => "tenant_set_ok",
+                Action::SetErred => "tenant_set_erred",
+                Action::Unlink => "other",
+            },
             _ => "other",
         }
     }
@@ -431,6 +449,50 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
             // Tenant updates and deletions are not part of what the simulator copies.
             _ => Err(not_allowed()),
         },
+        Route::TenantAction(id, action) => {
+            if *method != Method::POST {
+                return Err(not_allowed());
+            }
+            // Staff only here. (7.0.7's tenant `pull` also lets customer owners in, through
+            // `unsafe_methods_permissions`; the simulator's user token is no owner.)
+            if caller != Caller::Staff {
+                return Err(ApiError::Forbidden);
+            }
+            if shared.world().visible_tenant(caller, id).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            match action {
+                Action::Pull => {
+                    parse_body(&ctx.body)?;
+                    let job = shared.world().tenant_pull(caller, id)?;
+                    spawn_tenant_pull(shared, job);
+                    Ok(json_response(
+                        StatusCode::ACCEPTED,
+                        &json!({"detail": "Pull operation was successfully scheduled."}),
+                    ))
+                }
+                Action::SetOk => {
+                    parse_body(&ctx.body)?;
+                    shared.world().set_tenant_state(id, State::Ok, "", "");
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({"detail": "Resource has been marked as OK."}),
+                    ))
+                }
+                Action::SetErred => {
+                    let (message, traceback) = set_erred_body(&ctx.body)?;
+                    shared
+                        .world()
+                        .set_tenant_state(id, State::Erred, &message, &traceback);
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({"detail": "Resource has been marked as ERRED."}),
+                    ))
+                }
+                // Never parsed for tenants.
+                Action::Unlink => Err(ApiError::NoRoute),
+            }
+        }
         Route::TenantCreate(tenant) => {
             if *method != Method::POST {
                 return Err(not_allowed());

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Endpoint names used by the counters and by endpoint-scoped faults.
-pub const ENDPOINTS: [&str; 15] = [
+pub const ENDPOINTS: [&str; 18] = [
     "list",
     "count",
     "retrieve",
@@ -20,6 +20,9 @@ pub const ENDPOINTS: [&str; 15] = [
     "pull_server_groups",
     "tenant_list",
     "tenant_retrieve",
+    "tenant_pull",
+    "tenant_set_ok",
+    "tenant_set_erred",
     "update",
     "other",
 ];

@@ -427,6 +427,14 @@ impl Simulator {
         self.shared.world().fail_creates = n;
     }
 
+    /// The next `n` accepted `pull_server_groups` fail in OpenStack (the Nova list answers 500):
+    /// no row changes, and the tenant ends ERRED with `error_message` set, so every tenant
+    /// action answers 409 until staff pull the tenant (`POST .../pull/`), `set_ok` it (8.x), or
+    /// the periodic re-sync recovers it.
+    pub fn fail_next_tenant_pulls(&self, n: usize) {
+        self.shared.world().fail_tenant_pulls = n;
+    }
+
     /// The next `n` accepted deletes fail in OpenStack (OK → ERRED; from ERRED the row still goes).
     pub fn fail_next_deletes(&self, n: usize) {
         self.shared.world().fail_deletes = n;
@@ -598,6 +606,7 @@ impl Simulator {
         let mut world = self.shared.world();
         world.fail_creates = 0;
         world.fail_deletes = 0;
+        world.fail_tenant_pulls = 0;
         world.refuse_deletes = false;
     }
 }

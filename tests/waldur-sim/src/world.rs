@@ -47,6 +47,11 @@ pub enum Job {
 pub enum TenantPullKind {
     /// `pull_server_groups`: the tenant's server groups only.
     ServerGroups,
+    /// The tenant's own `pull` (staff): Waldur 7.0.7's `TenantPullExecutor` checks the tenant
+    /// exists in OpenStack, then `ExistingTenantPullExecutor` pulls the tenant and every kind of
+    /// sub-resource in one chain, `pull_tenant_server_groups` among them, and sets the tenant
+    /// OK. Here: the server-group re-sync, then OK.
+    Full,
 }
 
 /// A tenant pull accepted by the API: Waldur's action executor holds the tenant
@@ -56,6 +61,8 @@ pub struct TenantJob {
     pub tenant: String,
     pub gen_: u64,
     pub kind: TenantPullKind,
+    /// OpenStack refuses the pull (the Nova list answers 500): the tenant ends ERRED.
+    pub fail: bool,
     /// [`World::tenant_releases`] when the pull was accepted: once it moves on, the pull
     /// finishes without waiting any longer.
     pub release_epoch: u64,
@@ -83,7 +90,13 @@ pub struct ResyncReport {
     pub imported: Vec<String>,
     /// ERRED rows set back to OK.
     pub recovered: Vec<String>,
+    /// ERRED tenants set back to OK (the periodic re-sync only).
+    pub recovered_tenants: Vec<String>,
 }
+
+/// What Waldur stores on a tenant whose `pull_server_groups` failed in OpenStack.
+pub const TENANT_PULL_ERROR: &str =
+    "Nova server group list failed: 500 Internal Server Error (HTTP 500)";
 
 pub struct World {
     /// The release copied; `vocabulary`, `affinity_only` and `pre_8_0_0` already reflect it.
@@ -108,6 +121,8 @@ pub struct World {
     pub fail_deletes: usize,
     /// OpenStack refuses every delete until switched off (OK → ERRED; from ERRED the row goes).
     pub refuse_deletes: bool,
+    /// The next this many `pull_server_groups` fail in OpenStack (the tenant ends ERRED).
+    pub fail_tenant_pulls: usize,
     /// Timing of tenant pulls (`pull_server_groups`).
     pub tenant_pull_timing: TenantPullTiming,
     /// Bumped by `release_tenant_pulls`: every pull accepted before finishes at once.
@@ -147,6 +162,7 @@ impl World {
             fail_creates: 0,
             fail_deletes: 0,
             refuse_deletes: false,
+            fail_tenant_pulls: 0,
             tenant_pull_timing: TenantPullTiming::default(),
             tenant_releases: 0,
             next_seq: 0,
@@ -366,9 +382,7 @@ impl World {
             .map(|r| (r.uuid.clone(), r.state))
             .ok_or(ApiError::NotFound)?;
         if !state.is_settled() {
-            return Err(ApiError::Conflict(
-                "Valid states for operation: OK, ERRED.".to_string(),
-            ));
+            return Err(self.settled_conflict());
         }
         let fail = if self.fail_deletes > 0 {
             self.fail_deletes -= 1;
@@ -397,13 +411,12 @@ impl World {
             .visible_row(caller, raw_uuid)
             .map(|r| r.uuid.clone())
             .ok_or(ApiError::NotFound)?;
+        let conflict = self.settled_conflict();
         let gen_ = self.bump_gen();
         let now = self.tick();
         let row = self.rows.get_mut(&uuid).ok_or(ApiError::NotFound)?;
         if !row.state.is_settled() {
-            return Err(ApiError::Conflict(
-                "Valid states for operation: OK, ERRED.".to_string(),
-            ));
+            return Err(conflict);
         }
         if row.backend_id.is_empty() {
             return Err(ApiError::Invalid(json!([
@@ -493,16 +506,62 @@ impl World {
         raw_tenant: &str,
     ) -> Result<TenantJob, ApiError> {
         let tenant = self.usable_tenant(caller, raw_tenant)?;
-        self.schedule_tenant_pull(&tenant, TenantPullKind::ServerGroups)
+        let fail = if self.fail_tenant_pulls > 0 {
+            self.fail_tenant_pulls -= 1;
+            true
+        } else {
+            false
+        };
+        self.schedule_tenant_pull(&tenant, TenantPullKind::ServerGroups, fail)
             .ok_or(ApiError::NotFound)
     }
 
+    /// `POST /api/openstack-tenants/{uuid}/pull/` (the API layer checks staff): allowed from OK
+    /// and ERRED (`ResourceViewSet.pull_validators`), so it is how staff repair a tenant a
+    /// failed pull left ERRED. It holds the tenant like any executor.
+    pub fn tenant_pull(&mut self, caller: Caller, raw_tenant: &str) -> Result<TenantJob, ApiError> {
+        let tenant = self
+            .visible_tenant(caller, raw_tenant)
+            .ok_or(ApiError::NotFound)?;
+        if !tenant.state.is_settled() {
+            return Err(self.settled_conflict());
+        }
+        if tenant.backend_id.is_empty() {
+            return Err(ApiError::Invalid(json!([
+                "Resource does not have backend ID."
+            ])));
+        }
+        let uuid = tenant.uuid.clone();
+        self.schedule_tenant_pull(&uuid, TenantPullKind::Full, false)
+            .ok_or(ApiError::NotFound)
+    }
+
+    /// The 409 of an action allowed from OK and ERRED, in this server's labels
+    /// (`StateValidator` prints the state names: "OK, Erred." on 7.0.x).
+    pub fn settled_conflict(&self) -> ApiError {
+        ApiError::Conflict(format!(
+            "Valid states for operation: {}, {}.",
+            State::Ok.label(self.vocabulary),
+            State::Erred.label(self.vocabulary)
+        ))
+    }
+
     /// `schedule_updating` plus save: the tenant is held from here on.
-    fn schedule_tenant_pull(&mut self, tenant: &str, kind: TenantPullKind) -> Option<TenantJob> {
+    fn schedule_tenant_pull(
+        &mut self,
+        tenant: &str,
+        kind: TenantPullKind,
+        fail: bool,
+    ) -> Option<TenantJob> {
         let gen_ = self.bump_gen();
         let now = self.tick();
         let release_epoch = self.tenant_releases;
         let t = self.tenants.get_mut(tenant)?;
+        // Waldur's `delete_error_message` handler: leaving ERRED clears the message (the
+        // traceback stays).
+        if t.state == State::Erred {
+            t.error_message.clear();
+        }
         t.state = State::UpdateScheduled;
         t.op_gen = gen_;
         t.modified = now;
@@ -511,6 +570,7 @@ impl World {
             tenant: tenant.to_string(),
             gen_,
             kind,
+            fail,
             release_epoch,
         })
     }
@@ -556,8 +616,27 @@ impl World {
         if !current {
             return false;
         }
+        if job.fail {
+            // The Nova list failed: no row changes, and the executor's failure step
+            // (`ErrorStateTransitionTask`) stores the error and sets the tenant ERRED. Every
+            // tenant action then answers 409 until staff or the periodic pull repair it.
+            let now = self.tick();
+            if let Some(t) = self.tenants.get_mut(&job.tenant) {
+                t.state = State::Erred;
+                t.modified = now;
+                t.error_message = TENANT_PULL_ERROR.to_string();
+                t.error_traceback = format!(
+                    "Traceback (most recent call last):\n  ...\n\
+                     waldur_openstack.exceptions.OpenStackBackendError: {TENANT_PULL_ERROR}"
+                );
+            }
+            tracing::info!(tenant = %job.tenant, "tenant pull failed in OpenStack; the tenant is ERRED");
+            return false;
+        }
+        // Both kinds re-sync the server groups (a full pull also pulls what the simulator does
+        // not model: networks, quotas, ...).
         match job.kind {
-            TenantPullKind::ServerGroups => {
+            TenantPullKind::ServerGroups | TenantPullKind::Full => {
                 self.resync_tenant(&job.tenant);
             }
         }
@@ -707,10 +786,34 @@ impl World {
         Ok(tenant_uuid)
     }
 
-    /// The re-sync of every tenant (Waldur's periodic task).
+    /// The re-sync of every tenant (Waldur's periodic `TenantSubresourcesListPullTask`). It is
+    /// no executor: it does not hold the tenants. Like Waldur's `BackgroundListPullTask` it pulls
+    /// only tenants in OK or ERRED (a tenant held by a pull is left alone), and on success it
+    /// sets an ERRED tenant back to OK and clears its error message, keeping the traceback
+    /// (`BackgroundPullTask.on_pull_success`).
     pub fn resync(&mut self) -> ResyncReport {
-        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
-        self.resync_tenants(&tenants)
+        let tenants: Vec<String> = self
+            .tenants
+            .values()
+            .filter(|t| t.state.is_settled())
+            .map(|t| t.uuid.clone())
+            .collect();
+        let mut report = self.resync_tenants(&tenants);
+        for uuid in &tenants {
+            let gen_ = self.bump_gen();
+            let now = self.tick();
+            if let Some(t) = self.tenants.get_mut(uuid)
+                && t.state == State::Erred
+            {
+                t.state = State::Ok;
+                t.error_message.clear();
+                t.op_gen = gen_;
+                t.modified = now;
+                report.recovered_tenants.push(uuid.clone());
+                tracing::info!(tenant = %uuid, "periodic pull recovered an ERRED tenant");
+            }
+        }
+        report
     }
 
     /// The re-sync of one tenant (what `pull_server_groups` schedules).

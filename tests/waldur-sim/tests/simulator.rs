@@ -2379,3 +2379,224 @@ async fn a_tenant_pull_that_never_runs_holds_the_tenant_until_released() {
     h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
     assert!(started.elapsed() >= Duration::from_millis(40));
 }
+
+/// Measured on 7.0.7: a `pull_server_groups` that fails in OpenStack leaves the tenant Erred,
+/// and every tenant action answers 409 for every user until staff pull the tenant.
+#[tokio::test]
+async fn a_failed_tenant_pull_leaves_the_tenant_erred_until_staff_pull_it() {
+    let h = Harness::fast().await;
+    let (kept, _) = h.create_ok("kept").await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    h.sim.fail_next_tenant_pulls(1);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(
+        t["error_message"],
+        "Nova server group list failed: 500 Internal Server Error (HTTP 500)"
+    );
+    assert_eq!(h.sim.groups().len(), 1, "no row changed: nothing imported");
+    assert!(h.sim.group(&kept).is_some());
+
+    // Every tenant action, for every user, is a 409 now.
+    for token in [USER, STAFF] {
+        let resp = h
+            .post(
+                &h.create_url(DEFAULT_TENANT),
+                token,
+                Some(json!({"name": "blocked", "policy": "affinity"})),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT, "{token}");
+        assert_eq!(
+            resp.json::<Value>().await.expect("json"),
+            json!({"detail": TENANT_409})
+        );
+        let resp = h
+            .post(&h.pull_groups_url(DEFAULT_TENANT), token, None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT, "{token}");
+    }
+    // It stays so: only one pull was to fail, but nothing repairs the tenant by itself.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.tenant(DEFAULT_TENANT, USER).await["state"], "ERRED");
+
+    // The tenant's own pull is staff-only; it holds the tenant too, then sets it OK.
+    let pull_url = format!("{}pull/", h.tenant_url(DEFAULT_TENANT));
+    let resp = h.post(&pull_url, USER, None).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    h.sim
+        .set_tenant_pull_delay(Some(Duration::from_millis(400)));
+    let resp = h.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Pull operation was successfully scheduled."})
+    );
+    let held = h.tenant(DEFAULT_TENANT, STAFF).await;
+    assert_eq!(held["state"], "UPDATE_SCHEDULED");
+    assert_eq!(
+        held["error_message"], "",
+        "leaving ERRED clears the message"
+    );
+    let resp = h.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Valid states for operation: OK, ERRED."})
+    );
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            STAFF,
+            Some(json!({"name": "still-held", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let t = h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert_eq!(t["error_message"], "");
+    assert!(
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str()),
+        "the tenant pull re-synced the server groups"
+    );
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(h.sim.requests("tenant_pull"), 3);
+}
+
+/// Waldur's periodic pull is no executor: it skips held tenants, and it sets an Erred tenant
+/// back to OK (`BackgroundPullTask.on_pull_success`) without holding it.
+#[tokio::test]
+async fn the_periodic_resync_recovers_an_erred_tenant_without_holding_it() {
+    let h = Harness::fast().await;
+    h.sim.fail_next_tenant_pulls(1);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let erred = h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    let report = h.sim.resync_report();
+    assert_eq!(report.recovered_tenants, vec![DEFAULT_TENANT.to_string()]);
+    assert_eq!(report.imported.len(), 1);
+    // At once, with no hold on the way.
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert_eq!(
+        t["error_traceback"], erred["error_traceback"],
+        "on_pull_success clears only the message"
+    );
+    assert!(modified(&t) > modified(&erred));
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert!(
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str())
+    );
+
+    // A held tenant is not pulled: its rows wait for its own pull.
+    h.sim.set_tenant_pull_delay(None);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.sim.openstack_create(DEFAULT_TENANT, "later", "affinity");
+    h.sim.resync_now().await;
+    let report = h.sim.resync_report();
+    assert!(report.imported.is_empty() && report.recovered_tenants.is_empty());
+    assert_eq!(
+        h.sim.tenant(DEFAULT_TENANT).expect("tenant")["state"],
+        "UPDATE_SCHEDULED"
+    );
+    h.sim.release_tenant_pulls();
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(h.sim.groups().iter().any(|g| g["name"] == "later"));
+}
+
+/// 8.x has `set_ok`/`set_erred` on tenants (staff); 7.0.x has no such route (HTML 404) and
+/// words its 409s in the old labels.
+#[tokio::test]
+async fn tenant_set_ok_exists_from_8_0_and_7_0_speaks_old_labels() {
+    let h = Harness::fast().await;
+    h.sim.fail_next_tenant_pulls(1);
+    h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let set_ok = format!("{}set_ok/", h.tenant_url(DEFAULT_TENANT));
+    assert_eq!(
+        h.post(&set_ok, USER, None).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let resp = h.post(&set_ok, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert_eq!(t["error_traceback"], "");
+    let resp = h
+        .post(
+            &format!("{}set_erred/", h.tenant_url(DEFAULT_TENANT)),
+            STAFF,
+            Some(json!({"error_message": "broken by hand"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "ERRED");
+    assert_eq!(t["error_message"], "broken by hand");
+    assert_eq!(h.sim.requests("tenant_set_ok"), 2);
+    assert_eq!(h.sim.requests("tenant_set_erred"), 1);
+
+    let old = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    old.sim.fail_next_tenant_pulls(1);
+    old.post(&old.pull_groups_url(DEFAULT_TENANT), USER, None)
+        .await;
+    old.wait_tenant_state(DEFAULT_TENANT, "Erred").await;
+    let resp = old
+        .post(
+            &format!("{}set_ok/", old.tenant_url(DEFAULT_TENANT)),
+            STAFF,
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    assert_eq!(old.tenant(DEFAULT_TENANT, USER).await["state"], "Erred");
+    // The tenant's pull exists on 7.0.x; while it runs, a second one gets the old labels.
+    old.sim.set_tenant_pull_delay(None);
+    let pull_url = format!("{}pull/", old.tenant_url(DEFAULT_TENANT));
+    assert_eq!(
+        old.post(&pull_url, STAFF, None).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let resp = old.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Valid states for operation: OK, Erred."})
+    );
+    old.sim.release_tenant_pulls();
+    old.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+}
