@@ -529,6 +529,13 @@ impl Simulator {
         set_tenant_pull_timing(&self.shared, timing);
     }
 
+    /// Waldur's clock runs `seconds` ahead of ours (negative: behind): every `created` and
+    /// `modified` the simulator writes from now on is shifted by it. Timestamps already
+    /// written keep their value.
+    pub fn set_clock_offset(&self, seconds: i64) {
+        self.shared.world().clock_offset = seconds.saturating_mul(1_000_000);
+    }
+
     /// Every tenant pull accepted so far completes now (re-sync, then OK), whatever the delay;
     /// pulls accepted later wait as usual.
     pub fn release_tenant_pulls(&self) {

@@ -127,6 +127,9 @@ pub struct World {
     pub tenant_pull_timing: TenantPullTiming,
     /// Bumped by `release_tenant_pulls`: every pull accepted before finishes at once.
     pub tenant_releases: u64,
+    /// Waldur's clock minus ours, in microseconds: added to every timestamp written from now
+    /// on (a real Waldur's clock can be seconds off the API server's).
+    pub clock_offset: i64,
     next_seq: u64,
     next_gen: u64,
     last_ts: i64,
@@ -165,6 +168,7 @@ impl World {
             fail_tenant_pulls: 0,
             tenant_pull_timing: TenantPullTiming::default(),
             tenant_releases: 0,
+            clock_offset: 0,
             next_seq: 0,
             next_gen: 0,
             last_ts: 0,
@@ -189,11 +193,14 @@ impl World {
         uuid
     }
 
-    /// Strictly increasing timestamps, so `created` ordering is total and stable.
+    /// The timestamp to write now: strictly increasing on our own clock (so `created`
+    /// ordering is total and stable), then shifted by Waldur's clock offset. The offset is
+    /// applied after the increase so a negative one takes effect at once; changing it can make
+    /// a later write carry an earlier time, as resetting a real clock would.
     fn tick(&mut self) -> i64 {
         let now = now_micros().max(self.last_ts + 1);
         self.last_ts = now;
-        now
+        now.saturating_add(self.clock_offset)
     }
 
     fn bump_gen(&mut self) -> u64 {

@@ -2600,3 +2600,70 @@ async fn tenant_set_ok_exists_from_8_0_and_7_0_speaks_old_labels() {
     old.sim.release_tenant_pulls();
     old.wait_tenant_state(DEFAULT_TENANT, "OK").await;
 }
+
+/// Microseconds since the epoch of a DRF datetime (`2026-11-27T12:00:00.123456Z`).
+fn drf_micros(s: &str) -> i64 {
+    assert!(is_drf_datetime(s), "{s}");
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().expect("digits");
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19);
+    secs * 1_000_000 + n(20, 26)
+}
+
+fn now_micros() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    i64::try_from(d.as_micros()).expect("fits")
+}
+
+/// A real Waldur's clock can be off the API server's: `created` and `modified` written after
+/// `set_clock_offset` are shifted by it, on server groups and tenants alike.
+#[tokio::test]
+async fn the_clock_offset_shifts_every_timestamp_written_afterwards() {
+    let h = Harness::fast().await;
+    assert_eq!(
+        drf_micros("2026-11-27T12:00:00.123456Z"),
+        1_795_780_800_123_456
+    );
+    let near = |stamp: &Value, offset_secs: i64| {
+        let at = drf_micros(stamp.as_str().expect("timestamp"));
+        let expected = now_micros() + offset_secs * 1_000_000;
+        (at - expected).abs() < 2_000_000
+    };
+    let plain = h.create("plain", "affinity").await;
+    assert!(near(&plain["created"], 0), "{plain}");
+
+    h.sim.set_clock_offset(-3600);
+    let behind = h.create("behind", "affinity").await;
+    assert!(near(&behind["created"], -3600), "{behind}");
+    assert!(near(&behind["modified"], -3600), "{behind}");
+    let uuid = behind["uuid"].as_str().expect("uuid").to_string();
+    let row = h.wait_state(&uuid, "OK").await;
+    assert!(near(&row["modified"], -3600), "worker writes too: {row}");
+    // Written before the change: unchanged.
+    let before = h
+        .get(&h.group_url(plain["uuid"].as_str().expect("uuid")), USER)
+        .await;
+    let before: Value = before.json().await.expect("json");
+    assert_eq!(before["created"], plain["created"]);
+
+    h.sim.set_clock_offset(90);
+    h.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert!(near(&t["modified"], 90), "{t}");
+    assert!(near(&t["created"], 0), "the tenant was created before: {t}");
+    h.sim.set_tenant_ok(DEFAULT_TENANT, true);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let t = h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(near(&t["modified"], 90), "{t}");
+}
