@@ -17,7 +17,7 @@ use crate::config::WaldurVersion;
 use crate::error::{ApiError, html_error, json_response};
 use crate::faults::{AfterCommit, Verdict};
 use crate::model::{Row, State, Tenant, normalize_uuid, restrict_fields};
-use crate::server::{ConnCtl, Shared, spawn_job};
+use crate::server::{ConnCtl, Shared, spawn_job, spawn_tenant_pull};
 use crate::world::{Caller, World, parse_body};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -59,6 +59,12 @@ enum Route {
     Action(String, Action),
     TenantCreate(String),
     TenantPull(String),
+    /// `GET /api/openstack-tenants/`.
+    TenantList,
+    /// `GET /api/openstack-tenants/{uuid}/`.
+    TenantDetail(String),
+    /// `POST /api/openstack-tenants/{uuid}/pull|set_ok|set_erred/` (staff).
+    TenantAction(String, Action),
     Unknown,
 }
 
@@ -86,10 +92,22 @@ impl Route {
                 };
                 Route::Action((*id).to_string(), action)
             }
+            ["openstack-tenants"] => Route::TenantList,
+            ["openstack-tenants", id] => Route::TenantDetail((*id).to_string()),
             ["openstack-tenants", id, "create_server_group"] => {
                 Route::TenantCreate((*id).to_string())
             }
             ["openstack-tenants", id, "pull_server_groups"] => Route::TenantPull((*id).to_string()),
+            ["openstack-tenants", id, action] => {
+                // Tenants are resources too: `pull` always, `set_ok`/`set_erred` from 8.0.0.
+                let action = match *action {
+                    "pull" => Action::Pull,
+                    "set_erred" if set_actions => Action::SetErred,
+                    "set_ok" if set_actions => Action::SetOk,
+                    _ => return Route::Unknown,
+                };
+                Route::TenantAction((*id).to_string(), action)
+            }
             _ => Route::Unknown,
         }
     }
@@ -106,6 +124,16 @@ impl Route {
             Route::Action(_, action) if method == Method::POST => action.name(),
             Route::TenantCreate(_) if method == Method::POST => "create",
             Route::TenantPull(_) if method == Method::POST => "pull_server_groups",
+            Route::TenantList if method == Method::GET || method == Method::HEAD => "tenant_list",
+            Route::TenantDetail(_) if method == Method::GET || method == Method::HEAD => {
+                "tenant_retrieve"
+            }
+            Route::TenantAction(_, action) if method == Method::POST => match action {
+                Action::Pull => "tenant_pull",
+                Action::SetOk => "tenant_set_ok",
+                Action::SetErred => "tenant_set_erred",
+                Action::Unlink => "other",
+            },
             _ => "other",
         }
     }
@@ -402,6 +430,69 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
                 }
             }
         }
+        Route::TenantList => match *method {
+            Method::GET => tenant_list(&shared.world(), caller, ctx),
+            Method::HEAD => {
+                let (parts, _) = tenant_list(&shared.world(), caller, ctx)?.into_parts();
+                Ok(Response::from_parts(parts, Body::empty()))
+            }
+            // Tenants are ordered through the marketplace, not created here.
+            _ => Err(not_allowed()),
+        },
+        Route::TenantDetail(id) => match *method {
+            Method::GET | Method::HEAD => {
+                let world = shared.world();
+                let tenant = world.visible_tenant(caller, id).ok_or(ApiError::NotFound)?;
+                let body = restrict_fields(world.render_tenant(tenant, &ctx.base), &ctx.fields());
+                Ok(json_response(StatusCode::OK, &body))
+            }
+            // Tenant updates and deletions are not part of what the simulator copies.
+            _ => Err(not_allowed()),
+        },
+        Route::TenantAction(id, action) => {
+            if *method != Method::POST {
+                return Err(not_allowed());
+            }
+            // Staff only here. (7.0.7's tenant `pull` also lets customer owners in, through
+            // `unsafe_methods_permissions`; the simulator's user token is no owner.)
+            if caller != Caller::Staff {
+                return Err(ApiError::Forbidden);
+            }
+            if shared.world().visible_tenant(caller, id).is_none() {
+                return Err(ApiError::NotFound);
+            }
+            match action {
+                Action::Pull => {
+                    parse_body(&ctx.body)?;
+                    let job = shared.world().tenant_pull(caller, id)?;
+                    spawn_tenant_pull(shared, job);
+                    Ok(json_response(
+                        StatusCode::ACCEPTED,
+                        &json!({"detail": "Pull operation was successfully scheduled."}),
+                    ))
+                }
+                Action::SetOk => {
+                    parse_body(&ctx.body)?;
+                    shared.world().set_tenant_state(id, State::Ok, "", "");
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({"detail": "Resource has been marked as OK."}),
+                    ))
+                }
+                Action::SetErred => {
+                    let (message, traceback) = set_erred_body(&ctx.body)?;
+                    shared
+                        .world()
+                        .set_tenant_state(id, State::Erred, &message, &traceback);
+                    Ok(json_response(
+                        StatusCode::OK,
+                        &json!({"detail": "Resource has been marked as ERRED."}),
+                    ))
+                }
+                // Never parsed for tenants.
+                Action::Unlink => Err(ApiError::NoRoute),
+            }
+        }
         Route::TenantCreate(tenant) => {
             if *method != Method::POST {
                 return Err(not_allowed());
@@ -423,14 +514,9 @@ fn handle(shared: &Arc<Shared>, route: &Route, ctx: &Ctx) -> Result<Response, Ap
             if *method != Method::POST {
                 return Err(not_allowed());
             }
-            let tenant = shared.world().usable_tenant(caller, tenant)?;
-            // Waldur's worker runs the re-sync a moment later.
-            let delay = shared.world().delays.schedule;
-            let shared = Arc::clone(shared);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                shared.world().resync_tenant(&tenant);
-            });
+            // The tenant is held (UPDATE_SCHEDULED) before the answer goes out.
+            let job = shared.world().pull_server_groups(caller, tenant)?;
+            spawn_tenant_pull(shared, job);
             Ok(json_response(
                 StatusCode::ACCEPTED,
                 &json!({"status": "Server groups pull has been scheduled."}),
@@ -657,11 +743,9 @@ fn page_size(ctx: &Ctx) -> usize {
     }
 }
 
-fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
-    let shuffle = world.next_shuffle_seed();
-    let world = &*world;
-    let rows = filtered(world, caller, ctx, shuffle)?;
-    let count = rows.len();
+/// The page this request asks for out of `count` items: `(page, pages, page_size)`, or 404
+/// `Invalid page.` as Django's paginator answers.
+fn page_of(ctx: &Ctx, count: usize) -> Result<(usize, usize, usize), ApiError> {
     let size = page_size(ctx);
     // Django: an empty list still has one (empty) page.
     let pages = count.div_ceil(size).max(1);
@@ -677,13 +761,17 @@ fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiErr
     if page < 1 || page > pages {
         return Err(ApiError::InvalidPage);
     }
-    let fields = ctx.fields();
-    let items: Vec<Value> = rows
-        .iter()
-        .skip((page - 1) * size)
-        .take(size)
-        .map(|r| restrict_fields(world.render(r, &ctx.base), &fields))
-        .collect();
+    Ok((page, pages, size))
+}
+
+/// A page of a list: a bare array, `X-Result-Count` and `Link`, as Waldur's pagination sends.
+fn page_response(
+    ctx: &Ctx,
+    items: Vec<Value>,
+    count: usize,
+    page: usize,
+    pages: usize,
+) -> Response {
     let mut resp = json_response(StatusCode::OK, &Value::Array(items));
     resp.headers_mut()
         .insert("x-result-count", HeaderValue::from(count));
@@ -691,7 +779,67 @@ fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiErr
     if let Ok(v) = HeaderValue::from_str(&link) {
         resp.headers_mut().insert(header::LINK, v);
     }
-    Ok(resp)
+    resp
+}
+
+fn list(world: &mut World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let shuffle = world.next_shuffle_seed();
+    let world = &*world;
+    let rows = filtered(world, caller, ctx, shuffle)?;
+    let count = rows.len();
+    let (page, pages, size) = page_of(ctx, count)?;
+    let fields = ctx.fields();
+    let items: Vec<Value> = rows
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|r| restrict_fields(world.render(r, &ctx.base), &fields))
+        .collect();
+    Ok(page_response(ctx, items, count, page, pages))
+}
+
+/// `GET /api/openstack-tenants/`: the tenants this caller sees, by name (Waldur's
+/// `order_by("name")`), with the UUID filters of `BaseResourceFilter` that matter here.
+fn tenant_list(world: &World, caller: Caller, ctx: &Ctx) -> Result<Response, ApiError> {
+    let mut errors = Map::new();
+    let mut uuid_filters: Vec<(&str, String)> = Vec::new();
+    for key in ["uuid", "project_uuid", "customer_uuid"] {
+        match ctx.last(key) {
+            None | Some("") => {}
+            Some(v) => match normalize_uuid(v) {
+                Some(u) => uuid_filters.push((key, u)),
+                None => {
+                    errors.insert(key.to_string(), json!(["Enter a valid UUID."]));
+                }
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid(Value::Object(errors)));
+    }
+    let name_exact = ctx.last("name_exact").filter(|v| !v.is_empty());
+    let tenants: Vec<&Tenant> = world
+        .tenants_sorted()
+        .into_iter()
+        .filter(|t| world.tenant_visible(caller, &t.uuid))
+        .filter(|t| {
+            uuid_filters.iter().all(|(k, u)| match *k {
+                "uuid" => t.uuid == *u,
+                "project_uuid" => t.project_uuid == *u,
+                _ => t.customer_uuid == *u,
+            }) && name_exact.is_none_or(|n| t.name == n)
+        })
+        .collect();
+    let count = tenants.len();
+    let (page, pages, size) = page_of(ctx, count)?;
+    let fields = ctx.fields();
+    let items: Vec<Value> = tenants
+        .iter()
+        .skip((page - 1) * size)
+        .take(size)
+        .map(|t| restrict_fields(world.render_tenant(t, &ctx.base), &fields))
+        .collect();
+    Ok(page_response(ctx, items, count, page, pages))
 }
 
 /// `HEAD`: the list's answer without its body, so `X-Result-Count` and `Link` both come (and a

@@ -67,7 +67,7 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/__sim/resync", post(resync))
         .route("/__sim/state", post(force_state))
         .route("/__sim/instances", post(instances))
-        .route("/__sim/tenants", post(tenants))
+        .route("/__sim/tenants", get(get_tenants).post(tenants))
         .route("/__sim/delays", post(delays))
         .route("/__sim/order", get(get_order).post(set_order))
         .route("/__sim/faults", get(get_faults).post(set_faults))
@@ -270,10 +270,41 @@ async fn instances(AxState(s): Shared_, body: Bytes) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TenantReq {
     uuid: String,
+    /// Shorthand: true = OK, false = ERRED (as `Simulator::set_tenant_ok`).
     ok: Option<bool>,
+    /// `OK`, `ERRED`, `UPDATE_SCHEDULED` or `UPDATING` (either vocabulary); wins over `ok`.
+    state: Option<String>,
+    /// Kept when the tenant is (set) ERRED.
+    error_message: Option<String>,
     user_visible: Option<bool>,
+}
+
+/// A tenant as staff sees it over the API, plus the simulator's own bookkeeping.
+fn tenant_json(world: &crate::world::World, id: &str, base: &str) -> Value {
+    match world.tenants.get(id) {
+        Some(t) => {
+            let mut v = world.render_tenant(t, base);
+            if let Some(map) = v.as_object_mut() {
+                map.insert("ok".into(), t.is_ok().into());
+                map.insert("user_visible".into(), t.user_visible.into());
+            }
+            v
+        }
+        None => Value::Null,
+    }
+}
+
+async fn get_tenants(AxState(s): Shared_) -> Response {
+    let world = s.world();
+    let list: Vec<Value> = world
+        .tenants_sorted()
+        .into_iter()
+        .map(|t| tenant_json(&world, &t.uuid, &s.base_url))
+        .collect();
+    ok(Value::Array(list))
 }
 
 async fn tenants(AxState(s): Shared_, body: Bytes) -> Response {
@@ -281,21 +312,32 @@ async fn tenants(AxState(s): Shared_, body: Bytes) -> Response {
         Ok(r) => r,
         Err(e) => return *e,
     };
+    let state = match (&req.state, req.ok) {
+        (Some(label), _) => match State::parse_any(label).filter(|st| st.is_tenant_state()) {
+            Some(st) => Some(st),
+            None => {
+                return bad(format!(
+                    "unknown tenant state {label:?} (OK, ERRED, UPDATE_SCHEDULED, UPDATING)"
+                ));
+            }
+        },
+        (None, Some(true)) => Some(State::Ok),
+        (None, Some(false)) => Some(State::Erred),
+        (None, None) => None,
+    };
     let mut world = s.world();
     let id = world.add_tenant(&req.uuid, req.user_visible.unwrap_or(false));
-    let Some(t) = world.tenants.get_mut(&id) else {
-        return bad("tenant vanished");
-    };
-    if let Some(ok_) = req.ok {
-        t.ok = ok_;
+    if let Some(st) = state {
+        let message = req
+            .error_message
+            .as_deref()
+            .unwrap_or(crate::server::TENANT_ERRED_BY_HAND);
+        world.set_tenant_state(&id, st, message, "");
     }
-    if let Some(v) = req.user_visible {
+    if let (Some(v), Some(t)) = (req.user_visible, world.tenants.get_mut(&id)) {
         t.user_visible = v;
     }
-    ok(
-        json!({"uuid": t.uuid, "name": t.name, "ok": t.ok, "user_visible": t.user_visible,
-              "project_uuid": t.project_uuid, "customer_uuid": t.customer_uuid}),
-    )
+    ok(tenant_json(&world, &id, &s.base_url))
 }
 
 #[derive(Deserialize)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// Endpoint names used by the counters and by endpoint-scoped faults.
-pub const ENDPOINTS: [&str; 13] = [
+pub const ENDPOINTS: [&str; 18] = [
     "list",
     "count",
     "retrieve",
@@ -18,6 +18,11 @@ pub const ENDPOINTS: [&str; 13] = [
     "set_erred",
     "set_ok",
     "pull_server_groups",
+    "tenant_list",
+    "tenant_retrieve",
+    "tenant_pull",
+    "tenant_set_ok",
+    "tenant_set_erred",
     "update",
     "other",
 ];

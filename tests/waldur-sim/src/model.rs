@@ -86,6 +86,14 @@ impl State {
         }
     }
 
+    /// The states a tenant can be in here (a tenant is never being created or deleted).
+    pub fn is_tenant_state(self) -> bool {
+        matches!(
+            self,
+            State::Ok | State::Erred | State::UpdateScheduled | State::Updating
+        )
+    }
+
     /// States from which delete and pull may start.
     pub fn is_settled(self) -> bool {
         matches!(self, State::Ok | State::Erred)
@@ -102,15 +110,25 @@ pub struct Tenant {
     pub customer_uuid: String,
     pub customer_name: String,
     pub service_settings_uuid: String,
-    /// Tenant state OK; anything else makes create_server_group answer 409.
-    pub ok: bool,
+    /// The Keystone project id (dashed), derived from the UUID so runs are reproducible.
+    pub backend_id: String,
+    /// One of `OK`, `ERRED`, `UPDATE_SCHEDULED`, `UPDATING`: the only states a tenant that exists
+    /// passes through in these tests. Every tenant action answers 409 outside OK.
+    pub state: State,
+    pub error_message: String,
+    pub error_traceback: String,
+    /// Microseconds since the Unix epoch (Waldur's clock, offset included).
+    pub created: i64,
+    pub modified: i64,
+    /// Bumped by every operation that takes the tenant over, so a stale tenant-pull worker stops.
+    pub op_gen: u64,
     /// Visible to the non-staff token (ignored when the user sees every tenant).
     pub user_visible: bool,
 }
 
 impl Tenant {
     /// Names and owner UUIDs are derived from the tenant UUID so runs are reproducible.
-    pub fn new(uuid: &str, user_visible: bool) -> Tenant {
+    pub fn new(uuid: &str, user_visible: bool, now: i64) -> Tenant {
         let short: String = uuid.chars().take(8).collect();
         Tenant {
             uuid: uuid.to_string(),
@@ -120,9 +138,20 @@ impl Tenant {
             customer_uuid: derive_hex(uuid, "customer"),
             customer_name: format!("customer-{short}"),
             service_settings_uuid: derive_hex(uuid, "service-settings"),
-            ok: true,
+            backend_id: dash(&derive_hex(uuid, "keystone")),
+            state: State::Ok,
+            error_message: String::new(),
+            error_traceback: String::new(),
+            created: now,
+            modified: now,
+            op_gen: 0,
             user_visible,
         }
+    }
+
+    /// Tenant actions (`create_server_group`, `pull_server_groups`, ...) need this.
+    pub fn is_ok(&self) -> bool {
+        self.state == State::Ok
     }
 }
 
@@ -267,7 +296,7 @@ pub fn render_row(row: &Row, tenant: Option<&Tenant>, vocabulary: Vocabulary, ba
     let tenant = match tenant {
         Some(t) => t,
         None => {
-            fallback = Tenant::new(&row.tenant_uuid, false);
+            fallback = Tenant::new(&row.tenant_uuid, false, 0);
             &fallback
         }
     };
@@ -318,6 +347,45 @@ pub fn render_row(row: &Row, tenant: Option<&Tenant>, vocabulary: Vocabulary, ba
         "marketplace_resource_state": null,
         "is_usage_based": null,
         "is_limit_based": null,
+    })
+}
+
+/// An `OpenStackTenant` object: the fields a client of the tenant endpoints reads (a real
+/// server sends more: quotas, network ids, ...; clients must ignore what they do not know).
+pub fn render_tenant(t: &Tenant, vocabulary: Vocabulary, base: &str) -> Value {
+    json!({
+        "url": format!("{base}/api/openstack-tenants/{}/", t.uuid),
+        "uuid": t.uuid,
+        "name": t.name,
+        "description": "",
+        "service_name": t.name,
+        "service_settings": format!("{base}/api/service-settings/{}/", t.service_settings_uuid),
+        "service_settings_uuid": t.service_settings_uuid,
+        "service_settings_state": "OK",
+        "service_settings_error_message": "",
+        "project": format!("{base}/api/projects/{}/", t.project_uuid),
+        "project_name": t.project_name,
+        "project_uuid": t.project_uuid,
+        "customer": format!("{base}/api/customers/{}/", t.customer_uuid),
+        "customer_uuid": t.customer_uuid,
+        "customer_name": t.customer_name,
+        "customer_native_name": "",
+        "customer_abbreviation": "",
+        "error_message": t.error_message,
+        "error_traceback": t.error_traceback,
+        "resource_type": "OpenStack.Tenant",
+        "state": t.state.label(vocabulary),
+        "created": format_micros(t.created),
+        "modified": format_micros(t.modified),
+        "backend_id": t.backend_id,
+        "access_url": null,
+        "availability_zone": "",
+        "internal_network_id": "",
+        "external_network_id": "",
+        "marketplace_offering_uuid": null,
+        "marketplace_offering_name": null,
+        "marketplace_resource_uuid": null,
+        "marketplace_resource_state": null,
     })
 }
 

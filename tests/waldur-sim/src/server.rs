@@ -14,7 +14,10 @@ use tower_service::Service;
 use crate::config::{DefaultOrder, Delays, SimConfig};
 use crate::faults::{AfterCommit, AfterCommitRule, Counters, FailRule, Faults};
 use crate::model::State;
-use crate::world::{Caller, Job, ResyncReport, World};
+use crate::world::{Caller, Job, ResyncReport, TenantJob, TenantPullTiming, World};
+
+/// The error message of a tenant set ERRED by hand (`set_tenant_ok(uuid, false)`).
+pub(crate) const TENANT_ERRED_BY_HAND: &str = "Tenant marked as erred by the simulator.";
 
 /// State shared by the handle, the HTTP handlers and the workers.
 pub(crate) struct Shared {
@@ -24,6 +27,9 @@ pub(crate) struct Shared {
     pub base_url: String,
     pub addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    /// Bumped whenever the tenant-pull timing changes or pulls are released, so a pull waiting
+    /// in a phase looks again (a pull that would never run wakes up).
+    tenant_pulls: watch::Sender<u64>,
     /// Stops the current listener and its connections (`None`: not listening), so that an
     /// outage can refuse connections while the world survives.
     listening: Mutex<Option<watch::Sender<bool>>>,
@@ -103,6 +109,59 @@ pub(crate) fn spawn_job(shared: &Arc<Shared>, job: Job) {
     });
 }
 
+/// Runs a tenant pull as Waldur's action executor does: `UPDATE_SCHEDULED` for the schedule
+/// time, then `UPDATING`; halfway through it the re-sync changes the rows, and at its end the
+/// tenant goes back to OK. Each step stops if something else took the tenant over.
+pub(crate) fn spawn_tenant_pull(shared: &Arc<Shared>, job: TenantJob) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        wait_tenant_phase(&shared, &job, |d| d.schedule).await;
+        if !shared
+            .world()
+            .advance_tenant(&job, State::UpdateScheduled, State::Updating)
+        {
+            return;
+        }
+        wait_tenant_phase(&shared, &job, |d| d.run / 2).await;
+        if !shared.world().run_tenant_pull(&job) {
+            return;
+        }
+        wait_tenant_phase(&shared, &job, |d| d.run.saturating_sub(d.run / 2)).await;
+        shared.world().finish_tenant_pull(&job);
+    });
+}
+
+/// Waits out one phase of a tenant pull (`part` picks its length from the current timing).
+/// Returns at once when the pulls were released after this one was accepted; waits forever
+/// while the timing is "never"; when the timing changes mid-wait, waits the new length from
+/// the change.
+async fn wait_tenant_phase(shared: &Shared, job: &TenantJob, part: impl Fn(Delays) -> Duration) {
+    // Subscribed before reading the timing, so a change made in between is not missed.
+    let mut changes = shared.tenant_pulls.subscribe();
+    loop {
+        let (times, releases) = {
+            let world = shared.world();
+            (world.tenant_pull_times(), world.tenant_releases)
+        };
+        if releases != job.release_epoch {
+            return;
+        }
+        match times {
+            None => {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(times) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(part(times)) => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
+}
+
 /// A running simulated Waldur. Cheap to clone; all clones drive the same server.
 #[derive(Clone)]
 pub struct Simulator {
@@ -145,6 +204,7 @@ impl Simulator {
             base_url: format!("http://{url_addr}"),
             addr: local,
             shutdown,
+            tenant_pulls: watch::channel(0).0,
             listening: Mutex::new(None),
         });
         serve(&shared, listener);
@@ -271,13 +331,41 @@ impl Simulator {
         }
     }
 
-    /// A tenant not in OK makes create_server_group answer 409.
+    /// `true`: the tenant is OK (error fields cleared). `false`: the tenant is ERRED with an
+    /// error message, so every tenant action (`create_server_group`, `pull_server_groups`)
+    /// answers 409. Either way a tenant pull in flight on it stops.
     pub fn set_tenant_ok(&self, uuid: &str, ok: bool) {
-        let mut world = self.shared.world();
-        let id = crate::model::normalize_uuid(uuid).unwrap_or_else(|| uuid.to_string());
-        if let Some(t) = world.tenants.get_mut(&id) {
-            t.ok = ok;
+        let (state, message) = if ok {
+            (State::Ok, "")
+        } else {
+            (State::Erred, TENANT_ERRED_BY_HAND)
+        };
+        self.shared
+            .world()
+            .set_tenant_state(uuid, state, message, "");
+    }
+
+    /// Puts a tenant in a state (`OK`, `ERRED`, `UPDATE_SCHEDULED`, `UPDATING`, either
+    /// vocabulary) with this error message (kept only for ERRED), and stops any tenant pull in
+    /// flight on it: a transitional state stays until something else changes it. False if there
+    /// is no such tenant or state.
+    pub fn set_tenant_state(&self, uuid: &str, state: &str, error_message: &str) -> bool {
+        match State::parse_any(state).filter(|s| s.is_tenant_state()) {
+            Some(st) => self
+                .shared
+                .world()
+                .set_tenant_state(uuid, st, error_message, ""),
+            None => false,
         }
+    }
+
+    /// The tenant (UUID dashed or not) as the staff API renders it
+    /// (`GET /api/openstack-tenants/{uuid}/`).
+    pub fn tenant(&self, uuid: &str) -> Option<serde_json::Value> {
+        let world = self.shared.world();
+        world
+            .visible_tenant(Caller::Staff, uuid)
+            .map(|t| world.render_tenant(t, &self.shared.base_url))
     }
 
     /// Deletes a group in OpenStack, by Nova id or by the Waldur row UUID. False if none.
@@ -337,6 +425,14 @@ impl Simulator {
     /// The next `n` accepted creates end ERRED in OpenStack.
     pub fn fail_next_creates(&self, n: usize) {
         self.shared.world().fail_creates = n;
+    }
+
+    /// The next `n` accepted `pull_server_groups` fail in OpenStack (the Nova list answers 500):
+    /// no row changes, and the tenant ends ERRED with `error_message` set, so every tenant
+    /// action answers 409 until staff pull the tenant (`POST .../pull/`), `set_ok` it (8.x), or
+    /// the periodic re-sync recovers it.
+    pub fn fail_next_tenant_pulls(&self, n: usize) {
+        self.shared.world().fail_tenant_pulls = n;
     }
 
     /// The next `n` accepted deletes fail in OpenStack (OK → ERRED; from ERRED the row still goes).
@@ -411,6 +507,41 @@ impl Simulator {
         self.shared.world().delays = delays;
     }
 
+    /// How long a tenant pull (`pull_server_groups`) holds its tenant: `Some(d)` = `d` in all
+    /// (half `UPDATE_SCHEDULED`, half `UPDATING`); `None` = the worker never runs it, so the
+    /// tenant stays `UPDATE_SCHEDULED` (409 on every tenant action) until
+    /// [`Simulator::release_tenant_pulls`] or another delay is set, after which the pending
+    /// pulls complete (a pull already waiting waits the new delay from now). By default tenant
+    /// pulls follow the server-group delays (schedule + run).
+    pub fn set_tenant_pull_delay(&self, delay: Option<Duration>) {
+        self.set_tenant_pull_timing(match delay {
+            Some(d) => TenantPullTiming::After(d),
+            None => TenantPullTiming::Never,
+        });
+    }
+
+    /// Tenant pulls follow the server-group delays again (the default).
+    pub fn reset_tenant_pull_delay(&self) {
+        self.set_tenant_pull_timing(TenantPullTiming::FollowGroups);
+    }
+
+    fn set_tenant_pull_timing(&self, timing: TenantPullTiming) {
+        set_tenant_pull_timing(&self.shared, timing);
+    }
+
+    /// Waldur's clock runs `seconds` ahead of ours (negative: behind): every `created` and
+    /// `modified` the simulator writes from now on is shifted by it. Timestamps already
+    /// written keep their value.
+    pub fn set_clock_offset(&self, seconds: i64) {
+        self.shared.world().clock_offset = seconds.saturating_mul(1_000_000);
+    }
+
+    /// Every tenant pull accepted so far completes now (re-sync, then OK), whatever the delay;
+    /// pulls accepted later wait as usual.
+    pub fn release_tenant_pulls(&self) {
+        release_tenant_pulls(&self.shared);
+    }
+
     // ----- faults (apply to /api/... only) -----
 
     /// Added before every request is handled.
@@ -482,8 +613,20 @@ impl Simulator {
         let mut world = self.shared.world();
         world.fail_creates = 0;
         world.fail_deletes = 0;
+        world.fail_tenant_pulls = 0;
         world.refuse_deletes = false;
     }
+}
+
+pub(crate) fn release_tenant_pulls(shared: &Shared) {
+    shared.world().tenant_releases += 1;
+    shared.tenant_pulls.send_modify(|n| *n += 1);
+    tracing::info!("pending tenant pulls released");
+}
+
+pub(crate) fn set_tenant_pull_timing(shared: &Shared, timing: TenantPullTiming) {
+    shared.world().tenant_pull_timing = timing;
+    shared.tenant_pulls.send_modify(|n| *n += 1);
 }
 
 /// Resolves once shutdown was requested (or the handle is gone).

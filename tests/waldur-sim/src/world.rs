@@ -9,7 +9,7 @@ use crate::config::{DefaultOrder, Delays, SimConfig, Vocabulary, WaldurVersion};
 use crate::error::ApiError;
 use crate::model::{
     Instance, NovaGroup, Row, State, Tenant, new_dashed_uuid, new_hex_uuid, normalize_uuid,
-    now_micros, render_row,
+    now_micros, render_row, render_tenant,
 };
 
 /// Who is calling.
@@ -42,6 +42,45 @@ pub enum Job {
     },
 }
 
+/// What a tenant pull re-syncs once the worker runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantPullKind {
+    /// `pull_server_groups`: the tenant's server groups only.
+    ServerGroups,
+    /// The tenant's own `pull` (staff): Waldur 7.0.7's `TenantPullExecutor` checks the tenant
+    /// exists in OpenStack, then `ExistingTenantPullExecutor` pulls the tenant and every kind of
+    /// sub-resource in one chain, `pull_tenant_server_groups` among them, and sets the tenant
+    /// OK. Here: the server-group re-sync, then OK.
+    Full,
+}
+
+/// A tenant pull accepted by the API: Waldur's action executor holds the tenant
+/// (`UPDATE_SCHEDULED` → `UPDATING` → `OK`) while its worker runs.
+#[derive(Debug, Clone)]
+pub struct TenantJob {
+    pub tenant: String,
+    pub gen_: u64,
+    pub kind: TenantPullKind,
+    /// OpenStack refuses the pull (the Nova list answers 500): the tenant ends ERRED.
+    pub fail: bool,
+    /// [`World::tenant_releases`] when the pull was accepted: once it moves on, the pull
+    /// finishes without waiting any longer.
+    pub release_epoch: u64,
+}
+
+/// How long tenant pulls take, independently of the server-group workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TenantPullTiming {
+    /// The server-group delays: `schedule` in `UPDATE_SCHEDULED`, then `run` in `UPDATING`.
+    #[default]
+    FollowGroups,
+    /// This long in all: half in `UPDATE_SCHEDULED`, half in `UPDATING`.
+    After(std::time::Duration),
+    /// The worker never picks the pull up (as when Waldur's Celery worker is stopped): the
+    /// tenant stays `UPDATE_SCHEDULED` until the pulls are released or a delay is set.
+    Never,
+}
+
 /// What a re-sync changed.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ResyncReport {
@@ -51,7 +90,13 @@ pub struct ResyncReport {
     pub imported: Vec<String>,
     /// ERRED rows set back to OK.
     pub recovered: Vec<String>,
+    /// ERRED tenants set back to OK (the periodic re-sync only).
+    pub recovered_tenants: Vec<String>,
 }
+
+/// What Waldur stores on a tenant whose `pull_server_groups` failed in OpenStack.
+pub const TENANT_PULL_ERROR: &str =
+    "Nova server group list failed: 500 Internal Server Error (HTTP 500)";
 
 pub struct World {
     /// The release copied; `vocabulary`, `affinity_only` and `pre_8_0_0` already reflect it.
@@ -76,6 +121,15 @@ pub struct World {
     pub fail_deletes: usize,
     /// OpenStack refuses every delete until switched off (OK → ERRED; from ERRED the row goes).
     pub refuse_deletes: bool,
+    /// The next this many `pull_server_groups` fail in OpenStack (the tenant ends ERRED).
+    pub fail_tenant_pulls: usize,
+    /// Timing of tenant pulls (`pull_server_groups`).
+    pub tenant_pull_timing: TenantPullTiming,
+    /// Bumped by `release_tenant_pulls`: every pull accepted before finishes at once.
+    pub tenant_releases: u64,
+    /// Waldur's clock minus ours, in microseconds: added to every timestamp written from now
+    /// on (a real Waldur's clock can be seconds off the API server's).
+    pub clock_offset: i64,
     next_seq: u64,
     next_gen: u64,
     last_ts: i64,
@@ -111,6 +165,10 @@ impl World {
             fail_creates: 0,
             fail_deletes: 0,
             refuse_deletes: false,
+            fail_tenant_pulls: 0,
+            tenant_pull_timing: TenantPullTiming::default(),
+            tenant_releases: 0,
+            clock_offset: 0,
             next_seq: 0,
             next_gen: 0,
             last_ts: 0,
@@ -126,18 +184,23 @@ impl World {
     /// Adds a tenant in state OK (no-op if it exists). Returns its normalised UUID.
     pub fn add_tenant(&mut self, uuid: &str, user_visible: bool) -> String {
         let uuid = norm_or_raw(uuid);
-        self.tenants
-            .entry(uuid.clone())
-            .or_insert_with(|| Tenant::new(&uuid, user_visible));
+        if !self.tenants.contains_key(&uuid) {
+            let now = self.tick();
+            self.tenants
+                .insert(uuid.clone(), Tenant::new(&uuid, user_visible, now));
+        }
         self.openstack.entry(uuid.clone()).or_default();
         uuid
     }
 
-    /// Strictly increasing timestamps, so `created` ordering is total and stable.
+    /// The timestamp to write now: strictly increasing on our own clock (so `created`
+    /// ordering is total and stable), then shifted by Waldur's clock offset. The offset is
+    /// applied after the increase so a negative one takes effect at once; changing it can make
+    /// a later write carry an earlier time, as resetting a real clock would.
     fn tick(&mut self) -> i64 {
         let now = now_micros().max(self.last_ts + 1);
         self.last_ts = now;
-        now
+        now.saturating_add(self.clock_offset)
     }
 
     fn bump_gen(&mut self) -> u64 {
@@ -195,6 +258,25 @@ impl World {
         let uuid = normalize_uuid(raw_uuid)?;
         let row = self.rows.get(&uuid)?;
         self.tenant_visible(caller, &row.tenant_uuid).then_some(row)
+    }
+
+    /// The tenant with that UUID (dashed or not) if this caller may see it.
+    pub fn visible_tenant(&self, caller: Caller, raw_uuid: &str) -> Option<&Tenant> {
+        let uuid = normalize_uuid(raw_uuid)?;
+        self.tenant_visible(caller, &uuid)
+            .then(|| self.tenants.get(&uuid))
+            .flatten()
+    }
+
+    pub fn render_tenant(&self, tenant: &Tenant, base: &str) -> Value {
+        render_tenant(tenant, self.vocabulary, base)
+    }
+
+    /// All tenants in Waldur's default order (`order_by("name")`), UUID breaking ties.
+    pub fn tenants_sorted(&self) -> Vec<&Tenant> {
+        let mut tenants: Vec<&Tenant> = self.tenants.values().collect();
+        tenants.sort_by(|a, b| (&a.name, &a.uuid).cmp(&(&b.name, &b.uuid)));
+        tenants
     }
 
     pub fn render(&self, row: &Row, base: &str) -> Value {
@@ -307,9 +389,7 @@ impl World {
             .map(|r| (r.uuid.clone(), r.state))
             .ok_or(ApiError::NotFound)?;
         if !state.is_settled() {
-            return Err(ApiError::Conflict(
-                "Valid states for operation: OK, ERRED.".to_string(),
-            ));
+            return Err(self.settled_conflict());
         }
         let fail = if self.fail_deletes > 0 {
             self.fail_deletes -= 1;
@@ -338,13 +418,12 @@ impl World {
             .visible_row(caller, raw_uuid)
             .map(|r| r.uuid.clone())
             .ok_or(ApiError::NotFound)?;
+        let conflict = self.settled_conflict();
         let gen_ = self.bump_gen();
         let now = self.tick();
         let row = self.rows.get_mut(&uuid).ok_or(ApiError::NotFound)?;
         if !row.state.is_settled() {
-            return Err(ApiError::Conflict(
-                "Valid states for operation: OK, ERRED.".to_string(),
-            ));
+            return Err(conflict);
         }
         if row.backend_id.is_empty() {
             return Err(ApiError::Invalid(json!([
@@ -390,6 +469,192 @@ impl World {
         row.error_message = error_message;
         row.error_traceback = error_traceback;
         Ok(())
+    }
+
+    /// Puts a tenant in a state at once (`set_ok`, `set_erred`, or out of band) and stops any
+    /// tenant pull in flight on it. OK clears `error_message` and `error_traceback` as Waldur's
+    /// `set_ok` does; ERRED stores the message given. False if there is no such tenant.
+    pub fn set_tenant_state(
+        &mut self,
+        raw_uuid: &str,
+        state: State,
+        error_message: &str,
+        error_traceback: &str,
+    ) -> bool {
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let Some(t) = self.tenants.get_mut(&norm_or_raw(raw_uuid)) else {
+            return false;
+        };
+        t.state = state;
+        t.op_gen = gen_;
+        t.modified = now;
+        match state {
+            State::Ok => {
+                t.error_message.clear();
+                t.error_traceback.clear();
+            }
+            State::Erred => {
+                t.error_message = error_message.to_string();
+                t.error_traceback = error_traceback.to_string();
+            }
+            _ => {}
+        }
+        tracing::info!(tenant = %t.uuid, state = state.modern(), "tenant state set");
+        true
+    }
+
+    /// `POST /api/openstack-tenants/{uuid}/pull_server_groups/`: Waldur's
+    /// `TenantPullServerGroupsExecutor` holds the tenant at once (`UPDATE_SCHEDULED`, saved, so
+    /// `modified` moves); until its worker has run, every tenant action answers 409.
+    pub fn pull_server_groups(
+        &mut self,
+        caller: Caller,
+        raw_tenant: &str,
+    ) -> Result<TenantJob, ApiError> {
+        let tenant = self.usable_tenant(caller, raw_tenant)?;
+        let fail = if self.fail_tenant_pulls > 0 {
+            self.fail_tenant_pulls -= 1;
+            true
+        } else {
+            false
+        };
+        self.schedule_tenant_pull(&tenant, TenantPullKind::ServerGroups, fail)
+            .ok_or(ApiError::NotFound)
+    }
+
+    /// `POST /api/openstack-tenants/{uuid}/pull/` (the API layer checks staff): allowed from OK
+    /// and ERRED (`ResourceViewSet.pull_validators`), so it is how staff repair a tenant a
+    /// failed pull left ERRED. It holds the tenant like any executor.
+    pub fn tenant_pull(&mut self, caller: Caller, raw_tenant: &str) -> Result<TenantJob, ApiError> {
+        let tenant = self
+            .visible_tenant(caller, raw_tenant)
+            .ok_or(ApiError::NotFound)?;
+        if !tenant.state.is_settled() {
+            return Err(self.settled_conflict());
+        }
+        if tenant.backend_id.is_empty() {
+            return Err(ApiError::Invalid(json!([
+                "Resource does not have backend ID."
+            ])));
+        }
+        let uuid = tenant.uuid.clone();
+        self.schedule_tenant_pull(&uuid, TenantPullKind::Full, false)
+            .ok_or(ApiError::NotFound)
+    }
+
+    /// The 409 of an action allowed from OK and ERRED, in this server's labels
+    /// (`StateValidator` prints the state names: "OK, Erred." on 7.0.x).
+    pub fn settled_conflict(&self) -> ApiError {
+        ApiError::Conflict(format!(
+            "Valid states for operation: {}, {}.",
+            State::Ok.label(self.vocabulary),
+            State::Erred.label(self.vocabulary)
+        ))
+    }
+
+    /// `schedule_updating` plus save: the tenant is held from here on.
+    fn schedule_tenant_pull(
+        &mut self,
+        tenant: &str,
+        kind: TenantPullKind,
+        fail: bool,
+    ) -> Option<TenantJob> {
+        let gen_ = self.bump_gen();
+        let now = self.tick();
+        let release_epoch = self.tenant_releases;
+        let t = self.tenants.get_mut(tenant)?;
+        // Waldur's `delete_error_message` handler: leaving ERRED clears the message (the
+        // traceback stays).
+        if t.state == State::Erred {
+            t.error_message.clear();
+        }
+        t.state = State::UpdateScheduled;
+        t.op_gen = gen_;
+        t.modified = now;
+        tracing::info!(%tenant, ?kind, "tenant pull scheduled; the tenant is held");
+        Some(TenantJob {
+            tenant: tenant.to_string(),
+            gen_,
+            kind,
+            fail,
+            release_epoch,
+        })
+    }
+
+    /// `(time in UPDATE_SCHEDULED, time in UPDATING)` of a tenant pull, or `None` when the
+    /// worker never runs it.
+    pub fn tenant_pull_times(&self) -> Option<Delays> {
+        match self.tenant_pull_timing {
+            TenantPullTiming::FollowGroups => Some(self.delays),
+            TenantPullTiming::After(total) => {
+                let schedule = total / 2;
+                Some(Delays {
+                    schedule,
+                    run: total.saturating_sub(schedule),
+                })
+            }
+            TenantPullTiming::Never => None,
+        }
+    }
+
+    /// Moves a held tenant from `from` to `to` (saved: `modified` moves) if no other operation
+    /// took it over. False = the pull was superseded; its worker stops.
+    pub fn advance_tenant(&mut self, job: &TenantJob, from: State, to: State) -> bool {
+        let now = self.tick();
+        match self.tenants.get_mut(&job.tenant) {
+            Some(t) if t.op_gen == job.gen_ && t.state == from => {
+                t.state = to;
+                t.modified = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pull's backend work, halfway through `UPDATING`: the server-group rows change here,
+    /// while the tenant is still held, as Waldur's task does before its success step sets the
+    /// tenant OK. False = superseded (nothing done).
+    pub fn run_tenant_pull(&mut self, job: &TenantJob) -> bool {
+        let current = self
+            .tenants
+            .get(&job.tenant)
+            .is_some_and(|t| t.op_gen == job.gen_ && t.state == State::Updating);
+        if !current {
+            return false;
+        }
+        if job.fail {
+            // The Nova list failed: no row changes, and the executor's failure step
+            // (`ErrorStateTransitionTask`) stores the error and sets the tenant ERRED. Every
+            // tenant action then answers 409 until staff or the periodic pull repair it.
+            let now = self.tick();
+            if let Some(t) = self.tenants.get_mut(&job.tenant) {
+                t.state = State::Erred;
+                t.modified = now;
+                t.error_message = TENANT_PULL_ERROR.to_string();
+                t.error_traceback = format!(
+                    "Traceback (most recent call last):\n  ...\n\
+                     waldur_openstack.exceptions.OpenStackBackendError: {TENANT_PULL_ERROR}"
+                );
+            }
+            tracing::info!(tenant = %job.tenant, "tenant pull failed in OpenStack; the tenant is ERRED");
+            return false;
+        }
+        // Both kinds re-sync the server groups (a full pull also pulls what the simulator does
+        // not model: networks, quotas, ...).
+        match job.kind {
+            TenantPullKind::ServerGroups | TenantPullKind::Full => {
+                self.resync_tenant(&job.tenant);
+            }
+        }
+        true
+    }
+
+    /// The executor's success step: the tenant goes back to OK, the sign the re-sync ran.
+    pub fn finish_tenant_pull(&mut self, job: &TenantJob) {
+        if self.advance_tenant(job, State::Updating, State::Ok) {
+            tracing::info!(tenant = %job.tenant, "tenant pull done; the tenant is OK again");
+        }
     }
 
     // ----- background worker steps -----
@@ -520,7 +785,7 @@ impl World {
         if !self.tenant_visible(caller, &tenant_uuid) {
             return Err(ApiError::NotFound);
         }
-        if !self.tenants.get(&tenant_uuid).is_some_and(|t| t.ok) {
+        if !self.tenants.get(&tenant_uuid).is_some_and(Tenant::is_ok) {
             return Err(ApiError::Conflict(
                 "Valid states for operation: OK.".to_string(),
             ));
@@ -528,10 +793,34 @@ impl World {
         Ok(tenant_uuid)
     }
 
-    /// The re-sync of every tenant (Waldur's periodic task).
+    /// The re-sync of every tenant (Waldur's periodic `TenantSubresourcesListPullTask`). It is
+    /// no executor: it does not hold the tenants. Like Waldur's `BackgroundListPullTask` it pulls
+    /// only tenants in OK or ERRED (a tenant held by a pull is left alone), and on success it
+    /// sets an ERRED tenant back to OK and clears its error message, keeping the traceback
+    /// (`BackgroundPullTask.on_pull_success`).
     pub fn resync(&mut self) -> ResyncReport {
-        let tenants: Vec<String> = self.tenants.keys().cloned().collect();
-        self.resync_tenants(&tenants)
+        let tenants: Vec<String> = self
+            .tenants
+            .values()
+            .filter(|t| t.state.is_settled())
+            .map(|t| t.uuid.clone())
+            .collect();
+        let mut report = self.resync_tenants(&tenants);
+        for uuid in &tenants {
+            let gen_ = self.bump_gen();
+            let now = self.tick();
+            if let Some(t) = self.tenants.get_mut(uuid)
+                && t.state == State::Erred
+            {
+                t.state = State::Ok;
+                t.error_message.clear();
+                t.op_gen = gen_;
+                t.modified = now;
+                report.recovered_tenants.push(uuid.clone());
+                tracing::info!(tenant = %uuid, "periodic pull recovered an ERRED tenant");
+            }
+        }
+        report
     }
 
     /// The re-sync of one tenant (what `pull_server_groups` schedules).

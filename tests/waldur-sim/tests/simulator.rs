@@ -151,6 +151,17 @@ impl Harness {
         ))
     }
 
+    fn tenant_url(&self, tenant: &str) -> String {
+        self.url(&format!("/api/openstack-tenants/{tenant}/"))
+    }
+
+    /// `GET` the tenant as `token` sees it; must be 200.
+    async fn tenant(&self, tenant: &str, token: &str) -> Value {
+        let resp = self.get(&self.tenant_url(tenant), token).await;
+        assert_eq!(resp.status(), StatusCode::OK, "tenant {tenant}");
+        resp.json().await.expect("json")
+    }
+
     async fn send(
         &self,
         method: Method,
@@ -229,6 +240,28 @@ impl Harness {
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Polls the simulator (not the API) until the tenant has the state; returns it.
+    async fn wait_tenant_state(&self, tenant: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let t = self.sim.tenant(tenant).expect("tenant exists");
+            if t["state"] == state {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tenant {tenant} never reached {state}: {t}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn pull_groups_url(&self, tenant: &str) -> String {
+        self.url(&format!(
+            "/api/openstack-tenants/{tenant}/pull_server_groups/"
+        ))
     }
 
     async fn wait_gone(&self, uuid: &str) {
@@ -2060,4 +2093,577 @@ async fn out_of_band_users_create_delete_and_unlink() {
     h.wait_gone(&reimported).await;
     assert!(h.sim.openstack_groups(DEFAULT_TENANT).is_empty());
     assert!(!h.sim.waldur_unlink(&reimported));
+}
+
+/// `GET /api/openstack-tenants/{uuid}/` and the list: the fields a real tenant has, 32-hex UUIDs,
+/// DRF datetimes, the server's state vocabulary, visibility, pagination and counters.
+#[tokio::test]
+async fn tenants_can_be_read_like_a_real_waldur_serves_them() {
+    let h = Harness::start(SimConfig {
+        tenants: vec![DEFAULT_TENANT.into(), dashed(OTHER_TENANT)],
+        user_tenants: vec![DEFAULT_TENANT.into()],
+        ..fast_config()
+    })
+    .await;
+    let t = h.tenant(&dashed(DEFAULT_TENANT), USER).await;
+    for key in [
+        "url",
+        "uuid",
+        "name",
+        "state",
+        "error_message",
+        "error_traceback",
+        "created",
+        "modified",
+        "backend_id",
+        "project_uuid",
+        "customer_uuid",
+    ] {
+        assert!(t.get(key).is_some(), "tenant has {key}: {t}");
+    }
+    assert_eq!(t["uuid"], DEFAULT_TENANT);
+    assert!(
+        t["url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(&format!("/api/openstack-tenants/{DEFAULT_TENANT}/")))
+    );
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert!(is_hex32(t["project_uuid"].as_str().unwrap_or("")));
+    assert!(is_hex32(t["customer_uuid"].as_str().unwrap_or("")));
+    assert!(!t["backend_id"].as_str().unwrap_or("").is_empty());
+    assert!(is_drf_datetime(t["created"].as_str().unwrap_or("")), "{t}");
+    assert!(is_drf_datetime(t["modified"].as_str().unwrap_or("")), "{t}");
+    // Server groups point at the same tenant.
+    let g = h.create("in-tenant", "affinity").await;
+    assert_eq!(g["tenant"], t["url"]);
+    assert_eq!(g["project_uuid"], t["project_uuid"]);
+
+    // The user token does not see the other tenant: JSON 404, as for a missing one.
+    let resp = h.get(&h.tenant_url(OTHER_TENANT), USER).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Not found."})
+    );
+    let resp = h.get(&h.tenant_url("not-a-uuid"), STAFF).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(h.tenant(OTHER_TENANT, STAFF).await["uuid"], OTHER_TENANT);
+    let resp = h
+        .send(Method::GET, &h.tenant_url(DEFAULT_TENANT), None, None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // The list: a bare array with X-Result-Count and Link, ordered by name, filtered by uuid.
+    let resp = h.get(&h.url("/api/openstack-tenants/"), STAFF).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "x-result-count"), "2");
+    assert!(header(&resp, "link").contains("rel=\"last\""));
+    let all: Vec<Value> = resp.json().await.expect("json");
+    assert_eq!(all.len(), 2);
+    // "tenant-0f0e0d0c" sorts before "tenant-6b2a0c4e".
+    assert_eq!(all[0]["uuid"], OTHER_TENANT);
+    let resp = h.get(&h.url("/api/openstack-tenants/"), USER).await;
+    assert_eq!(header(&resp, "x-result-count"), "1");
+    let url = h.url(&format!(
+        "/api/openstack-tenants/?uuid={}&field=uuid&field=state",
+        dashed(OTHER_TENANT)
+    ));
+    let one: Vec<Value> = h.get(&url, STAFF).await.json().await.expect("json");
+    assert_eq!(one, vec![json!({"uuid": OTHER_TENANT, "state": "OK"})]);
+    let resp = h
+        .get(&h.url("/api/openstack-tenants/?page_size=1&page=3"), STAFF)
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let resp = h
+        .get(&h.url("/api/openstack-tenants/?uuid=nope"), STAFF)
+        .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    assert_eq!(h.sim.requests("tenant_retrieve"), 5);
+    assert_eq!(h.sim.requests("tenant_list"), 5);
+    assert_eq!(h.sim.requests("retrieve"), 0);
+    assert_eq!(h.sim.stats()["endpoints"]["tenant_list"], 5);
+
+    // An ERRED tenant in both vocabularies.
+    h.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "ERRED");
+    assert!(!t["error_message"].as_str().unwrap_or("").is_empty());
+    let legacy = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    legacy.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    assert_eq!(legacy.tenant(DEFAULT_TENANT, USER).await["state"], "Erred");
+    assert!(
+        legacy
+            .sim
+            .set_tenant_state(DEFAULT_TENANT, "UPDATE_SCHEDULED", "")
+    );
+    assert_eq!(
+        legacy.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Update Scheduled"
+    );
+    assert!(legacy.sim.set_tenant_state(DEFAULT_TENANT, "Updating", ""));
+    assert_eq!(
+        legacy.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Updating"
+    );
+    assert!(!legacy.sim.set_tenant_state(DEFAULT_TENANT, "DELETING", ""));
+    legacy.sim.set_tenant_ok(DEFAULT_TENANT, true);
+    let t = legacy.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+}
+
+const TENANT_409: &str = "Valid states for operation: OK.";
+
+/// `modified` of a tenant or row as a comparable string (DRF datetimes sort as text).
+fn modified(v: &Value) -> String {
+    v["modified"].as_str().expect("modified").to_string()
+}
+
+/// Measured on 7.0.7: `pull_server_groups` holds the whole tenant. It answers 202 and the
+/// tenant is Update Scheduled at once, then Updating, then OK; meanwhile every tenant action is
+/// a 409, and the rows have changed by the time the tenant is OK again.
+#[tokio::test]
+async fn pull_server_groups_holds_the_tenant_until_the_resync_ran() {
+    let h = Harness::fast().await;
+    let (unlinked, backend) = h.create_ok("unlinked").await;
+    assert!(h.sim.waldur_unlink(&unlinked));
+    // Long enough that polls every few ms see each phase on a loaded machine.
+    h.sim
+        .set_tenant_pull_delay(Some(Duration::from_millis(1200)));
+    let before = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(before["state"], "OK");
+
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"status": "Server groups pull has been scheduled."})
+    );
+    let held = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(held["state"], "UPDATE_SCHEDULED", "held at once");
+    assert!(modified(&held) > modified(&before), "the hold is saved");
+
+    // Every tenant action is refused while the tenant is held: no second group is made.
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "unlinked", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+
+    // Watch it through the API: Updating, the row re-imported while still Updating, then OK.
+    let reimported = |h: &Harness| {
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str())
+    };
+    let mut seen = vec![held["state"].as_str().unwrap_or("").to_string()];
+    let mut last_modified = modified(&held);
+    let mut rows_changed_while_held = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let t = h.tenant(DEFAULT_TENANT, STAFF).await;
+        let state = t["state"].as_str().unwrap_or("").to_string();
+        if seen.last() != Some(&state) {
+            assert!(modified(&t) > last_modified, "each step is saved: {t}");
+            last_modified = modified(&t);
+            seen.push(state.clone());
+        }
+        if state == "OK" {
+            assert!(reimported(&h), "the rows changed before the tenant was OK");
+            break;
+        }
+        rows_changed_while_held |= reimported(&h);
+        assert!(Instant::now() < deadline, "the tenant never came back: {t}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, ["UPDATE_SCHEDULED", "UPDATING", "OK"]);
+    assert!(
+        rows_changed_while_held,
+        "the re-import is visible while the tenant is still Updating"
+    );
+    let back: Vec<Value> = h.list(&format!("backend_id={backend}")).await;
+    assert_eq!(back.len(), 1);
+    assert_ne!(back[0]["uuid"], unlinked.as_str(), "a new UUID");
+
+    // OK again: tenant actions work.
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(h.sim.requests("pull_server_groups"), 3);
+}
+
+/// A pull the worker never picks up holds the tenant until the pulls are released or a delay
+/// is set; by default the tenant pull follows the server-group delays.
+#[tokio::test]
+async fn a_tenant_pull_that_never_runs_holds_the_tenant_until_released() {
+    let h = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    h.sim.set_tenant_pull_delay(None);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.tenant(DEFAULT_TENANT, USER).await["state"],
+        "Update Scheduled",
+        "7.0.x labels; the worker never ran"
+    );
+    assert!(h.sim.groups().is_empty(), "nothing imported while held");
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "x", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": TENANT_409})
+    );
+
+    h.sim.release_tenant_pulls();
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert_eq!(h.sim.groups().len(), 1);
+    assert_eq!(h.sim.groups()[0]["backend_id"], backend.as_str());
+
+    // Still "never": the next pull is held again; setting a delay lets it complete.
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.sim.tenant(DEFAULT_TENANT).expect("tenant")["state"],
+        "Update Scheduled"
+    );
+    h.sim.set_tenant_pull_delay(Some(Duration::from_millis(40)));
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+
+    // The default follows the group delays (20 ms + 20 ms here).
+    h.sim.reset_tenant_pull_delay();
+    let started = Instant::now();
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(started.elapsed() >= Duration::from_millis(40));
+}
+
+/// Measured on 7.0.7: a `pull_server_groups` that fails in OpenStack leaves the tenant Erred,
+/// and every tenant action answers 409 for every user until staff pull the tenant.
+#[tokio::test]
+async fn a_failed_tenant_pull_leaves_the_tenant_erred_until_staff_pull_it() {
+    let h = Harness::fast().await;
+    let (kept, _) = h.create_ok("kept").await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    h.sim.fail_next_tenant_pulls(1);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(
+        t["error_message"],
+        "Nova server group list failed: 500 Internal Server Error (HTTP 500)"
+    );
+    assert_eq!(h.sim.groups().len(), 1, "no row changed: nothing imported");
+    assert!(h.sim.group(&kept).is_some());
+
+    // Every tenant action, for every user, is a 409 now.
+    for token in [USER, STAFF] {
+        let resp = h
+            .post(
+                &h.create_url(DEFAULT_TENANT),
+                token,
+                Some(json!({"name": "blocked", "policy": "affinity"})),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT, "{token}");
+        assert_eq!(
+            resp.json::<Value>().await.expect("json"),
+            json!({"detail": TENANT_409})
+        );
+        let resp = h
+            .post(&h.pull_groups_url(DEFAULT_TENANT), token, None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::CONFLICT, "{token}");
+    }
+    // It stays so: only one pull was to fail, but nothing repairs the tenant by itself.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.tenant(DEFAULT_TENANT, USER).await["state"], "ERRED");
+
+    // The tenant's own pull is staff-only; it holds the tenant too, then sets it OK.
+    let pull_url = format!("{}pull/", h.tenant_url(DEFAULT_TENANT));
+    let resp = h.post(&pull_url, USER, None).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    h.sim
+        .set_tenant_pull_delay(Some(Duration::from_millis(400)));
+    let resp = h.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Pull operation was successfully scheduled."})
+    );
+    let held = h.tenant(DEFAULT_TENANT, STAFF).await;
+    assert_eq!(held["state"], "UPDATE_SCHEDULED");
+    assert_eq!(
+        held["error_message"], "",
+        "leaving ERRED clears the message"
+    );
+    let resp = h.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Valid states for operation: OK, ERRED."})
+    );
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            STAFF,
+            Some(json!({"name": "still-held", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let t = h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert_eq!(t["error_message"], "");
+    assert!(
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str()),
+        "the tenant pull re-synced the server groups"
+    );
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(h.sim.requests("tenant_pull"), 3);
+}
+
+/// Waldur's periodic pull is no executor: it skips held tenants, and it sets an Erred tenant
+/// back to OK (`BackgroundPullTask.on_pull_success`) without holding it.
+#[tokio::test]
+async fn the_periodic_resync_recovers_an_erred_tenant_without_holding_it() {
+    let h = Harness::fast().await;
+    h.sim.fail_next_tenant_pulls(1);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let erred = h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let backend = h
+        .sim
+        .openstack_create(DEFAULT_TENANT, "horizon", "affinity");
+    let report = h.sim.resync_report();
+    assert_eq!(report.recovered_tenants, vec![DEFAULT_TENANT.to_string()]);
+    assert_eq!(report.imported.len(), 1);
+    // At once, with no hold on the way.
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert_eq!(
+        t["error_traceback"], erred["error_traceback"],
+        "on_pull_success clears only the message"
+    );
+    assert!(modified(&t) > modified(&erred));
+    let resp = h
+        .post(
+            &h.create_url(DEFAULT_TENANT),
+            USER,
+            Some(json!({"name": "after", "policy": "affinity"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert!(
+        h.sim
+            .groups()
+            .iter()
+            .any(|g| g["backend_id"] == backend.as_str())
+    );
+
+    // A held tenant is not pulled: its rows wait for its own pull.
+    h.sim.set_tenant_pull_delay(None);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    h.sim.openstack_create(DEFAULT_TENANT, "later", "affinity");
+    h.sim.resync_now().await;
+    let report = h.sim.resync_report();
+    assert!(report.imported.is_empty() && report.recovered_tenants.is_empty());
+    assert_eq!(
+        h.sim.tenant(DEFAULT_TENANT).expect("tenant")["state"],
+        "UPDATE_SCHEDULED"
+    );
+    h.sim.release_tenant_pulls();
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(h.sim.groups().iter().any(|g| g["name"] == "later"));
+}
+
+/// 8.x has `set_ok`/`set_erred` on tenants (staff); 7.0.x has no such route (HTML 404) and
+/// words its 409s in the old labels.
+#[tokio::test]
+async fn tenant_set_ok_exists_from_8_0_and_7_0_speaks_old_labels() {
+    let h = Harness::fast().await;
+    h.sim.fail_next_tenant_pulls(1);
+    h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let set_ok = format!("{}set_ok/", h.tenant_url(DEFAULT_TENANT));
+    assert_eq!(
+        h.post(&set_ok, USER, None).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let resp = h.post(&set_ok, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "OK");
+    assert_eq!(t["error_message"], "");
+    assert_eq!(t["error_traceback"], "");
+    let resp = h
+        .post(
+            &format!("{}set_erred/", h.tenant_url(DEFAULT_TENANT)),
+            STAFF,
+            Some(json!({"error_message": "broken by hand"})),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert_eq!(t["state"], "ERRED");
+    assert_eq!(t["error_message"], "broken by hand");
+    assert_eq!(h.sim.requests("tenant_set_ok"), 2);
+    assert_eq!(h.sim.requests("tenant_set_erred"), 1);
+
+    let old = Harness::start(SimConfig {
+        version: WaldurVersion::V7_0,
+        ..fast_config()
+    })
+    .await;
+    old.sim.fail_next_tenant_pulls(1);
+    old.post(&old.pull_groups_url(DEFAULT_TENANT), USER, None)
+        .await;
+    old.wait_tenant_state(DEFAULT_TENANT, "Erred").await;
+    let resp = old
+        .post(
+            &format!("{}set_ok/", old.tenant_url(DEFAULT_TENANT)),
+            STAFF,
+            None,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(header(&resp, "content-type").starts_with("text/html"));
+    assert_eq!(old.tenant(DEFAULT_TENANT, USER).await["state"], "Erred");
+    // The tenant's pull exists on 7.0.x; while it runs, a second one gets the old labels.
+    old.sim.set_tenant_pull_delay(None);
+    let pull_url = format!("{}pull/", old.tenant_url(DEFAULT_TENANT));
+    assert_eq!(
+        old.post(&pull_url, STAFF, None).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let resp = old.post(&pull_url, STAFF, None).await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        resp.json::<Value>().await.expect("json"),
+        json!({"detail": "Valid states for operation: OK, Erred."})
+    );
+    old.sim.release_tenant_pulls();
+    old.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+}
+
+/// Microseconds since the epoch of a DRF datetime (`2026-11-27T12:00:00.123456Z`).
+fn drf_micros(s: &str) -> i64 {
+    assert!(is_drf_datetime(s), "{s}");
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().expect("digits");
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    // Days from civil (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11, 13) * 3600 + n(14, 16) * 60 + n(17, 19);
+    secs * 1_000_000 + n(20, 26)
+}
+
+fn now_micros() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    i64::try_from(d.as_micros()).expect("fits")
+}
+
+/// A real Waldur's clock can be off the API server's: `created` and `modified` written after
+/// `set_clock_offset` are shifted by it, on server groups and tenants alike.
+#[tokio::test]
+async fn the_clock_offset_shifts_every_timestamp_written_afterwards() {
+    let h = Harness::fast().await;
+    assert_eq!(
+        drf_micros("2026-11-27T12:00:00.123456Z"),
+        1_795_780_800_123_456
+    );
+    let near = |stamp: &Value, offset_secs: i64| {
+        let at = drf_micros(stamp.as_str().expect("timestamp"));
+        let expected = now_micros() + offset_secs * 1_000_000;
+        (at - expected).abs() < 2_000_000
+    };
+    let plain = h.create("plain", "affinity").await;
+    assert!(near(&plain["created"], 0), "{plain}");
+
+    h.sim.set_clock_offset(-3600);
+    let behind = h.create("behind", "affinity").await;
+    assert!(near(&behind["created"], -3600), "{behind}");
+    assert!(near(&behind["modified"], -3600), "{behind}");
+    let uuid = behind["uuid"].as_str().expect("uuid").to_string();
+    let row = h.wait_state(&uuid, "OK").await;
+    assert!(near(&row["modified"], -3600), "worker writes too: {row}");
+    // Written before the change: unchanged.
+    let before = h
+        .get(&h.group_url(plain["uuid"].as_str().expect("uuid")), USER)
+        .await;
+    let before: Value = before.json().await.expect("json");
+    assert_eq!(before["created"], plain["created"]);
+
+    h.sim.set_clock_offset(90);
+    h.sim.set_tenant_ok(DEFAULT_TENANT, false);
+    let t = h.tenant(DEFAULT_TENANT, USER).await;
+    assert!(near(&t["modified"], 90), "{t}");
+    assert!(near(&t["created"], 0), "the tenant was created before: {t}");
+    h.sim.set_tenant_ok(DEFAULT_TENANT, true);
+    let resp = h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let t = h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    assert!(near(&t["modified"], 90), "{t}");
 }
