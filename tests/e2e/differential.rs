@@ -1495,14 +1495,24 @@ async fn leases(s: &Side, out: &mut Outcome) {
         "q5 merge patch with a stale resourceVersion",
         answer(s, &r, spec),
     );
+    // On a Lease of its own: the test server stores what kube-apiserver refuses (allowed
+    // above), which must not leak into the cases after this one.
+    s.send(
+        "POST",
+        LEASES,
+        Some("application/json"),
+        Some(json!({"metadata": {"name": "q6"}, "spec": {"holderIdentity": "a"}})),
+    )
+    .await;
     let r = s
         .send(
             "PATCH",
-            &lease,
+            &format!("{LEASES}/q6"),
             Some(STRATEGIC),
             Some(json!({"spec": {"renewTime": "2026-01-02T03:04:30.5Z"}})),
         )
         .await;
+    s.send("DELETE", &format!("{LEASES}/q6"), None, None).await;
     record(
         out,
         "q6 strategic patch renewTime with a tenth of a second",
