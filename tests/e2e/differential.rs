@@ -14,10 +14,15 @@ use kube_test_server::TestServer;
 use serde_json::{Value, json};
 
 /// Differences left on purpose: `(case, reason)`, each also listed in
-/// tests/kube-test-server/README.md, "What is approximated or missing". Empty: every difference
+/// tests/kube-test-server/README.md, "What is approximated or missing". Every other difference
 /// these cases found was fixed in the test server. Differences no case here can see (bookmark
 /// cadence, list resourceVersion semantics, watch-cache lag, RBAC, ...) are in the README.
-const ALLOWED: &[(&str, &str)] = &[];
+const ALLOWED: &[(&str, &str)] = &[(
+    "q6 strategic patch renewTime with a tenth of a second",
+    "MicroTime fields are stored as written; kube-apiserver parses them with exactly six \
+     fractional digits and answers 422 otherwise (clients, kube-lease-manager included, \
+     always send six)",
+)];
 
 const GROUP_PATH: &str = "/apis/openstack.waldur.com/v1alpha1";
 const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
@@ -1086,7 +1091,873 @@ async fn run_cases(s: &Side) -> Outcome {
         };
         put(case, format!("{code} {summary}"));
     }
+    optimistic_concurrency(s, &mut out).await;
+    apply_conflicts(s, &mut out).await;
+    leases(s, &mut out).await;
+    paging(s, &mut out).await;
+    watch_timeouts(s, &mut out).await;
+    json_patch_finalizers(s, &mut out).await;
+    generations(s, &mut out).await;
     out
+}
+
+fn record(out: &mut Outcome, case: &str, summary: String) {
+    out.push((case.to_string(), summary));
+}
+
+/// A write's answer: the Status (message, details, causes) for an error, else the fields
+/// `show` names.
+fn answer(s: &Side, r: &Resp, show: impl Fn(&Value) -> String) -> String {
+    if r.code >= 300 {
+        let d = &r.body["details"];
+        format!(
+            "{} {} details={{name={} group={} kind={}}} {}",
+            r.brief(),
+            r.message().replace(&s.ns, "NS"),
+            d["name"],
+            d["group"],
+            d["kind"],
+            r.causes()
+        )
+    } else {
+        format!("{} {}", r.brief(), show(&r.body))
+    }
+}
+
+const SG_API: &str = "openstack.waldur.com/v1alpha1";
+
+/// (o) Optimistic concurrency: a write carrying a `metadata.resourceVersion` that is no
+/// longer current answers 409 Conflict, on the main resource and on `/status`, by PUT, merge
+/// patch, JSON patch and apply. The chaos campaign's injected 409s stand for these.
+async fn optimistic_concurrency(s: &Side, out: &mut Outcome) {
+    s.create_sg("o", json!({})).await;
+    let stale = s.get(&sg_path("o")).await.body;
+    let stale_rv = r_version(&stale);
+    // Any write makes the first resourceVersion stale.
+    s.send(
+        "PATCH",
+        &sg_path("o"),
+        Some(MERGE),
+        Some(json!({"metadata": {"labels": {"step": "1"}}})),
+    )
+    .await;
+    let shown = |b: &Value| {
+        format!(
+            "labels={} state={} generation={}",
+            b["metadata"]["labels"], b["status"]["state"], b["metadata"]["generation"]
+        )
+    };
+    let mut obj = stale.clone();
+    obj["metadata"]["labels"] = json!({"step": "put"});
+    let r = s
+        .send("PUT", &sg_path("o"), Some("application/json"), Some(obj))
+        .await;
+    record(
+        out,
+        "o1 PUT with a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    let mut obj = stale.clone();
+    obj["status"] = json!({"state": "OK"});
+    let r = s
+        .send(
+            "PUT",
+            &format!("{}/status", sg_path("o")),
+            Some("application/json"),
+            Some(obj),
+        )
+        .await;
+    record(
+        out,
+        "o2 PUT status with a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &sg_path("o"),
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": stale_rv, "labels": {"step": "merge"}}})),
+        )
+        .await;
+    record(
+        out,
+        "o3 merge patch with a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{}/status", sg_path("o")),
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": stale_rv}, "status": {"state": "OK"}})),
+        )
+        .await;
+    record(
+        out,
+        "o4 merge patch status with a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &sg_path("o"),
+            Some("application/json-patch+json"),
+            Some(
+                json!([{"op": "replace", "path": "/metadata/resourceVersion", "value": stale_rv},
+                         {"op": "add", "path": "/metadata/labels/step", "value": "json"}]),
+            ),
+        )
+        .await;
+    record(
+        out,
+        "o5 JSON patch setting a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{}?fieldManager=diff", sg_path("o")),
+            Some(APPLY),
+            Some(json!({"apiVersion": SG_API, "kind": "ServerGroup",
+                        "metadata": {"name": "o", "resourceVersion": stale_rv, "labels": {"step": "apply"}}})),
+        )
+        .await;
+    record(
+        out,
+        "o6 apply with a stale resourceVersion",
+        answer(s, &r, shown),
+    );
+    // The same writes with the current resourceVersion go through.
+    let current = s.get(&sg_path("o")).await.body;
+    let rv = r_version(&current);
+    let mut obj = current.clone();
+    obj["metadata"]["labels"] = json!({"step": "put"});
+    let r = s
+        .send("PUT", &sg_path("o"), Some("application/json"), Some(obj))
+        .await;
+    record(
+        out,
+        "o7 PUT with the current resourceVersion",
+        answer(s, &r, shown),
+    );
+    let rv2 = r_version(&r.body);
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{}/status", sg_path("o")),
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": rv2}, "status": {"state": "OK"}})),
+        )
+        .await;
+    record(
+        out,
+        "o8 merge patch status with the current resourceVersion",
+        answer(s, &r, shown),
+    );
+    // The first resourceVersion of this block is stale by now, on /status too.
+    let r = s
+        .send(
+            "PATCH",
+            &sg_path("o"),
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": rv, "labels": {"step": "late"}}})),
+        )
+        .await;
+    record(
+        out,
+        "o9 merge patch with a resourceVersion made stale by a status write",
+        answer(s, &r, shown),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &sg_path("o"),
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": "abc"}})),
+        )
+        .await;
+    record(
+        out,
+        "o10 merge patch with a resourceVersion that is not a number",
+        answer(s, &r, shown),
+    );
+}
+
+/// (p) Server-side apply: another manager's field without `force` is a 409 naming the field
+/// and the manager; with `force` the field changes hands.
+async fn apply_conflicts(s: &Side, out: &mut Outcome) {
+    // resyncPeriod, not the policy: a CEL rule makes the policy immutable.
+    let body = |resync: &str| {
+        json!({"apiVersion": SG_API, "kind": "ServerGroup", "metadata": {"name": "p"},
+               "spec": {"policy": "affinity", "tenant": TENANT, "resyncPeriod": resync}})
+    };
+    let managers = |b: &Value| {
+        let mut m: Vec<String> = b["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{}:{}:{}",
+                    e["manager"].as_str().unwrap_or("-"),
+                    e["operation"].as_str().unwrap_or("-"),
+                    e["fieldsV1"]["f:spec"]
+                        .as_object()
+                        .map(|o| o.keys().cloned().collect::<Vec<_>>().join("+"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        m.sort();
+        format!("resync={} managers={m:?}", b["spec"]["resyncPeriod"])
+    };
+    let path = |q: &str| format!("{}?{q}", sg_path("p"));
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=one"),
+            Some(APPLY),
+            Some(body("1m")),
+        )
+        .await;
+    record(out, "p1 first manager applies", answer(s, &r, managers));
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=two"),
+            Some(APPLY),
+            Some(body("2m")),
+        )
+        .await;
+    let conflict_messages = |r: &Resp| {
+        let mut m: Vec<String> = r.body["details"]["causes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["message"].as_str().unwrap_or("-").to_string())
+            .collect();
+        m.sort();
+        format!("{m:?}")
+    };
+    record(
+        out,
+        "p2 second manager, another value, no force",
+        format!("{} | {}", answer(s, &r, managers), conflict_messages(&r)),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=two&force=false"),
+            Some(APPLY),
+            Some(body("2m")),
+        )
+        .await;
+    record(
+        out,
+        "p3 second manager, force=false",
+        format!("{} | {}", answer(s, &r, managers), conflict_messages(&r)),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=two"),
+            Some(APPLY),
+            Some(body("1m")),
+        )
+        .await;
+    record(
+        out,
+        "p4 second manager, the same value, no force (shared ownership)",
+        answer(s, &r, managers),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=two&force=true"),
+            Some(APPLY),
+            Some(body("2m")),
+        )
+        .await;
+    record(out, "p5 second manager with force", answer(s, &r, managers));
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=one"),
+            Some(APPLY),
+            Some(body("1m")),
+        )
+        .await;
+    record(
+        out,
+        "p6 first manager again, no force",
+        format!("{} | {}", answer(s, &r, managers), conflict_messages(&r)),
+    );
+    // An Update (merge patch) takes the field from the appliers without asking.
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=merger"),
+            Some(MERGE),
+            Some(json!({"spec": {"resyncPeriod": "3m"}})),
+        )
+        .await;
+    record(
+        out,
+        "p7 merge patch by a third manager",
+        answer(s, &r, managers),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &path("fieldManager=two"),
+            Some(APPLY),
+            Some(body("2m")),
+        )
+        .await;
+    record(
+        out,
+        "p8 applier after an Update took its field, no force",
+        format!("{} | {}", answer(s, &r, managers), conflict_messages(&r)),
+    );
+}
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases";
+
+/// (q) coordination.k8s.io/v1 Leases, as leader election and the shard Leases use them:
+/// create, get, update with the current and a stale resourceVersion, the spec's times and
+/// counters, kube-lease-manager's apply and strategic-merge writes, delete.
+async fn leases(s: &Side, out: &mut Outcome) {
+    let lease = format!("{LEASES}/q");
+    let spec = |b: &Value| {
+        let sp = &b["spec"];
+        format!(
+            "holder={} duration={} acquire={} renew={} transitions={} generation={}",
+            sp["holderIdentity"],
+            sp["leaseDurationSeconds"],
+            sp["acquireTime"],
+            sp["renewTime"],
+            sp["leaseTransitions"],
+            b["metadata"]["generation"]
+        )
+    };
+    let r = s
+        .send(
+            "POST",
+            LEASES,
+            Some("application/json"),
+            Some(
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "q"},
+                        "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15,
+                                 "acquireTime": "2026-01-02T03:04:05.123456Z",
+                                 "renewTime": "2026-01-02T03:04:05.123456Z",
+                                 "leaseTransitions": 0}}),
+            ),
+        )
+        .await;
+    record(out, "q1 create a Lease", answer(s, &r, spec));
+    let r = s.get(&lease).await;
+    record(out, "q2 get the Lease", answer(s, &r, spec));
+    let stale = r.body.clone();
+    let mut obj = stale.clone();
+    obj["spec"]["renewTime"] = json!("2026-01-02T03:04:20.654321Z");
+    let r = s
+        .send("PUT", &lease, Some("application/json"), Some(obj))
+        .await;
+    record(
+        out,
+        "q3 renew by PUT with the current resourceVersion",
+        answer(s, &r, spec),
+    );
+    let mut obj = stale.clone();
+    obj["spec"]["holderIdentity"] = json!("b");
+    obj["spec"]["leaseTransitions"] = json!(1);
+    let r = s
+        .send("PUT", &lease, Some("application/json"), Some(obj))
+        .await;
+    record(
+        out,
+        "q4 take over by PUT with a stale resourceVersion",
+        answer(s, &r, spec),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &lease,
+            Some(MERGE),
+            Some(json!({"metadata": {"resourceVersion": r_version(&stale)},
+                        "spec": {"holderIdentity": "b"}})),
+        )
+        .await;
+    record(
+        out,
+        "q5 merge patch with a stale resourceVersion",
+        answer(s, &r, spec),
+    );
+    // On a Lease of its own: the test server stores what kube-apiserver refuses (allowed
+    // above), which must not leak into the cases after this one.
+    s.send(
+        "POST",
+        LEASES,
+        Some("application/json"),
+        Some(json!({"metadata": {"name": "q6"}, "spec": {"holderIdentity": "a"}})),
+    )
+    .await;
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{LEASES}/q6"),
+            Some(STRATEGIC),
+            Some(json!({"spec": {"renewTime": "2026-01-02T03:04:30.5Z"}})),
+        )
+        .await;
+    s.send("DELETE", &format!("{LEASES}/q6"), None, None).await;
+    record(
+        out,
+        "q6 strategic patch renewTime with a tenth of a second",
+        answer(s, &r, spec),
+    );
+    // kube-lease-manager locks an orphaned Lease by apply without force: a Lease another
+    // manager applied is a conflict it reads as "somebody else holds it".
+    let apply = |holder: &str| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "q"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                        "acquireTime": "2026-01-02T03:05:00.000001Z",
+                        "renewTime": "2026-01-02T03:05:00.000001Z"}})
+    };
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{lease}?fieldManager=holder-a"),
+            Some(APPLY),
+            Some(apply("a")),
+        )
+        .await;
+    record(out, "q7 apply as holder a", answer(s, &r, spec));
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{lease}?fieldManager=holder-b"),
+            Some(APPLY),
+            Some(apply("b")),
+        )
+        .await;
+    record(
+        out,
+        "q8 apply as holder b without force",
+        answer(s, &r, spec),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &lease,
+            Some(STRATEGIC),
+            Some(json!({"spec": {"leaseTransitions": 2}})),
+        )
+        .await;
+    record(
+        out,
+        "q9 strategic patch leaseTransitions",
+        answer(s, &r, spec),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &format!("{lease}?fieldManager=holder-a"),
+            Some(STRATEGIC),
+            Some(json!({"spec": {"acquireTime": null, "renewTime": null,
+                                 "holderIdentity": null, "leaseDurationSeconds": null}})),
+        )
+        .await;
+    record(
+        out,
+        "q10 release: strategic patch with nulls",
+        answer(s, &r, spec),
+    );
+    let r = s
+        .send(
+            "PATCH",
+            &lease,
+            Some(MERGE),
+            Some(json!({"spec": {"leaseDurationSeconds": 0, "leaseTransitions": -1}})),
+        )
+        .await;
+    record(
+        out,
+        "q11 invalid duration and transitions",
+        answer(s, &r, spec),
+    );
+    let r = s.send("DELETE", &lease, None, None).await;
+    record(
+        out,
+        "q12 delete the Lease",
+        answer(s, &r, |b| {
+            format!(
+                "details={{name={} group={} kind={}}}",
+                b["details"]["name"], b["details"]["group"], b["details"]["kind"]
+            )
+        }),
+    );
+    let r = s.get(&lease).await;
+    record(out, "q13 get after delete", answer(s, &r, spec));
+}
+
+/// (r) List paging: `limit` and `continue` walk every object once, as one snapshot; a
+/// malformed continue token answers 400.
+async fn paging(s: &Side, out: &mut Outcome) {
+    for i in 0..5 {
+        s.create_sg(&format!("r{i}"), json!({"labels": {"page": "r"}}))
+            .await;
+    }
+    let list = format!("{GROUP_PATH}/namespaces/{{ns}}/servergroups?labelSelector=page%3Dr");
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    for _ in 0..10 {
+        let q = if token.is_empty() {
+            String::new()
+        } else {
+            format!("&continue={token}")
+        };
+        let r = s.get(&format!("{list}&limit=2{q}")).await;
+        let m = &r.body["metadata"];
+        pages.push(format!(
+            "{} {} remaining={} continue={}",
+            r.brief(),
+            names(&r.body),
+            m["remainingItemCount"],
+            m["continue"].is_string()
+        ));
+        seen.extend(
+            r.body["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string)),
+        );
+        token = m["continue"].as_str().unwrap_or_default().to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    record(out, "r1 limit=2 pages", pages.join("; "));
+    record(out, "r2 every object once", format!("{seen:?}"));
+    // A page, then a change, then the next page: the pages are one snapshot.
+    let first = s.get(&format!("{list}&limit=2")).await;
+    let token = first.body["metadata"]["continue"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    s.send("DELETE", &sg_path("r3"), None, None).await;
+    s.create_sg("r5", json!({"labels": {"page": "r"}})).await;
+    let r = s.get(&format!("{list}&limit=10&continue={token}")).await;
+    record(
+        out,
+        "r3 the next page after a delete and a create",
+        format!(
+            "{} {} remaining={}",
+            r.brief(),
+            names(&r.body),
+            r.body["metadata"]["remainingItemCount"]
+        ),
+    );
+    for (case, garbage) in [
+        (
+            "r4 continue token that is not base64",
+            "%25%25garbage%25%25",
+        ),
+        ("r5 continue token that is base64 of junk", "anVuaw"),
+    ] {
+        let r = s.get(&format!("{list}&limit=2&continue={garbage}")).await;
+        record(
+            out,
+            case,
+            format!("{} {}", r.brief(), r.message().replace(&s.ns, "NS")),
+        );
+    }
+    // Also 410 Gone: a continue token whose revision the API server's own etcd compaction
+    // (every 5 minutes) has removed; no case here can wait for that, and compacting etcd
+    // behind the API server's back does not reach its watch cache, which keeps serving the
+    // snapshot. The test server's `compact()` answers 410 as the compacted server does
+    // (kube-test-server's `continue_token_of_a_compacted_revision_is_gone`).
+}
+
+/// (s) Watch `timeoutSeconds` ends the stream; resuming from a resourceVersion the watch
+/// cache no longer holds answers 410.
+async fn watch_timeouts(s: &Side, out: &mut Outcome) {
+    let list = format!("{GROUP_PATH}/namespaces/{{ns}}/servergroups");
+    let rv = r_version(&s.get(&list).await.body);
+    let started = Instant::now();
+    let (code, events) = s
+        .watch(
+            &format!("{list}?watch=true&resourceVersion={rv}&timeoutSeconds=1"),
+            Duration::from_secs(10),
+            |_| false,
+        )
+        .await;
+    let took = started.elapsed();
+    record(
+        out,
+        "s1 watch with timeoutSeconds=1",
+        format!(
+            "{code} [{}] ended in 1-5 s: {}",
+            events_brief(&events),
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5)
+        ),
+    );
+    let started = Instant::now();
+    let (code, events) = s
+        .watch(
+            &format!(
+                "{list}?watch=true&resourceVersion={rv}&timeoutSeconds=1&allowWatchBookmarks=true"
+            ),
+            Duration::from_secs(10),
+            |_| false,
+        )
+        .await;
+    let took = started.elapsed();
+    record(
+        out,
+        "s2 watch with timeoutSeconds=1 and bookmarks",
+        format!(
+            "{code} [{}] ended in 1-5 s: {}",
+            events_brief(&events),
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5)
+        ),
+    );
+    let (code, events) = s
+        .watch(
+            &format!("{list}?watch=true&resourceVersion=1&timeoutSeconds=1"),
+            Duration::from_secs(5),
+            |e| e["type"] == "ERROR",
+        )
+        .await;
+    record(
+        out,
+        "s3 watch from resourceVersion 1 with timeoutSeconds",
+        format!("{code} {}", events_brief(&events)),
+    );
+}
+
+/// (t) JSON patch on `metadata.finalizers`, exactly as the operator adds and removes its
+/// finalizer (reconcile.rs `add_finalizer_patch`, `remove_finalizer`): a `test` that fails
+/// answers 422 and changes nothing.
+async fn json_patch_finalizers(s: &Side, out: &mut Outcome) {
+    const JSON: &str = "application/json-patch+json";
+    s.create_sg("t", json!({})).await;
+    let fin = |b: &Value| {
+        format!(
+            "{} generation={}",
+            finalizers(b),
+            b["metadata"]["generation"]
+        )
+    };
+    let steps = [
+        (
+            "t1 test null, add the list",
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                   {"op": "add", "path": "/metadata/finalizers", "value": ["a.example.com/f"]}]),
+        ),
+        (
+            "t2 test null again (fails: the list exists)",
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                   {"op": "add", "path": "/metadata/finalizers", "value": ["b.example.com/f"]}]),
+        ),
+        (
+            "t3 test the list, append",
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": ["a.example.com/f"]},
+                   {"op": "add", "path": "/metadata/finalizers/-", "value": "b.example.com/f"}]),
+        ),
+        (
+            "t4 test a stale list, append (fails)",
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": ["a.example.com/f"]},
+                   {"op": "add", "path": "/metadata/finalizers/-", "value": "c.example.com/f"}]),
+        ),
+        (
+            "t5 test the item at an index, remove it",
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "a.example.com/f"},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}]),
+        ),
+        (
+            "t6 test a wrong item, remove it (fails)",
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "a.example.com/f"},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}]),
+        ),
+        (
+            "t7 remove an index out of range",
+            json!([{"op": "remove", "path": "/metadata/finalizers/5"}]),
+        ),
+        (
+            "t8 replace the list",
+            json!([{"op": "replace", "path": "/metadata/finalizers", "value": ["c.example.com/f"]}]),
+        ),
+        (
+            "t9 an unknown operation",
+            json!([{"op": "bogus", "path": "/metadata/finalizers"}]),
+        ),
+        (
+            "t10 not a list of operations",
+            json!({"op": "add", "path": "/metadata/finalizers/-", "value": "d.example.com/f"}),
+        ),
+        (
+            "t11 remove the last finalizer",
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "c.example.com/f"},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}]),
+        ),
+    ];
+    for (case, patch) in steps {
+        let r = s
+            .send("PATCH", &sg_path("t"), Some(JSON), Some(patch))
+            .await;
+        record(out, case, answer(s, &r, fin));
+    }
+    let r = s.get(&sg_path("t")).await;
+    record(
+        out,
+        "t12 after: an empty list is stored as none",
+        format!("{} {}", r.brief(), r.body["metadata"]["finalizers"]),
+    );
+}
+
+/// (u) generation: metadata-only and status-only writes leave it, spec writes bump it, a
+/// write that changes nothing changes neither it nor the resourceVersion.
+async fn generations(s: &Side, out: &mut Outcome) {
+    let r = s.create_sg("u", json!({})).await;
+    let mut rv = r_version(&r.body);
+    record(
+        out,
+        "u1 create",
+        format!(
+            "{} generation={}",
+            r.brief(),
+            r.body["metadata"]["generation"]
+        ),
+    );
+    let status_apply = json!({"apiVersion": SG_API, "kind": "ServerGroup",
+        "metadata": {"name": "u"}, "status": {"state": "OK"}});
+    let steps: Vec<(&str, &str, String, &str, Value)> = vec![
+        (
+            "u2 merge patch labels",
+            "PATCH",
+            sg_path("u"),
+            MERGE,
+            json!({"metadata": {"labels": {"a": "b"}}}),
+        ),
+        (
+            "u3 merge patch annotations and a finalizer",
+            "PATCH",
+            sg_path("u"),
+            MERGE,
+            json!({"metadata": {"annotations": {"a": "b"}, "finalizers": ["u.example.com/f"]}}),
+        ),
+        (
+            "u4 merge patch status",
+            "PATCH",
+            format!("{}/status", sg_path("u")),
+            MERGE,
+            json!({"status": {"state": "ERRED"}}),
+        ),
+        (
+            "u5 apply status",
+            "PATCH",
+            format!("{}/status?fieldManager=diff&force=true", sg_path("u")),
+            APPLY,
+            status_apply,
+        ),
+        (
+            "u6 apply labels only",
+            "PATCH",
+            format!("{}?fieldManager=diff", sg_path("u")),
+            APPLY,
+            json!({"apiVersion": SG_API, "kind": "ServerGroup", "metadata": {"name": "u", "labels": {"c": "d"}}}),
+        ),
+        (
+            "u7 merge patch spec",
+            "PATCH",
+            sg_path("u"),
+            MERGE,
+            json!({"spec": {"resyncPeriod": "7m"}}),
+        ),
+        (
+            "u8 merge patch spec, same value",
+            "PATCH",
+            sg_path("u"),
+            MERGE,
+            json!({"spec": {"resyncPeriod": "7m"}}),
+        ),
+        (
+            "u9 JSON patch spec",
+            "PATCH",
+            sg_path("u"),
+            "application/json-patch+json",
+            json!([{"op": "add", "path": "/spec/resyncPeriod", "value": "5m"}]),
+        ),
+        (
+            "u10 apply spec",
+            "PATCH",
+            format!("{}?fieldManager=diff2&force=true", sg_path("u")),
+            APPLY,
+            json!({"apiVersion": SG_API, "kind": "ServerGroup", "metadata": {"name": "u"},
+                   "spec": {"policy": "affinity", "tenant": TENANT}}),
+        ),
+        (
+            "u11 merge patch removing the finalizer",
+            "PATCH",
+            sg_path("u"),
+            MERGE,
+            json!({"metadata": {"finalizers": null}}),
+        ),
+    ];
+    for (case, method, path, ctype, body) in steps {
+        let r = s.send(method, &path, Some(ctype), Some(body)).await;
+        let new_rv = r_version(&r.body);
+        record(
+            out,
+            case,
+            format!(
+                "{} generation={} new resourceVersion={}",
+                r.brief(),
+                r.body["metadata"]["generation"],
+                new_rv != rv
+            ),
+        );
+        rv = new_rv;
+    }
+    // PUT of the object as read, status changed in it: no bump on either endpoint.
+    let mut obj = s.get(&sg_path("u")).await.body;
+    obj["status"]["state"] = json!("OK");
+    let r = s
+        .send(
+            "PUT",
+            &format!("{}/status", sg_path("u")),
+            Some("application/json"),
+            Some(obj),
+        )
+        .await;
+    record(
+        out,
+        "u12 PUT status",
+        format!(
+            "{} generation={}",
+            r.brief(),
+            r.body["metadata"]["generation"]
+        ),
+    );
+    let mut obj = r.body.clone();
+    obj["metadata"]["annotations"] = json!({"put": "yes"});
+    let r = s
+        .send("PUT", &sg_path("u"), Some("application/json"), Some(obj))
+        .await;
+    record(
+        out,
+        "u13 PUT metadata only",
+        format!(
+            "{} generation={}",
+            r.brief(),
+            r.body["metadata"]["generation"]
+        ),
+    );
 }
 
 fn r_version(obj: &Value) -> String {
@@ -1108,9 +1979,16 @@ async fn one_round() -> Vec<(String, String)> {
     clean_up(&real).await;
     clean_up(&stand_in).await;
 
+    // Both sides run the same cases in the same order: a side that recorded fewer (or more)
+    // outcomes would otherwise be truncated away by the zip below.
+    let real_cases: Vec<&str> = real_out.iter().map(|(c, _)| c.as_str()).collect();
+    let stand_in_cases: Vec<&str> = stand_in_out.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        real_cases, stand_in_cases,
+        "both backends record the same cases in the same order"
+    );
     let mut mismatches = Vec::new();
-    for ((case, r), (case2, t)) in real_out.iter().zip(&stand_in_out) {
-        assert_eq!(case, case2);
+    for ((case, r), (_, t)) in real_out.iter().zip(&stand_in_out) {
         println!("{case}: real={r} stand-in={t}");
         if r != t {
             match ALLOWED.iter().find(|(c, _)| c == case) {

@@ -41,6 +41,9 @@ pub struct ApiError {
     pub reason: String,
     pub message: String,
     pub details: Option<Value>,
+    /// The Status's ListMeta `continue`: a 410 on an expired continue token carries a token
+    /// that goes on at the newest revision.
+    pub continue_token: Option<String>,
 }
 
 impl ApiError {
@@ -50,6 +53,7 @@ impl ApiError {
             reason: reason.to_string(),
             message: message.into(),
             details: None,
+            continue_token: None,
         }
     }
 
@@ -251,6 +255,9 @@ impl ApiError {
         }
         if let (Some(d), Some(obj)) = (&self.details, v.as_object_mut()) {
             obj.insert("details".into(), d.clone());
+        }
+        if let Some(token) = &self.continue_token {
+            v["metadata"] = json!({"continue": token});
         }
         v
     }

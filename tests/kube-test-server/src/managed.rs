@@ -349,35 +349,35 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, w: &Writer<'_>) {
 /// A field another manager owns with a different value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
+    /// The other manager as kube-apiserver prints it (`printManager`): `"m"` for an Apply
+    /// entry, `"m" using <apiVersion>` for an Update one, with ` with subresource "status"`.
     pub manager: String,
-    pub api_version: String,
     pub path: FieldPath,
 }
 
 /// The message and causes of a 409 for apply conflicts.
 pub fn conflict_message(conflicts: &[Conflict]) -> (String, Vec<Value>) {
     let n = conflicts.len();
-    let mut by_manager: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
+    let mut by_manager: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for c in conflicts {
         by_manager
-            .entry((&c.manager, &c.api_version))
+            .entry(&c.manager)
             .or_default()
             .push(show_path(&c.path));
     }
     let msg = if n == 1 {
         let c = &conflicts[0];
         format!(
-            "Apply failed with 1 conflict: conflict with \"{}\" using {}: {}",
+            "Apply failed with 1 conflict: conflict with {}: {}",
             c.manager,
-            c.api_version,
             show_path(&c.path)
         )
     } else {
         let parts: Vec<String> = by_manager
             .iter()
-            .map(|((m, v), paths)| {
+            .map(|(m, paths)| {
                 let lines: Vec<String> = paths.iter().map(|p| format!("- {p}")).collect();
-                format!("conflicts with \"{m}\" using {v}:\n{}", lines.join("\n"))
+                format!("conflicts with {m}:\n{}", lines.join("\n"))
             })
             .collect();
         format!("Apply failed with {n} conflicts: {}", parts.join("\n"))
@@ -386,7 +386,7 @@ pub fn conflict_message(conflicts: &[Conflict]) -> (String, Vec<Value>) {
         .iter()
         .map(|c| {
             json!({"reason": "FieldManagerConflict",
-                   "message": format!("conflict with \"{}\" using {}", c.manager, c.api_version),
+                   "message": format!("conflict with {}", c.manager),
                    "field": show_path(&c.path)})
         })
         .collect();
@@ -437,9 +437,15 @@ pub fn apply(current: &Value, applied: &Value, a: &Apply<'_>) -> Result<Value, V
         }
         for e in entries.iter().filter(|e| !mine(e)) {
             if e.fields.contains(p) {
+                let mut manager = format!("{:?}", e.manager);
+                if let Some(sub) = &e.subresource {
+                    manager.push_str(&format!(" with subresource {sub:?}"));
+                }
+                if e.operation == "Update" {
+                    manager.push_str(&format!(" using {}", e.api_version));
+                }
                 conflicts.push(Conflict {
-                    manager: e.manager.clone(),
-                    api_version: e.api_version.clone(),
+                    manager,
                     path: p.clone(),
                 });
             }
@@ -592,7 +598,8 @@ mod tests {
         assert_eq!(err.len(), 1);
         assert_eq!(
             conflict_message(&err).0,
-            "Apply failed with 1 conflict: conflict with \"m1\" using example.com/v1: .spec.a"
+            // m1's entry is an Apply: kube-apiserver names no apiVersion for it.
+            "Apply failed with 1 conflict: conflict with \"m1\": .spec.a"
         );
         let v3 = apply_as(&v2, json!({"spec": {"a": 5}}), "m2", true)
             .unwrap_or_else(|c| panic!("{c:?}"));

@@ -65,6 +65,11 @@ fn valid_key(k: &str) -> bool {
 }
 
 impl LabelSelector {
+    /// Whether the selector selects everything (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn parse(s: &str) -> Result<LabelSelector, ApiError> {
         let bad = |term: &str, why: &str| {
             ApiError::bad_request(format!(
@@ -177,6 +182,11 @@ struct FieldReq {
 pub struct FieldSelector(Vec<FieldReq>);
 
 impl FieldSelector {
+    /// Whether the selector selects everything (no requirements).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Parses a field selector. `allowed` says which field paths the resource supports
     /// (`None`: any dotted path).
     pub fn parse(s: &str, allowed: Option<&[&str]>) -> Result<FieldSelector, ApiError> {

@@ -345,6 +345,119 @@ fn json_patch_go(
     Ok(())
 }
 
+/// ObjectMeta's `finalizers` is `omitempty`: an emptied list is stored (and answered) as
+/// none, so the operator's `test /metadata/finalizers null` guard passes after a removal.
+fn drop_empty_finalizers(obj: &mut Value) {
+    if let Some(meta) = meta_mut(obj)
+        && meta
+            .get("finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+    {
+        meta.remove("finalizers");
+    }
+}
+
+/// coordination.k8s.io/v1 `ValidateLeaseSpec`: the duration must be positive and the
+/// transitions count not negative.
+fn validate_lease(res: &Resource, obj: &Value, name: &str) -> Result<(), ApiError> {
+    if res.flavor != Flavor::Lease {
+        return Ok(());
+    }
+    let mut causes = Vec::new();
+    if let Some(d) = obj
+        .pointer("/spec/leaseDurationSeconds")
+        .and_then(Value::as_i64)
+        && d <= 0
+    {
+        causes.push(Cause::new(
+            "FieldValueInvalid",
+            "spec.leaseDurationSeconds",
+            format!("Invalid value: {d}: must be greater than 0"),
+        ));
+    }
+    if let Some(n) = obj
+        .pointer("/spec/leaseTransitions")
+        .and_then(Value::as_i64)
+        && n < 0
+    {
+        causes.push(Cause::new(
+            "FieldValueInvalid",
+            "spec.leaseTransitions",
+            format!("Invalid value: {n}: must be greater than or equal to 0"),
+        ));
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(&res.group, &res.kind, name, causes))
+    }
+}
+
+/// kube-apiserver's answer to a continue token whose revision etcd has compacted.
+const INCONSISTENT_CONTINUE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.";
+
+/// A continue token as kube-apiserver writes it (`storage.EncodeContinue`): base64url of
+/// `{"v":"meta.k8s.io/v1","rv":N,"start":"/<key after the list's prefix>\u0000"}`. The key
+/// is `name` in a namespace's list, `namespace/name` in a list across namespaces.
+fn encode_continue(last: &ObjKey, in_namespace: bool, rv: i64) -> String {
+    let key = if in_namespace || last.0.is_empty() {
+        last.1.clone()
+    } else {
+        format!("{}/{}", last.0, last.1)
+    };
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("/{key}\u{0}")});
+    util::base64_raw_url(token.to_string().as_bytes())
+}
+
+/// The last key returned and the resourceVersion of a continue token, or the 400 kube-apiserver
+/// answers for it (`storage.DecodeContinue`'s wording).
+fn decode_continue(token: &str, in_namespace: bool) -> Result<(ObjKey, i64), ApiError> {
+    let invalid = |why: String| ApiError::bad_request(format!("invalid continue token: {why}"));
+    let generic = "continue key is not valid";
+    let bytes =
+        util::base64_raw_url_decode(token).map_err(|e| invalid(format!("{generic}: {e}")))?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        // Go's encoding/json wording for the common cases.
+        let why = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => "unexpected end of JSON input".to_string(),
+            Some(&b) if !b"{[\"-0123456789tfn".contains(&b) => format!(
+                "invalid character {:?} looking for beginning of value",
+                char::from(b)
+            ),
+            Some(_) => e.to_string(),
+        };
+        invalid(format!("{generic}: {why}"))
+    })?;
+    let version = v["v"].as_str().unwrap_or_default();
+    if version != "meta.k8s.io/v1" {
+        return Err(invalid(format!(
+            "{generic}: server does not recognize this encoded version {version}"
+        )));
+    }
+    let rv = v["rv"].as_i64().unwrap_or(0);
+    if rv == 0 {
+        return Err(invalid(format!(
+            "{generic}: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"
+        )));
+    }
+    let start = v["start"].as_str().unwrap_or_default();
+    if start.is_empty() {
+        return Err(invalid(format!(
+            "{generic}: encoded start key empty (version meta.k8s.io/v1)"
+        )));
+    }
+    let Some(key) = start.strip_prefix('/') else {
+        return Err(invalid(format!("{generic}: {start}")));
+    };
+    let key = key.trim_end_matches('\u{0}');
+    let ok = match key.split_once('/') {
+        Some((ns, name)) if !in_namespace => (ns.to_string(), name.to_string()),
+        _ => (String::new(), key.to_string()),
+    };
+    Ok((ok, rv))
+}
+
 /// The whole server state behind one lock.
 pub struct Store {
     resources: BTreeMap<ResKey, Arc<Resource>>,
@@ -560,6 +673,42 @@ impl Store {
         Ok((out, self.rv))
     }
 
+    /// The objects of a resource as they were at resourceVersion `rv`, rebuilt from the
+    /// current ones by undoing the history after `rv`; `None` when the history no longer
+    /// reaches back that far (etcd has compacted that revision).
+    fn objects_at(&self, key: &ResKey, rv: u64) -> Option<BTreeMap<ObjKey, Value>> {
+        let oldest = self
+            .cache_start
+            .get(key)
+            .copied()
+            .unwrap_or(0)
+            .max(self.oldest_valid);
+        if rv < oldest {
+            return None;
+        }
+        let mut objects = self.objects.get(key).cloned().unwrap_or_default();
+        let start = self.history.partition_point(|e| e.rv <= rv);
+        for e in self.history.iter().skip(start).rev() {
+            if e.key != *key {
+                continue;
+            }
+            let ok = (
+                meta_str(&e.object, "namespace").to_string(),
+                meta_str(&e.object, "name").to_string(),
+            );
+            match (e.etype, &e.prev) {
+                ("ADDED", _) => {
+                    objects.remove(&ok);
+                }
+                (_, Some(prev)) => {
+                    objects.insert(ok, prev.clone());
+                }
+                (_, None) => {}
+            }
+        }
+        Some(objects)
+    }
+
     // -----------------------------------------------------------------------------------------
     // Reads
 
@@ -584,21 +733,37 @@ impl Store {
             label: label.clone(),
             field: field.clone(),
         };
-        let (start, list_rv) = match cont.filter(|c| !c.is_empty()) {
+        // A continue token names the list's resourceVersion and the key after the last item
+        // returned: the next pages are read at that resourceVersion (one consistent snapshot),
+        // or, once the history no longer reaches back to it, the list answers 410.
+        let in_namespace = t.res.namespaced && t.namespace.is_some();
+        let (start, list_rv, objects) = match cont.filter(|c| !c.is_empty()) {
             Some(c) => {
-                let decoded = util::hex_decode(c).ok_or_else(|| {
-                    ApiError::bad_request(format!("invalid continue token {c:?}"))
-                })?;
-                let mut parts = decoded.splitn(3, '\u{0}');
-                let ns = parts.next().unwrap_or("").to_string();
-                let name = parts.next().unwrap_or("").to_string();
-                let rv = parts.next().and_then(|r| r.parse().ok()).unwrap_or(self.rv);
-                (Some((ns, name)), rv)
+                let (mut start, rv) = decode_continue(c, in_namespace)?;
+                if in_namespace {
+                    start.0 = t.namespace.clone().unwrap_or_default();
+                }
+                let current = || self.objects.get(&t.key()).cloned().unwrap_or_default();
+                match u64::try_from(rv) {
+                    // rv -1: the token of a 410, going on at the newest revision.
+                    Err(_) => (Some(start), self.rv, current()),
+                    Ok(rv) if rv > self.rv => (Some(start), self.rv, current()),
+                    Ok(rv) => match self.objects_at(&t.key(), rv) {
+                        Some(objects) => (Some(start), rv, objects),
+                        None => {
+                            let mut e = ApiError::expired(INCONSISTENT_CONTINUE);
+                            e.continue_token = Some(encode_continue(&start, in_namespace, -1));
+                            return Err(e);
+                        }
+                    },
+                }
             }
-            None => (None, self.rv),
+            None => (
+                None,
+                self.rv,
+                self.objects.get(&t.key()).cloned().unwrap_or_default(),
+            ),
         };
-        let empty = BTreeMap::new();
-        let objects = self.objects.get(&t.key()).unwrap_or(&empty);
         let matching: Vec<(&ObjKey, &Value)> = objects
             .iter()
             .filter(|(k, _)| start.as_ref().is_none_or(|s| *k > s))
@@ -615,12 +780,19 @@ impl Store {
         if matching.len() > page.len()
             && let Some((last, _)) = matching.get(page.len().saturating_sub(1))
         {
-            let token = format!("{}\u{0}{}\u{0}{}", last.0, last.1, list_rv);
-            meta.insert("continue".into(), Value::String(util::hex_encode(&token)));
-            meta.insert(
-                "remainingItemCount".into(),
-                Value::from(matching.len() - page.len()),
-            );
+            let token = encode_continue(last, in_namespace, i64::try_from(list_rv).unwrap_or(-1));
+            meta.insert("continue".into(), Value::String(token));
+            // Counted only when nothing is filtered out (etcd counts keys, not matches).
+            if label.is_empty() && field.is_empty() {
+                meta.insert(
+                    "remainingItemCount".into(),
+                    Value::from(matching.len() - page.len()),
+                );
+            }
+        } else if t.res.flavor == Flavor::Custom && (limit != usize::MAX || cont.is_some()) {
+            // The last page of a paged list of custom resources (unstructured lists) says
+            // `continue: ""` rather than leaving it out.
+            meta.insert("continue".into(), Value::String(String::new()));
         }
         Ok(json!({
             "kind": t.res.list_kind,
@@ -896,6 +1068,8 @@ impl Store {
         let mut obj = body;
         Self::check_type_meta(t, &mut obj)?;
         Self::check_namespace(t, &mut obj)?;
+        drop_empty_finalizers(&mut obj);
+        validate_lease(&res, &obj, meta_str(&obj, "name"))?;
         if res.flavor == Flavor::Custom && self.crd_terminating(&res) {
             return Err(ApiError::new(
                 405,
@@ -1068,6 +1242,14 @@ impl Store {
         name: &str,
     ) -> Result<(), ApiError> {
         let want = meta_str(obj, "resourceVersion");
+        if !want.is_empty() && want.parse::<u64>().is_err() {
+            // etcd3's versioner fails to parse it: a plain 500 without a reason.
+            return Err(ApiError::new(
+                500,
+                "",
+                format!("strconv.ParseUint: parsing {want:?}: invalid syntax"),
+            ));
+        }
         if !want.is_empty() && want != meta_str(current, "resourceVersion") {
             return Err(ApiError::stale(&t.res.group, &t.res.plural, name));
         }
@@ -1170,16 +1352,31 @@ impl Store {
                 json_patch::merge(&mut doc, &p);
             }
             PatchType::Json => {
-                let p: json_patch::Patch = serde_json::from_slice(body)
-                    .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
-                json_patch_go(&mut doc, &p.0).map_err(|e| {
+                // kube-apiserver answers a failed or unknown operation with a bare 422 (the
+                // detail is only in its log), a body that is not a list of operations with 400.
+                let rejected = || {
                     ApiError::new(
                         422,
                         "Invalid",
                         "the server rejected our request due to an error in our request",
                     )
-                    .with_details(json!({"causes": [{"reason": "UnexpectedServerResponse", "message": e.to_string()}]}))
-                })?;
+                };
+                let raw: Value = serde_json::from_slice(body)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+                if !raw.is_array() {
+                    let go_type = match raw {
+                        Value::Object(_) => "object",
+                        Value::String(_) => "string",
+                        Value::Number(_) => "number",
+                        Value::Bool(_) => "bool",
+                        _ => "null",
+                    };
+                    return Err(ApiError::bad_request(format!(
+                        "error decoding patch: json: cannot unmarshal {go_type} into Go value of type []handlers.jsonPatchOp"
+                    )));
+                }
+                let p: json_patch::Patch = serde_json::from_value(raw).map_err(|_| rejected())?;
+                json_patch_go(&mut doc, &p.0).map_err(|_| rejected())?;
             }
             PatchType::Apply => {}
         }
@@ -1284,15 +1481,16 @@ impl Store {
                 return self.create(t, obj, opts, Some((&a, &applied)));
             }
         };
-        Self::check_precondition(t, &current, &applied, name)?;
         let merged = managed::apply(&view(&current, &t.res, &t.version), &applied, &a).map_err(
             |conflicts| {
                 let (msg, causes) = managed::conflict_message(&conflicts);
-                ApiError::new(409, "Conflict", msg).with_details(json!({
-                    "name": name, "group": t.res.group, "kind": t.res.plural, "causes": causes
-                }))
+                // kube-apiserver's apply conflicts carry the causes only, no name or kind.
+                ApiError::new(409, "Conflict", msg).with_details(json!({"causes": causes}))
             },
         )?;
+        // The resourceVersion precondition is checked on the merged object, after the field
+        // manager's conflicts, as kube-apiserver does.
+        Self::check_precondition(t, &current, &merged, name)?;
         self.finish_update(t, &current, merged, opts, true)
     }
 
@@ -1310,6 +1508,8 @@ impl Store {
         let res = t.res.clone();
         let old_view = view(old, &res, &t.version);
         let mut new = new;
+        drop_empty_finalizers(&mut new);
+        validate_lease(&res, &new, meta_str(old, "name"))?;
         // ObjectMeta update validation: a different uid, or a deletionTimestamp on an object
         // not being deleted, is refused (kube-apiserver checks it twice: two equal causes).
         let mut immutable = Vec::new();
@@ -1522,10 +1722,9 @@ impl Store {
 
     /// Removes an object for good (the current resourceVersion is already its deletion's).
     fn remove(&mut self, res: &Resource, key: &ResKey, ok: &ObjKey, last: Value) {
-        if let Some(m) = self.objects.get_mut(key) {
-            m.remove(ok);
-        }
-        self.emit(key, "DELETED", last.clone(), None);
+        let stored = self.objects.get_mut(key).and_then(|m| m.remove(ok));
+        // `prev` is the object as it was stored, for lists at an older resourceVersion.
+        self.emit(key, "DELETED", last.clone(), stored);
         if res.flavor == Flavor::Crd
             && let Ok(r) = Resource::from_crd(&last)
         {
@@ -1822,6 +2021,63 @@ mod tests {
             .target("example.com", "v1", "things", Some("ns1"), None)
             .unwrap_or_else(|| panic!("not registered"));
         (s, t)
+    }
+
+    /// Pages of one list are one snapshot; once the history is compacted past the token's
+    /// revision, the continue answers 410 with a token that goes on at the newest revision.
+    #[test]
+    fn continue_token_of_a_compacted_revision_is_gone() {
+        let (mut s, t) = setup();
+        let none = (LabelSelector::default(), FieldSelector::default());
+        for name in ["a", "b", "c", "d"] {
+            s.create(
+                &t,
+                json!({"metadata": {"name": name}, "spec": {}}),
+                &WriteOpts::default(),
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let page = |s: &Store, cont: Option<&str>| s.list(&t, &none.0, &none.1, Some(2), cont);
+        let first = page(&s, None).unwrap_or_else(|e| panic!("{e}"));
+        let token = first["metadata"]["continue"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(first["metadata"]["remainingItemCount"], 2);
+        // A delete between pages is not seen by the next page: it is read at the first's rv.
+        let nt = Target {
+            sub: None,
+            ..t.clone()
+        };
+        s.delete(&nt, "c", &DeleteOpts::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let second = page(&s, Some(&token)).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = second["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["c", "d"]);
+        s.compact();
+        let gone = page(&s, Some(&token))
+            .err()
+            .unwrap_or_else(|| panic!("not 410"));
+        assert_eq!((gone.code, gone.reason.as_str()), (410, "Expired"));
+        let status = gone.to_status();
+        let next = gone
+            .continue_token
+            .unwrap_or_else(|| panic!("no token in the 410"));
+        assert_eq!(status["metadata"]["continue"], next.as_str());
+        let rest = page(&s, Some(&next)).unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = rest["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["metadata"]["name"].as_str())
+            .collect();
+        assert_eq!(names, ["d"], "the newest state after the token's key");
     }
 
     #[test]

@@ -113,19 +113,50 @@ pub fn base64(data: &[u8]) -> String {
     out
 }
 
-pub fn hex_encode(s: &str) -> String {
-    s.bytes().map(|b| format!("{b:02x}")).collect()
+const URL_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// URL-safe base64 without padding (Go's `base64.RawURLEncoding`, continue tokens).
+pub fn base64_raw_url(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(URL_ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+        }
+    }
+    out
 }
 
-pub fn hex_decode(s: &str) -> Option<String> {
-    if !s.len().is_multiple_of(2) {
-        return None;
+/// Decodes Go's `base64.RawURLEncoding`; the error is Go's `CorruptInputError` text.
+pub fn base64_raw_url_decode(s: &str) -> Result<Vec<u8>, String> {
+    let corrupt = |i: usize| format!("illegal base64 data at input byte {i}");
+    let mut sextets = Vec::with_capacity(s.len());
+    for (i, c) in s.bytes().enumerate() {
+        match URL_ALPHABET.iter().position(|&a| a == c) {
+            Some(v) => sextets.push(v as u32),
+            None => return Err(corrupt(i)),
+        }
     }
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    if sextets.len() % 4 == 1 {
+        // A lone last character cannot hold a byte.
+        return Err(corrupt(sextets.len() - 1));
+    }
+    let mut out = Vec::with_capacity(sextets.len() * 3 / 4);
+    for chunk in sextets.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, v)| n | (v << (18 - 6 * i)));
+        for i in 0..chunk.len() - 1 {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Ok(out)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -199,7 +230,21 @@ mod tests {
         assert_eq!(base64(b"hello"), "aGVsbG8=");
         assert_eq!(base64(b"hi!"), "aGkh");
         assert_eq!(base64(b"h"), "aA==");
-        assert_eq!(hex_decode(&hex_encode("a/b c")).as_deref(), Some("a/b c"));
+        for data in [&b""[..], b"h", b"hi", b"hi!", b"{\"rv\":12}"] {
+            assert_eq!(
+                base64_raw_url_decode(&base64_raw_url(data)).as_deref(),
+                Ok(data)
+            );
+        }
+        assert_eq!(base64_raw_url(b"\xfb\xff"), "-_8");
+        assert_eq!(
+            base64_raw_url_decode("ab%c"),
+            Err("illegal base64 data at input byte 2".to_string())
+        );
+        assert_eq!(
+            base64_raw_url_decode("abcde"),
+            Err("illegal base64 data at input byte 4".to_string())
+        );
         assert_eq!(
             parse_query("labelSelector=app%3Dweb%2Ctier+in+(a)&watch"),
             vec![
