@@ -7,6 +7,7 @@
 //! the rules say so next to the check rather than skipping the resource.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -77,7 +78,18 @@ pub struct Row {
     pub tenant: String,
     pub state: String,
     pub backend_id: String,
+    /// What the creator wrote: the campaign writes `tag(res)` into each resource's
+    /// spec.description, so a row the operator made says which resource it made it for.
+    pub description: String,
     pub created: Option<Timestamp>,
+}
+
+/// What the campaign writes into spec.description of every resource whose group the operator
+/// creates. Waldur keeps it on the row, so the simulator's own table (not the operator's
+/// status) says which resource a row was made for, even when the operator never wrote the
+/// row's UUID into the status or made it under another name.
+pub fn tag(res: &ResId) -> String {
+    format!("waldur-chaos {res}")
 }
 
 /// A Nova server group.
@@ -173,6 +185,7 @@ pub const NO_LEAK: &str = "nothing-left-behind-by-deletes";
 pub const NO_FINALIZER: &str = "no-finalizer-left-on-deleted";
 pub const TRUTHFUL: &str = "status-is-true";
 pub const NO_PANIC: &str = "no-panic-no-crash";
+pub const ACCOUNTED: &str = "every-group-accounted-for";
 
 /// Everything the check reads.
 pub struct Input<'a> {
@@ -186,13 +199,53 @@ pub struct Input<'a> {
     /// Panic lines and unexpected exits of the operator, already worded.
     pub crashes: &'a [String],
     pub runs: usize,
+    /// Every Waldur row the driver saw while the campaign ran (it samples the simulator's row
+    /// table every few milliseconds), with the last non-empty backend id each one had: which
+    /// resource made a row, and which Nova group it stood for, after the row is gone.
+    pub lineage: &'a [Row],
 }
 
-/// All five invariants, in report order.
+/// Who a group belongs to, as far as the simulator's rows and the driver's records tell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Owner {
+    /// A resource the campaign created: the operator made the group for it (or Waldur
+    /// re-imported that group's Nova group under a new UUID).
+    Res(ResId),
+    /// A group someone made in Waldur for imports and observes (its id in the plan).
+    Source(usize),
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Owner::Res(r) => write!(f, "{r}"),
+            Owner::Source(id) => write!(f, "source #{id}"),
+        }
+    }
+}
+
+/// A Waldur row or a Nova group, for the rules that judge both.
+#[derive(Clone, Copy)]
+enum Group<'g> {
+    Row(&'g Row),
+    Nova(&'g Nova),
+}
+
+impl Group<'_> {
+    fn backend(&self) -> &str {
+        match self {
+            Group::Row(r) => &r.backend_id,
+            Group::Nova(g) => &g.backend_id,
+        }
+    }
+}
+
+/// All the invariants, in report order.
 pub fn check(input: &Input) -> Vec<Outcome> {
     let ctx = Ctx::new(input);
     vec![
         ctx.one_group(),
+        ctx.accounted(),
         ctx.no_leak(),
         ctx.no_finalizer(),
         ctx.truthful(),
@@ -200,11 +253,124 @@ pub fn check(input: &Input) -> Vec<Outcome> {
     ]
 }
 
+/// Says whose each row and Nova group is, strongest evidence first: the simulator's own rows
+/// (a source's UUID; the description tag the operator passed on to Waldur; a row's backend id
+/// tying a Nova group, and Waldur's re-import of it, to the row that made it), then what the
+/// driver saw done behind the operator's back, and only last what the operator's status said.
+/// A weaker source never overrides a stronger one.
+fn attribute(input: &Input) -> (BTreeMap<String, Owner>, BTreeMap<String, Owner>) {
+    let tags: BTreeMap<String, &ResId> = input
+        .records
+        .values()
+        .filter(|r| r.spec.flavour.creates())
+        .map(|r| (tag(&r.spec.res), &r.spec.res))
+        .collect();
+    let rows: Vec<&Row> = input.lineage.iter().chain(&input.truth.rows).collect();
+    let mut row_owner: BTreeMap<String, Owner> = BTreeMap::new();
+    let mut backend_owner: BTreeMap<String, Owner> = BTreeMap::new();
+    for row in &rows {
+        let source = input
+            .sources
+            .iter()
+            .find(|s| s.uuid.as_deref().map(norm).as_deref() == Some(row.uuid.as_str()));
+        let owner = match source {
+            Some(s) => Some(Owner::Source(s.plan.id)),
+            None => tags
+                .get(row.description.as_str())
+                .map(|r| Owner::Res((*r).clone())),
+        };
+        if let Some(o) = owner {
+            row_owner.entry(row.uuid.clone()).or_insert(o);
+        }
+    }
+    for s in input.sources {
+        if let Some(b) = s.backend_id.as_deref().filter(|b| !b.is_empty()) {
+            backend_owner
+                .entry(b.to_string())
+                .or_insert(Owner::Source(s.plan.id));
+        }
+    }
+    let by_backend = |row_owner: &BTreeMap<String, Owner>,
+                      backend_owner: &mut BTreeMap<String, Owner>| {
+        for row in &rows {
+            if !row.backend_id.is_empty()
+                && let Some(o) = row_owner.get(&row.uuid)
+            {
+                backend_owner
+                    .entry(row.backend_id.clone())
+                    .or_insert_with(|| o.clone());
+            }
+        }
+    };
+    let reimports = |row_owner: &mut BTreeMap<String, Owner>,
+                     backend_owner: &BTreeMap<String, Owner>| {
+        for row in &rows {
+            if !row_owner.contains_key(&row.uuid)
+                && let Some(o) = backend_owner.get(&row.backend_id)
+            {
+                row_owner.insert(row.uuid.clone(), o.clone());
+            }
+        }
+    };
+    by_backend(&row_owner, &mut backend_owner);
+    // The driver read these backend ids from the simulator when a staff user unlinked them.
+    for rec in input.records.values() {
+        for b in &rec.excused_backends {
+            backend_owner
+                .entry(b.clone())
+                .or_insert_with(|| Owner::Res(rec.spec.res.clone()));
+        }
+    }
+    reimports(&mut row_owner, &backend_owner);
+    // Last: the operator's own status, for rows no tag names (the unit tests' rows, and any
+    // group made without the campaign's description).
+    let said = input
+        .records
+        .values()
+        .filter_map(|r| {
+            r.last_bound
+                .as_ref()
+                .map(|(u, b)| (&r.spec.res, u, b.as_str()))
+        })
+        .chain(input.sgs.iter().filter_map(|sg| {
+            let (res, u) = (sg.res.as_ref()?, sg.uuid.as_ref()?);
+            Some((res, u, sg.backend_id.as_deref().unwrap_or("")))
+        }));
+    for (res, u, b) in said {
+        let u = norm(u);
+        row_owner
+            .entry(u.clone())
+            .or_insert_with(|| Owner::Res(res.clone()));
+        // The backend id re-read from the simulator's rows: the status may have been read
+        // before Waldur assigned one.
+        let seen = rows
+            .iter()
+            .find(|r| r.uuid == u && !r.backend_id.is_empty())
+            .map(|r| r.backend_id.as_str());
+        for b in [Some(b), seen]
+            .into_iter()
+            .flatten()
+            .filter(|b| !b.is_empty())
+        {
+            backend_owner
+                .entry(b.to_string())
+                .or_insert_with(|| Owner::Res(res.clone()));
+        }
+    }
+    by_backend(&row_owner, &mut backend_owner);
+    reimports(&mut row_owner, &backend_owner);
+    (row_owner, backend_owner)
+}
+
 struct Ctx<'a> {
     input: &'a Input<'a>,
     by_res: BTreeMap<&'a ResId, &'a SgView>,
     /// UUID -> the present, not deleting resources bound to it.
     bound: BTreeMap<String, Vec<&'a ResId>>,
+    /// Row UUID (seen at any time) -> whose group it is.
+    row_owner: BTreeMap<String, Owner>,
+    /// Nova backend id (seen at any time) -> whose group it is.
+    backend_owner: BTreeMap<String, Owner>,
 }
 
 impl<'a> Ctx<'a> {
@@ -221,10 +387,13 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        let (row_owner, backend_owner) = attribute(input);
         Ctx {
             input,
             by_res,
             bound,
+            row_owner,
+            backend_owner,
         }
     }
 
@@ -275,6 +444,170 @@ impl<'a> Ctx<'a> {
             .filter(|r| **r != me)
             .map(|r| r.to_string())
             .collect()
+    }
+
+    /// Everything that may have made a group of this name in the tenant: the resources that
+    /// create under it and the sources that carry it. Only for groups no evidence ties to an
+    /// owner (the driver's sampling missed the row that made them).
+    fn name_candidates(&self, tenant: &str, name: &str) -> Vec<Owner> {
+        let tenant = norm(tenant);
+        let resources = self
+            .input
+            .records
+            .values()
+            .filter(|r| r.spec.flavour.creates())
+            .filter(|r| norm(r.spec.tenant) == tenant && r.spec.waldur_name() == name)
+            .map(|r| Owner::Res(r.spec.res.clone()));
+        let sources = self
+            .input
+            .sources
+            .iter()
+            .filter(|s| norm(s.plan.tenant) == tenant && s.plan.name == name)
+            .map(|s| Owner::Source(s.plan.id));
+        resources.chain(sources).collect()
+    }
+
+    /// Whether `owner` accounts for the group still being there, and why not.
+    fn accounts(&self, owner: &Owner, group: Group) -> Result<(), String> {
+        let res = match owner {
+            // Someone else's: its fate is the importers' (nothing-left-behind judges that).
+            Owner::Source(_) => return Ok(()),
+            Owner::Res(r) => r,
+        };
+        let Some(rec) = self.input.records.get(res) else {
+            return Err(format!("{res} is no resource of the campaign"));
+        };
+        if !rec.accepted {
+            return Err(format!("{res}'s create was refused by Kubernetes"));
+        }
+        let backend = group.backend();
+        if !backend.is_empty() && rec.excused_backends.iter().any(|b| b == backend) {
+            // A staff user unlinked it behind the operator's back: Waldur lost it, not the
+            // operator.
+            return Ok(());
+        }
+        if let Some(sg) = self.by_res.get(res) {
+            // Deleting: no-finalizer-left judges it. Paused: the user froze the resource,
+            // possibly between a create and its status write.
+            if sg.deleting || sg.paused || rec.deleted_at.is_some() {
+                return Ok(());
+            }
+            let bound = sg.uuid.as_deref().map(norm);
+            let bound_backend = bound
+                .as_deref()
+                .and_then(|u| self.truth().row(u))
+                .map(|r| r.backend_id.clone())
+                .filter(|b| !b.is_empty())
+                .or_else(|| sg.backend_id.clone().filter(|b| !b.is_empty()));
+            let ok = match group {
+                Group::Row(r) => bound.as_deref() == Some(r.uuid.as_str()),
+                Group::Nova(g) => bound_backend.as_deref() == Some(g.backend_id.as_str()),
+            };
+            return if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{res} is live and bound to {}",
+                    bound.as_deref().unwrap_or("nothing")
+                ))
+            };
+        }
+        if rec.deleted_at.is_none() {
+            // Gone from Kubernetes unasked: one-group-per-resource reports that.
+            return Ok(());
+        }
+        match (rec.deletion, group) {
+            (Deletion::Orphan, _) | (Deletion::Unlink, Group::Nova(_)) => Ok(()),
+            (Deletion::Unlink, Group::Row(r)) => {
+                let its_own = r.description == tag(res)
+                    || rec
+                        .last_bound
+                        .as_ref()
+                        .is_some_and(|(u, _)| norm(u) == r.uuid);
+                if its_own {
+                    Err(format!(
+                        "{res} was deleted with deletionPolicy Unlink, yet its own record is still in Waldur"
+                    ))
+                } else {
+                    // Waldur's re-import of the Nova group the unlink left.
+                    Ok(())
+                }
+            }
+            (Deletion::Delete, _) => Err(format!("{res} was deleted with deletionPolicy Delete")),
+        }
+    }
+
+    /// Why a group is unaccounted for, if it is.
+    fn unaccounted(
+        &self,
+        owner: Option<&Owner>,
+        tenant: &str,
+        name: &str,
+        group: Group,
+    ) -> Option<String> {
+        match owner {
+            Some(o) => self
+                .accounts(o, group)
+                .err()
+                .map(|why| format!("made for {o}, but {why}")),
+            None => {
+                let candidates = self.name_candidates(tenant, name);
+                if candidates.iter().any(|o| self.accounts(o, group).is_ok()) {
+                    return None;
+                }
+                Some(format!(
+                    "nothing ties it to a resource or a source, and nothing of its name accounts for it ({})",
+                    if candidates.is_empty() {
+                        "no resource or source has the name".to_string()
+                    } else {
+                        candidates
+                            .iter()
+                            .map(|o| o.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ))
+            }
+        }
+    }
+
+    /// Every Waldur row and every Nova group is accounted for: a live resource's bound group,
+    /// a source, what a deleted resource's policy leaves (Orphan: both; Unlink: the Nova group
+    /// and Waldur's re-import of it), or a Nova group a staff user unlinked. Anything else is
+    /// a leak, whoever made it and under whatever name.
+    fn accounted(&self) -> Outcome {
+        let mut out = Outcome::new(ACCOUNTED, "groups");
+        for row in &self.truth().rows {
+            out.checked += 1;
+            if let Some(why) = self.unaccounted(
+                self.row_owner.get(&row.uuid),
+                &row.tenant,
+                &row.name,
+                Group::Row(row),
+            ) {
+                out.violations.push(format!(
+                    "Waldur row {} '{}' {} backend={:?} left: {why}",
+                    row.uuid, row.name, row.state, row.backend_id
+                ));
+            }
+        }
+        for g in &self.truth().nova {
+            out.checked += 1;
+            if let Some(why) = self.unaccounted(
+                self.backend_owner.get(&g.backend_id),
+                &g.tenant,
+                &g.name,
+                Group::Nova(g),
+            ) {
+                out.violations.push(format!(
+                    "Nova group {} '{}' (tenant {}) left: {why}",
+                    g.backend_id,
+                    g.name,
+                    clip(&g.tenant, 6)
+                ));
+            }
+        }
+        out
     }
 
     /// Exactly one Waldur group (and one Nova group) per Managed, live resource, and it is
@@ -834,7 +1167,30 @@ mod tests {
             tenant: T.into(),
             state: state.into(),
             backend_id: backend.into(),
+            description: String::new(),
             created: Some("2026-01-01T00:00:01Z".parse().unwrap()),
+        }
+    }
+
+    /// A row the operator made for `res` (the campaign's description tag on it).
+    fn made_for(res: &ResId, uuid: &str, name: &str, backend: &str) -> Row {
+        Row {
+            description: tag(res),
+            ..row(uuid, name, "OK", backend)
+        }
+    }
+
+    fn source(id: usize, name: &str, uuid: &str, backend: &str) -> SourceRecord {
+        SourceRecord {
+            plan: SourcePlan {
+                id,
+                name: name.into(),
+                tenant: T,
+                policy: "affinity",
+            },
+            uuid: Some(uuid.into()),
+            backend_id: Some(backend.into()),
+            out_of_band: false,
         }
     }
 
@@ -852,6 +1208,17 @@ mod tests {
         sgs: &[SgView],
         truth: &Truth,
     ) -> Vec<Outcome> {
+        run_seen(records, sources, sgs, truth, &[])
+    }
+
+    /// `run` with rows the driver saw earlier (gone since, or not).
+    fn run_seen(
+        records: &BTreeMap<ResId, ResRecord>,
+        sources: &[SourceRecord],
+        sgs: &[SgView],
+        truth: &Truth,
+        lineage: &[Row],
+    ) -> Vec<Outcome> {
         check(&Input {
             records,
             sources,
@@ -860,6 +1227,7 @@ mod tests {
             history: &[],
             crashes: &[],
             runs: 1,
+            lineage,
         })
     }
 
@@ -1034,6 +1402,131 @@ mod tests {
         ];
         let out = run(&records, &sources, &sgs, &truth);
         assert_eq!(violations(&out, TRUTHFUL).len(), 2, "{out:?}");
+    }
+
+    // ----- the audit's escapes (test-suite-audit-7821a77.md), each with its control -----
+
+    /// Audit M1: a Waldur row and two Nova groups that no resource, source or deletion policy
+    /// accounts for are leaks, even with no record naming them.
+    #[test]
+    fn unattributed_groups_are_leaks() {
+        let records = BTreeMap::new();
+        let truth = Truth {
+            rows: vec![row("zz", "zz", "OK", "n1")],
+            nova: vec![nova("n1", "zz"), nova("n2", "orphan")],
+        };
+        let out = run(&records, &[], &[], &truth);
+        let v = violations(&out, "every-group-accounted-for");
+        assert_eq!(v.len(), 3, "{out:?}");
+    }
+
+    /// Control for M1: every kind of group that is accounted for, with no status naming the
+    /// deleted resources' groups (the simulator's rows and their descriptions say whose they
+    /// are); then the two ways a known resource's group is a leak.
+    #[test]
+    fn accounted_groups_pass_and_a_tagged_leftover_does_not() {
+        let mut records = BTreeMap::new();
+        let live = record(spec("r1", Flavour::Plain, Deletion::Delete));
+        let mut orphan = record(spec("o1", Flavour::Plain, Deletion::Orphan));
+        let mut unlink = record(spec("u1", Flavour::Plain, Deletion::Unlink));
+        let mut delete = record(spec("d1", Flavour::Plain, Deletion::Delete));
+        for r in [&mut orphan, &mut unlink, &mut delete] {
+            r.deleted_at = Some(3);
+        }
+        delete.excused_backends.push("n5".into());
+        delete.out_of_band = true;
+        let ids: Vec<ResId> = [&live, &orphan, &unlink, &delete]
+            .iter()
+            .map(|r| r.spec.res.clone())
+            .collect();
+        for r in [live, orphan, unlink, delete] {
+            records.insert(r.spec.res.clone(), r);
+        }
+        let (r1, o1, u1, d1) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+        let sources = vec![source(0, "src000", "bb", "n2")];
+        let sgs = vec![view(r1, Some("aa"), ready("Available", true))];
+        // Seen earlier: u1's own row, before its deletion unlinked it; d1's, before a staff
+        // user unlinked it.
+        let lineage = vec![
+            made_for(u1, "dd", "u1", "n4"),
+            made_for(d1, "gg", "d1", "n5"),
+        ];
+        let truth = Truth {
+            rows: vec![
+                made_for(r1, "aa", "r1", "n1"),
+                row("bb", "src000", "OK", "n2"),
+                made_for(o1, "cc", "o1", "n3"),
+                // Waldur's re-imports of the Nova groups the unlinks left.
+                row("ee", "u1", "OK", "n4"),
+                row("ff", "d1", "OK", "n5"),
+            ],
+            nova: vec![
+                nova("n1", "r1"),
+                nova("n2", "src000"),
+                nova("n3", "o1"),
+                nova("n4", "u1"),
+                nova("n5", "d1"),
+            ],
+        };
+        let out = run_seen(&records, &sources, &sgs, &truth, &lineage);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        assert_eq!(out[1].checked, 10, "{out:?}");
+        // The unlinked resource's own record still there; a second group made for the live
+        // one, under another name, that its status never named.
+        let mut leaky = truth.clone();
+        leaky.rows.push(made_for(u1, "dd", "u1", "n4"));
+        leaky.rows.push(made_for(r1, "zz", "other", ""));
+        let out = run_seen(&records, &sources, &sgs, &leaky, &lineage);
+        assert_eq!(violations(&out, ACCOUNTED).len(), 2, "{out:?}");
+    }
+
+    /// Audit M2: a deleted Delete resource whose status never showed a backend id leaves its
+    /// Nova group behind, and a later clash shares its name.
+    #[test]
+    #[ignore = "closed by the next commits"]
+    fn a_nova_leak_of_a_name_shared_deleted_resource_is_caught() {
+        let mut records = BTreeMap::new();
+        let mut gone = record(spec("r001", Flavour::Plain, Deletion::Delete));
+        gone.deleted_at = Some(3);
+        gone.last_bound = Some(("aa".into(), String::new()));
+        records.insert(gone.spec.res.clone(), gone);
+        let mut clash = spec("r002", Flavour::Clash, Deletion::Delete);
+        clash.spec_name = Some("r001".into());
+        let clash = record(clash);
+        let res = clash.spec.res.clone();
+        records.insert(res.clone(), clash);
+        let mut conds = ready("InvalidSpec", false);
+        conds[1].status = "False".into();
+        conds[1].reason = "InvalidSpec".into();
+        let sgs = vec![view(&res, None, conds)];
+        let truth = Truth {
+            rows: vec![],
+            nova: vec![nova("n1", "r001")],
+        };
+        let out = run(&records, &[], &sgs, &truth);
+        assert!(!violations(&out, NO_LEAK).is_empty(), "{out:?}");
+    }
+
+    /// Audit M3: two live twins that both say InvalidSpec (name taken) while nobody holds a
+    /// group of their name: neither has a group.
+    #[test]
+    #[ignore = "closed by the next commits"]
+    fn twins_may_not_both_end_without_a_group() {
+        let mut records = BTreeMap::new();
+        let mut a = spec("r001a", Flavour::Twin, Deletion::Delete);
+        a.spec_name = Some("tw001".into());
+        let mut b = a.clone();
+        b.res.name = "r001b".into();
+        b.res.ns = "chaos-b";
+        records.insert(a.res.clone(), record(a.clone()));
+        records.insert(b.res.clone(), record(b.clone()));
+        let mut conds = ready("InvalidSpec", false);
+        conds[1].status = "False".into();
+        conds[1].reason = "InvalidSpec".into();
+        let sgs = vec![view(&a.res, None, conds.clone()), view(&b.res, None, conds)];
+        let out = run(&records, &[], &sgs, &Truth::default());
+        assert_eq!(violations(&out, TRUTHFUL).len(), 2, "{out:?}");
+        assert_eq!(violations(&out, ONE_GROUP).len(), 1, "{out:?}");
     }
 
     #[test]
