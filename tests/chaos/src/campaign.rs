@@ -66,6 +66,8 @@ pub struct Campaign {
     seen: BTreeSet<String>,
     crashes: Vec<String>,
     t0: Instant,
+    /// The point running now.
+    point: usize,
     /// Every Waldur row seen so far (see `watch_rows`), by UUID.
     lineage: Arc<Mutex<BTreeMap<String, Row>>>,
     watcher: tokio::task::JoinHandle<()>,
@@ -151,6 +153,7 @@ impl Campaign {
             seen: BTreeSet::new(),
             crashes: Vec::new(),
             t0: Instant::now(),
+            point: 0,
             lineage,
             watcher,
         })
@@ -162,6 +165,7 @@ impl Campaign {
         for point in &plan.points {
             tokio::time::sleep(Duration::from_millis(point.wait_ms)).await;
             self.mind_the_operator(point.index);
+            self.point = point.index;
             let started = self.t0.elapsed();
             let outcome = self.execute(point).await;
             self.trace.push(format!(
@@ -573,6 +577,7 @@ impl Campaign {
     /// Records a create the API server answered.
     fn accepted(&mut self, c: &CreateSpec, r: Result<(), String>) -> String {
         let mut rec = ResRecord::new(c.clone());
+        rec.created_at = self.point;
         let out = match r {
             Ok(()) => format!("{} created", c.res),
             Err(e) => {
