@@ -760,6 +760,7 @@ impl<'a> Ctx<'a> {
                 }
             }
         }
+        self.twins_bound(&mut out);
         out
     }
 
@@ -1066,6 +1067,8 @@ impl<'a> Ctx<'a> {
                             rec.spec,
                             clip(&ready.message, 200)
                         ));
+                    } else if let Some(why) = self.name_not_taken(rec) {
+                        problem(format!("says InvalidSpec (name taken), but {why}"));
                     }
                 }
                 other => problem(format!("not settled: Ready reason {other:?}")),
@@ -1082,6 +1085,70 @@ impl<'a> Ctx<'a> {
             }
         }
         out
+    }
+
+    /// Why an InvalidSpec (name taken) is not the truth, if it is not: the name must be taken
+    /// in Waldur by a group that is not this resource's own: another resource's (live, or
+    /// left by a deleted one's Orphan/Unlink, which is where clashes take their names from)
+    /// or a source's. Its own group under the name is a lost create answer, not a taken name.
+    fn name_not_taken(&self, rec: &ResRecord) -> Option<String> {
+        let name = rec.spec.waldur_name();
+        let me = Owner::Res(rec.spec.res.clone());
+        let rows = self.truth().rows_named(rec.spec.tenant, &name);
+        if rows
+            .iter()
+            .any(|r| self.row_owner.get(&r.uuid) != Some(&me))
+        {
+            return None;
+        }
+        Some(match rows.is_empty() {
+            true => format!("Waldur has no group named {name:?} in the tenant"),
+            false => format!(
+                "the only group named {name:?} is its own, unbound: {}",
+                list_rows(&rows)
+            ),
+        })
+    }
+
+    /// Two live twins, both settled for their generation: exactly one holds the group (the
+    /// other is told the name is taken). Neither is the failure mode "a lost create answer
+    /// or a name race turned into name taken on both sides".
+    fn twins_bound(&self, out: &mut Outcome) {
+        let mut pairs: BTreeMap<(&str, String), Vec<&SgView>> = BTreeMap::new();
+        for (rec, sg) in self.live() {
+            if rec.spec.flavour == Flavour::Twin {
+                pairs
+                    .entry((rec.spec.tenant, rec.spec.waldur_name()))
+                    .or_default()
+                    .push(sg);
+            }
+        }
+        for ((_, name), sgs) in pairs {
+            let settled = sgs.iter().all(|sg| {
+                !sg.paused
+                    && !sg.deleting
+                    && sg
+                        .cond("Ready")
+                        .is_some_and(|c| c.observed_generation == sg.generation)
+            });
+            if sgs.len() != 2 || !settled {
+                continue;
+            }
+            let bound = sgs.iter().filter(|sg| sg.uuid.is_some()).count();
+            if bound != 1 {
+                out.violations.push(format!(
+                    "twins {} named {name:?}: {bound} of them bound, not one | {}",
+                    sgs.iter()
+                        .map(|sg| sg.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    sgs.iter()
+                        .map(|sg| sg.describe())
+                        .collect::<Vec<_>>()
+                        .join(" || ")
+                ));
+            }
+        }
     }
 
     fn no_panic(&self) -> Outcome {
@@ -1606,7 +1673,6 @@ mod tests {
     /// Audit M3: two live twins that both say InvalidSpec (name taken) while nobody holds a
     /// group of their name: neither has a group.
     #[test]
-    #[ignore = "closed by the next commits"]
     fn twins_may_not_both_end_without_a_group() {
         let mut records = BTreeMap::new();
         let mut a = spec("r001a", Flavour::Twin, Deletion::Delete);
@@ -1619,10 +1685,56 @@ mod tests {
         let mut conds = ready("InvalidSpec", false);
         conds[1].status = "False".into();
         conds[1].reason = "InvalidSpec".into();
-        let sgs = vec![view(&a.res, None, conds.clone()), view(&b.res, None, conds)];
+        let sgs = vec![
+            view(&a.res, None, conds.clone()),
+            view(&b.res, None, conds.clone()),
+        ];
         let out = run(&records, &[], &sgs, &Truth::default());
         assert_eq!(violations(&out, TRUTHFUL).len(), 2, "{out:?}");
         assert_eq!(violations(&out, ONE_GROUP).len(), 1, "{out:?}");
+        // Control: one twin holds the group it made, the other is told the name is taken.
+        let truth = Truth {
+            rows: vec![made_for(&a.res, "aa", "tw001", "n1")],
+            nova: vec![nova("n1", "tw001")],
+        };
+        let good = vec![
+            view(&a.res, Some("aa"), ready("Available", true)),
+            view(&b.res, None, conds.clone()),
+        ];
+        let out = run(&records, &[], &good, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        // The group there is b's own (its create answer lost), unbound: not a taken name.
+        let truth = Truth {
+            rows: vec![made_for(&b.res, "bb", "tw001", "n2")],
+            nova: vec![nova("n2", "tw001")],
+        };
+        let out = run(&records, &[], &sgs, &truth);
+        let v = violations(&out, TRUTHFUL);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].contains("its own, unbound"), "{v:?}");
+    }
+
+    /// A clash is told the name is taken; the group of that name is a source's.
+    #[test]
+    fn a_clash_is_invalid_only_while_someone_else_holds_the_name() {
+        let mut records = BTreeMap::new();
+        let mut c = spec("r005", Flavour::Clash, Deletion::Delete);
+        c.spec_name = Some("src000".into());
+        records.insert(c.res.clone(), record(c.clone()));
+        let mut conds = ready("InvalidSpec", false);
+        conds[1].status = "False".into();
+        conds[1].reason = "InvalidSpec".into();
+        let sgs = vec![view(&c.res, None, conds)];
+        let sources = vec![source(0, "src000", "bb", "n2")];
+        let truth = Truth {
+            rows: vec![row("bb", "src000", "OK", "n2")],
+            nova: vec![nova("n2", "src000")],
+        };
+        let out = run(&records, &sources, &sgs, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        // The source is gone (its importer deleted it): the name is free, InvalidSpec a lie.
+        let out = run(&records, &sources, &sgs, &Truth::default());
+        assert_eq!(violations(&out, TRUTHFUL).len(), 1, "{out:?}");
     }
 
     #[test]
