@@ -89,8 +89,10 @@ pub struct Row {
 /// status) says which resource a row was made for, even when the operator never wrote the
 /// row's UUID into the status or made it under another name.
 pub fn tag(res: &ResId) -> String {
-    format!("waldur-chaos {res}")
+    format!("{TAG_PREFIX}{res}")
 }
+
+const TAG_PREFIX: &str = "waldur-chaos ";
 
 /// A Nova server group.
 #[derive(Clone, Debug, PartialEq)]
@@ -1224,6 +1226,22 @@ pub fn during_run(
         if !rec.spec.flavour.creates() {
             continue;
         }
+        // The simulator's row says whom the operator made it for (the description the
+        // campaign wrote): binding a group made for another resource is taking someone
+        // else's, whatever the creation times say.
+        if let Some(row) = truth.row(uuid)
+            && row.description.starts_with(TAG_PREFIX)
+            && row.description != tag(res)
+        {
+            let key = format!("made-for-other:{res}:{uuid}");
+            if seen.insert(key) {
+                out.push(format!(
+                    "at point #{point}: {res} bound {uuid} '{}', which was made for {}",
+                    row.name,
+                    row.description.trim_start_matches(TAG_PREFIX)
+                ));
+            }
+        }
         if let Some(row) = truth.row(uuid)
             && let Some(made) = row.created
             && made < created
@@ -1712,6 +1730,48 @@ mod tests {
         let v = violations(&out, TRUTHFUL);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].contains("its own, unbound"), "{v:?}");
+    }
+
+    /// Audit m2: the simulator's rows, not the status, say whose a group is. A deleted
+    /// resource whose status never named its group (deleted before any look saw a UUID)
+    /// still leaks what the row made for it left; and binding a group made for another
+    /// resource is seen during the run, whatever the creation times say.
+    #[test]
+    fn groups_are_attributed_by_the_simulators_rows() {
+        let mut records = BTreeMap::new();
+        let mut gone = record(spec("r007", Flavour::Plain, Deletion::Delete));
+        gone.deleted_at = Some(8);
+        let r007 = gone.spec.res.clone();
+        records.insert(r007.clone(), gone);
+        let seen = [made_for(&r007, "aa", "r007", "n1")];
+        let truth = Truth {
+            rows: vec![],
+            nova: vec![nova("n1", "r007")],
+        };
+        let out = run_seen(&records, &[], &[], &truth, &seen);
+        assert_eq!(violations(&out, NO_LEAK).len(), 1, "{out:?}");
+        assert_eq!(violations(&out, ACCOUNTED).len(), 1, "{out:?}");
+
+        let mut a = spec("r009a", Flavour::Twin, Deletion::Delete);
+        a.spec_name = Some("tw009".into());
+        let mut b = a.clone();
+        b.res.name = "r009b".into();
+        b.res.ns = "chaos-b";
+        records.insert(a.res.clone(), record(a.clone()));
+        records.insert(b.res.clone(), record(b.clone()));
+        // b binds the group made for a (a re-bound elsewhere since): the creation time is
+        // after b's, so only the row's description tells.
+        let truth = Truth {
+            rows: vec![made_for(&a.res, "aa", "tw009", "n1")],
+            nova: vec![],
+        };
+        let sgs = vec![view(&b.res, Some("aa"), vec![])];
+        let mut seen = BTreeSet::new();
+        let v = during_run(9, &records, &sgs, &truth, &mut seen);
+        assert_eq!(v.len(), 1, "{v:?}");
+        // Control: a binds its own.
+        let sgs = vec![view(&a.res, Some("aa"), vec![])];
+        assert!(during_run(10, &records, &sgs, &truth, &mut seen).is_empty());
     }
 
     /// A clash is told the name is taken; the group of that name is a source's.
