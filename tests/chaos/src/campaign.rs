@@ -194,6 +194,7 @@ impl Campaign {
             crashes: &crashes,
             runs,
             lineage: &lineage,
+            settled,
         });
         self.operator.kill();
         self.dump(&sgs, &truth).await;
@@ -863,6 +864,7 @@ impl Campaign {
                 crashes: &[],
                 runs: 0,
                 lineage: &lineage,
+                settled: true,
             });
             let good = outcomes.iter().all(|o| o.violations.is_empty()) && !truth.busy();
             passes = if good { passes + 1 } else { 0 };

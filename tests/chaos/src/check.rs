@@ -180,6 +180,7 @@ pub const NO_FINALIZER: &str = "no-finalizer-left-on-deleted";
 pub const TRUTHFUL: &str = "status-is-true";
 pub const NO_PANIC: &str = "no-panic-no-crash";
 pub const ACCOUNTED: &str = "every-group-accounted-for";
+pub const SETTLED: &str = "campaign-settled";
 
 /// Everything the check reads.
 pub struct Input<'a> {
@@ -197,6 +198,9 @@ pub struct Input<'a> {
     /// table every few milliseconds), with the last non-empty backend id each one had: which
     /// resource made a row, and which Nova group it stood for, after the row is gone.
     pub lineage: &'a [Row],
+    /// The settle ended with the invariants holding twice in a row (true while settling: the
+    /// settle itself is what decides it).
+    pub settled: bool,
 }
 
 /// Who a group belongs to, as far as the simulator's rows and the driver's records tell.
@@ -244,6 +248,7 @@ pub fn check(input: &Input) -> Vec<Outcome> {
         ctx.no_finalizer(),
         ctx.truthful(),
         ctx.no_panic(),
+        ctx.settled(),
     ]
 }
 
@@ -1153,6 +1158,34 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The campaign settled, and no Waldur row is left in a transitional state: a row stuck
+    /// in CREATING or DELETING is a group nobody can use or delete, whatever the statuses say.
+    fn settled(&self) -> Outcome {
+        let mut out = Outcome::new(SETTLED, "Waldur rows");
+        if !self.input.settled {
+            out.violations.push(
+                "the campaign did not settle: the invariants never held twice in a row before the deadline or the stuck limit".into(),
+            );
+        }
+        for r in &self.truth().rows {
+            out.checked += 1;
+            if r.state != "OK" && r.state != "ERRED" {
+                out.violations.push(format!(
+                    "Waldur row {} '{}' left {} (backend={:?}, made for {})",
+                    r.uuid,
+                    r.name,
+                    r.state,
+                    r.backend_id,
+                    self.row_owner
+                        .get(&r.uuid)
+                        .map(|o| o.to_string())
+                        .unwrap_or_else(|| "no one known".into())
+                ));
+            }
+        }
+        out
+    }
+
     fn no_panic(&self) -> Outcome {
         let mut out = Outcome::new(NO_PANIC, "operator runs");
         out.checked = self.input.runs;
@@ -1384,6 +1417,7 @@ mod tests {
             crashes: &[],
             runs: 1,
             lineage,
+            settled: true,
         })
     }
 
@@ -1772,6 +1806,37 @@ mod tests {
         // Control: a binds its own.
         let sgs = vec![view(&a.res, Some("aa"), vec![])];
         assert!(during_run(10, &records, &sgs, &truth, &mut seen).is_empty());
+    }
+
+    /// Audit m3: a row left in a transitional state at the end is a violation, whatever the
+    /// statuses say.
+    #[test]
+    fn a_row_left_transitional_is_a_violation() {
+        let truth = Truth {
+            rows: vec![row("aa", "src000", "CREATING", "")],
+            nova: vec![],
+        };
+        let sources = vec![source(0, "src000", "aa", "")];
+        let out = run(&BTreeMap::new(), &sources, &[], &truth);
+        assert_eq!(violations(&out, SETTLED).len(), 1, "{out:?}");
+        // Control: the same row in OK, in a campaign that settled.
+        let mut ok = truth.clone();
+        ok.rows[0].state = "OK".into();
+        let out = run(&BTreeMap::new(), &sources, &[], &ok);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        // A campaign that did not settle fails even when the end state looks right.
+        let out = check(&Input {
+            records: &BTreeMap::new(),
+            sources: &sources,
+            sgs: &[],
+            truth: &ok,
+            history: &[],
+            crashes: &[],
+            runs: 1,
+            lineage: &[],
+            settled: false,
+        });
+        assert_eq!(violations(&out, SETTLED).len(), 1, "{out:?}");
     }
 
     /// A clash is told the name is taken; the group of that name is a source's.
