@@ -658,7 +658,7 @@ impl<'a> Ctx<'a> {
     /// Exactly one Waldur group (and one Nova group) per Managed, live resource, and it is
     /// the right one.
     fn one_group(&self) -> Outcome {
-        let mut out = Outcome::new(ONE_GROUP, "managed resources");
+        let mut out = Outcome::new(ONE_GROUP, "live resources");
         out.violations.extend(self.input.history.iter().cloned());
         for rec in self.input.records.values() {
             if rec.accepted && rec.deleted_at.is_none() && !self.by_res.contains_key(&rec.spec.res)
@@ -670,10 +670,15 @@ impl<'a> Ctx<'a> {
             }
         }
         for (rec, sg) in self.live() {
-            if rec.spec.flavour == Flavour::Observe || sg.paused {
+            out.checked += 1;
+            if sg.paused {
+                out.violations.extend(self.paused_problems(rec, sg));
                 continue;
             }
-            out.checked += 1;
+            if rec.spec.flavour == Flavour::Observe {
+                out.violations.extend(self.observe_problem(rec, sg));
+                continue;
+            }
             let res = &rec.spec.res;
             let reason = sg.cond("Ready").map(|c| c.reason.as_str()).unwrap_or("");
             let Some(uuid) = &sg.uuid else {
@@ -769,6 +774,74 @@ impl<'a> Ctx<'a> {
         }
         self.twins_bound(&mut out);
         out
+    }
+
+    /// A paused resource does nothing, but what its status names must still be true: a group
+    /// Waldur has, bound by no one else. Excused: its group was touched behind the operator's
+    /// back (or its source's, by another importer's Delete), or it never reached OpenStack
+    /// (an ERRED row without a Nova group, which Waldur's re-sync drops).
+    fn paused_problems(&self, rec: &ResRecord, sg: &SgView) -> Vec<String> {
+        let res = &rec.spec.res;
+        let Some(uuid) = &sg.uuid else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let others = self.others_bound(uuid, res);
+        if !others.is_empty() {
+            out.push(format!(
+                "{res} (paused): group {uuid} is also bound by {}",
+                others.join(", ")
+            ));
+        }
+        let source_gone = rec
+            .spec
+            .import
+            .as_ref()
+            .and_then(|i| self.source(i))
+            .is_some_and(|s| self.deleted_by_importer(s));
+        let never_in_nova = self.backend_seen(uuid).is_none()
+            && self
+                .input
+                .lineage
+                .iter()
+                .any(|r| r.uuid == norm(uuid) && r.state == "ERRED");
+        if self.truth().row(uuid).is_none() && !rec.out_of_band && !source_gone && !never_in_nova {
+            out.push(format!(
+                "{res} (paused): bound to {uuid}, which Waldur does not have, though nothing touched it behind the operator's back | {}",
+                sg.describe()
+            ));
+        }
+        out
+    }
+
+    /// A live Observe resource is bound to its source (or Waldur's re-import of it) while the
+    /// group it names is in Waldur; when it is not, status-is-true judges the NotFound.
+    fn observe_problem(&self, rec: &ResRecord, sg: &SgView) -> Option<String> {
+        let res = &rec.spec.res;
+        let src = rec.spec.import.as_ref().and_then(|i| self.source(i))?;
+        let there = src
+            .uuid
+            .as_deref()
+            .is_some_and(|u| self.truth().row(u).is_some());
+        if !there {
+            return None;
+        }
+        let theirs = Owner::Source(src.plan.id);
+        match &sg.uuid {
+            Some(u) if self.row_owner.get(&norm(u)) == Some(&theirs) => None,
+            Some(u) => Some(format!(
+                "{res} (Observe): observes {} ({:?}) but is bound to {u} | {}",
+                src.plan.name,
+                src.uuid,
+                sg.describe()
+            )),
+            None => Some(format!(
+                "{res} (Observe): observes {} ({:?}), which Waldur has, and is bound to nothing | {}",
+                src.plan.name,
+                src.uuid,
+                sg.describe()
+            )),
+        }
     }
 
     /// A deleted resource left behind what its deletionPolicy says, and nothing else.
@@ -1837,6 +1910,50 @@ mod tests {
             settled: false,
         });
         assert_eq!(violations(&out, SETTLED).len(), 1, "{out:?}");
+    }
+
+    /// Audit m6: a live Observe resource bound to a group other than its source, and a paused
+    /// resource bound to a group Waldur no longer has, are violations.
+    #[test]
+    fn observers_and_paused_resources_are_judged_too() {
+        let mut records = BTreeMap::new();
+        let mut o = spec("r011", Flavour::Observe, Deletion::Delete);
+        o.import = Some(Import::SourceUuid(0));
+        let p = spec("r012", Flavour::Plain, Deletion::Delete);
+        let (o_res, p_res) = (o.res.clone(), p.res.clone());
+        records.insert(o.res.clone(), record(o));
+        let mut paused = record(p);
+        paused.paused = true;
+        records.insert(p_res.clone(), paused);
+        let sources = vec![
+            source(0, "src000", "bb", "n2"),
+            source(1, "src001", "cc", "n3"),
+        ];
+        let truth = Truth {
+            rows: vec![
+                row("bb", "src000", "OK", "n2"),
+                row("cc", "src001", "OK", "n3"),
+            ],
+            nova: vec![nova("n2", "src000"), nova("n3", "src001")],
+        };
+        let mut frozen = view(&p_res, Some("dd"), ready("Available", true));
+        frozen.paused = true;
+        frozen.conditions[1].status = "False".into();
+        frozen.conditions[1].reason = "Paused".into();
+        let sgs = vec![
+            view(&o_res, Some("cc"), ready("Available", true)),
+            frozen.clone(),
+        ];
+        let out = run(&records, &sources, &sgs, &truth);
+        assert_eq!(violations(&out, ONE_GROUP).len(), 2, "{out:?}");
+        // Control: the observer bound to its source; the paused one's group deleted behind
+        // the operator's back (an out-of-band point), which a paused operator cannot see.
+        let sgs = vec![view(&o_res, Some("bb"), ready("Available", true)), frozen];
+        if let Some(r) = records.get_mut(&p_res) {
+            r.out_of_band = true;
+        }
+        let out = run(&records, &sources, &sgs, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
     }
 
     /// A clash is told the name is taken; the group of that name is a source's.
