@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kube::api::{
@@ -65,7 +66,17 @@ pub struct Campaign {
     seen: BTreeSet<String>,
     crashes: Vec<String>,
     t0: Instant,
+    /// The point running now.
+    point: usize,
+    /// Every Waldur row seen so far (see `watch_rows`), by UUID.
+    lineage: Arc<Mutex<BTreeMap<String, Row>>>,
+    watcher: tokio::task::JoinHandle<()>,
 }
+
+/// How often the driver samples the simulator's row table. A row lives at least a schedule
+/// and a run (200 ms) before it has a Nova group, so this sees every row that ever got one,
+/// but for one the operator unlinks within this window of its creation.
+const SAMPLE: Duration = Duration::from_millis(20);
 
 /// Create transitions: short, so that a campaign is quick, and long enough that the operator
 /// meets groups in every transitional state.
@@ -127,6 +138,8 @@ impl Campaign {
         .collect();
         let mut operator = Operator::new(&settings.operator, env, &settings.dir);
         operator.start()?;
+        let lineage = Arc::new(Mutex::new(BTreeMap::new()));
+        let watcher = tokio::spawn(watch_rows(sim.clone(), lineage.clone()));
         Ok(Campaign {
             settings,
             kube,
@@ -140,6 +153,9 @@ impl Campaign {
             seen: BTreeSet::new(),
             crashes: Vec::new(),
             t0: Instant::now(),
+            point: 0,
+            lineage,
+            watcher,
         })
     }
 
@@ -149,6 +165,7 @@ impl Campaign {
         for point in &plan.points {
             tokio::time::sleep(Duration::from_millis(point.wait_ms)).await;
             self.mind_the_operator(point.index);
+            self.point = point.index;
             let started = self.t0.elapsed();
             let outcome = self.execute(point).await;
             self.trace.push(format!(
@@ -163,6 +180,8 @@ impl Campaign {
         let points_time = self.t0.elapsed();
         let (settled, settle_time) = self.settle(plan.points.len()).await;
         let (sgs, truth) = self.snapshot().await;
+        self.watcher.abort();
+        let lineage = self.lineage_with(&truth);
         let runs = self.operator.runs.len();
         let mut crashes = self.crashes.clone();
         crashes.extend(operator::panics(&self.operator.runs));
@@ -174,6 +193,8 @@ impl Campaign {
             history: &self.history,
             crashes: &crashes,
             runs,
+            lineage: &lineage,
+            settled,
         });
         self.operator.kill();
         self.dump(&sgs, &truth).await;
@@ -203,6 +224,13 @@ impl Campaign {
             settled,
             runs,
         }
+    }
+
+    /// Every row seen so far, the rows of `truth` included.
+    fn lineage_with(&self, truth: &Truth) -> Vec<Row> {
+        let mut seen = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
+        remember_rows(&mut seen, &truth.rows);
+        seen.values().cloned().collect()
     }
 
     fn note(&mut self, what: String) {
@@ -550,6 +578,7 @@ impl Campaign {
     /// Records a create the API server answered.
     fn accepted(&mut self, c: &CreateSpec, r: Result<(), String>) -> String {
         let mut rec = ResRecord::new(c.clone());
+        rec.created_at = self.point;
         let out = match r {
             Ok(()) => format!("{} created", c.res),
             Err(e) => {
@@ -610,6 +639,9 @@ impl Campaign {
                 if let Some(n) = &c.spec_name {
                     spec.insert("name".into(), json!(n));
                 }
+                // Waldur keeps the description on the row the operator makes: the checks
+                // tell by it which resource a row was made for (`check::tag`).
+                spec.insert("description".into(), json!(check::tag(&c.res)));
             }
             Some(Import::Missing(u)) => {
                 spec.insert("import".into(), json!({"uuid": u}));
@@ -645,6 +677,10 @@ impl Campaign {
     /// notes violations that can be seen at any moment.
     async fn look(&mut self, point: usize) {
         let (sgs, truth) = self.snapshot().await;
+        remember_rows(
+            &mut self.lineage.lock().unwrap_or_else(|e| e.into_inner()),
+            &truth.rows,
+        );
         for sg in &sgs {
             let (Some(res), Some(uuid)) = (&sg.res, &sg.uuid) else {
                 continue;
@@ -724,13 +760,14 @@ impl Campaign {
         state.push("Waldur rows:".into());
         state.extend(truth.rows.iter().map(|r| {
             format!(
-                "  {} {:<10} {:<8} tenant={} backend={:?} created={:?}",
+                "  {} {:<10} {:<8} tenant={} backend={:?} created={:?} description={:?}",
                 r.uuid,
                 r.name,
                 r.state,
                 &r.tenant[..6],
                 r.backend_id,
-                r.created
+                r.created,
+                r.description
             )
         }));
         state.push("Nova groups:".into());
@@ -817,6 +854,7 @@ impl Campaign {
         loop {
             self.mind_the_operator(points);
             let (sgs, truth) = self.snapshot().await;
+            let lineage = self.lineage_with(&truth);
             let outcomes = check::check(&check::Input {
                 records: &self.records,
                 sources: &self.sources,
@@ -825,6 +863,8 @@ impl Campaign {
                 history: &[],
                 crashes: &[],
                 runs: 0,
+                lineage: &lineage,
+                settled: true,
             });
             let good = outcomes.iter().all(|o| o.violations.is_empty()) && !truth.busy();
             passes = if good { passes + 1 } else { 0 };
@@ -903,10 +943,10 @@ fn view(sg: &ServerGroup) -> SgView {
     }
 }
 
-fn truth(sim: &Simulator) -> Truth {
+/// Every row in the simulator's table, as the staff API renders it.
+fn rows(sim: &Simulator) -> Vec<Row> {
     let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
-    let rows = sim
-        .groups()
+    sim.groups()
         .iter()
         .map(|g| Row {
             uuid: check::norm(&s(g, "uuid")),
@@ -914,9 +954,39 @@ fn truth(sim: &Simulator) -> Truth {
             tenant: check::norm(&s(g, "tenant_uuid")),
             state: s(g, "state"),
             backend_id: s(g, "backend_id"),
+            description: s(g, "description"),
             created: g["created"].as_str().and_then(|c| c.parse().ok()),
         })
-        .collect();
+        .collect()
+}
+
+/// Adds rows to what was seen, keeping the backend id a row once had (an unlinked row is
+/// gone, but its Nova group, and Waldur's re-import of it, are still the creator's).
+fn remember_rows(seen: &mut BTreeMap<String, Row>, rows: &[Row]) {
+    for r in rows {
+        let backend = match seen.get(&r.uuid) {
+            Some(old) if r.backend_id.is_empty() => old.backend_id.clone(),
+            _ => r.backend_id.clone(),
+        };
+        let mut r = r.clone();
+        r.backend_id = backend;
+        seen.insert(r.uuid.clone(), r);
+    }
+}
+
+/// Samples the simulator's row table until aborted: the simulator keeps no log of the rows it
+/// had, and the checks need to know which row (made for which resource) a Nova group stood
+/// for after the row is gone.
+async fn watch_rows(sim: Simulator, seen: Arc<Mutex<BTreeMap<String, Row>>>) {
+    loop {
+        let now = rows(&sim);
+        remember_rows(&mut seen.lock().unwrap_or_else(|e| e.into_inner()), &now);
+        tokio::time::sleep(SAMPLE).await;
+    }
+}
+
+fn truth(sim: &Simulator) -> Truth {
+    let rows = rows(sim);
     let nova = TENANTS
         .iter()
         .flat_map(|t| {

@@ -3,7 +3,7 @@
 //! One seed draws a plan of N points (user actions on ServerGroups, operator kills, Waldur
 //! faults, Kubernetes faults), which run against the Kubernetes API test server and the Waldur
 //! simulator in this process while the operator runs as a child process. Then every fault is
-//! switched off, the operator settles, and five invariants are checked against the
+//! switched off, the operator settles, and seven invariants are checked against the
 //! simulator's truth. A violation prints the seed, the invariant, and the trace of points that
 //! replays it (`--seed S --points N` again), and exits 1.
 

@@ -10,6 +10,9 @@ pub struct ResRecord {
     pub spec: CreateSpec,
     /// The API server accepted the create.
     pub accepted: bool,
+    /// The point that created it: with `deleted_at`, when it lived (to tell names shared at
+    /// the same time from names reused later).
+    pub created_at: usize,
     /// The deletion policy now (the last one set before the delete).
     pub deletion: Deletion,
     pub paused: bool,
@@ -32,6 +35,7 @@ impl ResRecord {
             deletion: spec.deletion,
             spec,
             accepted: true,
+            created_at: 0,
             paused: false,
             deleted_at: None,
             last_bound: None,
