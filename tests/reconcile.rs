@@ -787,3 +787,36 @@ async fn a_resource_that_once_lost_the_name_still_owns_its_own_lost_create() {
         );
     }
 }
+
+/// The fault campaign's R6 (seed 2): twins (one tenant and name) are created; the first one's
+/// create is committed in Waldur but its answer is lost, and the second one looks next. The
+/// group is young and well named, but the second twin never asked Waldur for it: it must not
+/// take it. The first binds its own group; the second reports AlreadyManaged.
+#[tokio::test]
+async fn a_twin_never_takes_the_group_its_siblings_lost_create_made() {
+    use support::{Harness, TENANT, is_ready, reason_is};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        let spec = serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw"});
+        h.apply("a", spec.clone());
+        h.apply("b", spec);
+        h.sim.drop_answers_after_commit(Some("create"), 1);
+        assert!(
+            h.reconcile("a").await.is_err(),
+            "{mode:?}: a's answer was lost"
+        );
+        let made = h.sim.groups();
+        assert_eq!(made.len(), 1, "{mode:?}");
+        let _ = h.reconcile("b").await;
+        let b = h.sg("b").unwrap();
+        assert_ne!(
+            b.status.as_ref().and_then(|s| s.uuid.as_deref()),
+            made[0]["uuid"].as_str(),
+            "{mode:?}: b took a's group"
+        );
+        let a = h.converge("a", is_ready).await.unwrap();
+        assert_eq!(a.status.unwrap().uuid.as_deref(), made[0]["uuid"].as_str());
+        h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
+        assert_eq!(h.sim.groups().len(), 1, "{mode:?}: one group");
+    }
+}

@@ -458,55 +458,35 @@ pub fn intent_for_create(
 
 /// Which of the listed groups is the one this resource created.
 ///
-/// With a create intent standing (review N3): a group of the name and policy that was not
-/// there when the create was decided and was made no earlier than the intent (less Waldur's
-/// clock slack), whatever the resource's conditions said before. Without one (a resource from
-/// before intents, or one that never asked Waldur to create): same policy, created no earlier
-/// than the resource, the oldest first (review m15); a group made before the resource is
-/// someone else's, even with the same name (the fault campaign's name clash, also 0.5 s
-/// before). A group whose creation time is missing or unreadable is never taken for its own.
+/// Only a resource with a create intent standing asked Waldur to create (the intent is written
+/// before every create): without one, no group is its own, however young and well named. A
+/// twin (same tenant and name) would otherwise take the group its sibling's lost create made
+/// (the fault campaign's R6); and a resource told AlreadyManaged or InvalidSpec never disowns
+/// its own later create (review N3). With one: a group of the name and policy that was not
+/// there when the create was decided, made no earlier than the intent less Waldur's clock
+/// slack, the oldest first. A group whose creation time is missing or unreadable is never
+/// taken for its own.
 pub fn pick_own_creation<'a>(
     sg: &ServerGroup,
     candidates: &'a [WaldurGroup],
     policy: Policy,
 ) -> Option<&'a WaldurGroup> {
-    let intent = pending_intent(sg);
-    let not_before = match &intent {
-        Some(intent) => intent
-            .at
-            .parse::<Timestamp>()
-            .ok()?
-            .checked_sub(INTENT_CLOCK_SLACK)
-            .ok()?,
-        None if lost_the_name_before(sg) => return None,
-        None => sg.metadata.creation_timestamp.as_ref()?.0,
-    };
-    let foreign = intent.map(|i| i.foreign).unwrap_or_default();
+    let intent = pending_intent(sg)?;
+    let not_before = intent
+        .at
+        .parse::<Timestamp>()
+        .ok()?
+        .checked_sub(INTENT_CLOCK_SLACK)
+        .ok()?;
     let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())
-        .filter(|g| !foreign.iter().any(|f| f == g.uuid.as_str()))
+        .filter(|g| !intent.foreign.iter().any(|f| f == g.uuid.as_str()))
         .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
         .filter(|(created, _)| *created >= not_before)
         .collect();
     fitting.sort_by_key(|(created, _)| *created);
     fitting.into_iter().next().map(|(_, g)| g)
-}
-
-/// Whether this resource never bound a group, asked Waldur for none that could still be
-/// answered, and was told AlreadyManaged (the group of its name was another resource's) or
-/// InvalidSpec (Waldur refused its create): then a group of its name is not its own.
-pub fn lost_the_name_before(sg: &ServerGroup) -> bool {
-    let Some(status) = sg.status.as_ref() else {
-        return false;
-    };
-    pending_intent(sg).is_none()
-        && status.uuid.is_none()
-        && status.conditions.iter().any(|c| {
-            c.type_ == READY
-                && (c.reason == ready_reason::ALREADY_MANAGED
-                    || c.reason == ready_reason::INVALID_SPEC)
-        })
 }
 
 /// What a deleted resource needs next.

@@ -481,48 +481,6 @@ fn created_at(sg: &mut ServerGroup, t: &str) {
     sg.metadata.creation_timestamp = Some(Time(t.parse::<Timestamp>().unwrap()));
 }
 
-#[test]
-fn own_creation_is_recognised_by_policy_and_creation_time() {
-    let mut sg = resource(Mode::Managed, None, None);
-    created_at(&mut sg, "2026-11-27T12:00:00Z");
-    let mut older = group(State::Ok, "a");
-    older.created = "2026-11-27T10:00:00Z".into();
-    let mut other_policy = group(State::Ok, "b");
-    other_policy.policy = "affinity".into();
-    other_policy.created = "2026-11-27T12:00:01Z".into();
-    let mut ours = group(State::CreationScheduled, "");
-    ours.created = "2026-11-27T12:00:02Z".into();
-    let candidates = vec![older.clone(), other_policy.clone(), ours.clone()];
-    assert_eq!(
-        pick_own_creation(&sg, &candidates, Policy::AntiAffinity),
-        Some(&ours)
-    );
-    assert_eq!(
-        pick_own_creation(&sg, &[older, other_policy], Policy::AntiAffinity),
-        None
-    );
-    // Someone else's group of the same name, made half a second before the resource: not ours.
-    let mut just_before = group(State::Ok, "c");
-    just_before.created = "2026-11-27T11:59:59.5Z".into();
-    assert_eq!(
-        pick_own_creation(&sg, &[just_before], Policy::AntiAffinity),
-        None
-    );
-    // No readable creation time, or no resource time: no evidence, no adoption.
-    let mut undated = ours.clone();
-    undated.created = String::new();
-    assert_eq!(
-        pick_own_creation(&sg, &[undated], Policy::AntiAffinity),
-        None
-    );
-    let mut timeless = sg.clone();
-    timeless.metadata.creation_timestamp = None;
-    assert_eq!(
-        pick_own_creation(&timeless, &[ours], Policy::AntiAffinity),
-        None
-    );
-}
-
 fn with_intent(sg: &mut ServerGroup, at: &str, foreign: &[&str]) {
     let intent = CreateIntent {
         tenant: TENANT.into(),
@@ -544,13 +502,51 @@ fn with_intent(sg: &mut ServerGroup, at: &str, foreign: &[&str]) {
         );
 }
 
+/// Own creations are recognised by this resource's create intent: same policy, not there
+/// when the create was decided, made no earlier than the intent (less Waldur's clock slack),
+/// the oldest first; never without an intent.
+#[test]
+fn own_creation_is_recognised_by_the_create_intent() {
+    let mut sg = resource(Mode::Managed, None, None);
+    created_at(&mut sg, "2026-11-27T12:00:00Z");
+    let mut ours = group(State::CreationScheduled, "");
+    ours.created = "2026-11-27T13:00:00Z".into();
+    // No intent: this resource never asked Waldur to create, so no group is its own: a twin
+    // must not take the group its sibling's lost create made (the campaign's R6).
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        None
+    );
+    // The intent written before the POST: ours, even with Waldur's clock 5 s behind.
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        Some(&ours)
+    );
+    let mut other_policy = ours.clone();
+    other_policy.policy = "affinity".into();
+    let mut older = ours.clone();
+    older.created = "2026-11-27T12:59:00Z".into();
+    let mut undated = ours.clone();
+    undated.created = String::new();
+    for not_ours in [other_policy, older, undated] {
+        assert_eq!(
+            pick_own_creation(&sg, std::slice::from_ref(&not_ours), Policy::AntiAffinity),
+            None,
+            "{not_ours:?}"
+        );
+    }
+    // A group that was there when the create was decided is not ours, whatever its time.
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[UUID]);
+    assert_eq!(pick_own_creation(&sg, &[ours], Policy::AntiAffinity), None);
+}
+
 /// Review N3: a resource that was once AlreadyManaged (its twin held the name) and then
 /// created the group itself, losing the answer, recognises its own group by its create intent
-/// instead of disowning it; groups that were there before the intent stay someone else's.
+/// whatever its conditions said; an intent from before a group was bound does not stand.
 #[test]
 fn a_create_intent_outranks_an_old_lost_name() {
     let mut sg = resource(Mode::Managed, None, None);
-    created_at(&mut sg, "2026-11-27T12:00:00Z");
     sg.status = Some(ServerGroupStatus {
         conditions: vec![Condition {
             type_: READY.into(),
@@ -564,26 +560,11 @@ fn a_create_intent_outranks_an_old_lost_name() {
     });
     let mut ours = group(State::CreationScheduled, "");
     ours.created = "2026-11-27T13:00:00Z".into();
-    // Without an intent the old AlreadyManaged says the name was lost: not ours.
-    assert!(lost_the_name_before(&sg));
+    with_intent(&mut sg, "2026-11-27T13:00:00Z", &[]);
     assert_eq!(
-        pick_own_creation(&sg, &[ours.clone()], Policy::AntiAffinity),
-        None
-    );
-    // The intent written before the POST: ours, even with Waldur's clock 5 s behind.
-    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
-    assert!(!lost_the_name_before(&sg));
-    assert_eq!(
-        pick_own_creation(&sg, &[ours.clone()], Policy::AntiAffinity),
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
         Some(&ours)
     );
-    // A group that was there when the create was decided is not ours, whatever its time.
-    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[UUID]);
-    assert_eq!(
-        pick_own_creation(&sg, &[ours.clone()], Policy::AntiAffinity),
-        None
-    );
-    // An intent for another name, or one from before a group was bound, does not stand.
     let mut bound = resource(
         Mode::Managed,
         Some("11111111111111111111111111111111"),

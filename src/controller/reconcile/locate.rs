@@ -305,39 +305,91 @@ impl Reconciler {
         own
     }
 
-    /// The create's 400 for a taken name, naming who holds the group when a ServerGroup does
-    /// (review N16), and what the user can do: spec.name cannot change.
-    pub(super) async fn name_taken_error(
+    /// The name is taken by another ServerGroup's group: that resource holds the name, and
+    /// this one makes its own group once the name is free again (not terminal: the twin of a
+    /// kustomize base in another namespace takes over when the first is deleted).
+    pub(super) fn name_held_by(
+        &self,
+        tenant: &WaldurUuid,
+        name: &str,
+        groups: &[WaldurUuid],
+    ) -> Option<Located> {
+        let held = groups.iter().find_map(|uuid| {
+            let owner = self.owner_of(uuid)?;
+            Some(format!("{uuid}, held by ServerGroup {owner}"))
+        });
+        // A group of the name that nobody binds yet may be another resource's create whose
+        // answer was lost: its create intent says so (the campaign's R6).
+        let held = held.or_else(|| {
+            let creator = self.creating_the_name(tenant, name)?;
+            let uuid = groups.first()?;
+            Some(format!("{uuid}, made for ServerGroup {creator}"))
+        });
+        held.map(|held| {
+            Located::AlreadyManaged(format!(
+                "tenant {tenant} already has a server group named {name:?} ({held}); Waldur takes \
+                 one group per name in a tenant, so this resource makes its own once that one is \
+                 gone"
+            ))
+        })
+    }
+
+    /// Another ServerGroup whose create intent for this tenant and name still stands.
+    fn creating_the_name(&self, tenant: &WaldurUuid, name: &str) -> Option<String> {
+        let me = self.sg.uid();
+        self.ctx.store.state().iter().find_map(|other| {
+            if other.uid() == me {
+                return None;
+            }
+            let intent = plan::pending_intent(other)?;
+            let same = WaldurUuid::parse(&intent.tenant).ok().as_ref() == Some(tenant)
+                && intent.name == name;
+            same.then(|| {
+                format!(
+                    "{}/{}",
+                    other.namespace().unwrap_or_default(),
+                    other.name_any()
+                )
+            })
+        })
+    }
+
+    /// The create's 400 for a taken name: held by another ServerGroup (reported as such, not
+    /// terminal), or by a group no ServerGroup manages (terminal for this generation, naming
+    /// the group, review N16; spec.name cannot change).
+    pub(super) async fn name_taken(
         &self,
         client: &Waldur,
         tenant: &WaldurUuid,
         name: &str,
         original: WaldurError,
-    ) -> WaldurError {
-        let holder = match client
+    ) -> Located {
+        let Ok(groups) = client
             .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
             .await
-        {
-            Ok(groups) => groups.first().map(|g| match self.owner_of(&g.uuid) {
-                Some(owner) => format!("group {} is held by ServerGroup {owner}", g.uuid),
-                None => format!("group {} is not managed by any ServerGroup", g.uuid),
-            }),
-            Err(_) => None,
+        else {
+            return Located::Rejected(original);
         };
-        let Some(holder) = holder else {
-            return original;
+        let uuids: Vec<WaldurUuid> = groups.iter().map(|g| g.uuid.clone()).collect();
+        if let Some(held) = self.name_held_by(tenant, name, &uuids) {
+            return held;
+        }
+        let Some(group) = groups.first() else {
+            return Located::Rejected(original);
         };
-        WaldurError::Invalid {
+        Located::Rejected(WaldurError::Invalid {
             endpoint: "create",
             messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
                 field: Some("name".into()),
                 message: format!(
-                    "tenant {tenant} already has a server group named {name:?} ({holder}), and \
-                     Waldur takes one group per name in a tenant: spec.name cannot change, so \
-                     create a ServerGroup with another name, or one that imports that group"
+                    "tenant {tenant} already has a server group named {name:?} ({}, not managed \
+                     by any ServerGroup), and Waldur takes one group per name in a tenant: \
+                     spec.name cannot change, so create a ServerGroup with another name, or one \
+                     that imports that group",
+                    group.uuid
                 ),
             }]),
-        }
+        })
     }
 
     /// Records the create intent, and the finalizer when it is not there yet, in one write: a
@@ -440,6 +492,10 @@ impl Reconciler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // Another resource's group holds the name: a create could only be refused.
+        if let Some(held) = self.name_held_by(&tenant, &name, &seen) {
+            return Ok(held);
+        }
         let (intent, fresh) = plan::intent_for_create(&self.sg, &tenant, &name, &seen, self.now.0);
         self.record_intent(&intent).await?;
         let new = NewServerGroup {
@@ -478,9 +534,7 @@ impl Reconciler {
                     }
                     return Ok(Located::Found(Box::new(group), Binding::Adopted));
                 }
-                return Ok(Located::Rejected(
-                    self.name_taken_error(client, &tenant, &name, e).await,
-                ));
+                return Ok(self.name_taken(client, &tenant, &name, e).await);
             }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
             // The tenant is not OK: say which way, with Waldur's message (a tenant Erred by a
