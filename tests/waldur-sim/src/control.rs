@@ -19,7 +19,7 @@ use crate::error::json_response;
 use crate::faults::{AfterCommit, AfterCommitRule, ENDPOINTS, FailRule, Faults};
 use crate::model::State;
 use crate::server::Shared;
-use crate::world::Caller;
+use crate::world::{Caller, TenantPullTiming};
 
 /// Plain-text reference of the control plane, served at `GET /__sim/` and printed by `--help`.
 pub const CONTROL_HELP: &str = "\
@@ -35,7 +35,16 @@ Control plane (no auth; faults and counters ignore it):
   POST /__sim/resync             run Waldur's tenant re-sync now -> {\"deleted\",\"imported\",\"recovered\"}
   POST /__sim/state              {\"uuid\",\"state\"}: force a row's state (either vocabulary)
   POST /__sim/instances          {\"uuid\",\"instances\":[{\"name\",\"backend_id\"}]}: attach VMs
-  POST /__sim/tenants            {\"uuid\",\"ok\"?,\"user_visible\"?}: add or change a tenant (ok=false -> 409 on create)
+  GET  /__sim/tenants            every tenant as staff sees it (plus \"ok\", \"user_visible\")
+  POST /__sim/tenants            {\"uuid\",\"ok\"?,\"state\"?,\"error_message\"?,\"user_visible\"?}: add or change a tenant
+                                 (state OK|ERRED|UPDATE_SCHEDULED|UPDATING, stops its pull; ok=false = ERRED:
+                                 every tenant action answers 409 outside OK)
+  GET  /__sim/tenants/pull-delay how long pull_server_groups holds a tenant
+  POST /__sim/tenants/pull-delay {\"delay_ms\":N} (half Update Scheduled, half Updating), {\"delay_ms\":null}
+                                 (never runs: held until released) or {\"delay_ms\":\"default\"} (group delays)
+  POST /__sim/tenants/release    every tenant pull accepted so far completes now
+  GET  /__sim/clock              Waldur's clock offset {\"offset_secs\":N}
+  POST /__sim/clock              {\"offset_secs\":N}: shift every created/modified written from now on (N may be < 0)
   POST /__sim/delays             {\"schedule_ms\",\"run_ms\"}: worker timing for new operations
   GET  /__sim/order              the list's order without o=
   POST /__sim/order              {\"order\":\"shuffled\",\"seed\":N?} (real server: tenant name, then a new order
@@ -44,13 +53,17 @@ Control plane (no auth; faults and counters ignore it):
   POST /__sim/faults             any of {\"latency_ms\":N, \"fail_next\":{\"count\":N,\"status\":503,\"endpoint\":\"create\"?},
                                  \"failing\":502|null, \"drop_next\":N, \"slow_body_ms\":N|null,
                                  \"fail_creates\":N, \"fail_deletes\":N, \"refuse_deletes\":true|false,
+                                 \"fail_tenant_pulls\":N,
                                  \"after_commit\":{\"count\":N,\"endpoint\":\"create\"?,\"delay_ms\":N?}}
                                  (after_commit: the next N successful requests are carried out, then
                                  answered delay_ms late, or without delay_ms never: the connection drops)
                                  (fail_deletes: the next N deletes fail in OpenStack; refuse_deletes: all
                                  of them until false; from OK -> ERRED, from ERRED the row goes anyway)
+                                 (fail_tenant_pulls: the next N pull_server_groups fail in OpenStack: no row
+                                 changes, the tenant ends ERRED until a staff tenant pull, set_ok or /__sim/resync)
   POST /__sim/faults/clear       remove every fault
-Endpoint names: list count retrieve create create_collection pull delete unlink set_erred set_ok update other
+Endpoint names: list count retrieve create create_collection pull delete unlink set_erred set_ok
+  pull_server_groups tenant_list tenant_retrieve tenant_pull tenant_set_ok tenant_set_erred update other
 ";
 
 pub(crate) fn routes() -> Router<Arc<Shared>> {
@@ -68,6 +81,12 @@ pub(crate) fn routes() -> Router<Arc<Shared>> {
         .route("/__sim/state", post(force_state))
         .route("/__sim/instances", post(instances))
         .route("/__sim/tenants", get(get_tenants).post(tenants))
+        .route(
+            "/__sim/tenants/pull-delay",
+            get(get_tenant_pull_delay).post(set_tenant_pull_delay),
+        )
+        .route("/__sim/tenants/release", post(release_tenant_pulls))
+        .route("/__sim/clock", get(get_clock).post(set_clock))
         .route("/__sim/delays", post(delays))
         .route("/__sim/order", get(get_order).post(set_order))
         .route("/__sim/faults", get(get_faults).post(set_faults))
@@ -340,6 +359,79 @@ async fn tenants(AxState(s): Shared_, body: Bytes) -> Response {
     ok(tenant_json(&world, &id, &s.base_url))
 }
 
+fn tenant_pull_delay_json(timing: TenantPullTiming) -> Value {
+    match timing {
+        TenantPullTiming::FollowGroups => json!({"delay_ms": "default"}),
+        TenantPullTiming::After(d) => {
+            json!({"delay_ms": u64::try_from(d.as_millis()).unwrap_or(u64::MAX)})
+        }
+        TenantPullTiming::Never => json!({"delay_ms": null}),
+    }
+}
+
+async fn get_tenant_pull_delay(AxState(s): Shared_) -> Response {
+    ok(tenant_pull_delay_json(s.world().tenant_pull_timing))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantPullDelayReq {
+    /// A number of milliseconds, `null` (never) or `"default"`; required, so that a typo is a
+    /// 400 and not a tenant held for ever.
+    #[serde(deserialize_with = "present")]
+    delay_ms: Option<Value>,
+}
+
+async fn set_tenant_pull_delay(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: TenantPullDelayReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let timing = match req.delay_ms {
+        None | Some(Value::Null) => TenantPullTiming::Never,
+        Some(Value::String(s)) if s == "default" => TenantPullTiming::FollowGroups,
+        Some(Value::Number(n)) if n.as_u64().is_some() => {
+            TenantPullTiming::After(Duration::from_millis(n.as_u64().unwrap_or(0)))
+        }
+        Some(other) => {
+            return bad(format!(
+                "delay_ms must be milliseconds, null (never) or \"default\", not {other}"
+            ));
+        }
+    };
+    crate::server::set_tenant_pull_timing(&s, timing);
+    ok(tenant_pull_delay_json(timing))
+}
+
+async fn release_tenant_pulls(AxState(s): Shared_) -> Response {
+    crate::server::release_tenant_pulls(&s);
+    ok(json!({"detail": "Pending tenant pulls released."}))
+}
+
+fn clock_json(offset_micros: i64) -> Value {
+    json!({"offset_secs": offset_micros / 1_000_000})
+}
+
+async fn get_clock(AxState(s): Shared_) -> Response {
+    ok(clock_json(s.world().clock_offset))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockReq {
+    offset_secs: i64,
+}
+
+async fn set_clock(AxState(s): Shared_, body: Bytes) -> Response {
+    let req: ClockReq = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    let offset = req.offset_secs.saturating_mul(1_000_000);
+    s.world().clock_offset = offset;
+    ok(clock_json(offset))
+}
+
 #[derive(Deserialize)]
 struct DelaysReq {
     schedule_ms: u64,
@@ -396,7 +488,7 @@ fn fault_state(s: &Shared) -> Value {
     let faults = serde_json::to_value(&*s.faults()).unwrap_or(Value::Null);
     let world = s.world();
     json!({"faults": faults, "fail_creates": world.fail_creates, "fail_deletes": world.fail_deletes,
-           "refuse_deletes": world.refuse_deletes})
+           "refuse_deletes": world.refuse_deletes, "fail_tenant_pulls": world.fail_tenant_pulls})
 }
 
 async fn get_faults(AxState(s): Shared_) -> Response {
@@ -437,6 +529,7 @@ struct FaultsReq {
     fail_creates: Option<usize>,
     fail_deletes: Option<usize>,
     refuse_deletes: Option<bool>,
+    fail_tenant_pulls: Option<usize>,
     after_commit: Option<AfterCommitReq>,
 }
 
@@ -521,6 +614,9 @@ async fn set_faults(AxState(s): Shared_, body: Bytes) -> Response {
         if let Some(r) = req.refuse_deletes {
             world.refuse_deletes = r;
         }
+        if let Some(n) = req.fail_tenant_pulls {
+            world.fail_tenant_pulls = n;
+        }
     }
     ok(fault_state(&s))
 }
@@ -531,6 +627,7 @@ async fn clear_faults(AxState(s): Shared_) -> Response {
         let mut world = s.world();
         world.fail_creates = 0;
         world.fail_deletes = 0;
+        world.fail_tenant_pulls = 0;
         world.refuse_deletes = false;
     }
     ok(fault_state(&s))

@@ -9,7 +9,10 @@
 //! list without `o=` is ordered by tenant name only (rows of a tenant reshuffle per request, see
 //! [`DefaultOrder`]), HTML 404s for URLs without a route, 301 for a missing trailing slash,
 //! `{"detail": "JSON parse error - ..."}` 400s, DELETE from ERRED dropping the row even when
-//! OpenStack refuses, and a whole 7.0.x mode ([`WaldurVersion::V7_0`]).
+//! OpenStack refuses, and a whole 7.0.x mode ([`WaldurVersion::V7_0`]). Tenants are resources
+//! with a state: `pull_server_groups` holds its tenant (409 on every tenant action until the
+//! re-sync ran), a failed one leaves it Erred until staff or the periodic re-sync repair it, and
+//! Waldur's clock can be set off ([`Simulator::set_clock_offset`]).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {

@@ -268,7 +268,8 @@ impl Simulator {
     // ----- counters -----
 
     /// Requests to one endpoint (`list`, `count`, `retrieve`, `create`, `create_collection`,
-    /// `pull`, `delete`, `unlink`, `set_erred`, `set_ok`, `update`, `other`).
+    /// `pull`, `delete`, `unlink`, `set_erred`, `set_ok`, `pull_server_groups`, `tenant_list`,
+    /// `tenant_retrieve`, `tenant_pull`, `tenant_set_ok`, `tenant_set_erred`, `update`, `other`).
     pub fn requests(&self, endpoint: &str) -> u64 {
         self.shared.counters().get(endpoint)
     }

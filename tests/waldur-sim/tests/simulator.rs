@@ -2667,3 +2667,139 @@ async fn the_clock_offset_shifts_every_timestamp_written_afterwards() {
     let t = h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
     assert!(near(&t["modified"], 90), "{t}");
 }
+
+/// The tenant controls over `/__sim/`, for runs of the simulator as a separate process.
+#[tokio::test]
+async fn tenant_controls_over_http() {
+    let h = Harness::fast().await;
+    let post = |path: &str, body: Value| {
+        let req = h.http.post(h.url(path)).json(&body);
+        async move { req.send().await.expect("sent") }
+    };
+    let get = |path: &str| {
+        let req = h.http.get(h.url(path));
+        async move {
+            let resp = req.send().await.expect("sent");
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.json::<Value>().await.expect("json")
+        }
+    };
+
+    let all = get("/__sim/tenants").await;
+    assert_eq!(all[0]["uuid"], DEFAULT_TENANT);
+    assert_eq!(all[0]["state"], "OK");
+    assert_eq!(all[0]["ok"], true);
+
+    // State get/set.
+    let resp = post(
+        "/__sim/tenants",
+        json!({"uuid": DEFAULT_TENANT, "state": "Erred", "error_message": "by hand"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t: Value = resp.json().await.expect("json");
+    assert_eq!(
+        (t["state"].clone(), t["ok"].clone()),
+        (json!("ERRED"), json!(false))
+    );
+    assert_eq!(
+        h.tenant(DEFAULT_TENANT, USER).await["error_message"],
+        "by hand"
+    );
+    let resp = post(
+        "/__sim/tenants",
+        json!({"uuid": DEFAULT_TENANT, "state": "DELETING"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let resp = post(
+        "/__sim/tenants",
+        json!({"uuid": DEFAULT_TENANT, "ok": true}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.tenant(DEFAULT_TENANT, USER).await["state"], "OK");
+
+    // Failing tenant pulls, and the periodic re-sync over HTTP repairs the tenant.
+    let resp = post("/__sim/faults", json!({"fail_tenant_pulls": 1})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(get("/__sim/faults").await["fail_tenant_pulls"], 1);
+    h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    h.wait_tenant_state(DEFAULT_TENANT, "ERRED").await;
+    let report: Value = post("/__sim/resync", json!({}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(report["recovered_tenants"], json!([DEFAULT_TENANT]));
+    assert_eq!(h.tenant(DEFAULT_TENANT, USER).await["state"], "OK");
+    post("/__sim/faults", json!({"fail_tenant_pulls": 3})).await;
+    post("/__sim/faults/clear", json!({})).await;
+    assert_eq!(get("/__sim/faults").await["fail_tenant_pulls"], 0);
+
+    // The pull delay: never, release, a number, back to the default; typos are 400s.
+    assert_eq!(
+        get("/__sim/tenants/pull-delay").await,
+        json!({"delay_ms": "default"})
+    );
+    let resp = post("/__sim/tenants/pull-delay", json!({"delay_ms": null})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        get("/__sim/tenants/pull-delay").await,
+        json!({"delay_ms": null})
+    );
+    h.post(&h.pull_groups_url(DEFAULT_TENANT), USER, None).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.tenant(DEFAULT_TENANT, USER).await["state"],
+        "UPDATE_SCHEDULED"
+    );
+    let resp = post("/__sim/tenants/release", json!({})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    h.wait_tenant_state(DEFAULT_TENANT, "OK").await;
+    for bad in [
+        json!({}),
+        json!({"delay_ms": "soon"}),
+        json!({"delay_ms": -1}),
+    ] {
+        let resp = post("/__sim/tenants/pull-delay", bad.clone()).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    post("/__sim/tenants/pull-delay", json!({"delay_ms": 50})).await;
+    assert_eq!(
+        get("/__sim/tenants/pull-delay").await,
+        json!({"delay_ms": 50})
+    );
+    post("/__sim/tenants/pull-delay", json!({"delay_ms": "default"})).await;
+    assert_eq!(
+        get("/__sim/tenants/pull-delay").await,
+        json!({"delay_ms": "default"})
+    );
+
+    // The clock.
+    assert_eq!(get("/__sim/clock").await, json!({"offset_secs": 0}));
+    let resp = post("/__sim/clock", json!({"offset_secs": -7200})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(get("/__sim/clock").await, json!({"offset_secs": -7200}));
+    let g = h.create("late", "affinity").await;
+    let skew = now_micros() - drf_micros(g["created"].as_str().expect("created"));
+    assert!((skew - 7_200_000_000).abs() < 2_000_000, "{g}");
+
+    let help = h
+        .http
+        .get(h.url("/__sim/"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    for route in [
+        "/__sim/tenants/pull-delay",
+        "/__sim/tenants/release",
+        "/__sim/clock",
+        "fail_tenant_pulls",
+    ] {
+        assert!(help.contains(route), "help lists {route}");
+    }
+}
