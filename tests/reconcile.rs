@@ -820,3 +820,253 @@ async fn a_twin_never_takes_the_group_its_siblings_lost_create_made() {
         assert_eq!(h.sim.groups().len(), 1, "{mode:?}: one group");
     }
 }
+
+mod reimport {
+    //! A group that vanished from Waldur while OpenStack may hold it (an unlink) is made anew
+    //! only on evidence, and a deletion meanwhile never lets it go (review N2, M2, E1, E2).
+
+    use std::time::Duration;
+
+    use crate::support::{Harness, NS, PLURAL, TENANT, condition, is_ready, reason_is};
+    use waldur_operator::controller::index::ReadPath;
+    use waldur_operator::waldur::WaldurUuid;
+    use waldur_sim::SimConfig;
+
+    fn fast() -> SimConfig {
+        SimConfig {
+            delays: waldur_sim::Delays::fast(),
+            ..Default::default()
+        }
+    }
+
+    fn spec() -> serde_json::Value {
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "deletionPolicy": "Delete"})
+    }
+
+    /// Ready, then a staff user unlinks its group: Waldur's record goes, Nova keeps the group.
+    async fn unlinked(h: &Harness) -> waldur_operator::api::ServerGroupStatus {
+        h.apply("web", spec());
+        let before = h.converge("web", is_ready).await.unwrap().status.unwrap();
+        let uuid = WaldurUuid::parse(before.uuid.as_deref().unwrap()).unwrap();
+        h.staff_client().unlink(&uuid).await.unwrap();
+        before
+    }
+
+    fn nova_groups(h: &Harness) -> usize {
+        h.sim.openstack_groups(TENANT).len()
+    }
+
+    /// Reconciles `name` for `for_` (as requeues would), returning the last status.
+    async fn keep_reconciling(h: &Harness, name: &str, for_: Duration) {
+        let until = tokio::time::Instant::now() + for_;
+        while tokio::time::Instant::now() < until {
+            let _ = h.reconcile(name).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// E1: deleted while its group awaits re-import, a Delete-policy resource keeps its
+    /// finalizer (saying why), and deletes the group once Waldur re-imported it: nothing is
+    /// left in Waldur or OpenStack. Before the fix it was released with no DELETE at all.
+    #[tokio::test]
+    async fn a_deletion_waits_for_the_group_to_come_back_and_deletes_it() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            // The re-sync runs only when the test says: the deletion must wait for it.
+            h.sim.set_tenant_pull_delay(None);
+            unlinked(&h).await;
+            h.kube.delete(PLURAL, NS, "web");
+            keep_reconciling(&h, "web", Duration::from_secs(3)).await;
+            let waiting = h.sg("web").expect("the finalizer holds it");
+            let (_, reason, message) = condition(&waiting, "Ready").unwrap();
+            assert_eq!(reason, "Deleting", "{mode:?}: {message}");
+            assert!(message.contains("come back"), "{mode:?}: {message}");
+            assert_eq!(h.sim.requests("delete"), 0, "{mode:?}");
+            h.sim.release_tenant_pulls();
+            h.converge("web", |sg| sg.is_none()).await;
+            assert!(h.sim.groups().is_empty(), "{mode:?}: {:?}", h.sim.groups());
+            assert_eq!(
+                nova_groups(&h),
+                0,
+                "{mode:?}: the Nova group is deleted too"
+            );
+        }
+    }
+
+    /// E2 and the re-sync running 45 s or 10 minutes late (here: until the test lets it run,
+    /// far past --reimport-wait, which is 2 s in this harness): the group is waited for, never
+    /// made twice, and bound again under its new UUID.
+    #[tokio::test]
+    async fn a_late_re_sync_never_makes_a_second_group() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            h.sim.set_tenant_pull_delay(None);
+            let before = unlinked(&h).await;
+            keep_reconciling(&h, "web", Duration::from_secs(4)).await;
+            let waiting = h.sg("web").unwrap();
+            assert_eq!(condition(&waiting, "Ready").unwrap().1, "Reimporting");
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}: no second group");
+            assert_eq!(
+                h.sim.requests("pull_server_groups"),
+                1,
+                "{mode:?}: one re-sync asked for, not one per reconcile"
+            );
+            h.sim.release_tenant_pulls();
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(
+                after.backend_id, before.backend_id,
+                "{mode:?}: the same Nova group"
+            );
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}");
+        }
+    }
+
+    /// A re-sync that fails in OpenStack leaves the tenant Erred: the resource says so
+    /// (TenantErred, with Waldur's message), makes nothing, and once staff repair the tenant
+    /// asks again: the group comes back, still one in Nova.
+    #[tokio::test]
+    async fn a_failed_re_sync_is_reported_as_the_tenant_erred_and_asked_again_after_repair() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            h.sim.fail_next_tenant_pulls(1);
+            let before = unlinked(&h).await;
+            let erred = h
+                .converge("web", reason_is("Ready", "TenantErred"))
+                .await
+                .unwrap();
+            let message = condition(&erred, "Ready").unwrap().2;
+            assert!(
+                message.contains("500"),
+                "{mode:?}: Waldur's message: {message}"
+            );
+            assert!(
+                h.kube
+                    .event_reasons("web")
+                    .contains(&"TenantErred".to_string())
+            );
+            keep_reconciling(&h, "web", Duration::from_secs(2)).await;
+            assert_eq!(
+                h.sim.requests("create"),
+                1,
+                "{mode:?}: nothing made meanwhile"
+            );
+            h.sim.set_tenant_ok(TENANT, true);
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(after.backend_id, before.backend_id, "{mode:?}");
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}");
+        }
+    }
+
+    /// With automatic tenant re-syncs off, only Waldur's periodic re-sync brings the group
+    /// back: no request is made, nothing is created meanwhile, and the group is rebound.
+    #[tokio::test]
+    async fn with_re_syncs_off_the_periodic_re_sync_brings_it_back() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::with_settings(fast(), mode, |s| {
+                s.tenant_pulls = false;
+                s.reimport_wait = Duration::from_secs(3600);
+            })
+            .await;
+            let before = unlinked(&h).await;
+            keep_reconciling(&h, "web", Duration::from_secs(2)).await;
+            assert_eq!(h.sim.requests("pull_server_groups"), 0, "{mode:?}");
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
+            h.sim.resync_now().await;
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(after.backend_id, before.backend_id, "{mode:?}");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}");
+        }
+    }
+
+    /// A group really gone (deleted in OpenStack too) is made anew once the re-sync shows it
+    /// will not come back; and the user can skip the wait with request-recreate.
+    #[tokio::test]
+    async fn a_group_gone_for_good_is_made_anew_after_the_re_sync_or_on_request() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            let before = unlinked(&h).await;
+            h.sim
+                .openstack_delete(before.backend_id.as_deref().unwrap());
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_ne!(
+                after.backend_id, before.backend_id,
+                "{mode:?}: a new Nova group"
+            );
+            assert!(
+                h.kube
+                    .event_reasons("web")
+                    .contains(&"Recreated".to_string())
+            );
+            assert_eq!(nova_groups(&h), 1, "{mode:?}");
+            assert_eq!(h.sim.requests("create"), 2, "{mode:?}: one more group");
+
+            // Again, with no re-sync to be had (tenant re-syncs off, --reimport-wait an hour):
+            // only the annotation makes it now.
+            let h = Harness::with_settings(fast(), mode, |s| {
+                s.tenant_pulls = false;
+                s.reimport_wait = Duration::from_secs(3600);
+            })
+            .await;
+            let before = unlinked(&h).await;
+            h.sim
+                .openstack_delete(before.backend_id.as_deref().unwrap());
+            keep_reconciling(&h, "web", Duration::from_secs(2)).await;
+            assert_eq!(
+                h.sim.requests("create"),
+                1,
+                "{mode:?}: waiting, not creating"
+            );
+            h.kube.edit(PLURAL, NS, "web", |o| {
+                o["metadata"]["annotations"]["openstack.waldur.com/request-recreate"] =
+                    serde_json::json!("1");
+            });
+            h.converge("web", |sg| {
+                is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+            })
+            .await;
+            assert_eq!(h.sim.requests("create"), 2, "{mode:?}");
+            // The token is acted on once: the next vanishing waits again.
+            assert_eq!(
+                h.sg("web")
+                    .unwrap()
+                    .status
+                    .unwrap()
+                    .handled_requests
+                    .unwrap()
+                    .recreate
+                    .as_deref(),
+                Some("1")
+            );
+        }
+    }
+}

@@ -348,6 +348,15 @@ fn a_vanished_group_is_recreated_only_on_evidence() {
 fn a_re_sync_counts_only_if_accepted_after_the_group_vanished() {
     let s = settings();
     let (sg, fresh) = vanished(1_000, None);
+    // Stored times are whole seconds: a request in the same second may have come before.
+    let same_second = TenantPullsSeen {
+        last_accepted: Some(at(1_000)),
+        last_asked: Some(at(1_000)),
+    };
+    assert_eq!(
+        reimport_step(&sg, &fresh, &TenantSeen::Ok, same_second, &s, at(1_020)).1,
+        None
+    );
     let after = TenantPullsSeen {
         last_accepted: Some(at(1_010)),
         last_asked: Some(at(1_010)),

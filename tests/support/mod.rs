@@ -36,6 +36,15 @@ impl Harness {
     }
 
     pub async fn with_mode(config: SimConfig, mode: ReadPath) -> Self {
+        Self::with_settings(config, mode, |_| {}).await
+    }
+
+    /// As `with_mode`, with the operator's settings changed by `change`.
+    pub async fn with_settings(
+        config: SimConfig,
+        mode: ReadPath,
+        change: impl FnOnce(&mut Settings),
+    ) -> Self {
         let staff = config.staff_token.clone();
         let sim = Simulator::start(config)
             .await
@@ -58,7 +67,7 @@ impl Harness {
             })),
             Arc::new(Metrics::new()),
         );
-        let settings = Settings {
+        let mut settings = Settings {
             resync_period: Duration::from_secs(600),
             pull_interval: None,
             reimport_wait: Duration::from_secs(2),
@@ -66,6 +75,7 @@ impl Harness {
             tenant_pull_floor: Duration::from_secs(1),
             ..Settings::default()
         };
+        change(&mut settings);
         let mut ctx = Context::new(
             kube.client(),
             settings,

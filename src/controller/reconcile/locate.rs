@@ -96,6 +96,12 @@ impl Reconciler {
         if record.requested_at.is_none() {
             record.requested_at = accepted.map(Time);
         }
+        if matches!(step, plan::ReimportStep::TenantErred { .. }) {
+            // The re-sync failed (or the tenant broke meanwhile): it is no evidence, and once
+            // the tenant is repaired a new one must run. Nothing accepted until now counts.
+            record.since = Some(self.now.clone());
+            record.requested_at = None;
+        }
         let what = if backend_id.is_empty() {
             format!("a group named {:?}", self.sg.waldur_name())
         } else {
