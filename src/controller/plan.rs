@@ -152,17 +152,19 @@ pub fn after_missing(
         .and_then(|s| s.backend_id.as_deref())
         .filter(|b| !b.is_empty());
     let had_uuid = status.and_then(|s| s.uuid.as_ref()).is_some();
+    let last_state = status.and_then(|s| s.state.as_deref()).map(State::parse);
+    // Last seen on its way out (this resource's own DELETE, or Waldur's): a 404 now means
+    // Waldur deleted it, in OpenStack too (a failed delete leaves the row ERRED instead).
+    let deleted = matches!(last_state, Some(State::DeletionScheduled | State::Deleting));
     // A group last seen while Waldur was still creating it may have got a Nova group since,
     // which this resource never saw: it too may come back, by name.
     let maybe_in_openstack_unseen = had_uuid
         && known_backend_id.is_none()
-        && status
-            .and_then(|s| s.state.as_deref())
-            .map(State::parse)
-            .is_some_and(|s| s.is_transitional());
+        && matches!(last_state, Some(State::CreationScheduled | State::Creating));
     // Deleting with the Delete policy: the group must be found to be deleted, whatever
     // brought it here. Unlink wants Waldur's record gone, and it is.
     let may_come_back_for = managed
+        && !deleted
         && if deleting {
             sg.spec.deletion_policy == DeletionPolicy::Delete
         } else {

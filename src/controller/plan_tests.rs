@@ -249,6 +249,15 @@ fn deletion_waits_for_a_group_that_may_come_back() {
     assert_eq!(after_missing(&managed, &by_backend, true), awaiting);
     let imported = resource(Mode::ImportUuid, known, Some("nova-1"));
     assert_eq!(after_missing(&imported, &by_backend, true), awaiting);
+    // Gone after Waldur was seen deleting it (this resource's DELETE): deleted, not lost,
+    // and no tenant re-sync is asked for (found by the e2e suite: it re-imported another
+    // resource's unlinked group).
+    let mut deleted = managed.clone();
+    deleted.status.as_mut().unwrap().state = Some("DELETION_SCHEDULED".into());
+    assert_eq!(
+        after_missing(&deleted, &by_backend, true),
+        Ok(Missing::NotFound)
+    );
     let mut unlink = managed.clone();
     unlink.spec.deletion_policy = DeletionPolicy::Unlink;
     assert_eq!(

@@ -97,7 +97,11 @@ impl Reconciler {
                             &format!("asked Waldur to delete {uuid}"),
                         )
                         .await;
-                        self.deleting_status("Waldur is deleting the group").await?;
+                        self.deleting_status(
+                            "Waldur is deleting the group",
+                            Some(State::DeletionScheduled.as_str()),
+                        )
+                        .await?;
                         Ok(Some(Action::requeue(SOON)))
                     }
                     Err(e) if e.is_not_found() => Ok(None),
@@ -125,9 +129,10 @@ impl Reconciler {
                 }
             }
             Cleanup::Wait { state } => {
-                self.deleting_status(&format!(
-                    "waiting for Waldur to finish ({state}) before deleting"
-                ))
+                self.deleting_status(
+                    &format!("waiting for Waldur to finish ({state}) before deleting"),
+                    Some(state),
+                )
                 .await?;
                 // Backing off like any transitional state (review m3): a group stuck in
                 // DELETING is not read every 2 s for ever.
@@ -184,6 +189,8 @@ impl Reconciler {
                         };
                         self.write_status(true, |s| {
                             s.auto_pull = Some(pulled.clone());
+                            // As seen: ERRED, not on its way out.
+                            s.state = Some(State::Erred.as_str().to_string());
                             self.ready(s, false, ready_reason::DELETING, &note);
                             self.synced(s, true, synced_reason::RECONCILED, "");
                         })
@@ -211,6 +218,7 @@ impl Reconciler {
                         .await;
                 }
                 self.write_status(true, |s| {
+                    s.state = Some(State::Erred.as_str().to_string());
                     self.ready(s, false, ready_reason::DELETING, message);
                     self.synced(s, false, synced_reason::DELETE_BLOCKED, message);
                 })
@@ -222,8 +230,17 @@ impl Reconciler {
         }
     }
 
-    pub(super) async fn deleting_status(&self, message: &str) -> Result<(), Error> {
+    /// `Ready=False Deleting`, with Waldur's state as last seen (`state`): a group whose
+    /// last state was DELETING and then answers 404 was deleted, not lost.
+    pub(super) async fn deleting_status(
+        &self,
+        message: &str,
+        state: Option<&str>,
+    ) -> Result<(), Error> {
         self.write_status(true, |s| {
+            if let Some(state) = state {
+                s.state = Some(state.to_string());
+            }
             self.ready(s, false, ready_reason::DELETING, message);
             self.synced(s, true, synced_reason::RECONCILED, "");
         })
