@@ -1070,3 +1070,71 @@ mod reimport {
         }
     }
 }
+
+/// A tenant Erred in Waldur (a failed re-sync, say) refuses every create with 409: the
+/// resource says so as TenantErred, with Waldur's message and what repairs it, not as a
+/// create failure; once the tenant is repaired the group is made.
+#[tokio::test]
+async fn a_create_in_an_erred_tenant_reports_the_tenant() {
+    use support::{Harness, TENANT, condition, is_ready, reason_is};
+    let h = Harness::fast_mode(ReadPath::Batched).await;
+    h.sim.set_tenant_ok(TENANT, false);
+    h.apply(
+        "web",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT}),
+    );
+    let sg = h
+        .converge("web", reason_is("Ready", "TenantErred"))
+        .await
+        .unwrap();
+    let (_, _, message) = condition(&sg, "Ready").unwrap();
+    assert!(message.contains("staff"), "says what repairs it: {message}");
+    assert_eq!(
+        condition(&sg, "Synced").unwrap().0,
+        "True",
+        "not a reconcile failure"
+    );
+    assert!(h.sim.groups().is_empty());
+    h.sim.set_tenant_ok(TENANT, true);
+    h.converge("web", is_ready).await;
+    assert_eq!(h.sim.groups().len(), 1);
+}
+
+/// Review N17: a spec the operator cannot act on (here a tenant that is not a UUID, which
+/// only an older CRD lets in) gets no finalizer, so deleting it never waits on an operator
+/// that cannot clean up.
+#[tokio::test]
+async fn a_spec_the_operator_cannot_act_on_gets_no_finalizer() {
+    use support::{Harness, NS, PLURAL};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    h.apply(
+        "bad",
+        serde_json::json!({"policy": "affinity", "tenant": "not-a-uuid"}),
+    );
+    assert!(h.reconcile("bad").await.is_err());
+    let sg = h.sg("bad").unwrap();
+    assert!(sg.metadata.finalizers.unwrap_or_default().is_empty());
+    h.kube.delete(PLURAL, NS, "bad");
+    assert!(h.sg("bad").is_none(), "deleted at once");
+}
+
+/// Review m5: an imported group that goes away is NotFound, and the status no longer shows
+/// the state, instances or count it had (STATE stayed OK before).
+#[tokio::test]
+async fn an_imported_group_that_went_away_shows_no_state() {
+    use support::{Harness, TENANT, is_ready, reason_is};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    let uuid = h.sim.waldur_create(TENANT, "theirs", "affinity").unwrap();
+    h.apply("imp", serde_json::json!({"import": {"uuid": uuid}}));
+    let ready = h.converge("imp", is_ready).await.unwrap();
+    assert_eq!(ready.status.unwrap().state.as_deref(), Some("OK"));
+    h.sim.waldur_delete(&uuid).unwrap();
+    let gone = h
+        .converge("imp", |sg| {
+            reason_is("Ready", "NotFound")(sg)
+                && sg.unwrap().status.as_ref().unwrap().state.is_none()
+        })
+        .await
+        .unwrap();
+    assert_eq!(gone.status.unwrap().instance_count, None);
+}

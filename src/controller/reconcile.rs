@@ -210,6 +210,11 @@ impl Reconciler {
             }
             Located::NotFound(message) => {
                 self.write_status(true, |s| {
+                    // What was mirrored of a group that is not there is no longer true
+                    // (review m5): STATE must not go on showing OK.
+                    s.state = None;
+                    s.instances.clear();
+                    s.instance_count = None;
                     self.ready(s, false, ready_reason::NOT_FOUND, &message);
                     self.synced(s, true, synced_reason::RECONCILED, "");
                 })

@@ -254,6 +254,9 @@ impl WaldurClient {
     }
 
     fn group_url(&self, uuid: &WaldurUuid, action: Option<&str>) -> String {
+        // A UUID Waldur sent is taken as it came (review m9): encoded, an odd one can only name
+        // a group that is not there, never another path or a query.
+        let uuid = path_segment(uuid.as_str());
         match action {
             Some(a) => format!("{}/api/openstack-server-groups/{uuid}/{a}/", self.base),
             None => format!("{}/api/openstack-server-groups/{uuid}/", self.base),
@@ -874,9 +877,34 @@ fn probe_until_closed(
     })
 }
 
+/// `s` as one URL path segment: letters, digits and `-` as they are, every other byte
+/// percent-encoded.
+fn path_segment(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review m9: a UUID from Waldur is put into a path encoded, whatever it holds.
+    #[test]
+    fn an_odd_uuid_from_waldur_stays_one_path_segment() {
+        assert_eq!(path_segment("4c3e00aa"), "4c3e00aa");
+        assert_eq!(
+            path_segment("../../x?y=1#z"),
+            "%2E%2E%2F%2E%2E%2Fx%3Fy%3D1%23z"
+        );
+    }
 
     #[test]
     fn base_urls_are_normalised() {
