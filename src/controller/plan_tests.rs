@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::*;
 use crate::api::{
@@ -8,14 +8,14 @@ use crate::api::{
     HandledRequests, ImportSource, ServerGroupSpec,
 };
 
-const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
-const UUID: &str = "4c3e00000000000000000000000000aa";
+pub(super) const TENANT: &str = "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e";
+pub(super) const UUID: &str = "4c3e00000000000000000000000000aa";
 
-fn uuid(s: &str) -> WaldurUuid {
+pub(super) fn uuid(s: &str) -> WaldurUuid {
     WaldurUuid::parse(s).unwrap()
 }
 
-fn settings() -> Settings {
+pub(super) fn settings() -> Settings {
     Settings {
         resync_period: Duration::from_secs(600),
         ..Settings::default()
@@ -23,14 +23,18 @@ fn settings() -> Settings {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Mode {
+pub(super) enum Mode {
     Managed,
     ImportUuid,
     ImportBackendId,
     Observe,
 }
 
-fn resource(mode: Mode, status_uuid: Option<&str>, backend_id: Option<&str>) -> ServerGroup {
+pub(super) fn resource(
+    mode: Mode,
+    status_uuid: Option<&str>,
+    backend_id: Option<&str>,
+) -> ServerGroup {
     let mut spec = ServerGroupSpec {
         policy: Some(Policy::AntiAffinity),
         tenant: Some(TENANT.into()),
@@ -70,7 +74,7 @@ fn resource(mode: Mode, status_uuid: Option<&str>, backend_id: Option<&str>) -> 
     sg
 }
 
-fn group(state: State, backend_id: &str) -> WaldurGroup {
+pub(super) fn group(state: State, backend_id: &str) -> WaldurGroup {
     WaldurGroup {
         uuid: uuid(UUID),
         state: Some(state),
@@ -80,7 +84,7 @@ fn group(state: State, backend_id: &str) -> WaldurGroup {
     }
 }
 
-fn own() -> Lookup {
+pub(super) fn own() -> Lookup {
     Lookup::OwnCreation {
         tenant: uuid(TENANT),
         name: "web".into(),
@@ -292,339 +296,6 @@ fn deletion_waits_for_a_group_that_may_come_back() {
             backend_id: String::new(),
         })
     );
-}
-
-fn vanished(since: i64, requested: Option<i64>) -> (ServerGroup, crate::api::Reimport) {
-    let sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
-    let record = crate::api::Reimport {
-        backend_id: "nova-1".into(),
-        since: Some(Time(Timestamp::from_second(since).unwrap())),
-        requested_at: requested.map(|t| Time(Timestamp::from_second(t).unwrap())),
-    };
-    (sg, record)
-}
-
-fn at(secs: i64) -> Timestamp {
-    Timestamp::from_second(secs).unwrap()
-}
-
-fn is_wait(step: &ReimportStep) -> bool {
-    matches!(step, ReimportStep::Wait { .. })
-}
-
-/// Review M2 and E2: a vanished group is made anew only on evidence that a re-sync which began
-/// after it vanished finished without it, never at a fixed time after a request. The re-sync
-/// may run 45 s or 10 minutes late: the decision is the same until the tenant is back to OK.
-#[test]
-fn a_vanished_group_is_recreated_only_on_evidence() {
-    let s = settings();
-    let none = TenantPullsSeen::default();
-    // Vanished at 1,000 s: the tenant is OK and nothing was asked: ask for a re-sync.
-    let (sg, fresh) = vanished(1_000, None);
-    assert_eq!(
-        reimport_step(&sg, &fresh, &TenantSeen::Ok, none, &s, at(1_000)).0,
-        ReimportStep::AskPull
-    );
-    // Asked at 1,001 s; Waldur holds the tenant until its worker runs the re-sync, 45 s or
-    // 10 minutes later: wait, however long it takes.
-    let (sg, asked) = vanished(1_000, Some(1_001));
-    for late in [3, 45, 600, 4 * 3600] {
-        let (step, _) = reimport_step(
-            &sg,
-            &asked,
-            &TenantSeen::Busy("UPDATE_SCHEDULED".into()),
-            none,
-            &s,
-            at(1_001 + late),
-        );
-        assert!(is_wait(&step), "{late} s late: {step:?}");
-    }
-    // The tenant is OK again after the accepted request: the re-sync ran; look once more.
-    assert_eq!(
-        reimport_step(&sg, &asked, &TenantSeen::Ok, none, &s, at(1_650)).0,
-        ReimportStep::Recheck
-    );
-    // The re-sync failed: the tenant is Erred; say so, do not create.
-    assert!(matches!(
-        reimport_step(&sg, &asked, &TenantSeen::Erred("Nova 500".into()), none, &s, at(1_650)).0,
-        ReimportStep::TenantErred { ref message, .. } if message.contains("Nova 500")
-    ));
-}
-
-/// Another resource's request accepted after this group vanished is evidence too; one accepted
-/// before it vanished is not.
-#[test]
-fn a_re_sync_counts_only_if_accepted_after_the_group_vanished() {
-    let s = settings();
-    let (sg, fresh) = vanished(1_000, None);
-    // Stored times are whole seconds: a request in the same second may have come before.
-    let same_second = TenantPullsSeen {
-        last_accepted: Some(at(1_000)),
-        last_asked: Some(at(1_000)),
-    };
-    assert_eq!(
-        reimport_step(&sg, &fresh, &TenantSeen::Ok, same_second, &s, at(1_020)).1,
-        None
-    );
-    let after = TenantPullsSeen {
-        last_accepted: Some(at(1_010)),
-        last_asked: Some(at(1_010)),
-    };
-    assert_eq!(
-        reimport_step(&sg, &fresh, &TenantSeen::Ok, after, &s, at(1_020)),
-        (ReimportStep::Recheck, Some(at(1_010)))
-    );
-    let before = TenantPullsSeen {
-        last_accepted: Some(at(990)),
-        last_asked: Some(at(990)),
-    };
-    // Before: not evidence, and the floor (5 minutes from 990 s) holds the next request back.
-    let (step, accepted) = reimport_step(&sg, &fresh, &TenantSeen::Ok, before, &s, at(1_020));
-    assert!(is_wait(&step), "{step:?}");
-    assert_eq!(accepted, None);
-    assert_eq!(
-        reimport_step(&sg, &fresh, &TenantSeen::Ok, before, &s, at(1_290)).0,
-        ReimportStep::AskPull
-    );
-}
-
-/// Tenant re-syncs with care: never while the tenant is held or Erred, never when turned off,
-/// and with automatic re-syncs off only a wait longer than Waldur's periodic re-sync decides.
-#[test]
-fn without_re_syncs_only_the_safe_wait_decides() {
-    let off = Settings {
-        tenant_pulls: false,
-        ..settings()
-    };
-    let none = TenantPullsSeen::default();
-    let (sg, fresh) = vanished(1_000, None);
-    // Waldur's periodic re-sync runs every 2 hours; it may be 10 minutes late.
-    for waited in [1, 45, 2 * 3600 + 600] {
-        let (step, _) = reimport_step(&sg, &fresh, &TenantSeen::Ok, none, &off, at(1_000 + waited));
-        assert!(is_wait(&step), "{waited}: {step:?}");
-    }
-    assert!(matches!(
-        reimport_step(
-            &sg,
-            &fresh,
-            &TenantSeen::Ok,
-            none,
-            &off,
-            at(1_000 + 3 * 3600)
-        )
-        .0,
-        ReimportStep::Gone(_)
-    ));
-    // A tenant held by someone else's action: no request, and no evidence either.
-    let (step, _) = reimport_step(
-        &sg,
-        &fresh,
-        &TenantSeen::Busy("UPDATING".into()),
-        none,
-        &settings(),
-        at(1_000 + 4 * 3600),
-    );
-    assert!(is_wait(&step), "{step:?}");
-    // A tenant these credentials cannot see: the safe wait, never a request.
-    let (step, _) = reimport_step(
-        &sg,
-        &fresh,
-        &TenantSeen::Invisible,
-        none,
-        &settings(),
-        at(1_100),
-    );
-    assert!(is_wait(&step), "{step:?}");
-    // The user knows better: a new request-recreate token makes the group now.
-    let mut forced = sg.clone();
-    forced.metadata.annotations = Some(BTreeMap::from([(
-        crate::api::ANNOTATION_REQUEST_RECREATE.to_string(),
-        "1".to_string(),
-    )]));
-    assert!(matches!(
-        reimport_step(&forced, &fresh, &TenantSeen::Ok, none, &off, at(1_001)).0,
-        ReimportStep::Gone(ref why) if why.contains("request-recreate")
-    ));
-    forced.status.as_mut().unwrap().handled_requests = Some(Box::new(HandledRequests {
-        recreate: Some("1".into()),
-        ..Default::default()
-    }));
-    let (step, _) = reimport_step(&forced, &fresh, &TenantSeen::Ok, none, &off, at(1_001));
-    assert!(
-        is_wait(&step),
-        "a token acted on is not acted on again: {step:?}"
-    );
-}
-
-#[test]
-fn a_tenant_re_sync_is_due_only_when_on_ok_and_past_the_floor() {
-    let s = settings();
-    let asked = TenantPullsSeen {
-        last_accepted: None,
-        last_asked: Some(at(1_000)),
-    };
-    assert!(tenant_pull_due(
-        &s,
-        TenantPullsSeen::default(),
-        &TenantSeen::Ok,
-        at(1_000)
-    ));
-    assert!(!tenant_pull_due(&s, asked, &TenantSeen::Ok, at(1_299)));
-    assert!(tenant_pull_due(&s, asked, &TenantSeen::Ok, at(1_300)));
-    assert!(!tenant_pull_due(
-        &s,
-        TenantPullsSeen::default(),
-        &TenantSeen::Erred(String::new()),
-        at(1_000)
-    ));
-    assert!(!tenant_pull_due(
-        &s,
-        TenantPullsSeen::default(),
-        &TenantSeen::Busy("UPDATING".into()),
-        at(1_000)
-    ));
-    let off = Settings {
-        tenant_pulls: false,
-        ..settings()
-    };
-    assert!(!tenant_pull_due(
-        &off,
-        TenantPullsSeen::default(),
-        &TenantSeen::Ok,
-        at(1_000)
-    ));
-}
-
-fn created_at(sg: &mut ServerGroup, t: &str) {
-    sg.metadata.creation_timestamp = Some(Time(t.parse::<Timestamp>().unwrap()));
-}
-
-fn with_intent(sg: &mut ServerGroup, at: &str, foreign: &[&str]) {
-    let intent = CreateIntent {
-        tenant: TENANT.into(),
-        name: "web".into(),
-        at: at.into(),
-        replaces: sg
-            .status
-            .as_ref()
-            .and_then(|s| s.uuid.clone())
-            .unwrap_or_default(),
-        foreign: foreign.iter().map(|s| s.to_string()).collect(),
-    };
-    sg.metadata
-        .annotations
-        .get_or_insert_with(Default::default)
-        .insert(
-            crate::api::ANNOTATION_CREATE_INTENT.into(),
-            serde_json::to_string(&intent).unwrap(),
-        );
-}
-
-/// Own creations are recognised by this resource's create intent: same policy, not there
-/// when the create was decided, made no earlier than the intent (less Waldur's clock slack),
-/// the oldest first; never without an intent.
-#[test]
-fn own_creation_is_recognised_by_the_create_intent() {
-    let mut sg = resource(Mode::Managed, None, None);
-    created_at(&mut sg, "2026-11-27T12:00:00Z");
-    let mut ours = group(State::CreationScheduled, "");
-    ours.created = "2026-11-27T13:00:00Z".into();
-    // No intent: this resource never asked Waldur to create, so no group is its own: a twin
-    // must not take the group its sibling's lost create made (the campaign's R6).
-    assert_eq!(
-        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
-        None
-    );
-    // The intent written before the POST: ours, even with Waldur's clock 5 s behind.
-    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
-    assert_eq!(
-        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
-        Some(&ours)
-    );
-    let mut other_policy = ours.clone();
-    other_policy.policy = "affinity".into();
-    let mut older = ours.clone();
-    older.created = "2026-11-27T12:59:00Z".into();
-    let mut undated = ours.clone();
-    undated.created = String::new();
-    for not_ours in [other_policy, older, undated] {
-        assert_eq!(
-            pick_own_creation(&sg, std::slice::from_ref(&not_ours), Policy::AntiAffinity),
-            None,
-            "{not_ours:?}"
-        );
-    }
-    // A group that was there when the create was decided is not ours, whatever its time.
-    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[UUID]);
-    assert_eq!(pick_own_creation(&sg, &[ours], Policy::AntiAffinity), None);
-}
-
-/// Review N3: a resource that was once AlreadyManaged (its twin held the name) and then
-/// created the group itself, losing the answer, recognises its own group by its create intent
-/// whatever its conditions said; an intent from before a group was bound does not stand.
-#[test]
-fn a_create_intent_outranks_an_old_lost_name() {
-    let mut sg = resource(Mode::Managed, None, None);
-    sg.status = Some(ServerGroupStatus {
-        conditions: vec![Condition {
-            type_: READY.into(),
-            status: "False".into(),
-            reason: ready_reason::ALREADY_MANAGED.into(),
-            message: String::new(),
-            observed_generation: Some(1),
-            last_transition_time: Time(Timestamp::UNIX_EPOCH),
-        }],
-        ..Default::default()
-    });
-    let mut ours = group(State::CreationScheduled, "");
-    ours.created = "2026-11-27T13:00:00Z".into();
-    with_intent(&mut sg, "2026-11-27T13:00:00Z", &[]);
-    assert_eq!(
-        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
-        Some(&ours)
-    );
-    let mut bound = resource(
-        Mode::Managed,
-        Some("11111111111111111111111111111111"),
-        Some("n"),
-    );
-    with_intent(&mut bound, "2026-11-27T13:00:05Z", &[]);
-    bound.status.as_mut().unwrap().uuid = Some("22222222222222222222222222222222".into());
-    assert_eq!(pending_intent(&bound), None);
-}
-
-/// The intent of a create whose answer may have been lost is kept for the next create, so its
-/// time still covers the group that create made; a bound group ends it.
-#[test]
-fn an_intent_is_kept_until_a_group_is_bound() {
-    let mut sg = resource(Mode::Managed, None, None);
-    let now = at(5_000);
-    let (first, fresh) = intent_for_create(&sg, &uuid(TENANT), "web", &[], now);
-    assert!(fresh);
-    sg.metadata.annotations = Some(BTreeMap::from([(
-        crate::api::ANNOTATION_CREATE_INTENT.to_string(),
-        serde_json::to_string(&first).unwrap(),
-    )]));
-    let other = uuid("33333333333333333333333333333333");
-    let (again, fresh) = intent_for_create(
-        &sg,
-        &uuid(TENANT),
-        "web",
-        std::slice::from_ref(&other),
-        at(9_000),
-    );
-    assert!(!fresh);
-    assert_eq!(again.at, first.at);
-    assert_eq!(again.foreign, vec![other.to_string()]);
-    // Bound since: a recreate starts a fresh intent that names what it replaces.
-    sg.status = Some(ServerGroupStatus {
-        uuid: Some(UUID.into()),
-        ..Default::default()
-    });
-    let (recreate, fresh) = intent_for_create(&sg, &uuid(TENANT), "web", &[], at(9_000));
-    assert!(fresh);
-    assert_eq!(recreate.replaces, UUID);
-    assert_eq!(recreate.at, at(9_000).to_string());
 }
 
 #[test]

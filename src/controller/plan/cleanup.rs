@@ -1,0 +1,121 @@
+//! The deletion policy applied to what is known of the group.
+
+use super::*;
+
+/// What a deleted resource needs next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    /// Nothing (more) to do in Waldur: drop the finalizer.
+    Release { reason: &'static str },
+    /// Find the group first.
+    Locate,
+    /// Send DELETE.
+    Delete(WaldurUuid),
+    /// Send unlink.
+    Unlink(WaldurUuid),
+    /// Waldur is working on it (deleting, or busy with another operation): look again soon.
+    Wait { state: String },
+    /// ERRED with a Nova group: a DELETE now would make Waldur drop its record even when
+    /// OpenStack keeps the group. Learn what OpenStack holds first, and delete once the group
+    /// is OK: the first attempt pulls the group (Waldur's recovery path); later ones, with
+    /// `tenant` set, ask for the tenant's re-sync instead, which also drops the record when the
+    /// Nova group is really gone (a pull leaves such a group ERRED, and a re-sync skips a
+    /// group that is busy being pulled).
+    PullFirst {
+        uuid: WaldurUuid,
+        attempt: u32,
+        tenant: Option<WaldurUuid>,
+    },
+    /// Still ERRED after pulling: OpenStack may hold the group. Pull again after `retry_in`;
+    /// meanwhile the finalizer stays and status says why.
+    Held {
+        message: String,
+        attempts: u32,
+        retry_in: Duration,
+    },
+}
+
+/// Pulls of an ERRED group that is being deleted: 10 s, doubling, at most 10 minutes apart.
+pub fn delete_pull_backoff(attempts: u32) -> Duration {
+    Duration::from_secs(10)
+        .saturating_mul(2u32.saturating_pow(attempts.saturating_sub(1).min(16)))
+        .min(Duration::from_secs(600))
+}
+
+/// The deletion policy applied to what is known of the group. `observed` is `None` before a
+/// lookup and `Some(None)` when Waldur no longer has the group.
+pub fn cleanup(
+    sg: &ServerGroup,
+    observed: Option<Option<&WaldurGroup>>,
+    now: Timestamp,
+) -> Cleanup {
+    if sg.spec.management_policy == ManagementPolicy::Observe {
+        return Cleanup::Release {
+            reason: "observed groups are never deleted in Waldur",
+        };
+    }
+    match sg.spec.deletion_policy {
+        DeletionPolicy::Orphan => Cleanup::Release {
+            reason: "deletionPolicy is Orphan: the group stays in Waldur",
+        },
+        policy => match observed {
+            None => Cleanup::Locate,
+            Some(None) => Cleanup::Release {
+                reason: "the group is gone from Waldur",
+            },
+            Some(Some(group)) => {
+                let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
+                match (policy, &state) {
+                    // Unlink works from any state: it is the tool for stuck groups.
+                    (DeletionPolicy::Unlink, _) => Cleanup::Unlink(group.uuid.clone()),
+                    (_, State::Erred) if !group.backend_id.is_empty() => {
+                        erred_cleanup(sg, group, now)
+                    }
+                    (_, State::Ok | State::Erred) => Cleanup::Delete(group.uuid.clone()),
+                    _ => Cleanup::Wait {
+                        state: state.to_string(),
+                    },
+                }
+            }
+        },
+    }
+}
+
+/// An ERRED group with a Nova group, being deleted: pull it when a pull is due, else hold.
+pub(super) fn erred_cleanup(sg: &ServerGroup, group: &WaldurGroup, now: Timestamp) -> Cleanup {
+    let pulled = sg.status.as_ref().and_then(|s| s.auto_pull.as_ref());
+    let attempts = pulled.map_or(0, |a| a.attempts);
+    let wait = delete_pull_backoff(attempts);
+    if due(pulled.map(|a| a.last_time.0), wait, now) {
+        let tenant = Some(group.tenant_uuid.clone())
+            .filter(|t| !t.is_empty())
+            .or_else(|| {
+                sg.spec
+                    .tenant
+                    .as_deref()
+                    .and_then(|t| WaldurUuid::parse(t).ok())
+            });
+        return Cleanup::PullFirst {
+            uuid: group.uuid.clone(),
+            attempt: attempts + 1,
+            tenant: tenant.filter(|_| attempts >= 1),
+        };
+    }
+    let error = if group.error_message.is_empty() {
+        "no message".to_string()
+    } else {
+        group.error_message.clone()
+    };
+    Cleanup::Held {
+        message: format!(
+            "Waldur could not finish with the group ({error}); it is ERRED and OpenStack may \
+             still hold Nova group {}, so it is not deleted from ERRED (Waldur would drop its \
+             record and leave the Nova group behind). Pulled {attempts} time(s) to bring it back \
+             to OK and delete it then; the finalizer stays until the group is OK (then deleted) \
+             or gone from Waldur. To give up on it, set deletionPolicy to Orphan or Unlink.",
+            group.backend_id
+        ),
+        attempts,
+        retry_in: wait,
+    }
+}

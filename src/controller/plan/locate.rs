@@ -1,0 +1,256 @@
+//! Where the group is: the lookups, what follows a miss, and which group is this resource's
+//! own creation (by its create intent).
+
+use super::*;
+
+/// How Waldur is asked where the group is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// GET by UUID.
+    Uuid(WaldurUuid),
+    /// List with `backend_id=` (an import by backend id, or a rebind after a re-import).
+    BackendId(String),
+    /// List the tenant's groups with this exact name: the group this resource may have created
+    /// before a crash lost the status write.
+    OwnCreation {
+        tenant: WaldurUuid,
+        name: String,
+        policy: Policy,
+    },
+}
+
+/// What to do once a lookup came back empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Missing {
+    /// Ask again another way.
+    Lookup(Lookup),
+    /// Create the group; `recreate` when a group this resource had is gone.
+    Create { recreate: bool },
+    /// Report `Ready=False NotFound`: imported and observed groups are never created.
+    NotFound,
+    /// The group's UUID and Nova id are both unknown to Waldur, but OpenStack may still hold
+    /// it (an unlink): Waldur re-imports it only on a tenant re-sync, under a new UUID. Making
+    /// a new group before that is known not to happen would leave two in OpenStack (review
+    /// M2), so learn what the tenant's re-sync did first ([`reimport_step`]).
+    AwaitReimport {
+        tenant: WaldurUuid,
+        /// Empty when the group vanished before Waldur reported its Nova id: it is then looked
+        /// for by name.
+        backend_id: String,
+    },
+}
+
+/// A spec the controller cannot act on. The CRD's rules keep these out; an older CRD or an
+/// object written around the API server's validation can still carry them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SpecProblem {
+    #[error("spec.tenant and spec.policy are required unless spec.import is set")]
+    MissingTenantOrPolicy,
+    #[error("spec.tenant: {0}")]
+    BadTenant(String),
+    #[error("spec.import.uuid: {0}")]
+    BadImportUuid(String),
+    #[error("spec.import must name exactly one of uuid or backendId")]
+    BadImport,
+}
+
+/// The first place to look for the resource's group.
+pub fn first_lookup(sg: &ServerGroup) -> Result<Lookup, SpecProblem> {
+    let status_uuid = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.uuid.as_deref())
+        .and_then(|u| WaldurUuid::parse(u).ok());
+    if let Some(uuid) = status_uuid {
+        return Ok(Lookup::Uuid(uuid));
+    }
+    if let Some(import) = &sg.spec.import {
+        return match (&import.uuid, &import.backend_id) {
+            (Some(u), None) => WaldurUuid::parse(u)
+                .map(Lookup::Uuid)
+                .map_err(|e| SpecProblem::BadImportUuid(e.to_string())),
+            (None, Some(b)) => Ok(Lookup::BackendId(b.clone())),
+            _ => Err(SpecProblem::BadImport),
+        };
+    }
+    first_lookup_for_create(sg)
+}
+
+/// Where a group this resource created would be: its tenant, under its name.
+pub fn first_lookup_for_create(sg: &ServerGroup) -> Result<Lookup, SpecProblem> {
+    let (Some(tenant), Some(policy)) = (&sg.spec.tenant, sg.spec.policy) else {
+        return Err(SpecProblem::MissingTenantOrPolicy);
+    };
+    let tenant = WaldurUuid::parse(tenant).map_err(|e| SpecProblem::BadTenant(e.to_string()))?;
+    Ok(Lookup::OwnCreation {
+        tenant,
+        name: sg.waldur_name(),
+        policy,
+    })
+}
+
+/// The next step after `lookup` found nothing. `deleting`: the resource is being deleted, so
+/// nothing is created, but a group that may come back is still waited for (review N2).
+pub fn after_missing(
+    sg: &ServerGroup,
+    lookup: &Lookup,
+    deleting: bool,
+) -> Result<Missing, SpecProblem> {
+    let managed = sg.spec.management_policy == ManagementPolicy::Managed;
+    let imported = sg.spec.import.is_some();
+    let status = sg.status.as_ref();
+    let known_backend_id = status
+        .and_then(|s| s.backend_id.as_deref())
+        .filter(|b| !b.is_empty());
+    let had_uuid = status.and_then(|s| s.uuid.as_ref()).is_some();
+    let last_state = status.and_then(|s| s.state.as_deref()).map(State::parse);
+    // Last seen on its way out (this resource's own DELETE, or Waldur's): a 404 now means
+    // Waldur deleted it, in OpenStack too (a failed delete leaves the row ERRED instead).
+    let deleted = matches!(last_state, Some(State::DeletionScheduled | State::Deleting));
+    // A group last seen while Waldur was still creating it may have got a Nova group since,
+    // which this resource never saw: it too may come back, by name.
+    let maybe_in_openstack_unseen = had_uuid
+        && known_backend_id.is_none()
+        && matches!(last_state, Some(State::CreationScheduled | State::Creating));
+    // Deleting with the Delete policy: the group must be found to be deleted, whatever
+    // brought it here. Unlink wants Waldur's record gone, and it is.
+    let may_come_back_for = managed
+        && !deleted
+        && if deleting {
+            sg.spec.deletion_policy == DeletionPolicy::Delete
+        } else {
+            !imported
+        };
+    let await_reimport = |backend_id: &str| -> Result<Missing, SpecProblem> {
+        let Some(tenant) = sg.spec.tenant.as_deref() else {
+            return Ok(Missing::NotFound);
+        };
+        Ok(Missing::AwaitReimport {
+            tenant: WaldurUuid::parse(tenant).map_err(|e| SpecProblem::BadTenant(e.to_string()))?,
+            backend_id: backend_id.to_string(),
+        })
+    };
+    match lookup {
+        // Waldur re-imports a group that survived in OpenStack under a new UUID: find it
+        // by its Nova id before concluding it is gone.
+        Lookup::Uuid(_) if had_uuid && known_backend_id.is_some() => Ok(Missing::Lookup(
+            Lookup::BackendId(known_backend_id.unwrap_or_default().to_string()),
+        )),
+        Lookup::BackendId(backend_id)
+            if had_uuid && known_backend_id == Some(backend_id) && may_come_back_for =>
+        {
+            await_reimport(backend_id)
+        }
+        Lookup::Uuid(_) if maybe_in_openstack_unseen && may_come_back_for => await_reimport(""),
+        _ if imported || !managed || deleting => Ok(Missing::NotFound),
+        Lookup::Uuid(_) | Lookup::BackendId(_) => Ok(Missing::Create { recreate: had_uuid }),
+        Lookup::OwnCreation { .. } => Ok(Missing::Create { recreate: false }),
+    }
+}
+
+/// Waldur's 400 for a create whose name the tenant already has ("Server group name should
+/// be unique."): not a bad spec when the group is this resource's own lost create.
+pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
+    match error {
+        crate::waldur::WaldurError::Invalid { messages, .. } => messages.0.iter().any(|m| {
+            m.message
+                .to_ascii_lowercase()
+                .contains("name should be unique")
+        }),
+        _ => false,
+    }
+}
+
+/// Waldur's clock may be this far behind the operator's when a create intent's time is
+/// compared with a group's `created` (the campaign's ±5 s Waldur clock, with room).
+pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(30);
+
+/// The create intent that still stands: recorded for this tenant and name, and no group bound
+/// since (the intent of a recreate names the UUID it replaces).
+pub fn pending_intent(sg: &ServerGroup) -> Option<CreateIntent> {
+    let intent = sg.create_intent()?;
+    let Lookup::OwnCreation { tenant, name, .. } = first_lookup_for_create(sg).ok()? else {
+        return None;
+    };
+    let bound = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.uuid.as_deref())
+        .and_then(|u| WaldurUuid::parse(u).ok());
+    let replaces = WaldurUuid::parse(&intent.replaces).ok();
+    let same_target =
+        WaldurUuid::parse(&intent.tenant).ok().as_ref() == Some(&tenant) && intent.name == name;
+    (same_target && replaces == bound).then_some(intent)
+}
+
+/// The intent to record before a create: the pending one kept (an earlier create of this
+/// resource may have made the group and lost its answer, so its time and the groups it saw
+/// stay), else a fresh one. `fresh` says no earlier create can be this resource's.
+pub fn intent_for_create(
+    sg: &ServerGroup,
+    tenant: &WaldurUuid,
+    name: &str,
+    seen: &[WaldurUuid],
+    now: Timestamp,
+) -> (CreateIntent, bool) {
+    let mut foreign: Vec<String> = seen.iter().map(|u| u.to_string()).collect();
+    if let Some(mut kept) = pending_intent(sg) {
+        for uuid in foreign {
+            if !kept.foreign.contains(&uuid) {
+                kept.foreign.push(uuid);
+            }
+        }
+        return (kept, false);
+    }
+    foreign.sort();
+    foreign.dedup();
+    let intent = CreateIntent {
+        tenant: tenant.to_string(),
+        name: name.to_string(),
+        at: now.to_string(),
+        replaces: sg
+            .status
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_default(),
+        foreign,
+    };
+    (intent, true)
+}
+
+/// Which of the listed groups is the one this resource created.
+///
+/// Only a resource with a create intent standing asked Waldur to create (the intent is written
+/// before every create): without one, no group is its own, however young and well named. A
+/// twin (same tenant and name) would otherwise take the group its sibling's lost create made
+/// (the fault campaign's R6); and a resource told AlreadyManaged or InvalidSpec never disowns
+/// its own later create (review N3). With one: a group of the name and policy that was not
+/// there when the create was decided, made no earlier than the intent less Waldur's clock
+/// slack, the oldest first. A group whose creation time is missing or unreadable is never
+/// taken for its own.
+pub fn pick_own_creation<'a>(
+    sg: &ServerGroup,
+    candidates: &'a [WaldurGroup],
+    policy: Policy,
+) -> Option<&'a WaldurGroup> {
+    let intent = pending_intent(sg)?;
+    let not_before = intent
+        .at
+        .parse::<Timestamp>()
+        .ok()?
+        .checked_sub(INTENT_CLOCK_SLACK)
+        .ok()?;
+    let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
+        .iter()
+        .filter(|g| g.policy == policy.as_str())
+        .filter(|g| !intent.foreign.iter().any(|f| f == g.uuid.as_str()))
+        .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
+        .filter(|(created, _)| *created >= not_before)
+        .collect();
+    fitting.sort_by_key(|(created, _)| *created);
+    fitting.into_iter().next().map(|(_, g)| g)
+}
+
+#[cfg(test)]
+#[path = "locate_tests.rs"]
+mod tests;

@@ -1,0 +1,142 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::super::tests::{Mode, TENANT, UUID, group, resource, uuid};
+use super::super::*;
+
+fn created_at(sg: &mut ServerGroup, t: &str) {
+    sg.metadata.creation_timestamp = Some(Time(t.parse::<Timestamp>().unwrap()));
+}
+
+fn with_intent(sg: &mut ServerGroup, at: &str, foreign: &[&str]) {
+    let intent = CreateIntent {
+        tenant: TENANT.into(),
+        name: "web".into(),
+        at: at.into(),
+        replaces: sg
+            .status
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .unwrap_or_default(),
+        foreign: foreign.iter().map(|s| s.to_string()).collect(),
+    };
+    sg.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            crate::api::ANNOTATION_CREATE_INTENT.into(),
+            serde_json::to_string(&intent).unwrap(),
+        );
+}
+
+/// Own creations are recognised by this resource's create intent: same policy, not there
+/// when the create was decided, made no earlier than the intent (less Waldur's clock slack),
+/// the oldest first; never without an intent.
+#[test]
+fn own_creation_is_recognised_by_the_create_intent() {
+    let mut sg = resource(Mode::Managed, None, None);
+    created_at(&mut sg, "2026-11-27T12:00:00Z");
+    let mut ours = group(State::CreationScheduled, "");
+    ours.created = "2026-11-27T13:00:00Z".into();
+    // No intent: this resource never asked Waldur to create, so no group is its own: a twin
+    // must not take the group its sibling's lost create made (the campaign's R6).
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        None
+    );
+    // The intent written before the POST: ours, even with Waldur's clock 5 s behind.
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        Some(&ours)
+    );
+    let mut other_policy = ours.clone();
+    other_policy.policy = "affinity".into();
+    let mut older = ours.clone();
+    older.created = "2026-11-27T12:59:00Z".into();
+    let mut undated = ours.clone();
+    undated.created = String::new();
+    for not_ours in [other_policy, older, undated] {
+        assert_eq!(
+            pick_own_creation(&sg, std::slice::from_ref(&not_ours), Policy::AntiAffinity),
+            None,
+            "{not_ours:?}"
+        );
+    }
+    // A group that was there when the create was decided is not ours, whatever its time.
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[UUID]);
+    assert_eq!(pick_own_creation(&sg, &[ours], Policy::AntiAffinity), None);
+}
+
+/// Review N3: a resource that was once AlreadyManaged (its twin held the name) and then
+/// created the group itself, losing the answer, recognises its own group by its create intent
+/// whatever its conditions said; an intent from before a group was bound does not stand.
+#[test]
+fn a_create_intent_outranks_an_old_lost_name() {
+    let mut sg = resource(Mode::Managed, None, None);
+    sg.status = Some(ServerGroupStatus {
+        conditions: vec![Condition {
+            type_: READY.into(),
+            status: "False".into(),
+            reason: ready_reason::ALREADY_MANAGED.into(),
+            message: String::new(),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::UNIX_EPOCH),
+        }],
+        ..Default::default()
+    });
+    let mut ours = group(State::CreationScheduled, "");
+    ours.created = "2026-11-27T13:00:00Z".into();
+    with_intent(&mut sg, "2026-11-27T13:00:00Z", &[]);
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        Some(&ours)
+    );
+    let mut bound = resource(
+        Mode::Managed,
+        Some("11111111111111111111111111111111"),
+        Some("n"),
+    );
+    with_intent(&mut bound, "2026-11-27T13:00:05Z", &[]);
+    bound.status.as_mut().unwrap().uuid = Some("22222222222222222222222222222222".into());
+    assert_eq!(pending_intent(&bound), None);
+}
+
+/// The intent of a create whose answer may have been lost is kept for the next create, so its
+/// time still covers the group that create made; a bound group ends it.
+#[test]
+fn an_intent_is_kept_until_a_group_is_bound() {
+    let mut sg = resource(Mode::Managed, None, None);
+    let now = at(5_000);
+    let (first, fresh) = intent_for_create(&sg, &uuid(TENANT), "web", &[], now);
+    assert!(fresh);
+    sg.metadata.annotations = Some(BTreeMap::from([(
+        crate::api::ANNOTATION_CREATE_INTENT.to_string(),
+        serde_json::to_string(&first).unwrap(),
+    )]));
+    let other = uuid("33333333333333333333333333333333");
+    let (again, fresh) = intent_for_create(
+        &sg,
+        &uuid(TENANT),
+        "web",
+        std::slice::from_ref(&other),
+        at(9_000),
+    );
+    assert!(!fresh);
+    assert_eq!(again.at, first.at);
+    assert_eq!(again.foreign, vec![other.to_string()]);
+    // Bound since: a recreate starts a fresh intent that names what it replaces.
+    sg.status = Some(ServerGroupStatus {
+        uuid: Some(UUID.into()),
+        ..Default::default()
+    });
+    let (recreate, fresh) = intent_for_create(&sg, &uuid(TENANT), "web", &[], at(9_000));
+    assert!(fresh);
+    assert_eq!(recreate.replaces, UUID);
+    assert_eq!(recreate.at, at(9_000).to_string());
+}
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(secs).unwrap()
+}

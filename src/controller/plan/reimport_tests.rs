@@ -1,0 +1,208 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::super::tests::{Mode, UUID, resource, settings};
+use super::super::*;
+use crate::api::HandledRequests;
+
+fn vanished(since: i64, requested: Option<i64>) -> (ServerGroup, crate::api::Reimport) {
+    let sg = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    let record = crate::api::Reimport {
+        backend_id: "nova-1".into(),
+        since: Some(Time(Timestamp::from_second(since).unwrap())),
+        requested_at: requested.map(|t| Time(Timestamp::from_second(t).unwrap())),
+    };
+    (sg, record)
+}
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(secs).unwrap()
+}
+
+fn is_wait(step: &ReimportStep) -> bool {
+    matches!(step, ReimportStep::Wait { .. })
+}
+
+/// Review M2 and E2: a vanished group is made anew only on evidence that a re-sync which began
+/// after it vanished finished without it, never at a fixed time after a request. The re-sync
+/// may run 45 s or 10 minutes late: the decision is the same until the tenant is back to OK.
+#[test]
+fn a_vanished_group_is_recreated_only_on_evidence() {
+    let s = settings();
+    let none = TenantPullsSeen::default();
+    // Vanished at 1,000 s: the tenant is OK and nothing was asked: ask for a re-sync.
+    let (sg, fresh) = vanished(1_000, None);
+    assert_eq!(
+        reimport_step(&sg, &fresh, &TenantSeen::Ok, none, &s, at(1_000)).0,
+        ReimportStep::AskPull
+    );
+    // Asked at 1,001 s; Waldur holds the tenant until its worker runs the re-sync, 45 s or
+    // 10 minutes later: wait, however long it takes.
+    let (sg, asked) = vanished(1_000, Some(1_001));
+    for late in [3, 45, 600, 4 * 3600] {
+        let (step, _) = reimport_step(
+            &sg,
+            &asked,
+            &TenantSeen::Busy("UPDATE_SCHEDULED".into()),
+            none,
+            &s,
+            at(1_001 + late),
+        );
+        assert!(is_wait(&step), "{late} s late: {step:?}");
+    }
+    // The tenant is OK again after the accepted request: the re-sync ran; look once more.
+    assert_eq!(
+        reimport_step(&sg, &asked, &TenantSeen::Ok, none, &s, at(1_650)).0,
+        ReimportStep::Recheck
+    );
+    // The re-sync failed: the tenant is Erred; say so, do not create.
+    assert!(matches!(
+        reimport_step(&sg, &asked, &TenantSeen::Erred("Nova 500".into()), none, &s, at(1_650)).0,
+        ReimportStep::TenantErred { ref message, .. } if message.contains("Nova 500")
+    ));
+}
+
+/// Another resource's request accepted after this group vanished is evidence too; one accepted
+/// before it vanished is not.
+#[test]
+fn a_re_sync_counts_only_if_accepted_after_the_group_vanished() {
+    let s = settings();
+    let (sg, fresh) = vanished(1_000, None);
+    // Stored times are whole seconds: a request in the same second may have come before.
+    let same_second = TenantPullsSeen {
+        last_accepted: Some(at(1_000)),
+        last_asked: Some(at(1_000)),
+    };
+    assert_eq!(
+        reimport_step(&sg, &fresh, &TenantSeen::Ok, same_second, &s, at(1_020)).1,
+        None
+    );
+    let after = TenantPullsSeen {
+        last_accepted: Some(at(1_010)),
+        last_asked: Some(at(1_010)),
+    };
+    assert_eq!(
+        reimport_step(&sg, &fresh, &TenantSeen::Ok, after, &s, at(1_020)),
+        (ReimportStep::Recheck, Some(at(1_010)))
+    );
+    let before = TenantPullsSeen {
+        last_accepted: Some(at(990)),
+        last_asked: Some(at(990)),
+    };
+    // Before: not evidence, and the floor (5 minutes from 990 s) holds the next request back.
+    let (step, accepted) = reimport_step(&sg, &fresh, &TenantSeen::Ok, before, &s, at(1_020));
+    assert!(is_wait(&step), "{step:?}");
+    assert_eq!(accepted, None);
+    assert_eq!(
+        reimport_step(&sg, &fresh, &TenantSeen::Ok, before, &s, at(1_290)).0,
+        ReimportStep::AskPull
+    );
+}
+
+/// Tenant re-syncs with care: never while the tenant is held or Erred, never when turned off,
+/// and with automatic re-syncs off only a wait longer than Waldur's periodic re-sync decides.
+#[test]
+fn without_re_syncs_only_the_safe_wait_decides() {
+    let off = Settings {
+        tenant_pulls: false,
+        ..settings()
+    };
+    let none = TenantPullsSeen::default();
+    let (sg, fresh) = vanished(1_000, None);
+    // Waldur's periodic re-sync runs every 2 hours; it may be 10 minutes late.
+    for waited in [1, 45, 2 * 3600 + 600] {
+        let (step, _) = reimport_step(&sg, &fresh, &TenantSeen::Ok, none, &off, at(1_000 + waited));
+        assert!(is_wait(&step), "{waited}: {step:?}");
+    }
+    assert!(matches!(
+        reimport_step(
+            &sg,
+            &fresh,
+            &TenantSeen::Ok,
+            none,
+            &off,
+            at(1_000 + 3 * 3600)
+        )
+        .0,
+        ReimportStep::Gone(_)
+    ));
+    // A tenant held by someone else's action: no request, and no evidence either.
+    let (step, _) = reimport_step(
+        &sg,
+        &fresh,
+        &TenantSeen::Busy("UPDATING".into()),
+        none,
+        &settings(),
+        at(1_000 + 4 * 3600),
+    );
+    assert!(is_wait(&step), "{step:?}");
+    // A tenant these credentials cannot see: the safe wait, never a request.
+    let (step, _) = reimport_step(
+        &sg,
+        &fresh,
+        &TenantSeen::Invisible,
+        none,
+        &settings(),
+        at(1_100),
+    );
+    assert!(is_wait(&step), "{step:?}");
+    // The user knows better: a new request-recreate token makes the group now.
+    let mut forced = sg.clone();
+    forced.metadata.annotations = Some(BTreeMap::from([(
+        crate::api::ANNOTATION_REQUEST_RECREATE.to_string(),
+        "1".to_string(),
+    )]));
+    assert!(matches!(
+        reimport_step(&forced, &fresh, &TenantSeen::Ok, none, &off, at(1_001)).0,
+        ReimportStep::Gone(ref why) if why.contains("request-recreate")
+    ));
+    forced.status.as_mut().unwrap().handled_requests = Some(Box::new(HandledRequests {
+        recreate: Some("1".into()),
+        ..Default::default()
+    }));
+    let (step, _) = reimport_step(&forced, &fresh, &TenantSeen::Ok, none, &off, at(1_001));
+    assert!(
+        is_wait(&step),
+        "a token acted on is not acted on again: {step:?}"
+    );
+}
+
+#[test]
+fn a_tenant_re_sync_is_due_only_when_on_ok_and_past_the_floor() {
+    let s = settings();
+    let asked = TenantPullsSeen {
+        last_accepted: None,
+        last_asked: Some(at(1_000)),
+    };
+    assert!(tenant_pull_due(
+        &s,
+        TenantPullsSeen::default(),
+        &TenantSeen::Ok,
+        at(1_000)
+    ));
+    assert!(!tenant_pull_due(&s, asked, &TenantSeen::Ok, at(1_299)));
+    assert!(tenant_pull_due(&s, asked, &TenantSeen::Ok, at(1_300)));
+    assert!(!tenant_pull_due(
+        &s,
+        TenantPullsSeen::default(),
+        &TenantSeen::Erred(String::new()),
+        at(1_000)
+    ));
+    assert!(!tenant_pull_due(
+        &s,
+        TenantPullsSeen::default(),
+        &TenantSeen::Busy("UPDATING".into()),
+        at(1_000)
+    ));
+    let off = Settings {
+        tenant_pulls: false,
+        ..settings()
+    };
+    assert!(!tenant_pull_due(
+        &off,
+        TenantPullsSeen::default(),
+        &TenantSeen::Ok,
+        at(1_000)
+    ));
+}
