@@ -56,8 +56,6 @@ pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action
 struct Waldur {
     client: WaldurClient,
     shard: Option<Arc<Shard>>,
-    /// The credentialsRef Secret, when the resource names one.
-    secret: Option<k8s_openapi::api::core::v1::Secret>,
 }
 
 impl std::ops::Deref for Waldur {
@@ -88,16 +86,7 @@ impl Waldur {
     }
 }
 
-/// How the group was found, for Events and the status write that binds it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Binding {
-    Known,
-    Imported,
-    Adopted,
-    Rebound,
-    Created,
-    Recreated,
-}
+use plan::Binding;
 
 enum Located {
     /// The group vanished and may come back: wait, with the record of what was learnt.
@@ -190,19 +179,6 @@ impl Reconciler {
         // goes on before the first Waldur write: with the create intent, or when a group is
         // bound.
         let client = self.waldur().await?;
-        if let Some(secret) = &client.secret
-            && self.sg.spec.management_policy == ManagementPolicy::Managed
-            && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
-        {
-            // Before any Waldur write: the Secret must outlive this resource's cleanup.
-            super::secret_guard::hold(
-                &self.ctx.kube,
-                &self.namespace(),
-                secret,
-                &self.ctx.shard.secret_finalizer(),
-            )
-            .await?;
-        }
         match self.locate(&client, false).await? {
             Located::Found(group, binding) => {
                 self.ensure_finalizer().await?;

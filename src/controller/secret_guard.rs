@@ -149,6 +149,26 @@ pub async fn release_unused(
             shard,
             settled,
         );
+        if release.is_empty() {
+            continue;
+        }
+        // The cache may lag a resource that just started to use this Secret (review N12a):
+        // ask the API server before letting go, and keep the finalizer when in doubt.
+        match Api::<ServerGroup>::namespaced(kube.clone(), &namespace)
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => {
+                let fresh: Vec<Arc<ServerGroup>> = list.items.into_iter().map(Arc::new).collect();
+                if in_use(&fresh, &namespace, &name, None) {
+                    continue;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(namespace, name, error = %e, "cannot list the ServerGroups that may use the credentials Secret");
+                continue;
+            }
+        }
         for finalizer in release {
             // One patch each: the indexes of a guarded remove change with every removal.
             let current = match Api::<PartialObjectMeta<Secret>>::namespaced(

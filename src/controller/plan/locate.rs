@@ -251,6 +251,29 @@ pub fn pick_own_creation<'a>(
     fitting.into_iter().next().map(|(_, g)| g)
 }
 
+/// How the group was found, for Events and the status write that binds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    Known,
+    Imported,
+    Adopted,
+    Rebound,
+    Created,
+    Recreated,
+}
+
+/// How a group a lookup found is bound: the one in status is known; found by its Nova id
+/// for a resource that had another UUID, it was re-imported; found as this resource's own
+/// creation, adopted; otherwise (an import), imported.
+pub fn binding(lookup: &Lookup, known: Option<&WaldurUuid>, found: &WaldurUuid) -> Binding {
+    match (lookup, known) {
+        (_, Some(k)) if k == found => Binding::Known,
+        (Lookup::BackendId(_), Some(_)) => Binding::Rebound,
+        (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
+        _ => Binding::Imported,
+    }
+}
+
 #[cfg(test)]
 #[path = "locate_tests.rs"]
 mod tests;

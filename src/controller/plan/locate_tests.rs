@@ -140,3 +140,27 @@ fn an_intent_is_kept_until_a_group_is_bound() {
 fn at(secs: i64) -> Timestamp {
     Timestamp::from_second(secs).unwrap()
 }
+
+#[test]
+fn how_a_found_group_is_bound() {
+    let known = uuid("11111111111111111111111111111111");
+    let found = uuid(UUID);
+    let by_backend = Lookup::BackendId("nova-1".into());
+    let own = Lookup::OwnCreation {
+        tenant: uuid(TENANT),
+        name: "web".into(),
+        policy: Policy::AntiAffinity,
+    };
+    assert_eq!(
+        binding(&Lookup::Uuid(found.clone()), Some(&found), &found),
+        Binding::Known
+    );
+    assert_eq!(binding(&by_backend, Some(&known), &found), Binding::Rebound);
+    assert_eq!(binding(&by_backend, None, &found), Binding::Imported);
+    assert_eq!(binding(&own, None, &found), Binding::Adopted);
+    assert_eq!(binding(&own, Some(&known), &found), Binding::Adopted);
+    assert_eq!(
+        binding(&Lookup::Uuid(found.clone()), None, &found),
+        Binding::Imported
+    );
+}

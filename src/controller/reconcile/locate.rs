@@ -33,18 +33,13 @@ impl Reconciler {
 
     /// Binds a group a lookup found, unless another resource holds it.
     pub(super) async fn bind(&self, lookup: &Lookup, group: WaldurGroup) -> Result<Located, Error> {
-        let known = self.status_uuid();
-        if known.as_ref() == Some(&group.uuid) {
-            return Ok(Located::Found(Box::new(group), Binding::Known));
+        let binding = plan::binding(lookup, self.status_uuid().as_ref(), &group.uuid);
+        if binding == Binding::Known {
+            return Ok(Located::Found(Box::new(group), binding));
         }
         if let Some(owner) = self.owner_of(&group.uuid) {
             return Ok(Located::AlreadyManaged(managed_by(&owner)));
         }
-        let binding = match (lookup, known.is_some()) {
-            (Lookup::BackendId(_), true) => Binding::Rebound,
-            (Lookup::OwnCreation { .. }, _) => Binding::Adopted,
-            _ => Binding::Imported,
-        };
         if let Some(owner) = self.claim(&group.uuid).await? {
             return Ok(Located::AlreadyManaged(managed_by(&owner)));
         }
@@ -461,6 +456,22 @@ impl Reconciler {
                 .ok_or_else(|| Error::WorkersBusy(base.to_string()))?;
             *self.url_worker.lock().unwrap_or_else(|p| p.into_inner()) = Some(worker);
         }
+        // The Secret must outlive this resource's cleanup: held before anything else, Waldur's
+        // reachability included (review N12b: during an outage, resources moved between shards
+        // were never held while the old shard's finalizer went).
+        if let Some(secret) = &creds.secret
+            && self.sg.spec.management_policy == ManagementPolicy::Managed
+            && self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Orphan
+            && self.sg.meta().deletion_timestamp.is_none()
+        {
+            crate::controller::secret_guard::hold(
+                &self.ctx.kube,
+                &self.namespace(),
+                secret,
+                &self.ctx.shard.secret_finalizer(),
+            )
+            .await?;
+        }
         // While Waldur is unreachable nothing can be learnt or done: say so at once and wait
         // for the breaker to close (the error policy parks the resource until then).
         if let Some(refusal) = creds.client.breaker().and_then(|b| b.refusal("reconcile")) {
@@ -478,7 +489,6 @@ impl Reconciler {
         Ok(Waldur {
             client: creds.client,
             shard,
-            secret: creds.secret,
         })
     }
 
