@@ -219,6 +219,60 @@ pub async fn release(
     }
 }
 
+/// Deletes the claims of this shard whose holder is gone (review N7): a resource deleted while
+/// the operator was down, force-finalized, or whose cleanup adopted a group it then let go. A
+/// holder still in `groups` (this shard's cache, with the same uid) is not asked about; others
+/// are read from the API server. Returns how many claims went.
+pub async fn release_orphaned(
+    kube: &Client,
+    namespace: &str,
+    groups: &kube::runtime::reflector::Store<ServerGroup>,
+    shard: crate::sharding::Shard,
+) -> Result<usize, Error> {
+    let leases: Api<Lease> = Api::namespaced(kube.clone(), namespace);
+    let claims = leases
+        .list(&kube::api::ListParams::default().labels(&format!("{CLAIM_LABEL}=true")))
+        .await?;
+    let cached = groups.state();
+    let mut released = 0;
+    for lease in claims.items {
+        let holder = lease
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default();
+        let Some((ns, name, uid)) = parse_holder(&holder) else {
+            continue;
+        };
+        if !shard.owns(uid) {
+            continue;
+        }
+        let in_cache = cached.iter().any(|sg| sg.uid().as_deref() == Some(uid));
+        if in_cache {
+            continue;
+        }
+        let current = Api::<ServerGroup>::namespaced(kube.clone(), ns)
+            .get_opt(name)
+            .await?;
+        if current.is_some_and(|sg| sg.uid().as_deref() == Some(uid)) {
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lease.metadata.uid.clone(),
+                resource_version: lease.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        match leases.delete(&lease.name_any(), &params).await {
+            Ok(_) => released += 1,
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(released)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

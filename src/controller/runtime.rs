@@ -139,6 +139,7 @@ pub async fn run(
         reader.clone(),
         groups_synced,
         rt.shard,
+        rt.claims_namespace.clone(),
     )));
     let groups = reader.clone();
     Controller::for_stream(stream, reader)
@@ -171,6 +172,7 @@ pub(super) async fn release_unused_secrets(
     groups: Store<ServerGroup>,
     mut groups_synced: tokio::sync::watch::Receiver<bool>,
     shard: Shard,
+    claims_namespace: String,
 ) {
     // Both caches complete first: a Secret is never released on a partial view.
     if secrets_synced.wait_for(|s| *s).await.is_err()
@@ -179,14 +181,26 @@ pub(super) async fn release_unused_secrets(
         return;
     }
     let started = tokio::time::Instant::now();
+    let mut claims_checked = started;
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         // The finalizers of shards that no longer exist go only after the remaining shards
         // have had time to reconcile what moved to them, and so to hold those Secrets.
         let settled = started.elapsed() >= SHARDS_GONE_AFTER;
         secret_guard::release_unused(&kube, &secrets, &groups, shard, settled).await;
+        if claims_checked.elapsed() >= CLAIMS_CHECKED_EVERY {
+            claims_checked = tokio::time::Instant::now();
+            match claims::release_orphaned(&kube, &claims_namespace, &groups, shard).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(released = n, "released claims whose ServerGroup is gone"),
+                Err(e) => tracing::warn!(error = %e, "cannot check the claims on Waldur groups"),
+            }
+        }
     }
 }
+
+/// How often claims whose holder is gone are looked for.
+pub(super) const CLAIMS_CHECKED_EVERY: Duration = Duration::from_secs(60);
 
 /// How long shard 0 runs before it releases Secrets held by shards that no longer exist.
 pub(super) const SHARDS_GONE_AFTER: Duration = Duration::from_secs(120);
