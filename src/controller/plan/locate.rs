@@ -162,8 +162,11 @@ pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
 }
 
 /// Waldur's clock may be this far behind the operator's when a create intent's time is
-/// compared with a group's `created` (the campaign's ±5 s Waldur clock, with room).
-pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(30);
+/// compared with a group's `created` (the campaign's ±5 s Waldur clock). A group of the name
+/// made by someone else within this window before the intent, unseen by the picture the create
+/// was decided on, is indistinguishable from this resource's own lost create; the window is
+/// kept to the clock bound, and a deletion does not use it at all (see `pick_own_creation`).
+pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(5);
 
 /// The create intent that still stands: recorded for this tenant and name, and no group bound
 /// since (the intent of a recreate names the UUID it replaces).
@@ -234,15 +237,29 @@ pub fn pick_own_creation<'a>(
     policy: Policy,
 ) -> Option<&'a WaldurGroup> {
     let intent = pending_intent(sg)?;
+    // A deletion deletes only a group surely made after this resource decided to create:
+    // leaving a doubtful one is a leak the user can see; deleting it may destroy another's
+    // (the fault campaign's seed 2: Waldur's re-import of a twin's unlinked group).
+    let slack = if sg.metadata.deletion_timestamp.is_some() {
+        SignedDuration::ZERO
+    } else {
+        INTENT_CLOCK_SLACK
+    };
     let not_before = intent
         .at
         .parse::<Timestamp>()
         .ok()?
-        .checked_sub(INTENT_CLOCK_SLACK)
+        .checked_sub(slack)
         .ok()?;
+    // The create sent spec.description: a group with other words was not made by it (twins of
+    // one name whose creates both lost their answers, the campaign's seed 2). A sweep's sparse
+    // answer carries no description: then a resource with one finds no own group there, and its
+    // next create's "name taken" reads Waldur itself.
+    let description = sg.spec.description.as_deref().unwrap_or_default().trim();
     let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())
+        .filter(|g| g.description.trim() == description)
         .filter(|g| !intent.foreign.iter().any(|f| f == g.uuid.as_str()))
         .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
         .filter(|(created, _)| *created >= not_before)

@@ -164,3 +164,50 @@ fn how_a_found_group_is_bound() {
         Binding::Imported
     );
 }
+
+/// A group of the name made just before the intent (within Waldur's clock slack) may be this
+/// resource's own lost create: bound while live, but never deleted on that doubt.
+#[test]
+fn a_deletion_takes_only_a_group_surely_made_after_the_intent() {
+    let mut sg = resource(Mode::Managed, None, None);
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
+    let mut doubtful = group(State::Ok, "nova-1");
+    doubtful.created = "2026-11-27T13:00:02Z".into();
+    let mut surely = group(State::Ok, "nova-2");
+    surely.created = "2026-11-27T13:00:06Z".into();
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&doubtful), Policy::AntiAffinity),
+        Some(&doubtful)
+    );
+    sg.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1).unwrap()));
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&doubtful), Policy::AntiAffinity),
+        None
+    );
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&surely), Policy::AntiAffinity),
+        Some(&surely)
+    );
+}
+
+/// Twins of one name whose creates both lost their answers: the group carries the description
+/// its create sent, so only the twin that sent it takes it for its own.
+#[test]
+fn a_group_with_other_words_is_not_this_resources_own() {
+    let mut sg = resource(Mode::Managed, None, None);
+    sg.spec.description = Some("for team a".into());
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[]);
+    let mut theirs = group(State::Ok, "nova-1");
+    theirs.created = "2026-11-27T13:00:06Z".into();
+    theirs.description = "for team b".into();
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&theirs), Policy::AntiAffinity),
+        None
+    );
+    let mut ours = theirs.clone();
+    ours.description = "for team a".into();
+    assert_eq!(
+        pick_own_creation(&sg, std::slice::from_ref(&ours), Policy::AntiAffinity),
+        Some(&ours)
+    );
+}

@@ -363,22 +363,36 @@ impl Reconciler {
         client: &Waldur,
         tenant: &WaldurUuid,
         name: &str,
+        intent: &crate::api::CreateIntent,
         original: WaldurError,
-    ) -> Located {
+    ) -> Result<Located, Error> {
         let Ok(groups) = client
             .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
             .await
         else {
-            return Located::Rejected(original);
+            return Ok(Located::Rejected(original));
         };
+        // What holds the name now is not this resource's: recorded in its intent, so that no
+        // later look (a deletion's included) takes it for its own creation (found by the fault
+        // campaign, seed 2: a twin deleted Waldur's re-import of its sibling's unlinked group).
+        let mut known = intent.clone();
+        for group in &groups {
+            let uuid = group.uuid.to_string();
+            if !known.foreign.contains(&uuid) {
+                known.foreign.push(uuid);
+            }
+        }
+        if known != *intent {
+            self.record_intent(&known).await?;
+        }
         let uuids: Vec<WaldurUuid> = groups.iter().map(|g| g.uuid.clone()).collect();
         if let Some(held) = self.name_held_by(tenant, name, &uuids) {
-            return held;
+            return Ok(held);
         }
         let Some(group) = groups.first() else {
-            return Located::Rejected(original);
+            return Ok(Located::Rejected(original));
         };
-        Located::Rejected(WaldurError::Invalid {
+        Ok(Located::Rejected(WaldurError::Invalid {
             endpoint: "create",
             messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
                 field: Some("name".into()),
@@ -390,7 +404,7 @@ impl Reconciler {
                     group.uuid
                 ),
             }]),
-        })
+        }))
     }
 
     /// Records the create intent, and the finalizer when it is not there yet, in one write: a
@@ -550,7 +564,7 @@ impl Reconciler {
                     }
                     return Ok(Located::Found(Box::new(group), Binding::Adopted));
                 }
-                return Ok(self.name_taken(client, &tenant, &name, e).await);
+                return self.name_taken(client, &tenant, &name, &intent, e).await;
             }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
             // The tenant is not OK: say which way, with Waldur's message (a tenant Erred by a
