@@ -12,6 +12,8 @@ pub enum Ending {
     Running,
     /// We sent SIGKILL.
     Killed,
+    /// We sent SIGTERM and it exited (with this status) or was killed after the grace.
+    Terminated(String),
     /// It exited by itself: never expected while the campaign runs.
     Exited(String),
 }
@@ -88,6 +90,32 @@ impl Operator {
                 run.ran = run.started.elapsed();
             }
         }
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod: the operator is asked to stop and chooses how.
+    /// False if no run is going or the signal could not be sent.
+    pub fn terminate(&mut self) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// After [`Operator::terminate`]: the exit status once the run has ended (recorded as
+    /// terminated, not as exited by itself), `None` while it still runs.
+    pub fn terminated(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok().flatten()?;
+        self.child = None;
+        let how = status.to_string();
+        if let Some(run) = self.runs.last_mut() {
+            run.ending = Ending::Terminated(how.clone());
+            run.ran = run.started.elapsed();
+        }
+        Some(how)
     }
 
     /// Whether the current run exited by itself; it is recorded, and `None` means running
