@@ -42,6 +42,8 @@ pub struct Settings {
     /// Run Waldur's periodic re-sync once more before settling (what Waldur does within two
     /// hours anyway): it brings back unlinked groups and drops rows whose Nova group is gone.
     pub final_resync: bool,
+    /// Extra environment for the operator, after (and over) the campaign's own.
+    pub operator_env: Vec<(String, String)>,
 }
 
 /// What a finished campaign reports.
@@ -142,6 +144,8 @@ impl Campaign {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
+        .filter(|(k, _)| !settings.operator_env.iter().any(|(o, _)| o == k))
+        .chain(settings.operator_env.iter().cloned())
         .collect();
         let mut operator = Operator::new(&settings.operator, env, &settings.dir);
         operator.start()?;
@@ -648,6 +652,17 @@ impl Campaign {
             Some(r) => self.unlink(point, r, false).await,
             None => "no resource to unlink".into(),
         };
+        // The fault is about the re-sync the operator asks for: give it up to 8 s to notice
+        // the unlink (its next sweep) and ask, then hold the fault `hold_ms` from there.
+        let asked_by = Instant::now() + Duration::from_secs(8);
+        let did_unlink =
+            res.is_some() && !unlinked.starts_with("skipped") && !unlinked.starts_with("no effect");
+        while did_unlink
+            && self.sim.requests("pull_server_groups") == before
+            && Instant::now() < asked_by
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         // What the tenants went through meanwhile.
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let deadline = Instant::now() + Duration::from_millis(hold_ms);
@@ -738,8 +753,12 @@ impl Campaign {
             .filter_map(|sg| sg.res.clone())
             .filter(|r| *r != target_res)
             .collect();
-        let before = self.sim.requests(endpoint);
+        // The object's own reads fail too (a GET of it answers 500 and is retried): the
+        // simulator scopes faults by endpoint, not by object, and a Ready resource of the
+        // batched read path reads from the sweep's lists, not by GET.
+        let before = self.sim.requests(endpoint) + self.sim.requests("retrieve");
         self.sim.fail_next_requests_for(endpoint, n, 500);
+        self.sim.fail_next_requests_for("retrieve", n, 500);
         let started = match target {
             OneObject::Create(c) => self.create(c).await,
             OneObject::Pull { res, token } => {
@@ -773,7 +792,7 @@ impl Campaign {
                     && told.insert(res.to_string())
                 {
                     let v = format!(
-                        "at point #{}: {res} was told WaldurUnavailable while only {target_res}'s {endpoint} requests failed (500): {}",
+                        "at point #{}: {res} was told WaldurUnavailable while only {target_res}'s {endpoint} (and retrieve) requests failed (500): {}",
                         point.index,
                         check::clip(&c.message, 300)
                     );
@@ -785,8 +804,8 @@ impl Campaign {
         }
         self.sim.clear_faults();
         format!(
-            "{started}; {} {endpoint} request(s) while armed; {} healthy resource(s) poked, {} told WaldurUnavailable",
-            self.sim.requests(endpoint) - before,
+            "{started}; {} {endpoint} and retrieve request(s) while armed; {} healthy resource(s) poked, {} told WaldurUnavailable",
+            self.sim.requests(endpoint) + self.sim.requests("retrieve") - before,
             healthy.len(),
             told.len()
         )
