@@ -58,6 +58,10 @@ struct Args {
     /// campaign's own: for instance `REIMPORT_WAIT=3s` to scale an older operator's wait.
     #[arg(long = "operator-env", value_parser = key_value)]
     operator_env: Vec<(String, String)>,
+    /// Operator processes: 1, or 2 electing a leader (kills and SIGTERMs hit the first; the
+    /// second takes over). The plan is the same either way.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replicas: u8,
     /// Leave out the Waldur re-sync before the settle.
     #[arg(long)]
     no_final_resync: bool,
@@ -122,6 +126,7 @@ async fn main() -> ExitCode {
         waldur_timeout: Duration::from_millis(args.waldur_timeout_ms),
         final_resync: !args.no_final_resync,
         operator_env: args.operator_env.clone(),
+        replicas: usize::from(args.replicas),
     };
     let started = Instant::now();
     println!(

@@ -30,16 +30,24 @@ pub struct Operator {
     binary: PathBuf,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// The log files' prefix: `operator` for the replica the points act on.
+    name: String,
     child: Option<Child>,
     pub runs: Vec<Run>,
 }
 
 impl Operator {
     pub fn new(binary: &Path, env: Vec<(String, String)>, dir: &Path) -> Operator {
+        Operator::named(binary, env, dir, "operator")
+    }
+
+    /// Another replica, logging to `<name>-<run>.log`.
+    pub fn named(binary: &Path, env: Vec<(String, String)>, dir: &Path, name: &str) -> Operator {
         Operator {
             binary: binary.to_path_buf(),
             env,
             dir: dir.to_path_buf(),
+            name: name.to_string(),
             child: None,
             runs: Vec::new(),
         }
@@ -50,7 +58,9 @@ impl Operator {
         if self.child.is_some() {
             return Ok(());
         }
-        let log = self.dir.join(format!("operator-{}.log", self.runs.len()));
+        let log = self
+            .dir
+            .join(format!("{}-{}.log", self.name, self.runs.len()));
         let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.binary);
