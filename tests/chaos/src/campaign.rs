@@ -19,7 +19,8 @@ use waldur_sim::{DefaultOrder, Delays, SimConfig, Simulator};
 use crate::check::{self, Cond, Nova, Outcome, Row, SgView, Truth};
 use crate::operator::{self, Ending, Operator};
 use crate::plan::{
-    Action, CreateSpec, Flavour, Import, NAMESPACES, Plan, Point, ResId, SourcePlan, TENANTS,
+    Action, CreateSpec, Flavour, Import, NAMESPACES, OneObject, Plan, Point, Repair, ResId,
+    SourcePlan, TENANTS, TenantPulls,
 };
 use crate::record::{ResRecord, SourceRecord};
 
@@ -41,6 +42,11 @@ pub struct Settings {
     /// Run Waldur's periodic re-sync once more before settling (what Waldur does within two
     /// hours anyway): it brings back unlinked groups and drops rows whose Nova group is gone.
     pub final_resync: bool,
+    /// Extra environment for the operator, after (and over) the campaign's own.
+    pub operator_env: Vec<(String, String)>,
+    /// Operator processes: 1, or 2 with leader election (the points act on the first; the
+    /// second stands by and takes over when the first is killed or stopped).
+    pub replicas: usize,
 }
 
 /// What a finished campaign reports.
@@ -59,12 +65,17 @@ pub struct Campaign {
     sim: Simulator,
     client: Client,
     operator: Operator,
+    /// The second replica, with `--replicas 2`.
+    standby: Option<Operator>,
     records: BTreeMap<ResId, ResRecord>,
     sources: Vec<SourceRecord>,
     trace: Vec<String>,
     history: Vec<String>,
     seen: BTreeSet<String>,
     crashes: Vec<String>,
+    /// Resources told something false while the campaign ran (for `status-is-true`): a
+    /// healthy resource told Waldur is unavailable while only one other object failed.
+    told: Vec<String>,
     t0: Instant,
     /// The point running now.
     point: usize,
@@ -126,6 +137,9 @@ impl Campaign {
             ),
             ("WALDUR_RATE", "0".into()),
             ("CONCURRENCY", "8".into()),
+            // Tenant re-syncs the operator asks for, at most one per tenant this often: short,
+            // so that a campaign sees several (the default 5m would see one).
+            ("TENANT_PULL_FLOOR", "2s".into()),
             ("READ_PATH", settings.read_path.clone()),
             ("METRICS_ADDR", "127.0.0.1:0".into()),
             ("ADMIN_ADDR", "127.0.0.1:0".into()),
@@ -135,9 +149,30 @@ impl Campaign {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let mut operator = Operator::new(&settings.operator, env, &settings.dir);
+        .chain(
+            // Two replicas elect a leader through a Lease; short terms, so that a takeover
+            // falls within the campaign (the e2e tests' 3 s and 1 s).
+            [
+                ("LEADER_ELECT", "true"),
+                ("LEASE_DURATION", "3s"),
+                ("LEASE_GRACE", "1s"),
+            ]
+            .into_iter()
+            .filter(|_| settings.replicas > 1)
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .filter(|(k, _)| !settings.operator_env.iter().any(|(o, _)| o == k))
+        .chain(settings.operator_env.iter().cloned())
+        .collect::<Vec<(String, String)>>();
+        let mut operator = Operator::new(&settings.operator, env.clone(), &settings.dir);
         operator.start()?;
+        let standby = if settings.replicas > 1 {
+            let mut standby = Operator::named(&settings.operator, env, &settings.dir, "standby");
+            standby.start()?;
+            Some(standby)
+        } else {
+            None
+        };
         let lineage = Arc::new(Mutex::new(BTreeMap::new()));
         let watcher = tokio::spawn(watch_rows(sim.clone(), lineage.clone()));
         Ok(Campaign {
@@ -146,12 +181,14 @@ impl Campaign {
             sim,
             client,
             operator,
+            standby,
             records: BTreeMap::new(),
             sources: Vec::new(),
             trace: Vec::new(),
             history: Vec::new(),
             seen: BTreeSet::new(),
             crashes: Vec::new(),
+            told: Vec::new(),
             t0: Instant::now(),
             point: 0,
             lineage,
@@ -182,9 +219,11 @@ impl Campaign {
         let (sgs, truth) = self.snapshot().await;
         self.watcher.abort();
         let lineage = self.lineage_with(&truth);
-        let runs = self.operator.runs.len();
+        let standby_runs: &[operator::Run] = self.standby.as_ref().map_or(&[], |o| &o.runs);
+        let runs = self.operator.runs.len() + standby_runs.len();
         let mut crashes = self.crashes.clone();
         crashes.extend(operator::panics(&self.operator.runs));
+        crashes.extend(operator::panics(standby_runs));
         let outcomes = check::check(&check::Input {
             records: &self.records,
             sources: &self.sources,
@@ -192,20 +231,26 @@ impl Campaign {
             truth: &truth,
             history: &self.history,
             crashes: &crashes,
+            told: &self.told,
             runs,
             lineage: &lineage,
             settled,
         });
         self.operator.kill();
+        if let Some(standby) = self.standby.as_mut() {
+            standby.kill();
+        }
         self.dump(&sgs, &truth).await;
         let runs = self
             .operator
             .runs
             .iter()
+            .chain(self.standby.iter().flat_map(|o| o.runs.iter()))
             .map(|r| {
                 let ending = match &r.ending {
                     Ending::Running => "running".to_string(),
                     Ending::Killed => "killed".to_string(),
+                    Ending::Terminated(s) => format!("terminated (SIGTERM): {s}"),
                     Ending::Exited(s) => format!("exited by itself: {s}"),
                 };
                 (
@@ -242,6 +287,22 @@ impl Campaign {
 
     /// An operator that exited by itself is a finding; start it again so the campaign goes on.
     fn mind_the_operator(&mut self, point: usize) {
+        if let Some(standby) = self.standby.as_mut()
+            && let Some(how) = standby.exited()
+        {
+            let log = standby
+                .runs
+                .last()
+                .map(|r| r.log.display().to_string())
+                .unwrap_or_default();
+            let started = standby.start();
+            self.crashes.push(format!(
+                "before point #{point}: the standby replica exited by itself ({how}); log {log}"
+            ));
+            self.note(format!(
+                "the standby replica exited by itself ({how}); starting it again: {started:?}"
+            ));
+        }
         if let Some(how) = self.operator.exited() {
             let log = self
                 .operator
@@ -304,18 +365,7 @@ impl Campaign {
                 )
                 .await
             }
-            Action::Delete { res } => {
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(self.client.clone(), res.ns, &resource());
-                let r = api.delete(&res.name, &DeleteParams::default()).await;
-                if let Some(rec) = self.records.get_mut(res) {
-                    rec.deleted_at = Some(point.index);
-                }
-                match r {
-                    Ok(_) => "deletion requested".into(),
-                    Err(e) => format!("delete failed: {e}"),
-                }
-            }
+            Action::Delete { res } => self.delete(res, point.index).await,
             Action::Kill { down_ms } => {
                 self.operator.kill();
                 tokio::time::sleep(Duration::from_millis(*down_ms)).await;
@@ -435,6 +485,143 @@ impl Campaign {
                 self.hold_then_clear(*hold_ms).await;
                 created
             }
+            Action::Sigterm { down_ms } => {
+                let started = Instant::now();
+                if !self.operator.terminate() {
+                    return format!("no SIGTERM sent; {}", self.restart());
+                }
+                let mut how = None;
+                while started.elapsed() < Duration::from_secs(10) {
+                    how = self.operator.terminated();
+                    if how.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let ended = match how {
+                    Some(how) => format!(
+                        "exited {} ms after SIGTERM ({how})",
+                        started.elapsed().as_millis()
+                    ),
+                    None => {
+                        self.operator.kill();
+                        "still running 10 s after SIGTERM: killed".to_string()
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(*down_ms)).await;
+                format!("{ended}; {}", self.restart())
+            }
+            Action::TwinsLostCreate { a, b, down_ms } => {
+                sim.drop_answers_after_commit(Some("create"), 1);
+                let (ma, mb) = (self.manifest(a), self.manifest(b));
+                let (ra, rb) = tokio::join!(
+                    post(&self.client, a.res.ns, ma),
+                    post(&self.client, b.res.ns, mb)
+                );
+                let created = format!("{}; {}", self.accepted(a, ra), self.accepted(b, rb));
+                let started = Instant::now();
+                let committed = self
+                    .wait_for_row(a.tenant, &a.waldur_name(), Duration::from_secs(5))
+                    .await;
+                self.operator.kill();
+                sim.clear_faults();
+                tokio::time::sleep(Duration::from_millis(*down_ms)).await;
+                let restarted = self.restart();
+                match committed {
+                    true => format!(
+                        "{created}; a group committed after {} ms, operator killed; {restarted}",
+                        started.elapsed().as_millis()
+                    ),
+                    false => format!(
+                        "{created}; no create reached Waldur within 5 s, killed anyway; {restarted}"
+                    ),
+                }
+            }
+            Action::TenantPullFault {
+                res,
+                pulls,
+                hold_ms,
+            } => {
+                self.tenant_pull_fault(point, res.as_ref(), *pulls, *hold_ms)
+                    .await
+            }
+            Action::UnlinkThenDelete { res } => {
+                // Not excused: with deletionPolicy Delete the operator waits for Waldur to
+                // re-import the Nova group and deletes it (review N2).
+                let unlinked = self.unlink(point, res, false).await;
+                let deleted = self.delete(res, point.index).await;
+                format!("{unlinked}; {deleted}")
+            }
+            Action::DeleteTransitional {
+                res,
+                state,
+                then,
+                hold_ms,
+            } => {
+                let uuid = self.bound_uuid(res).await;
+                let forced = match &uuid {
+                    Some(u) if self.sim.group(u).is_some_and(|g| g["state"] == "OK") => {
+                        sim.force_state(u, state)
+                    }
+                    _ => false,
+                };
+                let deleted = self.delete(res, point.index).await;
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                match (uuid, forced) {
+                    (Some(u), true) => {
+                        let still = self.sim.group(&u).is_some_and(|g| g["state"] == *state);
+                        if still {
+                            sim.force_state(&u, then);
+                        }
+                        format!(
+                            "{u} forced {state}; {deleted}; {}",
+                            if still {
+                                format!("then {then}")
+                            } else {
+                                "it left the state by itself".into()
+                            }
+                        )
+                    }
+                    (Some(u), false) => format!("{u} not OK, not forced; {deleted}"),
+                    (None, _) => format!("no group bound yet; {deleted}"),
+                }
+            }
+            Action::CreateThenDelete { create, after_ms } => {
+                let created = self.create(create).await;
+                tokio::time::sleep(Duration::from_millis(*after_ms)).await;
+                let state = self
+                    .sim
+                    .groups()
+                    .iter()
+                    .find(|g| g["description"] == check::tag(&create.res))
+                    .map(|g| g["state"].as_str().unwrap_or_default().to_string())
+                    .unwrap_or_else(|| "no row yet".into());
+                let deleted = self.delete(&create.res, point.index).await;
+                format!("{created}; its group: {state}; {deleted}")
+            }
+            Action::OneObject500 { target, n, hold_ms } => {
+                self.one_object_500(point, target, *n, *hold_ms).await
+            }
+            Action::ClockSkew {
+                secs,
+                create,
+                drop_answer,
+                hold_ms,
+            } => {
+                sim.set_clock_offset(*secs);
+                let created = match create {
+                    Some(c) => {
+                        if *drop_answer {
+                            sim.drop_answers_after_commit(Some("create"), 1);
+                        }
+                        self.create(c).await
+                    }
+                    None => "no create of ours".into(),
+                };
+                self.hold_then_clear(*hold_ms).await;
+                sim.set_clock_offset(0);
+                format!("{created}; Waldur's clock back on time")
+            }
             Action::Conflicts { n, target, hold_ms } => {
                 let before = self.kube.count("patch", "servergroups", None);
                 self.kube
@@ -463,6 +650,222 @@ impl Campaign {
                 "watch events late, then on time".into()
             }
         }
+    }
+
+    /// The user deletes the resource.
+    async fn delete(&mut self, res: &ResId, point: usize) -> String {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), res.ns, &resource());
+        let r = api.delete(&res.name, &DeleteParams::default()).await;
+        if let Some(rec) = self.records.get_mut(res) {
+            rec.deleted_at = Some(point);
+        }
+        match r {
+            Ok(_) => "deletion requested".into(),
+            Err(e) => format!("delete failed: {e}"),
+        }
+    }
+
+    /// The UUID the resource's status names now.
+    async fn bound_uuid(&self, res: &ResId) -> Option<String> {
+        let api: Api<ServerGroup> = Api::namespaced(self.client.clone(), res.ns);
+        api.get_opt(&res.name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|sg| sg.status.and_then(|s| s.uuid))
+    }
+
+    /// Tenant re-syncs late, never run or failing while `res`'s group is unlinked, so the
+    /// operator asks for one; at the end of the point the re-syncs run again and an Erred
+    /// tenant is repaired.
+    async fn tenant_pull_fault(
+        &mut self,
+        point: &Point,
+        res: Option<&ResId>,
+        pulls: TenantPulls,
+        hold_ms: u64,
+    ) -> String {
+        let before = self.sim.requests("pull_server_groups");
+        match pulls {
+            TenantPulls::Late { delay_ms } => self
+                .sim
+                .set_tenant_pull_delay(Some(Duration::from_millis(delay_ms))),
+            TenantPulls::Never => self.sim.set_tenant_pull_delay(None),
+            TenantPulls::Erred { .. } => self.sim.fail_next_tenant_pulls(1),
+        }
+        // Not excused: the operator rebinds Waldur's re-import (or, deleted, deletes it).
+        let unlinked = match res {
+            Some(r) => self.unlink(point, r, false).await,
+            None => "no resource to unlink".into(),
+        };
+        // The fault is about the re-sync the operator asks for: give it up to 8 s to notice
+        // the unlink (its next sweep) and ask, then hold the fault `hold_ms` from there.
+        let asked_by = Instant::now() + Duration::from_secs(8);
+        let did_unlink =
+            res.is_some() && !unlinked.starts_with("skipped") && !unlinked.starts_with("no effect");
+        while did_unlink
+            && self.sim.requests("pull_server_groups") == before
+            && Instant::now() < asked_by
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // What the tenants went through meanwhile.
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_millis(hold_ms);
+        while Instant::now() < deadline {
+            for t in TENANTS {
+                if let Some(state) = self
+                    .sim
+                    .tenant(t)
+                    .and_then(|v| v["state"].as_str().map(str::to_string))
+                    && state != "OK"
+                {
+                    seen.insert(format!("{} {state}", &t[..6]));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let off = match pulls {
+            TenantPulls::Late { .. } => {
+                self.sim.reset_tenant_pull_delay();
+                "re-syncs on time again".to_string()
+            }
+            TenantPulls::Never => {
+                self.sim.release_tenant_pulls();
+                self.sim.reset_tenant_pull_delay();
+                "held re-syncs released".to_string()
+            }
+            TenantPulls::Erred { repair } => {
+                self.sim.fail_next_tenant_pulls(0);
+                let erred: Vec<&str> = TENANTS
+                    .iter()
+                    .copied()
+                    .filter(|t| self.sim.tenant(t).is_some_and(|v| v["state"] == "ERRED"))
+                    .collect();
+                match (repair, erred.is_empty()) {
+                    (_, true) => "no tenant Erred".to_string(),
+                    (Repair::SetOk, false) => {
+                        for t in &erred {
+                            self.sim.set_tenant_ok(t, true);
+                        }
+                        format!("{} Erred tenant(s) set OK by staff", erred.len())
+                    }
+                    (Repair::Resync, false) => {
+                        let r = self.sim.resync_report();
+                        format!(
+                            "{} Erred tenant(s) repaired by Waldur's periodic re-sync (imported {}, recovered tenants {})",
+                            erred.len(),
+                            r.imported.len(),
+                            r.recovered_tenants.len()
+                        )
+                    }
+                }
+            }
+        };
+        format!(
+            "{unlinked}; {} tenant re-sync(s) asked for; tenants seen {}; {off}",
+            self.sim.requests("pull_server_groups") - before,
+            if seen.is_empty() {
+                "OK throughout".to_string()
+            } else {
+                seen.into_iter().collect::<Vec<_>>().join(", ")
+            }
+        )
+    }
+
+    /// One object's requests answer 500 while Waldur answers every other: a resource that was
+    /// Ready and Synced before may not be told Waldur is unavailable meanwhile (review N4).
+    /// Every such resource is poked (an annotation) so that it is reconciled in the window.
+    async fn one_object_500(
+        &mut self,
+        point: &Point,
+        target: &OneObject,
+        n: usize,
+        hold_ms: u64,
+    ) -> String {
+        let (endpoint, target_res) = match target {
+            OneObject::Create(c) => ("create", c.res.clone()),
+            OneObject::Pull { res, .. } => ("pull", res.clone()),
+        };
+        let (sgs, _) = self.snapshot().await;
+        let healthy: Vec<ResId> = sgs
+            .iter()
+            .filter(|sg| !sg.deleting && !sg.paused)
+            .filter(|sg| {
+                sg.cond("Ready")
+                    .is_some_and(|c| c.status == "True" && c.reason == "Available")
+                    && sg.cond("Synced").is_some_and(|c| c.status == "True")
+            })
+            .filter_map(|sg| sg.res.clone())
+            .filter(|r| *r != target_res)
+            .collect();
+        // The object's own reads fail too (a GET of it answers 500 and is retried): the
+        // simulator scopes faults by endpoint, not by object, and a Ready resource of the
+        // batched read path reads from the sweep's lists, not by GET.
+        let before = self.sim.requests(endpoint) + self.sim.requests("retrieve");
+        self.sim.fail_next_requests_for(endpoint, n, 500);
+        self.sim.fail_next_requests_for("retrieve", n, 500);
+        let started = match target {
+            OneObject::Create(c) => self.create(c).await,
+            OneObject::Pull { res, token } => {
+                let r = self
+                    .merge(
+                        res,
+                        json!({"metadata": {"annotations": {ANNOTATION_REQUEST_PULL: token}}}),
+                    )
+                    .await;
+                format!("request-pull {res}: {r}")
+            }
+        };
+        for r in &healthy {
+            self.merge(
+                r,
+                json!({"metadata": {"annotations": {"waldur-chaos/poke": point.index.to_string()}}}),
+            )
+            .await;
+        }
+        let mut told: BTreeSet<String> = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_millis(hold_ms);
+        while Instant::now() < deadline {
+            let (sgs, _) = self.snapshot().await;
+            for sg in &sgs {
+                let Some(res) = sg.res.as_ref().filter(|r| healthy.contains(r)) else {
+                    continue;
+                };
+                // The fault is scoped by endpoint, not object: a resource whose own GET met
+                // one of the 500s is told the truth about its own request. The defect is being
+                // refused for another's failures (the breaker's "unreachable since").
+                let own_500 = |m: &str| {
+                    m.contains("HTTP 500")
+                        && [endpoint, "retrieve"].iter().any(|e| {
+                            m.starts_with(&format!("Waldur is unavailable ({e}): HTTP 500"))
+                        })
+                };
+                if let Some(c) = sg
+                    .cond("Synced")
+                    .filter(|c| c.status == "False" && c.reason == "WaldurUnavailable")
+                    .filter(|c| !own_500(&c.message))
+                    && told.insert(res.to_string())
+                {
+                    let v = format!(
+                        "at point #{}: {res} was told WaldurUnavailable while only {target_res}'s {endpoint} (and retrieve) requests failed (500): {}",
+                        point.index,
+                        check::clip(&c.message, 300)
+                    );
+                    self.note(format!("VIOLATION SEEN: {v}"));
+                    self.told.push(v);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.sim.clear_faults();
+        format!(
+            "{started}; {} {endpoint} and retrieve request(s) while armed; {} healthy resource(s) poked, {} told WaldurUnavailable",
+            self.sim.requests(endpoint) + self.sim.requests("retrieve") - before,
+            healthy.len(),
+            told.len()
+        )
     }
 
     fn restart(&mut self) -> String {
@@ -497,6 +900,21 @@ impl Campaign {
 
     /// Someone acts on the resource's group behind the operator's back.
     async fn out_of_band(&mut self, point: &Point, res: &ResId) -> String {
+        self.out_of_band_excused(point, res, true).await
+    }
+
+    /// A staff user unlinks the resource's group behind the operator's back. `excuse`: the
+    /// Nova group is not held against the resource's deletion (as for `oob-unlink`).
+    async fn unlink(&mut self, point: &Point, res: &ResId, excuse: bool) -> String {
+        self.out_of_band_excused(point, res, excuse).await
+    }
+
+    async fn out_of_band_excused(
+        &mut self,
+        point: &Point,
+        res: &ResId,
+        excuse_unlink: bool,
+    ) -> String {
         let api: Api<ServerGroup> = Api::namespaced(self.client.clone(), res.ns);
         let uuid = match api.get_opt(&res.name).await {
             Ok(Some(sg)) => sg.status.and_then(|s| s.uuid),
@@ -529,7 +947,7 @@ impl Campaign {
             rec.out_of_band = true;
             rec.taints
                 .push(format!("#{} {}: {what}", point.index, point.action.kind()));
-            if matches!(point.action, Action::OobUnlink { .. }) && !backend.is_empty() {
+            if excuse_unlink && !backend.is_empty() {
                 rec.excused_backends.push(backend.clone());
             }
             if let Some(src) = rec
@@ -806,6 +1224,23 @@ impl Campaign {
         if let Err(e) = self.sim.listen_again().await {
             self.note(format!("cannot listen again: {e}"));
         }
+        // Held tenant re-syncs run, tenants are repaired, Waldur's clock is on time: without
+        // these nothing could settle.
+        self.sim.release_tenant_pulls();
+        self.sim.reset_tenant_pull_delay();
+        self.sim.set_clock_offset(0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for t in TENANTS {
+            if let Some(state) = self
+                .sim
+                .tenant(t)
+                .and_then(|v| v["state"].as_str().map(str::to_string))
+                .filter(|s| s != "OK")
+            {
+                self.sim.set_tenant_ok(t, true);
+                self.note(format!("end: tenant {} was {state}, set OK", &t[..6]));
+            }
+        }
         self.kube.set_watch_delay(Duration::ZERO);
         for sub in [None, Some("status"), Some("*")] {
             self.kube.fail_next(0, "patch", "servergroups", sub, 409);
@@ -862,6 +1297,7 @@ impl Campaign {
                 truth: &truth,
                 history: &[],
                 crashes: &[],
+                told: &[],
                 runs: 0,
                 lineage: &lineage,
                 settled: true,

@@ -193,6 +193,8 @@ pub struct Input<'a> {
     pub history: &'a [String],
     /// Panic lines and unexpected exits of the operator, already worded.
     pub crashes: &'a [String],
+    /// What the driver saw a resource told falsely while the campaign ran (`status-is-true`).
+    pub told: &'a [String],
     pub runs: usize,
     /// Every Waldur row the driver saw while the campaign ran (it samples the simulator's row
     /// table every few milliseconds), with the last non-empty backend id each one had: which
@@ -708,8 +710,11 @@ impl<'a> Ctx<'a> {
                 continue;
             };
             if rec.spec.flavour.creates() {
+                // A row made for this resource (its description) is its own whatever the
+                // times say: Waldur's clock may run behind the API server's (clock-skew).
                 if let (Some(made), Some(resource)) = (row.created, sg.created)
                     && made < resource
+                    && row.description != tag(res)
                 {
                     out.violations.push(format!(
                         "{res}: bound to {uuid} '{}', created {made} before the resource ({resource}): not its own group",
@@ -1032,6 +1037,7 @@ impl<'a> Ctx<'a> {
     /// Every remaining resource is Ready, or says truthfully why not.
     fn truthful(&self) -> Outcome {
         let mut out = Outcome::new(TRUTHFUL, "remaining resources");
+        out.violations.extend(self.input.told.iter().cloned());
         for (rec, sg) in self.live() {
             out.checked += 1;
             let res = &rec.spec.res;
@@ -1351,6 +1357,7 @@ pub fn during_run(
         if let Some(row) = truth.row(uuid)
             && let Some(made) = row.created
             && made < created
+            && row.description != tag(res)
         {
             let key = format!("foreign:{res}:{uuid}");
             if seen.insert(key) {
@@ -1488,6 +1495,7 @@ mod tests {
             truth,
             history: &[],
             crashes: &[],
+            told: &[],
             runs: 1,
             lineage,
             settled: true,
@@ -1905,6 +1913,7 @@ mod tests {
             truth: &ok,
             history: &[],
             crashes: &[],
+            told: &[],
             runs: 1,
             lineage: &[],
             settled: false,
@@ -2006,5 +2015,51 @@ mod tests {
         old.rows[0].created = Some("2025-12-31T23:00:00Z".parse().unwrap());
         let v = during_run(6, &records, &sgs[..1], &old, &mut seen);
         assert_eq!(v.len(), 1, "{v:?}");
+    }
+
+    #[test]
+    fn a_group_made_for_the_resource_is_its_own_whatever_waldurs_clock_says() {
+        let mut records = BTreeMap::new();
+        let r = record(spec("r001", Flavour::Plain, Deletion::Delete));
+        let res = r.spec.res.clone();
+        records.insert(res.clone(), r);
+        let sgs = vec![view(&res, Some("aa"), ready("Available", true))];
+        // Waldur's clock 5 s behind the API server's: its own group looks older than itself.
+        let mut own = made_for(&res, "aa", "r001", "n1");
+        own.created = Some("2025-12-31T23:59:56Z".parse().unwrap());
+        let truth = Truth {
+            rows: vec![own.clone()],
+            nova: vec![nova("n1", "r001")],
+        };
+        let out = run(&records, &[], &sgs, &truth);
+        assert!(out.iter().all(|o| o.violations.is_empty()), "{out:?}");
+        let mut seen = BTreeSet::new();
+        assert!(during_run(1, &records, &sgs, &truth, &mut seen).is_empty());
+        // The same times on a row no one tagged: someone else's group, as before.
+        let mut foreign = truth.clone();
+        foreign.rows[0].description = String::new();
+        let out = run(&records, &[], &sgs, &foreign);
+        assert_eq!(violations(&out, ONE_GROUP).len(), 1, "{out:?}");
+        assert_eq!(during_run(2, &records, &sgs, &foreign, &mut seen).len(), 1);
+    }
+
+    #[test]
+    fn a_resource_told_unavailable_for_anothers_failures_is_untruthful() {
+        let records = BTreeMap::new();
+        let truth = Truth::default();
+        let told = vec!["at point #3: chaos-a/r001 was told WaldurUnavailable".to_string()];
+        let out = check(&Input {
+            records: &records,
+            sources: &[],
+            sgs: &[],
+            truth: &truth,
+            history: &[],
+            crashes: &[],
+            told: &told,
+            runs: 1,
+            lineage: &[],
+            settled: true,
+        });
+        assert_eq!(violations(&out, TRUTHFUL), told, "{out:?}");
     }
 }

@@ -54,6 +54,14 @@ struct Args {
     /// The operator's WALDUR_TIMEOUT in ms; the timeout fault waits longer than this.
     #[arg(long, default_value_t = 2000)]
     waldur_timeout_ms: u64,
+    /// An extra environment variable for the operator, `KEY=VALUE` (repeatable), after the
+    /// campaign's own: for instance `REIMPORT_WAIT=3s` to scale an older operator's wait.
+    #[arg(long = "operator-env", value_parser = key_value)]
+    operator_env: Vec<(String, String)>,
+    /// Operator processes: 1, or 2 electing a leader (kills and SIGTERMs hit the first; the
+    /// second takes over). The plan is the same either way.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replicas: u8,
     /// Leave out the Waldur re-sync before the settle.
     #[arg(long)]
     no_final_resync: bool,
@@ -67,6 +75,13 @@ struct Args {
     /// Print the trace even when every invariant holds.
     #[arg(long)]
     trace: bool,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 #[tokio::main]
@@ -110,6 +125,8 @@ async fn main() -> ExitCode {
         log_level: args.log_level.clone(),
         waldur_timeout: Duration::from_millis(args.waldur_timeout_ms),
         final_resync: !args.no_final_resync,
+        operator_env: args.operator_env.clone(),
+        replicas: usize::from(args.replicas),
     };
     let started = Instant::now();
     println!(

@@ -12,6 +12,8 @@ pub enum Ending {
     Running,
     /// We sent SIGKILL.
     Killed,
+    /// We sent SIGTERM and it exited (with this status) or was killed after the grace.
+    Terminated(String),
     /// It exited by itself: never expected while the campaign runs.
     Exited(String),
 }
@@ -28,16 +30,24 @@ pub struct Operator {
     binary: PathBuf,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// The log files' prefix: `operator` for the replica the points act on.
+    name: String,
     child: Option<Child>,
     pub runs: Vec<Run>,
 }
 
 impl Operator {
     pub fn new(binary: &Path, env: Vec<(String, String)>, dir: &Path) -> Operator {
+        Operator::named(binary, env, dir, "operator")
+    }
+
+    /// Another replica, logging to `<name>-<run>.log`.
+    pub fn named(binary: &Path, env: Vec<(String, String)>, dir: &Path, name: &str) -> Operator {
         Operator {
             binary: binary.to_path_buf(),
             env,
             dir: dir.to_path_buf(),
+            name: name.to_string(),
             child: None,
             runs: Vec::new(),
         }
@@ -48,7 +58,9 @@ impl Operator {
         if self.child.is_some() {
             return Ok(());
         }
-        let log = self.dir.join(format!("operator-{}.log", self.runs.len()));
+        let log = self
+            .dir
+            .join(format!("{}-{}.log", self.name, self.runs.len()));
         let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(&self.binary);
@@ -88,6 +100,32 @@ impl Operator {
                 run.ran = run.started.elapsed();
             }
         }
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod: the operator is asked to stop and chooses how.
+    /// False if no run is going or the signal could not be sent.
+    pub fn terminate(&mut self) -> bool {
+        let Some(child) = self.child.as_ref() else {
+            return false;
+        };
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// After [`Operator::terminate`]: the exit status once the run has ended (recorded as
+    /// terminated, not as exited by itself), `None` while it still runs.
+    pub fn terminated(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        let status = child.try_wait().ok().flatten()?;
+        self.child = None;
+        let how = status.to_string();
+        if let Some(run) = self.runs.last_mut() {
+            run.ending = Ending::Terminated(how.clone());
+            run.ran = run.started.elapsed();
+        }
+        Some(how)
     }
 
     /// Whether the current run exited by itself; it is recorded, and `None` means running

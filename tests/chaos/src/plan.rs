@@ -184,6 +184,50 @@ impl ConflictTarget {
     }
 }
 
+/// What becomes of the tenant re-syncs (`pull_server_groups`) the operator asks for during a
+/// point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantPulls {
+    /// Each holds its tenant `delay_ms` (Waldur's 45 s, scaled down) before it runs.
+    Late { delay_ms: u64 },
+    /// Waldur's worker never runs them: the tenant stays UPDATE_SCHEDULED until they are
+    /// released at the end of the point.
+    Never,
+    /// The next one fails in OpenStack: the tenant ends ERRED until it is repaired at the end
+    /// of the point.
+    Erred { repair: Repair },
+}
+
+/// How an Erred tenant is repaired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// Staff `set_ok` on the tenant.
+    SetOk,
+    /// Waldur's periodic re-sync (which also re-imports unlinked groups).
+    Resync,
+}
+
+/// A transitional state a group is forced into before its resource is deleted, and the
+/// state it leaves it for at the end of the point.
+pub const TRANSITIONAL: [(&str, &str); 6] = [
+    ("CREATION_SCHEDULED", "OK"),
+    ("CREATING", "OK"),
+    ("UPDATE_SCHEDULED", "OK"),
+    ("UPDATING", "OK"),
+    // Someone else's delete that OpenStack refused, as the simulator's refused deletes end.
+    ("DELETION_SCHEDULED", "ERRED"),
+    ("DELETING", "ERRED"),
+];
+
+/// Which requests of one object answer 500 while the rest of Waldur is healthy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OneObject {
+    /// The creates of a new resource (one tenant's create answers 500).
+    Create(CreateSpec),
+    /// The pulls a request-pull token on a bound resource asks for.
+    Pull { res: ResId, token: String },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     // ----- user actions -----
@@ -217,6 +261,18 @@ pub enum Action {
     KillAfterCommit {
         create: CreateSpec,
         answer_delay_ms: u64,
+        down_ms: u64,
+    },
+    /// SIGTERM (a rollout, a drained node): the operator stops as it chooses, mid-reconcile;
+    /// it is started again `down_ms` after it exited (SIGKILL if it has not within 10 s).
+    Sigterm {
+        down_ms: u64,
+    },
+    /// Twins are created while Waldur drops the answer of the next committed create, and the
+    /// operator is killed as soon as a group of the twins' name exists.
+    TwinsLostCreate {
+        a: CreateSpec,
+        b: CreateSpec,
         down_ms: u64,
     },
     // ----- Waldur faults -----
@@ -268,6 +324,48 @@ pub enum Action {
     /// The next create ends ERRED in OpenStack; this point makes one.
     FailCreate {
         create: CreateSpec,
+        hold_ms: u64,
+    },
+    /// Tenant re-syncs late, never run, or failing (tenant Erred), while a staff user unlinks
+    /// `res`'s group (so the operator asks for one); switched off at the end of the point.
+    TenantPullFault {
+        res: Option<ResId>,
+        pulls: TenantPulls,
+        hold_ms: u64,
+    },
+    /// A staff user unlinks the resource's group and the user deletes the resource at once:
+    /// a delete while the group awaits re-import (review N2).
+    UnlinkThenDelete {
+        res: ResId,
+    },
+    /// The resource's group is forced into a transitional state, the resource is deleted,
+    /// and `hold_ms` later the group leaves that state (see [`TRANSITIONAL`]).
+    DeleteTransitional {
+        res: ResId,
+        state: &'static str,
+        then: &'static str,
+        hold_ms: u64,
+    },
+    /// A resource is created and deleted `after_ms` later, while Waldur still creates its
+    /// group (CREATION_SCHEDULED, CREATING).
+    CreateThenDelete {
+        create: CreateSpec,
+        after_ms: u64,
+    },
+    /// The next `n` requests of one object answer 500 while every other is answered: no
+    /// other resource may be told Waldur is unavailable (review N4).
+    OneObject500 {
+        target: OneObject,
+        n: usize,
+        hold_ms: u64,
+    },
+    /// Waldur's clock runs `secs` off the API server's for the point (every `created` and
+    /// `modified` it writes), while a resource is created, its create answer lost with
+    /// `drop_answer` (review N3's clock remark, m15).
+    ClockSkew {
+        secs: i64,
+        create: Option<CreateSpec>,
+        drop_answer: bool,
         hold_ms: u64,
     },
     // ----- Kubernetes faults -----
@@ -333,6 +431,25 @@ impl Action {
             Action::ExpireWatches => "expire-watches",
             Action::Compact => "compact-410",
             Action::WatchDelay { .. } => "watch-delay",
+            Action::Sigterm { .. } => "sigterm",
+            Action::TwinsLostCreate { .. } => "twins-lost-create",
+            Action::TenantPullFault {
+                pulls: TenantPulls::Late { .. },
+                ..
+            } => "tenant-pull-late",
+            Action::TenantPullFault {
+                pulls: TenantPulls::Never,
+                ..
+            } => "tenant-pull-never",
+            Action::TenantPullFault {
+                pulls: TenantPulls::Erred { .. },
+                ..
+            } => "tenant-erred",
+            Action::UnlinkThenDelete { .. } => "unlink-then-delete",
+            Action::DeleteTransitional { .. } => "delete-transitional",
+            Action::CreateThenDelete { .. } => "create-then-delete",
+            Action::OneObject500 { .. } => "one-object-500",
+            Action::ClockSkew { .. } => "clock-skew",
         }
     }
 
@@ -345,7 +462,10 @@ impl Action {
             | Action::Unpause { .. }
             | Action::RequestPull { .. }
             | Action::Delete { .. } => Category::User,
-            Action::Kill { .. } | Action::KillAfterCommit { .. } => Category::Operator,
+            Action::Kill { .. }
+            | Action::KillAfterCommit { .. }
+            | Action::Sigterm { .. }
+            | Action::TwinsLostCreate { .. } => Category::Operator,
             Action::Conflicts { .. }
             | Action::ExpireWatches
             | Action::Compact
@@ -360,7 +480,13 @@ impl Action {
             Action::Create(c)
             | Action::KillAfterCommit { create: c, .. }
             | Action::FailCreate { create: c, .. } => vec![c],
-            Action::CreateTwins(a, b) => vec![a, b],
+            Action::CreateTwins(a, b) | Action::TwinsLostCreate { a, b, .. } => vec![a, b],
+            Action::CreateThenDelete { create: c, .. }
+            | Action::OneObject500 {
+                target: OneObject::Create(c),
+                ..
+            } => vec![c],
+            Action::ClockSkew { create, .. } => create.iter().collect(),
             Action::DelayedAnswer { create, .. } | Action::CommitThenDrop { create, .. } => {
                 create.iter().collect()
             }
@@ -440,6 +566,71 @@ impl fmt::Display for Action {
             }
             Action::WatchDelay { delay_ms, hold_ms } => {
                 write!(f, "{kind} {delay_ms} ms (for {hold_ms} ms)")
+            }
+            Action::Sigterm { down_ms } => write!(f, "{kind} (down {down_ms} ms after exit)"),
+            Action::TwinsLostCreate { a, b, down_ms } => write!(
+                f,
+                "{kind}: next create answer dropped, twins {a} + {b}, kill at commit (down {down_ms} ms)"
+            ),
+            Action::TenantPullFault {
+                res,
+                pulls,
+                hold_ms,
+            } => {
+                match pulls {
+                    TenantPulls::Late { delay_ms } => {
+                        write!(f, "{kind}: tenant re-syncs held {delay_ms} ms")?
+                    }
+                    TenantPulls::Never => write!(f, "{kind}: tenant re-syncs never run")?,
+                    TenantPulls::Erred { repair } => {
+                        write!(f, "{kind}: next tenant re-sync fails, repair by {repair:?}")?
+                    }
+                }
+                write!(f, " (for {hold_ms} ms)")?;
+                if let Some(r) = res {
+                    write!(f, ", unlink {r}'s group")?;
+                }
+                Ok(())
+            }
+            Action::UnlinkThenDelete { res } => {
+                write!(f, "{kind}: unlink {res}'s group, delete {res} at once")
+            }
+            Action::DeleteTransitional {
+                res,
+                state,
+                then,
+                hold_ms,
+            } => write!(
+                f,
+                "{kind}: {res}'s group forced {state}, delete {res}, {then} after {hold_ms} ms"
+            ),
+            Action::CreateThenDelete { create, after_ms } => {
+                write!(f, "{kind}: create {create}, delete it {after_ms} ms later")
+            }
+            Action::OneObject500 { target, n, hold_ms } => {
+                match target {
+                    OneObject::Create(c) => write!(f, "{kind}: next {n} creates 500, create {c}")?,
+                    OneObject::Pull { res, token } => write!(
+                        f,
+                        "{kind}: next {n} pulls 500, request-pull {res} token={token}"
+                    )?,
+                }
+                write!(f, " (for {hold_ms} ms)")
+            }
+            Action::ClockSkew {
+                secs,
+                create,
+                drop_answer,
+                hold_ms,
+            } => {
+                write!(f, "{kind}: Waldur's clock {secs:+} s (for {hold_ms} ms)")?;
+                if let Some(c) = create {
+                    write!(f, ", create {c}")?;
+                    if *drop_answer {
+                        write!(f, ", its answer dropped after commit")?;
+                    }
+                }
+                Ok(())
             }
         }
     }
@@ -530,6 +721,16 @@ const WEIGHTS: &[(&str, u32)] = &[
     ("expire-watches", 3),
     ("compact-410", 2),
     ("watch-delay", 3),
+    ("sigterm", 2),
+    ("twins-lost-create", 2),
+    ("tenant-pull-late", 3),
+    ("tenant-pull-never", 2),
+    ("tenant-erred", 2),
+    ("unlink-then-delete", 2),
+    ("delete-transitional", 3),
+    ("create-then-delete", 2),
+    ("one-object-500", 3),
+    ("clock-skew", 2),
 ];
 
 impl Drawer {
@@ -547,7 +748,97 @@ impl Drawer {
         let full = self.live.len() >= self.max_live;
         let room_for_two = self.live.len() + 2 <= self.max_live;
         match kind {
-            "create" | "create-twins" | "create-erred" if full => self.delete(),
+            "create" | "create-twins" | "create-erred" | "create-then-delete" if full => {
+                self.delete()
+            }
+            "twins-lost-create" if room_for_two => {
+                let Action::CreateTwins(a, b) = self.twins(index) else {
+                    unreachable!("twins() draws twins")
+                };
+                Action::TwinsLostCreate {
+                    a,
+                    b,
+                    down_ms: self.rng.random_range(0..=800),
+                }
+            }
+            "twins-lost-create" => self.fallback(index),
+            "sigterm" => Action::Sigterm {
+                down_ms: self.rng.random_range(0..=800),
+            },
+            "tenant-pull-late" | "tenant-pull-never" | "tenant-erred" => {
+                let pulls = match kind {
+                    // Waldur's 45 s, scaled down like every delay of the campaign.
+                    "tenant-pull-late" => TenantPulls::Late {
+                        delay_ms: self.rng.random_range(1500..=4500),
+                    },
+                    "tenant-pull-never" => TenantPulls::Never,
+                    _ => TenantPulls::Erred {
+                        repair: if self.rng.random_bool(0.5) {
+                            Repair::SetOk
+                        } else {
+                            Repair::Resync
+                        },
+                    },
+                };
+                let res = self.creating_target();
+                Action::TenantPullFault {
+                    res,
+                    pulls,
+                    hold_ms: self.rng.random_range(1500..=5000),
+                }
+            }
+            "unlink-then-delete" if !self.live.is_empty() => {
+                let Action::Delete { res } = self.delete() else {
+                    unreachable!("delete() draws deletes")
+                };
+                Action::UnlinkThenDelete { res }
+            }
+            "delete-transitional" if !self.live.is_empty() => {
+                let Action::Delete { res } = self.delete() else {
+                    unreachable!("delete() draws deletes")
+                };
+                let (state, then) = TRANSITIONAL[self.rng.random_range(0..TRANSITIONAL.len())];
+                Action::DeleteTransitional {
+                    res,
+                    state,
+                    then,
+                    hold_ms: self.rng.random_range(500..=2500),
+                }
+            }
+            "unlink-then-delete" | "delete-transitional" => self.fallback(index),
+            "create-then-delete" => {
+                let create = self.plain(index);
+                self.live.retain(|l| l.res != create.res);
+                self.left_behind(&create.res);
+                Action::CreateThenDelete {
+                    create,
+                    after_ms: self.rng.random_range(0..=400),
+                }
+            }
+            "one-object-500" => {
+                let n = self.rng.random_range(3..=8);
+                let hold_ms = self.rng.random_range(1500..=3000);
+                let target = match self.creating_target() {
+                    Some(res) if full || self.rng.random_bool(0.4) => OneObject::Pull {
+                        res,
+                        token: format!("t{index}"),
+                    },
+                    _ if full => return self.delete(),
+                    _ => OneObject::Create(self.plain(index)),
+                };
+                Action::OneObject500 { target, n, hold_ms }
+            }
+            "clock-skew" => {
+                let secs = if self.rng.random_bool(0.5) { 5 } else { -5 };
+                let drop_answer = self.rng.random_bool(0.5);
+                let create = (!full).then(|| self.plain(index));
+                Action::ClockSkew {
+                    secs,
+                    create,
+                    drop_answer,
+                    hold_ms: self.rng.random_range(1000..=3000),
+                }
+            }
             "create" => Action::Create(self.create(index)),
             "create-twins" if room_for_two => self.twins(index),
             "create-twins" => Action::Create(self.create(index)),
@@ -888,14 +1179,32 @@ impl Drawer {
     fn delete(&mut self) -> Action {
         let i = self.rng.random_range(0..self.live.len());
         let gone = self.live.remove(i);
-        if let Some(c) = self.created.iter().find(|c| c.res == gone.res)
+        self.left_behind(&gone.res);
+        Action::Delete { res: gone.res }
+    }
+
+    /// A deleted resource's group that stays behind (Orphan) or comes back at a re-sync
+    /// (Unlink) is someone else's from then on: a clash may take its name.
+    fn left_behind(&mut self, res: &ResId) {
+        if let Some(c) = self.created.iter().find(|c| &c.res == res)
             && c.flavour.creates()
             && c.deletion != Deletion::Delete
         {
-            // Its group stays behind (Orphan) or comes back at a re-sync (Unlink).
             self.foreign.push((c.waldur_name(), c.tenant, c.policy));
         }
-        Action::Delete { res: gone.res }
+    }
+
+    /// A live resource whose group the operator creates (so a vanished group is waited for
+    /// and re-synced, not reported NotFound), if any.
+    fn creating_target(&mut self) -> Option<ResId> {
+        let candidates: Vec<usize> = (0..self.live.len())
+            .filter(|i| self.live[*i].flavour.creates())
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = candidates[self.rng.random_range(0..candidates.len())];
+        Some(self.live[i].res.clone())
     }
 }
 
@@ -930,10 +1239,26 @@ mod tests {
                     live.len()
                 );
                 match &p.action {
-                    Action::Delete { res } => {
+                    Action::Delete { res }
+                    | Action::UnlinkThenDelete { res }
+                    | Action::DeleteTransitional { res, .. } => {
                         assert!(live.contains(res), "seed {seed}: delete of {res}");
                         live.retain(|r| r != res);
                         paused.retain(|r| r != res);
+                    }
+                    Action::CreateThenDelete { create, .. } => {
+                        live.retain(|r| r != &create.res);
+                    }
+                    Action::TenantPullFault { res: Some(res), .. }
+                    | Action::OneObject500 {
+                        target: OneObject::Pull { res, .. },
+                        ..
+                    } => {
+                        assert!(
+                            live.contains(res),
+                            "seed {seed}: {} of {res}",
+                            p.action.kind()
+                        );
                     }
                     Action::Pause { res } => {
                         assert!(live.contains(res) && !paused.contains(res));
@@ -991,6 +1316,16 @@ mod tests {
             "expire-watches",
             "compact-410",
             "watch-delay",
+            "sigterm",
+            "twins-lost-create",
+            "tenant-pull-late",
+            "tenant-pull-never",
+            "tenant-erred",
+            "unlink-then-delete",
+            "delete-transitional",
+            "create-then-delete",
+            "one-object-500",
+            "clock-skew",
         ] {
             assert!(kinds.contains(k), "no {k} in {kinds:?}");
         }
