@@ -162,11 +162,11 @@ pub fn name_taken(error: &crate::waldur::WaldurError) -> bool {
 }
 
 /// Waldur's clock may be this far behind the operator's when a create intent's time is
-/// compared with a group's `created` (the campaign's ±5 s Waldur clock). A group of the name
+/// compared with a group's `created` (the campaign's ±5 s Waldur clock, and latency). A group of the name
 /// made by someone else within this window before the intent, unseen by the picture the create
 /// was decided on, is indistinguishable from this resource's own lost create; the window is
-/// kept to the clock bound, and a deletion does not use it at all (see `pick_own_creation`).
-pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(5);
+/// kept near the clock bound, and a deletion does not use it at all (see `pick_own_creation`).
+pub const INTENT_CLOCK_SLACK: SignedDuration = SignedDuration::from_secs(10);
 
 /// The create intent that still stands: recorded for this tenant and name, and no group bound
 /// since (the intent of a recreate names the UUID it replaces).

@@ -199,6 +199,25 @@ pub fn tenant_erred_message(sg: &ServerGroup, waldur_message: &str) -> String {
     )
 }
 
+/// Waldur's re-import of a group that vanished before its Nova id reached status: the group
+/// of this name and policy made (imported) after it vanished, the oldest first. The caller
+/// skips groups another resource holds.
+pub fn pick_reimport(
+    candidates: &[WaldurGroup],
+    policy: Policy,
+    since: Timestamp,
+) -> Option<&WaldurGroup> {
+    let not_before = since.checked_sub(INTENT_CLOCK_SLACK).ok()?;
+    let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
+        .iter()
+        .filter(|g| g.policy == policy.as_str())
+        .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
+        .filter(|(created, _)| *created >= not_before)
+        .collect();
+    fitting.sort_by_key(|(created, _)| *created);
+    fitting.into_iter().next().map(|(_, g)| g)
+}
+
 #[cfg(test)]
 #[path = "reimport_tests.rs"]
 mod tests;

@@ -206,3 +206,32 @@ fn a_tenant_re_sync_is_due_only_when_on_ok_and_past_the_floor() {
         at(1_000)
     ));
 }
+
+/// The re-import of a group that vanished before its Nova id reached status is found by name:
+/// made after it vanished, same policy (the campaign's R8).
+#[test]
+fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
+    let since = at(1_000);
+    let mut reimported = crate::waldur::ServerGroup {
+        policy: "anti-affinity".into(),
+        created: at(1_030).to_string(),
+        ..Default::default()
+    };
+    assert_eq!(
+        pick_reimport(
+            std::slice::from_ref(&reimported),
+            Policy::AntiAffinity,
+            since
+        ),
+        Some(&reimported)
+    );
+    reimported.created = at(900).to_string();
+    assert_eq!(
+        pick_reimport(
+            std::slice::from_ref(&reimported),
+            Policy::AntiAffinity,
+            since
+        ),
+        None
+    );
+}

@@ -149,7 +149,26 @@ impl Reconciler {
                 } else {
                     Lookup::BackendId(backend_id.to_string())
                 };
-                match self.look_in_waldur(client, &again).await? {
+                let found = match &again {
+                    // No Nova id known: Waldur's re-import carries the name (the campaign's R8).
+                    Lookup::OwnCreation {
+                        tenant,
+                        name,
+                        policy,
+                    } => {
+                        let since = record.since().map_or(self.now.0, |t| t.0);
+                        let candidates = client
+                            .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
+                            .await?;
+                        let free: Vec<WaldurGroup> = candidates
+                            .into_iter()
+                            .filter(|g| self.owner_of(&g.uuid).is_none())
+                            .collect();
+                        plan::pick_reimport(&free, *policy, since).cloned()
+                    }
+                    _ => self.look_in_waldur(client, &again).await?,
+                };
+                match found {
                     Some(group) => self.bind(&again, group).await,
                     None if deleting => Ok(Located::Gone(format!(
                         "Waldur re-synced tenant {tenant} and {what} did not come back"
@@ -284,6 +303,12 @@ impl Reconciler {
                 policy,
             } => {
                 let candidates = shard.by_tenant_and_name(tenant, name)?;
+                // A group of the name while this resource's create intent stands may be its
+                // own: a sweep's sparse answer has no description to tell, so ask Waldur (the
+                // campaign's seed 3: twins deadlocked on a group neither could recognise).
+                if !candidates.is_empty() && plan::pending_intent(&self.sg).is_some() {
+                    return None;
+                }
                 Some(self.own_among(&candidates, *policy))
             }
         }
@@ -364,6 +389,7 @@ impl Reconciler {
         tenant: &WaldurUuid,
         name: &str,
         intent: &crate::api::CreateIntent,
+        fresh: bool,
         original: WaldurError,
     ) -> Result<Located, Error> {
         let Ok(groups) = client
@@ -375,11 +401,16 @@ impl Reconciler {
         // What holds the name now is not this resource's: recorded in its intent, so that no
         // later look (a deletion's included) takes it for its own creation (found by the fault
         // campaign, seed 2: a twin deleted Waldur's re-import of its sibling's unlinked group).
+        // Only when no earlier create of this resource could have made it (a fresh intent):
+        // otherwise the holder may be its own, whose time fell outside the clock slack, and
+        // disowning it would leave it to nobody (the campaign's seed 16: twins deadlocked).
         let mut known = intent.clone();
-        for group in &groups {
-            let uuid = group.uuid.to_string();
-            if !known.foreign.contains(&uuid) {
-                known.foreign.push(uuid);
+        if fresh {
+            for group in &groups {
+                let uuid = group.uuid.to_string();
+                if !known.foreign.contains(&uuid) {
+                    known.foreign.push(uuid);
+                }
             }
         }
         if known != *intent {
@@ -564,7 +595,9 @@ impl Reconciler {
                     }
                     return Ok(Located::Found(Box::new(group), Binding::Adopted));
                 }
-                return self.name_taken(client, &tenant, &name, &intent, e).await;
+                return self
+                    .name_taken(client, &tenant, &name, &intent, fresh, e)
+                    .await;
             }
             Err(e) if e.kind() == ErrorKind::Invalid => return Ok(Located::Rejected(e)),
             // The tenant is not OK: say which way, with Waldur's message (a tenant Erred by a
