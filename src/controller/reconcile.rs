@@ -204,12 +204,8 @@ impl Reconciler {
                 retry_in,
                 asked,
             } => {
-                if asked {
-                    self.event(EventType::Normal, "ReimportRequested", "Locate", &message)
-                        .await;
-                }
-                self.blocked(reason, &message, Some(reimport)).await?;
-                Ok(Action::requeue(retry_in))
+                self.awaiting(reimport, reason, message, retry_in, asked)
+                    .await
             }
             Located::TenantBlocked {
                 reason,
@@ -290,6 +286,31 @@ impl Reconciler {
             self.synced(s, true, synced_reason::RECONCILED, "");
         })
         .await
+    }
+
+    /// Waits for a vanished group that may come back, saying what for; a deletion says it
+    /// is the deletion that waits.
+    async fn awaiting(
+        &self,
+        reimport: crate::api::Reimport,
+        reason: &'static str,
+        message: String,
+        retry_in: Duration,
+        asked: bool,
+    ) -> Result<Action, Error> {
+        let deleting = self.sg.meta().deletion_timestamp.is_some();
+        let action = if deleting { "Delete" } else { "Locate" };
+        if asked {
+            self.event(EventType::Normal, "ReimportRequested", action, &message)
+                .await;
+        }
+        let message = if deleting {
+            format!("deletion waits for the group to come back: {message}")
+        } else {
+            message
+        };
+        self.blocked(reason, &message, Some(reimport)).await?;
+        Ok(Action::requeue(retry_in))
     }
 
     fn ready_reason(&self) -> Option<String> {

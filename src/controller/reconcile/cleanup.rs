@@ -22,13 +22,9 @@ impl Reconciler {
                     retry_in,
                     asked,
                 } => {
-                    if asked {
-                        self.event(EventType::Normal, "ReimportRequested", "Delete", &message)
-                            .await;
-                    }
-                    let message = format!("deletion waits for the group to come back: {message}");
-                    self.blocked(reason, &message, Some(reimport)).await?;
-                    return Ok(Action::requeue(retry_in));
+                    return self
+                        .awaiting(reimport, reason, message, retry_in, asked)
+                        .await;
                 }
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_)
