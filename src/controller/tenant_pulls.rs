@@ -85,11 +85,6 @@ impl TenantPulls {
             Err(e) => Err(e),
         }
     }
-
-    /// Forgets Waldurs no longer used (bounded memory with many credentials).
-    pub fn retain_waldurs(&self, keep: impl Fn(&str) -> bool) {
-        self.lock().retain(|(waldur, _), _| keep(waldur));
-    }
 }
 
 struct InFlight<'a> {
