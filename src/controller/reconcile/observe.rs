@@ -12,6 +12,13 @@ impl Reconciler {
         binding: Binding,
     ) -> Result<Action, Error> {
         self.announce_binding(&group, binding).await;
+        if binding != Binding::Known {
+            // Newly bound: the sweep's picture of this group may be older than the read that
+            // found it, and the settled sweep pace may not see it for a resync period. Until a
+            // sweep after now has, reads go to Waldur (found by the e2e suite: a group adopted
+            // after a restart stayed CREATION_SCHEDULED in status for 30 s).
+            client.written(&group.uuid);
+        }
         if let Some(previous) = self.status_uuid().filter(|u| *u != group.uuid) {
             // Bound to another group now (rebound or recreated): the claim on the old one goes
             // (review N7), or it would stand for ever.
