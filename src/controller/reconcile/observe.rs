@@ -12,7 +12,11 @@ impl Reconciler {
         binding: Binding,
     ) -> Result<Action, Error> {
         self.announce_binding(&group, binding).await;
-        if binding != Binding::Known {
+        // (A group this reconcile created is in the index already, written through.)
+        if matches!(
+            binding,
+            Binding::Adopted | Binding::Imported | Binding::Rebound
+        ) {
             // Newly bound: the sweep's picture of this group may be older than the read that
             // found it, and the settled sweep pace may not see it for a resync period. Until a
             // sweep after now has, reads go to Waldur (found by the e2e suite: a group adopted
