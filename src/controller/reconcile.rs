@@ -88,17 +88,20 @@ impl Waldur {
 
 use plan::Binding;
 
+/// A vanished group that may come back: what was learnt, and how to report the wait.
+struct Awaiting {
+    reimport: crate::api::Reimport,
+    /// `Reimporting`, or `TenantErred` when the tenant blocks everything.
+    reason: &'static str,
+    message: String,
+    retry_in: Duration,
+    /// A re-sync was asked for now.
+    asked: bool,
+}
+
 enum Located {
     /// The group vanished and may come back: wait, with the record of what was learnt.
-    AwaitingReimport {
-        reimport: crate::api::Reimport,
-        /// `Reimporting`, or `TenantErred` when the tenant blocks everything.
-        reason: &'static str,
-        message: String,
-        retry_in: Duration,
-        /// A re-sync was asked for now.
-        asked: bool,
-    },
+    AwaitingReimport(Awaiting),
     Found(Box<WaldurGroup>, Binding),
     NotFound(String),
     /// Deleting: the group is gone for good, as far as can be known.
@@ -197,16 +200,7 @@ impl Reconciler {
                 .await?;
                 Ok(self.settled_requeue())
             }
-            Located::AwaitingReimport {
-                reimport,
-                reason,
-                message,
-                retry_in,
-                asked,
-            } => {
-                self.awaiting(reimport, reason, message, retry_in, asked)
-                    .await
-            }
+            Located::AwaitingReimport(waiting) => self.awaiting(waiting).await,
             Located::TenantBlocked {
                 reason,
                 message,
@@ -290,14 +284,14 @@ impl Reconciler {
 
     /// Waits for a vanished group that may come back, saying what for; a deletion says it
     /// is the deletion that waits.
-    async fn awaiting(
-        &self,
-        reimport: crate::api::Reimport,
-        reason: &'static str,
-        message: String,
-        retry_in: Duration,
-        asked: bool,
-    ) -> Result<Action, Error> {
+    async fn awaiting(&self, waiting: Awaiting) -> Result<Action, Error> {
+        let Awaiting {
+            reimport,
+            reason,
+            message,
+            retry_in,
+            asked,
+        } = waiting;
         let deleting = self.sg.meta().deletion_timestamp.is_some();
         let action = if deleting { "Delete" } else { "Locate" };
         if asked {

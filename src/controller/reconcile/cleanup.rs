@@ -15,17 +15,7 @@ impl Reconciler {
                 Located::Found(group, _) => Some(*group),
                 // The group may come back (review N2): the finalizer stays until it is back
                 // (and is deleted) or shown gone for good.
-                Located::AwaitingReimport {
-                    reimport,
-                    reason,
-                    message,
-                    retry_in,
-                    asked,
-                } => {
-                    return self
-                        .awaiting(reimport, reason, message, retry_in, asked)
-                        .await;
-                }
+                Located::AwaitingReimport(waiting) => return self.awaiting(waiting).await,
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_)
                 | Located::NotFound(_)

@@ -103,13 +103,13 @@ impl Reconciler {
             format!("its Nova group {backend_id}")
         };
         let waiting = |message: String, retry_in: Duration, asked: bool, record| {
-            Ok(Located::AwaitingReimport {
+            Ok(Located::AwaitingReimport(Awaiting {
                 reimport: record,
                 reason: ready_reason::REIMPORTING,
                 message,
                 retry_in,
                 asked,
-            })
+            }))
         };
         match step {
             plan::ReimportStep::AskPull => match self.ctx.tenant_pulls.ask(client, tenant).await? {
@@ -191,13 +191,13 @@ impl Reconciler {
                 record,
             ),
             plan::ReimportStep::TenantErred { message, retry_in } => {
-                Ok(Located::AwaitingReimport {
+                Ok(Located::AwaitingReimport(Awaiting {
                     reimport: record,
                     reason: ready_reason::TENANT_ERRED,
                     message,
                     retry_in,
                     asked: false,
-                })
+                }))
             }
         }
     }
