@@ -1001,6 +1001,53 @@ mod reimport {
         }
     }
 
+    /// The campaign's seed 16: twins; the bound one's group is unlinked and awaits the
+    /// re-sync. The free name must not be taken by the other twin meanwhile: Waldur's
+    /// re-import brings the group back under its old name whatever holds the name by then,
+    /// and both twins would end bound to a group of the name each. The other twin waits
+    /// (AlreadyManaged); the first rebinds its own Nova group; one group in Nova.
+    #[tokio::test]
+    async fn a_twin_waits_while_its_siblings_group_awaits_re_import() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            let twin = serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw"});
+            h.apply("a", twin.clone());
+            let before = h.converge("a", is_ready).await.unwrap().status.unwrap();
+            h.apply("b", twin);
+            h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
+            h.sim.set_tenant_pull_delay(None);
+            let uuid = WaldurUuid::parse(before.uuid.as_deref().unwrap()).unwrap();
+            h.staff_client().unlink(&uuid).await.unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            while tokio::time::Instant::now() < until {
+                let _ = h.reconcile("b").await;
+                let _ = h.reconcile("a").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}: b made no group");
+            let b = h.sg("b").unwrap();
+            let (_, reason, message) = condition(&b, "Ready").unwrap();
+            assert_eq!(reason, "AlreadyManaged", "{mode:?}: {message}");
+            assert!(message.contains("come back"), "{mode:?}: {message}");
+            h.sim.release_tenant_pulls();
+            let after = h
+                .converge("a", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(
+                after.backend_id, before.backend_id,
+                "{mode:?}: a's own group"
+            );
+            h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}: one Nova group");
+        }
+    }
+
     /// A group really gone (deleted in OpenStack too) is made anew once the re-sync shows it
     /// will not come back; and the user can skip the wait with request-recreate.
     #[tokio::test]

@@ -186,6 +186,31 @@ pub fn pending_intent(sg: &ServerGroup) -> Option<CreateIntent> {
     (same_target && replaces == bound).then_some(intent)
 }
 
+/// Whether `other` (another ServerGroup) holds the tenant's `name` while its group is away
+/// from Waldur: a Managed create of that tenant and name bound to a group (its status keeps
+/// the UUID while it looks again) or awaiting Waldur's re-import of it. That group may come
+/// back (a re-sync re-imports it under its old name, whatever else holds the name by then)
+/// or its owner makes it anew: a twin that took the free name meanwhile would leave two groups
+/// of the name, both bound (the fault campaign's seed 16).
+pub fn holds_name_while_away(other: &ServerGroup, tenant: &WaldurUuid, name: &str) -> bool {
+    if other.spec.management_policy != ManagementPolicy::Managed || other.spec.import.is_some() {
+        return false;
+    }
+    let Ok(Lookup::OwnCreation {
+        tenant: theirs,
+        name: their_name,
+        ..
+    }) = first_lookup_for_create(other)
+    else {
+        return false;
+    };
+    let Some(status) = other.status.as_ref() else {
+        return false;
+    };
+    let away = status.uuid.is_some() || status.reimport.is_some();
+    away && &theirs == tenant && their_name == name
+}
+
 /// The intent to record before a create: the pending one kept (an earlier create of this
 /// resource may have made the group and lost its answer, so its time and the groups it saw
 /// stay), else a fresh one. `fresh` says no earlier create can be this resource's.

@@ -211,3 +211,36 @@ fn a_group_with_other_words_is_not_this_resources_own() {
         Some(&ours)
     );
 }
+
+/// A twin's name is held while the other resource's group is away from Waldur: bound (its
+/// status keeps the UUID) or awaiting re-import. Not by an unbound resource, an import, an
+/// Observe, or another tenant or name (the campaign's seed 16: a twin took the free name while
+/// its sibling awaited the re-import, and the re-sync left two groups of the name).
+#[test]
+fn a_name_is_held_while_the_holders_group_is_away() {
+    let tenant = uuid(TENANT);
+    let bound = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    assert!(holds_name_while_away(&bound, &tenant, "web"));
+    assert!(!holds_name_while_away(&bound, &tenant, "db"));
+    let other_tenant = uuid("0000000000000000000000000000000a");
+    assert!(!holds_name_while_away(&bound, &other_tenant, "web"));
+    let mut awaiting = resource(Mode::Managed, None, None);
+    awaiting.status = Some(ServerGroupStatus {
+        reimport: Some(crate::api::Reimport {
+            backend_id: "nova-1".into(),
+            since: None,
+            requested_at: None,
+        }),
+        ..Default::default()
+    });
+    assert!(holds_name_while_away(&awaiting, &tenant, "web"));
+    let unbound = resource(Mode::Managed, None, None);
+    assert!(!holds_name_while_away(&unbound, &tenant, "web"));
+    for mode in [Mode::ImportUuid, Mode::ImportBackendId, Mode::Observe] {
+        let imported = resource(mode, Some(UUID), Some("nova-1"));
+        assert!(
+            !holds_name_while_away(&imported, &tenant, "web"),
+            "{mode:?}"
+        );
+    }
+}

@@ -351,12 +351,39 @@ impl Reconciler {
             let uuid = groups.first()?;
             Some(format!("{uuid}, made for ServerGroup {creator}"))
         });
+        if held.is_none()
+            && let Some(holder) = self.holding_the_name_while_away(tenant, name)
+        {
+            // Free in Waldur, but another resource's group of the name may come back.
+            return Some(Located::AlreadyManaged(format!(
+                "the server group named {name:?} in tenant {tenant} belongs to ServerGroup \
+                 {holder}, whose group is gone from Waldur for now and may come back (Waldur's \
+                 re-sync) or be made anew; Waldur takes one group per name in a tenant, so this \
+                 resource makes its own once that resource lets the name go"
+            )));
+        }
         held.map(|held| {
             Located::AlreadyManaged(format!(
                 "tenant {tenant} already has a server group named {name:?} ({held}); Waldur takes \
                  one group per name in a tenant, so this resource makes its own once that one is \
                  gone"
             ))
+        })
+    }
+
+    /// Another ServerGroup holding this tenant and name while its group is away from Waldur
+    /// ([`plan::holds_name_while_away`]).
+    fn holding_the_name_while_away(&self, tenant: &WaldurUuid, name: &str) -> Option<String> {
+        let me = self.sg.uid();
+        self.ctx.store.state().iter().find_map(|other| {
+            let holds = other.uid() != me && plan::holds_name_while_away(other, tenant, name);
+            holds.then(|| {
+                format!(
+                    "{}/{}",
+                    other.namespace().unwrap_or_default(),
+                    other.name_any()
+                )
+            })
         })
     }
 
