@@ -973,6 +973,58 @@ mod reimport {
         }
     }
 
+    /// The campaign's R9 (seed 14): the re-sync fails in OpenStack and staff set the tenant
+    /// OK before the operator looks again. The tenant then looks exactly as after a re-sync
+    /// that ran, so one re-sync without the group is not evidence enough: a second one must
+    /// agree. Here the second brings the group back: rebound, one Nova group, nothing made.
+    #[tokio::test]
+    async fn a_failed_re_sync_repaired_between_two_looks_is_not_taken_for_one_that_ran() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::with_settings(fast(), mode, |s| {
+                s.tenant_pull_floor = Duration::from_secs(1);
+            })
+            .await;
+            h.sim.fail_next_tenant_pulls(1);
+            let before = unlinked(&h).await;
+            // The operator asks for the re-sync ...
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            while h.sim.requests("pull_server_groups") == 0 {
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "{mode:?}: no re-sync asked"
+                );
+                let _ = h.reconcile("web").await;
+            }
+            // ... it fails (the tenant Erred), and staff repair the tenant before the next look.
+            let until = tokio::time::Instant::now() + Duration::from_secs(5);
+            let erred = |t: serde_json::Value| {
+                t["state"]
+                    .as_str()
+                    .unwrap_or("")
+                    .eq_ignore_ascii_case("erred")
+            };
+            while !erred(h.sim.tenant(TENANT).unwrap()) {
+                assert!(tokio::time::Instant::now() < until, "{mode:?}: never Erred");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            h.sim.set_tenant_ok(TENANT, true);
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(
+                after.backend_id, before.backend_id,
+                "{mode:?}: rebound to its own Nova group, not a new one"
+            );
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}: nothing made");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}: one Nova group");
+        }
+    }
+
     /// With automatic tenant re-syncs off, only Waldur's periodic re-sync brings the group
     /// back: no request is made, nothing is created meanwhile, and the group is rebound.
     #[tokio::test]

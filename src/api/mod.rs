@@ -330,6 +330,13 @@ pub struct Reimport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("description" = "When Waldur accepted the operator's request to re-sync the tenant (202); absent while none was accepted since the group vanished."))]
     pub requested_at: Option<Time>,
+    /// When a first re-sync had run without bringing the group back. A re-sync that failed
+    /// and was repaired before the operator looked again leaves the tenant just as one that
+    /// ran, so a second re-sync, accepted after this time, must agree before a new group is
+    /// made (or, deleting, the group is let go).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("description" = "When a first re-sync had run without bringing the group back. A re-sync that failed and was repaired before the operator looked again leaves the tenant just as one that ran, so a second re-sync, accepted after this time, must agree before a new group is made (or, deleting, the group is let go)."))]
+    pub checked_at: Option<Time>,
 }
 
 impl Reimport {

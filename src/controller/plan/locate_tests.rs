@@ -230,6 +230,7 @@ fn a_name_is_held_while_the_holders_group_is_away() {
             backend_id: "nova-1".into(),
             since: None,
             requested_at: None,
+            checked_at: None,
         }),
         ..Default::default()
     });

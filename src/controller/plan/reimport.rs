@@ -71,10 +71,15 @@ pub fn reimport_step(
     // A re-sync accepted after the group vanished re-imports it if OpenStack has it: the one
     // this resource asked for, or one another resource of this process asked for since. The
     // stored time is cut to whole seconds, so another's request must be a second later to be
-    // surely after (found by the reconcile tests: a request 0.4 s before counted).
-    let surely_after = since
+    // surely after (found by the reconcile tests: a request 0.4 s before counted). After a
+    // first empty recheck, only a re-sync accepted after it counts (the campaign's R9).
+    let after = reimport
+        .checked_at
+        .as_ref()
+        .map_or(since, |t| t.0.max(since));
+    let surely_after = after
         .checked_add(SignedDuration::from_secs(1))
-        .unwrap_or(since);
+        .unwrap_or(after);
     let accepted = reimport
         .requested_at
         .as_ref()
@@ -113,8 +118,14 @@ pub fn reimport_step(
             match next {
                 Some(left) if !left.is_zero() => ReimportStep::Wait {
                     message: format!(
-                        "a re-sync of the tenant was asked for {:?} ago; the next may be asked \
+                        "{}a re-sync of the tenant was asked for {:?} ago; the next may be asked \
                          for in {left:?}",
+                        if reimport.checked_at.is_some() {
+                            "one re-sync ran without it, and a second must agree (one that \
+                             failed and was repaired meanwhile looks the same); "
+                        } else {
+                            ""
+                        },
                         settings.tenant_pull_floor.saturating_sub(left)
                     ),
                     retry_in: left,
@@ -154,6 +165,29 @@ pub fn reimport_step(
         _ => step,
     };
     (step, accepted)
+}
+
+/// What an accepted re-sync that ran without bringing the group back shows.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmptyRecheck {
+    /// The first such re-sync: a failed one that staff repaired before this look leaves the
+    /// tenant just as one that ran (the campaign's R9), so ask for one more and wait for it.
+    /// The record to keep.
+    AskAgain(crate::api::Reimport),
+    /// Two re-syncs, one accepted after the other had run, agree: the group is gone for good.
+    Gone,
+}
+
+/// Decides what an empty recheck after a re-sync means (see [`EmptyRecheck`]).
+pub fn after_empty_recheck(record: &crate::api::Reimport, now: Timestamp) -> EmptyRecheck {
+    if record.checked_at.is_some() {
+        return EmptyRecheck::Gone;
+    }
+    EmptyRecheck::AskAgain(crate::api::Reimport {
+        checked_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+        requested_at: None,
+        ..record.clone()
+    })
 }
 
 /// Whether the operator may ask for a tenant re-sync now: automatic re-syncs on, the tenant

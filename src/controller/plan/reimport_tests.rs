@@ -12,6 +12,7 @@ fn vanished(since: i64, requested: Option<i64>) -> (ServerGroup, crate::api::Rei
         backend_id: "nova-1".into(),
         since: Some(Time(Timestamp::from_second(since).unwrap())),
         requested_at: requested.map(|t| Time(Timestamp::from_second(t).unwrap())),
+        checked_at: None,
     };
     (sg, record)
 }
@@ -234,4 +235,49 @@ fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
         ),
         None
     );
+}
+
+/// The campaign's R9: a re-sync that failed and was repaired before the next look leaves the
+/// tenant as one that ran. The first empty recheck asks for one more re-sync; only a re-sync
+/// accepted after that check counts; the second empty recheck is evidence enough.
+#[test]
+fn one_empty_re_sync_is_not_enough_a_second_must_agree() {
+    let s = settings();
+    let (sg, asked) = vanished(1_000, Some(1_001));
+    let first = match after_empty_recheck(&asked, at(1_010)) {
+        EmptyRecheck::AskAgain(record) => record,
+        EmptyRecheck::Gone => panic!("one re-sync taken for evidence"),
+    };
+    assert_eq!(first.checked_at, Some(Time(at(1_010))));
+    assert_eq!(first.requested_at, None, "a new re-sync is awaited");
+    assert_eq!(first.since, asked.since, "the disappearance keeps its time");
+    // The first re-sync (accepted at 1,001 s) no longer counts; the floor decides when the
+    // next is asked for.
+    let first_pull = TenantPullsSeen {
+        last_accepted: Some(at(1_001)),
+        last_asked: Some(at(1_001)),
+    };
+    let (step, accepted) = reimport_step(&sg, &first, &TenantSeen::Ok, first_pull, &s, at(1_011));
+    assert_eq!(accepted, None);
+    assert!(
+        matches!(step, ReimportStep::Wait { ref message, .. } if message.contains("second must agree")),
+        "{step:?}"
+    );
+    let past_floor = at(1_001 + s.tenant_pull_floor.as_secs() as i64);
+    assert_eq!(
+        reimport_step(&sg, &first, &TenantSeen::Ok, first_pull, &s, past_floor).0,
+        ReimportStep::AskPull
+    );
+    // A re-sync accepted after the check (here another resource's) and run: look again.
+    let second_pull = TenantPullsSeen {
+        last_accepted: Some(at(1_400)),
+        last_asked: Some(at(1_400)),
+    };
+    let (step, accepted) = reimport_step(&sg, &first, &TenantSeen::Ok, second_pull, &s, at(1_420));
+    assert_eq!((step, accepted), (ReimportStep::Recheck, Some(at(1_400))));
+    let second = crate::api::Reimport {
+        requested_at: Some(Time(at(1_400))),
+        ..first
+    };
+    assert_eq!(after_empty_recheck(&second, at(1_420)), EmptyRecheck::Gone);
 }

@@ -82,6 +82,7 @@ impl Reconciler {
                 backend_id: backend_id.to_string(),
                 since: Some(self.now.clone()),
                 requested_at: None,
+                checked_at: None,
             });
         let seen = self.tenant_seen(client, tenant).await?;
         let pulls = self.ctx.tenant_pulls.seen(client.base_url(), tenant);
@@ -96,6 +97,7 @@ impl Reconciler {
             // the tenant is repaired a new one must run. Nothing accepted until now counts.
             record.since = Some(self.now.clone());
             record.requested_at = None;
+            record.checked_at = None;
         }
         let what = if backend_id.is_empty() {
             format!("a group named {:?}", self.sg.waldur_name())
@@ -168,13 +170,27 @@ impl Reconciler {
                     }
                     _ => self.look_in_waldur(client, &again).await?,
                 };
-                match found {
-                    Some(group) => self.bind(&again, group).await,
-                    None if deleting => Ok(Located::Gone(format!(
-                        "Waldur re-synced tenant {tenant} and {what} did not come back"
-                    ))),
-                    None => self.leak_check_then_create(client, &again, true).await,
-                }
+                let Some(group) = found else {
+                    return match plan::after_empty_recheck(&record, self.now.0) {
+                        plan::EmptyRecheck::AskAgain(record) => waiting(
+                            format!(
+                                "Waldur re-synced tenant {tenant} and {what} did not come back; \
+                                 a second re-sync must agree before it is taken for gone (one \
+                                 that failed and was repaired meanwhile looks the same)"
+                            ),
+                            Duration::from_secs(5),
+                            false,
+                            record,
+                        ),
+                        plan::EmptyRecheck::Gone if deleting => Ok(Located::Gone(format!(
+                            "Waldur re-synced tenant {tenant} twice and {what} did not come back"
+                        ))),
+                        plan::EmptyRecheck::Gone => {
+                            self.leak_check_then_create(client, &again, true).await
+                        }
+                    };
+                };
+                self.bind(&again, group).await
             }
             plan::ReimportStep::Gone(why) if deleting => Ok(Located::Gone(why)),
             plan::ReimportStep::Gone(why) => {
