@@ -1,12 +1,12 @@
 //! Leader election on a coordination.k8s.io Lease: only the holder reconciles, and a replica
 //! that loses the lease stops reconciling at once (its in-flight reconciles are dropped).
 //!
-//! kube-lease-manager acquires and renews the lease, but when renewals fail (the API server is
-//! overloaded, or unreachable from this replica only) it keeps retrying and never reports the
-//! loss, while the lease expires and another replica takes it. So each term also has a
-//! watchdog of its own: the lease must be confirmed ours, by reading it, before it can have
-//! expired; a term that cannot confirm it ends `margin` before the earliest moment another
-//! replica could take over.
+//! The elector ([`crate::lease::Elector`]) takes and renews the lease on this replica's own
+//! clock. When renewals fail (the API server is overloaded, or unreachable from this replica
+//! only) it keeps trying while the lease expires and another replica takes it. So each term
+//! also has a watchdog of its own: the lease must be confirmed ours, by reading it, before it
+//! can have expired; a term that cannot confirm it ends `margin` before the earliest moment
+//! another replica could take over.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,7 +16,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use kube_lease_manager::LeaseManagerBuilder;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -103,20 +102,14 @@ pub async fn run_when_leading(
 ) -> Result<(), String> {
     let name = lease.lease_name();
     label_shard_lease(kube, lease).await?;
-    let manager = LeaseManagerBuilder::new(kube.clone(), &name)
-        .with_namespace(&lease.namespace)
-        .with_identity(&lease.identity)
-        .with_duration(lease.duration.as_secs().max(1))
-        .with_grace(lease.grace.as_secs().max(1))
-        .build()
-        .await
-        .map_err(|e| {
-            format!(
-                "cannot set up leader election on Lease {}/{name}: {e}",
-                lease.namespace
-            )
-        })?;
-    let (mut leading, task) = manager.watch().await;
+    let elector = crate::lease::Elector {
+        api: Api::namespaced(kube.clone(), &lease.namespace),
+        name: name.clone(),
+        identity: lease.identity.clone(),
+        duration: lease.duration,
+        grace: lease.grace,
+    };
+    let (mut leading, task) = elector.watch();
     let watchdog = Watchdog::new(kube, lease);
     tracing::info!(lease = %name, namespace = %lease.namespace, identity = %lease.identity, shard = %lease.shard, "waiting for the lease");
     let mut stop_wait = stop.clone();
@@ -164,7 +157,7 @@ pub async fn run_when_leading(
             }
         }
     }
-    // Dropping the receiver ends the manager's task, which releases the lease for the next
+    // Dropping the receiver ends the elector's task, which releases the lease for the next
     // replica instead of leaving it to expire.
     drop(leading);
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -253,6 +246,8 @@ struct Watchdog {
     duration: Duration,
     margin: Duration,
     check_every: Duration,
+    /// When each shard Lease last changed, on this replica's clock.
+    observer: std::sync::Mutex<crate::lease::Observer>,
 }
 
 impl Watchdog {
@@ -266,6 +261,7 @@ impl Watchdog {
             duration: lease.duration,
             margin: lease.margin(),
             check_every: lease.check_every(),
+            observer: Default::default(),
         }
     }
 
@@ -309,7 +305,14 @@ impl Watchdog {
             ))),
             _ => Refusal::Unconfirmed(None),
         })?;
-        let peers: Vec<PeerLease> = leases.iter().map(peer).collect();
+        let peers: Vec<PeerLease> = {
+            let mut observer = self.observer.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            leases
+                .iter()
+                .map(|l| peer(l, observer.live(l, now, self.duration)))
+                .collect()
+        };
         let mine = peers
             .iter()
             .find(|p| p.name == self.name)
@@ -329,7 +332,7 @@ impl Watchdog {
                 u64::try_from(age_ms).unwrap_or(u64::MAX),
             ))
             .saturating_sub(self.margin);
-        sharding::agreement(self.shard, &self.base, &peers, now_ms).map_err(Refusal::Disagree)?;
+        sharding::agreement(self.shard, &self.base, &peers).map_err(Refusal::Disagree)?;
         // Counted from when the read was sent: the answer may have taken a while.
         Ok(asked + left)
     }
@@ -356,7 +359,7 @@ impl Watchdog {
     }
 }
 
-fn peer(lease: &Lease) -> PeerLease {
+fn peer(lease: &Lease, live: bool) -> PeerLease {
     let spec = lease.spec.as_ref();
     PeerLease {
         name: lease.metadata.name.clone().unwrap_or_default(),
@@ -365,6 +368,7 @@ fn peer(lease: &Lease) -> PeerLease {
             .and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref()))
             .map(|t| t.0.as_millisecond()),
         duration_s: spec.and_then(|s| s.lease_duration_seconds).map(i64::from),
+        live,
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod leader;
+pub mod lease;
 pub mod metrics;
 pub mod operator;
 pub mod server;

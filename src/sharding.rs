@@ -136,34 +136,22 @@ pub fn slot(uid: &str, total: u32) -> u32 {
 pub struct PeerLease {
     pub name: String,
     pub holder: Option<String>,
-    /// Last renewal, in milliseconds since the epoch.
+    /// Last renewal, in milliseconds since the epoch (by the holder's clock).
     pub renewed_ms: Option<i64>,
     pub duration_s: Option<i64>,
-}
-
-impl PeerLease {
-    /// Held by a process that renewed it within its duration.
-    fn live(&self, now_ms: i64) -> bool {
-        let held = self.holder.as_deref().is_some_and(|h| !h.is_empty());
-        match (held, self.renewed_ms, self.duration_s) {
-            (true, Some(renewed), Some(duration)) => {
-                now_ms < renewed.saturating_add(duration.saturating_mul(1000))
-            }
-            // Held with no renewal time or duration: count it, to be safe.
-            (true, _, _) => true,
-            (false, _, _) => false,
-        }
-    }
+    /// Held by a process that renewed it within its duration, as this replica observed on its
+    /// own clock ([`crate::lease::Observer::live`]), never by its timestamps (review N8).
+    pub live: bool,
 }
 
 /// Whether `me` may reconcile: every live shard lease of `base` must name the same number of
 /// shards. The error says which lease disagrees, for the log and the standby's readiness.
-pub fn agreement(me: Shard, base: &str, leases: &[PeerLease], now_ms: i64) -> Result<(), String> {
+pub fn agreement(me: Shard, base: &str, leases: &[PeerLease]) -> Result<(), String> {
     for lease in leases {
         let Some(peer) = Shard::of_lease(base, &lease.name) else {
             continue;
         };
-        if peer.total != me.total && lease.live(now_ms) {
+        if peer.total != me.total && lease.live {
             return Err(format!(
                 "Lease {} is held by {} for {peer}, but this process is {me}: every shard waits \
                  until all of them run with the same --total-shards (a rollout in progress)",
@@ -256,12 +244,13 @@ mod tests {
         assert_eq!(Shard::of_secret_finalizer("kubernetes"), None);
     }
 
-    fn lease(name: &str, holder: Option<&str>, renewed_ms: i64) -> PeerLease {
+    fn lease(name: &str, holder: Option<&str>, live: bool) -> PeerLease {
         PeerLease {
             name: name.into(),
             holder: holder.map(Into::into),
-            renewed_ms: Some(renewed_ms),
+            renewed_ms: None,
             duration_s: Some(15),
+            live,
         }
     }
 
@@ -269,34 +258,33 @@ mod tests {
     fn a_shard_runs_only_while_every_live_shard_lease_names_its_count() {
         let base = "waldur-operator";
         let me = Shard::new(1, 3).unwrap();
-        let now = 100_000;
         let same = [
-            lease("waldur-operator-0-of-3", Some("a"), now - 1_000),
-            lease("waldur-operator-1-of-3", Some("me"), now - 1_000),
-            // Left by a bigger deployment, expired long ago.
-            lease("waldur-operator-3-of-4", Some("old"), now - 60_000),
+            lease("waldur-operator-0-of-3", Some("a"), true),
+            lease("waldur-operator-1-of-3", Some("me"), true),
+            // Left by a bigger deployment, not renewed for a whole duration since.
+            lease("waldur-operator-3-of-4", Some("old"), false),
             // Released on shutdown.
-            lease("waldur-operator", None, now - 1_000),
+            lease("waldur-operator", None, false),
             // Not a shard lease (a claim).
-            lease("wsg-4c3e2f1a", Some("x"), now),
+            lease("wsg-4c3e2f1a", Some("x"), true),
         ];
-        assert_eq!(agreement(me, base, &same, now), Ok(()));
+        assert_eq!(agreement(me, base, &same), Ok(()));
 
         let rollout = [
-            lease("waldur-operator-1-of-3", Some("me"), now),
-            lease("waldur-operator-3-of-4", Some("new-pod"), now - 14_000),
+            lease("waldur-operator-1-of-3", Some("me"), true),
+            lease("waldur-operator-3-of-4", Some("new-pod"), true),
         ];
-        let why = agreement(me, base, &rollout, now).unwrap_err();
+        let why = agreement(me, base, &rollout).unwrap_err();
         assert!(why.contains("waldur-operator-3-of-4"), "{why}");
         assert!(
             why.contains("shard 3 of 4") && why.contains("shard 1 of 3"),
             "{why}"
         );
 
-        let unsharded_leader = [lease("waldur-operator", Some("old-release"), now)];
-        assert!(agreement(me, base, &unsharded_leader, now).is_err());
+        let unsharded_leader = [lease("waldur-operator", Some("old-release"), true)];
+        assert!(agreement(me, base, &unsharded_leader).is_err());
         assert!(
-            agreement(Shard::ALL, base, &rollout, now).is_err(),
+            agreement(Shard::ALL, base, &rollout).is_err(),
             "an unsharded process yields to shards too"
         );
     }

@@ -353,3 +353,87 @@ fn the_binary_runs_jemalloc_with_its_compiled_in_settings() {
         assert!(stats.contains(setting), "{setting} not in effect:\n{stats}");
     }
 }
+
+/// Review N8: a standby whose clock runs ahead of the leader's must not take the lease while
+/// the leader keeps renewing it. The leader here is the test, renewing every second with a
+/// clock 30 s behind the operator's (every renewTime it writes is 30 s old by the operator's
+/// clock, so by timestamps alone the lease looks long expired). The operator decides on what
+/// it observes, as client-go does: the record changed less than a lease duration ago, so it is
+/// held. Once the renewals stop, it takes over after a lease duration of its own time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_with_a_clock_ahead_never_takes_a_lease_that_is_being_renewed() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    let env = Env::new(Kind::TestServer, "skew").await;
+    let leases: Api<Lease> = Api::namespaced(env.kube.clone(), &env.ns);
+    let behind = || MicroTime(k8s_openapi::jiff::Timestamp::now() - Duration::from_secs(30));
+    let lease = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "waldur-operator"},
+        "spec": {
+            "holderIdentity": "slow-clock",
+            "leaseDurationSeconds": 3,
+            "acquireTime": behind(),
+            "renewTime": behind(),
+        }
+    });
+    leases
+        .create(&Default::default(), &serde_json::from_value(lease).unwrap())
+        .await
+        .unwrap();
+    let renew = || async {
+        let patch = serde_json::json!({"spec": {"renewTime": behind()}});
+        leases
+            .patch(
+                "waldur-operator",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    };
+    let pid = env
+        .start_operator_with(&[
+            ("LEADER_ELECT", "true"),
+            ("POD_NAME", "fast-clock"),
+            ("LEASE_DURATION", "3s"),
+            ("LEASE_GRACE", "1s"),
+        ])
+        .await;
+    let holder = || async {
+        leases
+            .get("waldur-operator")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.holder_identity)
+    };
+    for _ in 0..8 {
+        renew().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            holder().await.as_deref(),
+            Some("slow-clock"),
+            "the standby took a lease renewed within its duration:\n{}",
+            env.with_operator(pid, |o| o.log_text())
+        );
+    }
+    let log = env.with_operator(pid, |o| o.log_text());
+    assert!(!log.contains("acquired the lease"), "{log}");
+    // The renewals stop: taken over after a lease duration (3 s) of the operator's own time.
+    let stopped = Instant::now();
+    while holder().await.as_deref() != Some("fast-clock") {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(15),
+            "never took over the abandoned lease:\n{}",
+            env.with_operator(pid, |o| o.log_text())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = stopped.elapsed();
+    eprintln!("took over {took:?} after the last renewal");
+    assert!(
+        took >= Duration::from_secs(2),
+        "{took:?}: before a lease duration had passed"
+    );
+}
