@@ -821,6 +821,55 @@ async fn a_twin_never_takes_the_group_its_siblings_lost_create_made() {
     }
 }
 
+/// The fault campaign's seed 105: a group deleted out of band is made anew; the create is
+/// committed but its answer lost; the next reconcile starts from a cache that has not yet
+/// delivered the create intent written before the POST. It must not write a newer intent over
+/// the standing one (the group would then look older than the intent, not its own, and the
+/// resource would end InvalidSpec beside a group nobody holds): it waits for a fresh view, and
+/// then binds the group its lost create made.
+#[tokio::test]
+async fn a_stale_view_never_replaces_the_standing_create_intent() {
+    use support::{Harness, TENANT, condition, is_ready};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        h.apply(
+            "web",
+            serde_json::json!({"policy": "affinity", "tenant": TENANT, "deletionPolicy": "Orphan"}),
+        );
+        let first = h.converge("web", is_ready).await.unwrap().status.unwrap();
+        h.sim.waldur_delete(first.uuid.as_deref().unwrap()).unwrap();
+        h.sim.drop_answers_after_commit(Some("create"), 1);
+        // Reconcile until the new group's create is committed; keep the view from before it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let stale = loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{mode:?}: no recreate"
+            );
+            let before = h.sg("web").unwrap();
+            let _ = h.reconcile("web").await;
+            if h.sim.requests("create") == 2 {
+                break before;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        };
+        for _ in 0..3 {
+            let _ = h.reconcile_as_cached(stale.clone()).await;
+        }
+        let sg = h.sg("web").unwrap();
+        let (_, reason, message) = condition(&sg, "Ready").unwrap();
+        assert_ne!(reason, "InvalidSpec", "{mode:?}: {message}");
+        let after = h.converge("web", is_ready).await.unwrap().status.unwrap();
+        let groups = h.sim.groups();
+        assert_eq!(groups.len(), 1, "{mode:?}: {groups:?}");
+        assert_eq!(
+            after.uuid.as_deref(),
+            groups[0]["uuid"].as_str(),
+            "{mode:?}"
+        );
+    }
+}
+
 mod reimport {
     //! A group that vanished from Waldur while OpenStack may hold it (an unlink) is made anew
     //! only on evidence, and a deletion meanwhile never lets it go (review N2, M2, E1, E2).
@@ -1097,6 +1146,91 @@ mod reimport {
             h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
             assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
             assert_eq!(nova_groups(&h), 1, "{mode:?}: one Nova group");
+        }
+    }
+
+    /// The campaign's seed 117: someone deletes the group in Waldur and, before Waldur's
+    /// worker runs the deletion, a staff user unlinks it: the row goes, the Nova group stays.
+    /// A 404 after a deletion this operator did not ask for is no proof that OpenStack lost
+    /// the group: the re-sync brings it back and it is rebound, not made twice.
+    #[tokio::test]
+    async fn a_group_unlinked_while_someone_elses_delete_was_pending_is_rebound() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            // Waldur's worker takes a second to start the deletion: time for the unlink.
+            let slow_worker = SimConfig {
+                delays: waldur_sim::Delays {
+                    schedule: Duration::from_millis(1500),
+                    run: Duration::from_millis(20),
+                },
+                ..Default::default()
+            };
+            let h = Harness::with_settings(slow_worker, mode, |_| {}).await;
+            h.apply("web", spec());
+            let before = h.converge("web", is_ready).await.unwrap().status.unwrap();
+            let uuid = before.uuid.clone().unwrap();
+            h.sim.set_tenant_pull_delay(None);
+            h.sim.waldur_delete(&uuid).unwrap();
+            h.converge("web", |sg| {
+                sg.and_then(|s| s.status.as_ref()?.state.clone()).as_deref()
+                    == Some("DELETION_SCHEDULED")
+            })
+            .await;
+            h.staff_client()
+                .unlink(&WaldurUuid::parse(&uuid).unwrap())
+                .await
+                .unwrap();
+            keep_reconciling(&h, "web", Duration::from_secs(2)).await;
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}: nothing made yet");
+            h.sim.release_tenant_pulls();
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(after.backend_id, before.backend_id, "{mode:?}: rebound");
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}: one Nova group");
+        }
+    }
+
+    /// The campaign's seeds 124 and 128: an imported group (Managed, Delete) is unlinked and
+    /// the resource deleted at once. Its spec names no tenant, but its group's tenant is known
+    /// from status: the deletion waits for the re-import and deletes the group, in Nova too.
+    #[tokio::test]
+    async fn deleting_an_unlinked_imported_group_waits_for_it_and_deletes_it() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            let uuid = h.sim.waldur_create(TENANT, "theirs", "affinity").unwrap();
+            h.apply(
+                "imp",
+                serde_json::json!({"import": {"uuid": uuid}, "deletionPolicy": "Delete"}),
+            );
+            h.converge("imp", is_ready).await;
+            h.sim.set_tenant_pull_delay(None);
+            h.staff_client()
+                .unlink(&WaldurUuid::parse(&uuid).unwrap())
+                .await
+                .unwrap();
+            h.kube.delete(PLURAL, NS, "imp");
+            let until = tokio::time::Instant::now() + Duration::from_secs(2);
+            while tokio::time::Instant::now() < until {
+                assert!(
+                    h.sg("imp").is_some(),
+                    "{mode:?}: released while its group may come back"
+                );
+                let _ = h.reconcile("imp").await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let waiting = h.sg("imp").expect("the finalizer holds it");
+            let (_, reason, message) = condition(&waiting, "Ready").unwrap();
+            assert_eq!(reason, "Deleting", "{mode:?}: {message}");
+            h.sim.release_tenant_pulls();
+            h.converge("imp", |sg| sg.is_none()).await;
+            assert!(h.sim.groups().is_empty(), "{mode:?}: {:?}", h.sim.groups());
+            assert_eq!(nova_groups(&h), 0, "{mode:?}: deleted in Nova too");
         }
     }
 

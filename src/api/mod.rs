@@ -260,6 +260,10 @@ pub struct ServerGroupStatus {
     /// The group's Waldur API address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The UUID of the group's tenant in Waldur (for an imported group too), so that a group
+    /// that vanished can be waited for in its tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_uuid: Option<String>,
     /// The Nova server-group id; empty until creation succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_id: Option<String>,

@@ -334,6 +334,10 @@ pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Ac
         // Not a failure of this resource: its Waldur has its share of workers. Soon again.
         return Action::requeue(Duration::from_secs(2).mul_f64(1.0 + rand::random::<f64>()));
     }
+    if let Error::StaleView(_) = err {
+        // The watch delivers the newer object within moments (and wakes the resource).
+        return Action::requeue(Duration::from_millis(500).mul_f64(1.0 + rand::random::<f64>()));
+    }
     if let Error::Waldur(crate::waldur::WaldurError::Unavailable { waldur, .. }) = err {
         ctx.park_until_reachable(&obj, waldur);
         // The breaker's wake comes first; this only bounds a wake that went astray.

@@ -22,6 +22,10 @@ pub enum Error {
     /// workers: try again shortly, without reporting a failure (review N5).
     #[error("the workers for Waldur at {0} are all busy")]
     WorkersBusy(String),
+    /// The resource changed since the cache handed it over, in a way the reconcile's decision
+    /// rests on: try again from a fresher view shortly, without reporting a failure.
+    #[error("the resource changed since it was read ({0})")]
+    StaleView(String),
 }
 
 impl Error {
@@ -42,7 +46,7 @@ impl Error {
             Self::CredentialsNotFound(_) => synced_reason::CREDENTIALS_NOT_FOUND,
             Self::DefaultCredentialsNotAllowed(_) => synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED,
             Self::Spec(_) => "InvalidSpec",
-            Self::WorkersBusy(_) => synced_reason::ERROR,
+            Self::WorkersBusy(_) | Self::StaleView(_) => synced_reason::ERROR,
         }
     }
 

@@ -262,6 +262,19 @@ fn deletion_waits_for_a_group_that_may_come_back() {
         after_missing(&deleted, &by_backend, true),
         Ok(Missing::NotFound)
     );
+    // Someone else's deletion, not this resource's: a staff unlink may have beaten Waldur's
+    // worker to it, leaving the Nova group (the campaign's seed 117): wait for the re-sync.
+    assert_eq!(after_missing(&deleted, &by_backend, false), awaiting);
+    // An import names no tenant in its spec: the tenant its group was last seen in (the
+    // campaign's seeds 124, 128); with neither, there is nothing to wait in.
+    let mut no_spec_tenant = imported.clone();
+    no_spec_tenant.spec.tenant = None;
+    assert_eq!(
+        after_missing(&no_spec_tenant, &by_backend, true),
+        Ok(Missing::NotFound)
+    );
+    no_spec_tenant.status.as_mut().unwrap().tenant_uuid = Some(TENANT.into());
+    assert_eq!(after_missing(&no_spec_tenant, &by_backend, true), awaiting);
     let mut unlink = managed.clone();
     unlink.spec.deletion_policy = DeletionPolicy::Unlink;
     assert_eq!(

@@ -44,7 +44,7 @@ pub async fn reconcile(sg: Arc<ServerGroup>, ctx: Arc<Context>) -> Result<Action
     match &result {
         Ok(_) => ctx.clear_failures(&sg),
         // Nothing happened: the resource waits for a worker of its Waldur, and says nothing.
-        Err(Error::WorkersBusy(_)) => {}
+        Err(Error::WorkersBusy(_) | Error::StaleView(_)) => {}
         Err(e) => r.report_failure(e).await,
     }
     let reason = result.as_ref().err().map(Error::reason);

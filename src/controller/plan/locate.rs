@@ -104,9 +104,12 @@ pub fn after_missing(
         .filter(|b| !b.is_empty());
     let had_uuid = status.and_then(|s| s.uuid.as_ref()).is_some();
     let last_state = status.and_then(|s| s.state.as_deref()).map(State::parse);
-    // Last seen on its way out (this resource's own DELETE, or Waldur's): a 404 now means
-    // Waldur deleted it, in OpenStack too (a failed delete leaves the row ERRED instead).
-    let deleted = matches!(last_state, Some(State::DeletionScheduled | State::Deleting));
+    // Last seen on its way out while this resource is being deleted (its own DELETE): a 404
+    // now means Waldur deleted it, in OpenStack too (a failed delete leaves the row ERRED).
+    // Not so for a deletion someone else asked for: a staff unlink before Waldur's worker ran
+    // it removes the row and leaves the Nova group (the campaign's seed 117).
+    let deleted =
+        deleting && matches!(last_state, Some(State::DeletionScheduled | State::Deleting));
     // A group last seen while Waldur was still creating it may have got a Nova group since,
     // which this resource never saw: it too may come back, by name.
     let maybe_in_openstack_unseen = had_uuid
@@ -122,7 +125,13 @@ pub fn after_missing(
             !imported
         };
     let await_reimport = |backend_id: &str| -> Result<Missing, SpecProblem> {
-        let Some(tenant) = sg.spec.tenant.as_deref() else {
+        // An import names no tenant: its group's, as last observed (the campaign's seed 124).
+        let tenant = sg
+            .spec
+            .tenant
+            .as_deref()
+            .or(status.and_then(|s| s.tenant_uuid.as_deref()));
+        let Some(tenant) = tenant else {
             return Ok(Missing::NotFound);
         };
         Ok(Missing::AwaitReimport {

@@ -241,6 +241,7 @@ pub fn mirror(status: &mut ServerGroupStatus, group: &WaldurGroup) {
     status.uuid = Some(group.uuid.to_string());
     status.url = Some(group.url.clone()).filter(|u| !u.is_empty());
     status.backend_id = Some(group.backend_id.clone());
+    status.tenant_uuid = Some(group.tenant_uuid.to_string()).filter(|t| !t.is_empty());
     status.state = group.state.as_ref().map(|s| s.to_string());
     status.name = Some(group.name.clone());
     status.policy = Some(group.policy.clone());

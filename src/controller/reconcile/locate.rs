@@ -517,6 +517,19 @@ impl Reconciler {
                 if fresh.metadata.uid != self.sg.metadata.uid {
                     return Err(Error::Kube(kube::Error::Api(e)));
                 }
+                // The intent changed since this view was read (this operator's own earlier
+                // create, whose write the cache has not delivered): this reconcile decided on
+                // a view without it, and writing over it would lose the evidence that a group
+                // made since is this resource's own (the campaign's seed 105). Start again
+                // from a fresher view.
+                let stored = |m: &kube::api::ObjectMeta| {
+                    m.annotations.as_ref().and_then(|a| a.get(key)).cloned()
+                };
+                if stored(&fresh.metadata) != stored(&self.sg.metadata) {
+                    return Err(Error::StaleView(
+                        "its create intent changed since it was read".into(),
+                    ));
+                }
                 self.json_patch(patch(&fresh.metadata)).await?;
             }
             Err(e) => return Err(e),
