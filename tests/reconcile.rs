@@ -1371,3 +1371,72 @@ async fn an_imported_group_that_went_away_shows_no_state() {
         .unwrap();
     assert_eq!(gone.status.unwrap().instance_count, None);
 }
+
+/// Review N7: a claim whose holder is gone (here: force-finalized, so its cleanup never ran)
+/// is deleted by the claim janitor; the claim of a live holder stays.
+#[tokio::test]
+async fn the_claim_janitor_deletes_claims_whose_holder_is_gone() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    let spec =
+        |name: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": name});
+    h.apply("gone", spec("gone"));
+    h.apply("live", spec("live"));
+    h.converge("gone", is_ready).await;
+    h.converge("live", is_ready).await;
+    let claims = || h.kube.list("leases").len();
+    assert_eq!(claims(), 2, "one claim per bound group");
+    // Force-finalized: the finalizer removed by hand, then deleted.
+    h.kube.edit(PLURAL, NS, "gone", |o| {
+        o["metadata"]["finalizers"] = serde_json::json!([]);
+    });
+    h.kube.delete(PLURAL, NS, "gone");
+    h.reconcile("live").await.unwrap();
+    let released = waldur_operator::controller::claims::release_orphaned(
+        &h.ctx.kube,
+        &h.ctx.claims_namespace,
+        &h.ctx.store,
+        waldur_operator::sharding::Shard::ALL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(released, 1);
+    let left = h.kube.list("leases");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0]["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap()
+            .contains("live"),
+        "{left:?}"
+    );
+}
+
+/// Review N13: a reconcile still in flight for an object that was deleted and created again
+/// under the same name (Observe has no finalizer; Argo CD's Replace) never writes the old
+/// object's status into the new one: the status write carries the uid as a precondition.
+#[tokio::test]
+async fn a_status_write_never_lands_on_a_new_object_of_the_same_name() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    let first = h.sim.waldur_create(TENANT, "first", "affinity").unwrap();
+    let second = h.sim.waldur_create(TENANT, "second", "affinity").unwrap();
+    let observe =
+        |uuid: &str| serde_json::json!({"import": {"uuid": uuid}, "managementPolicy": "Observe"});
+    h.apply("obs", observe(&first));
+    h.converge("obs", is_ready).await;
+    let mut stale = h.sg("obs").unwrap();
+    // Its status not yet written, as a reconcile that started before the first write.
+    stale.status = None;
+    h.kube.delete(PLURAL, NS, "obs");
+    h.apply("obs", observe(&second));
+    let _ = h.reconcile_as_cached(stale).await;
+    let now = h.sg("obs").unwrap();
+    assert_ne!(
+        now.status.and_then(|s| s.uuid).as_deref(),
+        Some(first.as_str()),
+        "the old object's group was written into the new object"
+    );
+    let bound = h.converge("obs", is_ready).await.unwrap();
+    assert_eq!(bound.status.unwrap().uuid.as_deref(), Some(second.as_str()));
+}

@@ -337,6 +337,20 @@ impl FakeKube {
             );
         };
         let patch: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        // A uid in the patch that is not the object's is refused, as kube-apiserver and the
+        // API test server do (the differential test's case n2): metadata.uid is immutable.
+        if let Some(uid) = patch["metadata"]["uid"].as_str()
+            && obj["metadata"]["uid"].as_str() != Some(uid)
+        {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                status_body(
+                    422,
+                    "Invalid",
+                    &format!("metadata.uid: Invalid value: {uid:?}: field is immutable"),
+                ),
+            );
+        }
         // The operator owns every status field, so its apply replaces the status whole;
         // spec changes in a status write are ignored, as the status subresource does.
         obj["status"] = patch["status"].clone();
