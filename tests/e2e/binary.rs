@@ -437,3 +437,46 @@ async fn a_standby_with_a_clock_ahead_never_takes_a_lease_that_is_being_renewed(
         "{took:?}: before a lease duration had passed"
     );
 }
+
+/// Review N15: a repeated Event (same object, type, action and reason) becomes one Event with
+/// a series, and the Event shows the latest words, not the first failure's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_series_shows_the_latest_note() {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::runtime::events::{Event, EventType, Reporter};
+    use waldur_operator::controller::events::EventWriter;
+    let server = TestServer::start().await.unwrap();
+    let client = server.client().await.unwrap();
+    let writer = EventWriter::new(
+        client.clone(),
+        Reporter {
+            controller: "waldur-operator".into(),
+            instance: Some("test".into()),
+        },
+    );
+    let regarding = ObjectReference {
+        api_version: Some("openstack.waldur.com/v1alpha1".into()),
+        kind: Some("ServerGroup".into()),
+        name: Some("web".into()),
+        namespace: Some("default".into()),
+        uid: Some("00000000-0000-4000-8000-000000000001".into()),
+        ..Default::default()
+    };
+    for note in ["Waldur answered 500: first", "Waldur answered 500: second"] {
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "WaldurError".into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        writer.publish(&ev, &regarding).await.unwrap();
+    }
+    let events: Api<K8sEvent> = Api::namespaced(client, "default");
+    let listed = events.list(&Default::default()).await.unwrap().items;
+    assert_eq!(listed.len(), 1, "one Event with a series: {listed:?}");
+    let ev = &listed[0];
+    assert_eq!(ev.series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(ev.note.as_deref(), Some("Waldur answered 500: second"));
+}
