@@ -1440,3 +1440,36 @@ async fn a_status_write_never_lands_on_a_new_object_of_the_same_name() {
     let bound = h.converge("obs", is_ready).await.unwrap();
     assert_eq!(bound.status.unwrap().uuid.as_deref(), Some(second.as_str()));
 }
+
+/// The fault campaign's seed 110: a group an Orphan resource left holds the name. A second
+/// resource of the name is told InvalidSpec (it met the group on its create's 400, so its
+/// intent lists it as found there); a third must be told the same, not that the group was
+/// "made for" the second, which made nothing (a false AlreadyManaged that never clears).
+#[tokio::test]
+async fn a_group_nobody_made_is_never_attributed_to_a_refused_create() {
+    use support::{Harness, NS, PLURAL, TENANT, condition, is_ready, reason_is};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        let spec = |policy: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw", "deletionPolicy": policy});
+        h.apply("a", spec("Orphan"));
+        h.converge("a", is_ready).await;
+        h.kube.delete(PLURAL, NS, "a");
+        h.converge("a", |sg| sg.is_none()).await;
+        h.apply("b", spec("Delete"));
+        h.converge("b", reason_is("Ready", "InvalidSpec")).await;
+        h.apply("c", spec("Delete"));
+        let c = h
+            .converge("c", |sg| {
+                sg.and_then(|s| condition(s, "Ready"))
+                    .is_some_and(|c| c.1 == "InvalidSpec" || c.1 == "AlreadyManaged")
+            })
+            .await
+            .unwrap();
+        let (_, reason, message) = condition(&c, "Ready").unwrap();
+        assert_eq!(reason, "InvalidSpec", "{mode:?}: {message}");
+        assert!(
+            message.contains("not managed by any ServerGroup"),
+            "{mode:?}: {message}"
+        );
+    }
+}

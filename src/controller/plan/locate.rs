@@ -220,6 +220,21 @@ pub fn holds_name_while_away(other: &ServerGroup, tenant: &WaldurUuid, name: &st
     away && &theirs == tenant && their_name == name
 }
 
+/// Whether a create recorded by `intent` may have made `group` of this tenant and name: not
+/// a group its create found already there (its `foreign` list). The group an Orphan resource
+/// left, which a later create met on its 400, is nobody's creation (the campaign's seed 110: a
+/// third resource of the name was told it was made for the one refused).
+pub fn may_have_made(
+    intent: &CreateIntent,
+    tenant: &WaldurUuid,
+    name: &str,
+    group: &WaldurUuid,
+) -> bool {
+    WaldurUuid::parse(&intent.tenant).ok().as_ref() == Some(tenant)
+        && intent.name == name
+        && !intent.foreign.iter().any(|f| f == &group.to_string())
+}
+
 /// The intent to record before a create: the pending one kept (an earlier create of this
 /// resource may have made the group and lost its answer, so its time and the groups it saw
 /// stay), else a fresh one. `fresh` says no earlier create can be this resource's.

@@ -245,3 +245,27 @@ fn a_name_is_held_while_the_holders_group_is_away() {
         );
     }
 }
+
+/// A create may have made a group of its tenant and name, but never one it found there.
+#[test]
+fn a_create_never_made_a_group_it_found_there() {
+    let tenant = uuid(TENANT);
+    let mut sg = resource(Mode::Managed, None, None);
+    with_intent(&mut sg, "2026-11-27T13:00:05Z", &[UUID]);
+    let intent = sg.create_intent().unwrap();
+    let other = uuid("0000000000000000000000000000000b");
+    assert!(may_have_made(&intent, &tenant, "web", &other));
+    assert!(
+        !may_have_made(&intent, &tenant, "web", &uuid(UUID)),
+        "foreign"
+    );
+    assert!(
+        !may_have_made(&intent, &tenant, "db", &other),
+        "another name"
+    );
+    let elsewhere = uuid("0000000000000000000000000000000a");
+    assert!(
+        !may_have_made(&intent, &elsewhere, "web", &other),
+        "another tenant"
+    );
+}

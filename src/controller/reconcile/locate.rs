@@ -363,8 +363,7 @@ impl Reconciler {
         // A group of the name that nobody binds yet may be another resource's create whose
         // answer was lost: its create intent says so (the campaign's R6).
         let held = held.or_else(|| {
-            let creator = self.creating_the_name(tenant, name)?;
-            let uuid = groups.first()?;
+            let (creator, uuid) = self.creating_the_name(tenant, name, groups)?;
             Some(format!("{uuid}, made for ServerGroup {creator}"))
         });
         if held.is_none()
@@ -403,23 +402,31 @@ impl Reconciler {
         })
     }
 
-    /// Another ServerGroup whose create intent for this tenant and name still stands.
-    fn creating_the_name(&self, tenant: &WaldurUuid, name: &str) -> Option<String> {
+    /// Another ServerGroup whose create intent for this tenant and name still stands, and the
+    /// group of `groups` its create may have made ([`plan::may_have_made`]).
+    fn creating_the_name(
+        &self,
+        tenant: &WaldurUuid,
+        name: &str,
+        groups: &[WaldurUuid],
+    ) -> Option<(String, WaldurUuid)> {
         let me = self.sg.uid();
         self.ctx.store.state().iter().find_map(|other| {
             if other.uid() == me {
                 return None;
             }
             let intent = plan::pending_intent(other)?;
-            let same = WaldurUuid::parse(&intent.tenant).ok().as_ref() == Some(tenant)
-                && intent.name == name;
-            same.then(|| {
+            let made = groups
+                .iter()
+                .find(|g| plan::may_have_made(&intent, tenant, name, g))?;
+            Some((
                 format!(
                     "{}/{}",
                     other.namespace().unwrap_or_default(),
                     other.name_any()
-                )
-            })
+                ),
+                made.clone(),
+            ))
         })
     }
 
