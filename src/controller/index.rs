@@ -211,6 +211,12 @@ impl Shard {
         }
     }
 
+    /// The UUID the last sweep saw for a Nova id, if any.
+    fn uuid_of_backend(&self, backend_id: &str) -> Option<WaldurUuid> {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        snap.by_backend.get(backend_id).cloned()
+    }
+
     /// Groups in `tenant` named exactly `name`, or `None` when the index cannot say.
     pub fn by_tenant_and_name(&self, tenant: &WaldurUuid, name: &str) -> Option<Vec<WaldurGroup>> {
         let attempted = self
@@ -490,18 +496,30 @@ impl WaldurIndex {
         unused
     }
 
-    fn wake_bound_to(&self, changed: &[WaldurUuid]) {
+    /// Wakes the resources bound to a group that changed, and those awaiting the re-import of
+    /// a Nova id that a changed (new) group now carries: Waldur's periodic re-sync brought it
+    /// back, and the resource need not wait out its poll to rebind it.
+    fn wake_bound_to(&self, shard: &Shard, changed: &[WaldurUuid]) {
         if changed.is_empty() {
             return;
         }
         let changed: HashSet<&WaldurUuid> = changed.iter().collect();
         for sg in self.store.state() {
-            let bound = sg
-                .status
-                .as_ref()
-                .and_then(|s| s.uuid.as_deref())
+            let Some(status) = sg.status.as_ref() else {
+                continue;
+            };
+            let bound = status
+                .uuid
+                .as_deref()
                 .and_then(|u| WaldurUuid::parse(u).ok());
-            if bound.is_some_and(|u| changed.contains(&u)) {
+            let back = status
+                .reimport
+                .as_ref()
+                .filter(|r| !r.backend_id.is_empty())
+                .and_then(|r| shard.uuid_of_backend(&r.backend_id));
+            if bound.is_some_and(|u| changed.contains(&u))
+                || back.is_some_and(|u| changed.contains(&u))
+            {
                 let _ = self.wake.unbounded_send(ObjectRef::from_obj(sg.as_ref()));
             }
         }
@@ -529,7 +547,7 @@ async fn sweep_loop(
         let pause = match shard.sweep(&wanted).await {
             Ok(changed) => {
                 failures = 0;
-                index.wake_bound_to(&changed);
+                index.wake_bound_to(&shard, &changed);
                 shard.next_pause(&index.timing, || index.bound())
             }
             Err(e) => {

@@ -480,3 +480,42 @@ async fn an_event_series_shows_the_latest_note() {
     assert_eq!(ev.series.as_ref().map(|s| s.count), Some(2));
     assert_eq!(ev.note.as_deref(), Some("Waldur answered 500: second"));
 }
+
+/// `--tenant-pulls=false` (`TENANT_PULLS=false`), as the binary reads it: after an unlink the
+/// operator asks Waldur for no tenant re-sync and makes no group; it says it waits for
+/// Waldur's periodic re-sync, and rebinds the group when that re-sync brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tenant_pulls_off_the_binary_asks_for_no_re_sync() {
+    let env = Env::new(Kind::TestServer, "no-pulls").await;
+    env.start_operator_with(&[("TENANT_PULLS", "false")]).await;
+    env.apply("web", spec("affinity")).await.unwrap();
+    let before = env.wait_ready("web").await.status.unwrap();
+    crate::unlink_behind_the_operators_back(&env, before.uuid.as_deref()).await;
+    let waiting = env
+        .wait("web", Duration::from_secs(20), |sg| {
+            sg.and_then(|s| crate::condition(s, "Ready"))
+                .is_some_and(|c| c.1 == "Reimporting")
+        })
+        .await
+        .unwrap();
+    let message = crate::condition(&waiting, "Ready").unwrap().2;
+    assert!(message.contains("periodic re-sync"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        env.sim.requests("pull_server_groups"),
+        0,
+        "no re-sync asked for"
+    );
+    assert_eq!(env.sim.requests("create"), 1, "no group made");
+    env.sim.resync_now().await;
+    let after = env
+        .wait("web", Duration::from_secs(20), |sg| {
+            crate::ready_now(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+        })
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(after.backend_id, before.backend_id, "the same Nova group");
+    assert_eq!(env.sim.requests("pull_server_groups"), 0);
+}
