@@ -9,6 +9,12 @@ is only ever installed by the real-Waldur test tier's settings).
     POST   /fake-nova/groups/                 {"tenant": BACKEND_ID, "name": .., "policy": ..}
                                               a group made in Nova behind Waldur's back
     DELETE /fake-nova/groups/<id>/            a group removed in Nova behind Waldur's back
+    POST   /fake-nova/tenants/<backend_id>/recover/
+                                              what Waldur's periodic background pull does to
+                                              an Erred tenant when it succeeds (no beat runs
+                                              here, and a staff tenant `pull` needs the parts
+                                              of OpenStack that are not faked): Erred -> OK,
+                                              error_message cleared
 
 The same file can be changed without the web server: `scripts/real-waldur nova-fail`, or
 `python -m waldur_fake_nova.state`.
@@ -97,10 +103,29 @@ def group(request, group_id):
     return HttpResponse(status=204)
 
 
+@csrf_exempt
+def recover_tenant(request, backend_id):
+    # Waldur's code, imported here: this module's other views work without Django apps ready.
+    from waldur_openstack.models import Tenant
+
+    if request.method != "POST":
+        return JsonResponse({"detail": "POST only"}, status=405)
+    tenant = Tenant.objects.filter(backend_id=backend_id).first()
+    if tenant is None:
+        return JsonResponse({"detail": "no tenant with that backend id"}, status=404)
+    # As waldur_core.structure.tasks.BackgroundPullTask.on_pull_success.
+    if tenant.state == Tenant.States.ERRED:
+        tenant.recover()
+        tenant.error_message = ""
+        tenant.save(update_fields=["state", "error_message"])
+    return JsonResponse({"uuid": tenant.uuid.hex, "state": tenant.get_state_display()})
+
+
 urlpatterns = [
     path("state/", show),
     path("fail/", fail),
     path("reset/", reset),
     path("groups/", groups),
     path("groups/<str:group_id>/", group),
+    path("tenants/<str:backend_id>/recover/", recover_tenant),
 ]
