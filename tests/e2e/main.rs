@@ -12,6 +12,7 @@ mod differential;
 mod env;
 mod gitops;
 mod real_only;
+mod real_waldur;
 mod sharding;
 mod waldur_versions;
 
