@@ -1234,6 +1234,62 @@ mod reimport {
         }
     }
 
+    /// The campaign's seed 142: a twin's Unlink leaves its Nova group; the other twin's group
+    /// is unlinked before its Nova id reached status, so it is looked for by name after the
+    /// re-sync, which brings both back. Nothing tells which is its own: it binds neither and
+    /// says so (binding its sibling's leftover would delete it with the Delete policy later).
+    #[tokio::test]
+    async fn two_groups_of_the_name_coming_back_are_not_told_apart_by_guessing() {
+        // Per object: on the batched path a sweep may have seen the group OK with its Nova
+        // id before the unlink, and the resource then rebinds it by that id (as it should).
+        for mode in [ReadPath::PerObject] {
+            let h = Harness::fast_mode(mode).await;
+            let twin = |policy: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw", "deletionPolicy": policy});
+            h.apply("a", twin("Unlink"));
+            let a = h.converge("a", is_ready).await.unwrap().status.unwrap();
+            h.apply("b", twin("Delete"));
+            h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
+            h.kube.delete(PLURAL, NS, "a");
+            h.converge("a", |sg| sg.is_none()).await;
+            h.sim.set_tenant_pull_delay(None);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while h.sim.requests("create") < 2 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{mode:?}: b never created"
+                );
+                let _ = h.reconcile("b").await;
+            }
+            let b = h.sg("b").unwrap().status.unwrap();
+            assert_eq!(
+                b.backend_id.as_deref().unwrap_or(""),
+                "",
+                "{mode:?}: not seen yet"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let uuid = WaldurUuid::parse(b.uuid.as_deref().unwrap()).unwrap();
+            h.staff_client().unlink(&uuid).await.unwrap();
+            keep_reconciling(&h, "b", Duration::from_secs(1)).await;
+            h.sim.release_tenant_pulls();
+            keep_reconciling(&h, "b", Duration::from_secs(3)).await;
+            let b = h.sg("b").unwrap();
+            let leftover = h
+                .sim
+                .groups()
+                .into_iter()
+                .find(|g| g["backend_id"].as_str() == a.backend_id.as_deref())
+                .expect("a's Nova group re-imported");
+            assert_ne!(
+                b.status.as_ref().and_then(|s| s.uuid.as_deref()),
+                leftover["uuid"].as_str(),
+                "{mode:?}: b took a's leftover"
+            );
+            let (_, reason, message) = condition(&b, "Ready").unwrap();
+            assert_eq!(reason, "Reimporting", "{mode:?}: {message}");
+            assert!(message.contains("several groups"), "{mode:?}: {message}");
+        }
+    }
+
     /// A group really gone (deleted in OpenStack too) is made anew once the re-sync shows it
     /// will not come back; and the user can skip the wait with request-recreate.
     #[tokio::test]

@@ -233,23 +233,44 @@ pub fn tenant_erred_message(sg: &ServerGroup, waldur_message: &str) -> String {
     )
 }
 
-/// Waldur's re-import of a group that vanished before its Nova id reached status: the group
-/// of this name and policy made (imported) after it vanished, the oldest first. The caller
-/// skips groups another resource holds.
+/// What Waldur re-imported of a group that vanished before its Nova id reached status.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reimported<'a> {
+    /// One group of this name and policy made (imported) since it vanished: this one.
+    One(&'a WaldurGroup),
+    /// None yet.
+    Nothing,
+    /// Several: the re-sync brought back more than one group of the name (another resource's
+    /// Unlink left one, say), and nothing tells which Nova group was this resource's. Binding
+    /// the wrong one would later delete someone else's group (the campaign's seed 142).
+    Several(Vec<String>),
+}
+
+/// Waldur's re-import of a group that vanished before its Nova id reached status: the groups
+/// of this name and policy made (imported) after it vanished. The caller leaves out groups
+/// another resource holds.
 pub fn pick_reimport(
     candidates: &[WaldurGroup],
     policy: Policy,
     since: Timestamp,
-) -> Option<&WaldurGroup> {
-    let not_before = since.checked_sub(INTENT_CLOCK_SLACK).ok()?;
-    let mut fitting: Vec<(Timestamp, &WaldurGroup)> = candidates
+) -> Reimported<'_> {
+    let Ok(not_before) = since.checked_sub(INTENT_CLOCK_SLACK) else {
+        return Reimported::Nothing;
+    };
+    let fitting: Vec<&WaldurGroup> = candidates
         .iter()
         .filter(|g| g.policy == policy.as_str())
-        .filter_map(|g| Some((g.created.parse::<Timestamp>().ok()?, g)))
-        .filter(|(created, _)| *created >= not_before)
+        .filter(|g| {
+            g.created
+                .parse::<Timestamp>()
+                .is_ok_and(|created| created >= not_before)
+        })
         .collect();
-    fitting.sort_by_key(|(created, _)| *created);
-    fitting.into_iter().next().map(|(_, g)| g)
+    match fitting.as_slice() {
+        [] => Reimported::Nothing,
+        [one] => Reimported::One(one),
+        several => Reimported::Several(several.iter().map(|g| g.uuid.to_string()).collect()),
+    }
 }
 
 #[cfg(test)]

@@ -209,7 +209,8 @@ fn a_tenant_re_sync_is_due_only_when_on_ok_and_past_the_floor() {
 }
 
 /// The re-import of a group that vanished before its Nova id reached status is found by name:
-/// made after it vanished, same policy (the campaign's R8).
+/// made after it vanished, same policy (the campaign's R8); two such groups are not told
+/// apart by guessing (the campaign's seed 142).
 #[test]
 fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
     let since = at(1_000);
@@ -224,8 +225,15 @@ fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
             Policy::AntiAffinity,
             since
         ),
-        Some(&reimported)
+        Reimported::One(&reimported)
     );
+    let mut other = reimported.clone();
+    other.uuid = crate::waldur::WaldurUuid::parse("0000000000000000000000000000000b").unwrap();
+    let both = [reimported.clone(), other.clone()];
+    assert!(matches!(
+        pick_reimport(&both, Policy::AntiAffinity, since),
+        Reimported::Several(ref uuids) if uuids.len() == 2
+    ));
     reimported.created = at(900).to_string();
     assert_eq!(
         pick_reimport(
@@ -233,7 +241,11 @@ fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
             Policy::AntiAffinity,
             since
         ),
-        None
+        Reimported::Nothing
+    );
+    assert_eq!(
+        pick_reimport(&[reimported, other.clone()], Policy::AntiAffinity, since),
+        Reimported::One(&other)
     );
 }
 

@@ -166,7 +166,26 @@ impl Reconciler {
                             .into_iter()
                             .filter(|g| self.owner_of(&g.uuid).is_none())
                             .collect();
-                        plan::pick_reimport(&free, *policy, since).cloned()
+                        match plan::pick_reimport(&free, *policy, since) {
+                            plan::Reimported::One(group) => Some(group.clone()),
+                            plan::Reimported::Nothing => None,
+                            plan::Reimported::Several(uuids) => {
+                                return waiting(
+                                    format!(
+                                        "the group vanished before Waldur reported its Nova id, \
+                                         and the re-sync brought back several groups named \
+                                         {name:?} ({}): nothing tells which was this \
+                                         resource's. Delete or unlink the others in Waldur (or \
+                                         import the right one into another ServerGroup); this \
+                                         resource binds the one that is left",
+                                        uuids.join(", ")
+                                    ),
+                                    settings.resync_period.min(Duration::from_secs(300)),
+                                    false,
+                                    record,
+                                );
+                            }
+                        }
                     }
                     _ => self.look_in_waldur(client, &again).await?,
                 };
