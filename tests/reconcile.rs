@@ -1529,3 +1529,28 @@ async fn a_group_nobody_made_is_never_attributed_to_a_refused_create() {
         );
     }
 }
+
+/// The fault campaign's seed 146: an Observe resource watches a group another resource
+/// manages (imported, Managed): an observer only reads, so it binds it and is Ready, and the
+/// managing resource is not told AlreadyManaged because of it either.
+#[tokio::test]
+async fn an_observer_watches_a_group_another_resource_manages() {
+    use support::{Harness, TENANT, is_ready};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        let uuid = h.sim.waldur_create(TENANT, "shared", "affinity").unwrap();
+        let observe = serde_json::json!({"import": {"uuid": uuid}, "managementPolicy": "Observe"});
+        let manage = serde_json::json!({"import": {"uuid": uuid}, "deletionPolicy": "Orphan"});
+        h.apply("watcher", observe.clone());
+        h.converge("watcher", is_ready).await;
+        h.apply("owner", manage);
+        h.converge("owner", is_ready).await;
+        h.apply("watcher2", observe);
+        let w = h.converge("watcher2", is_ready).await.unwrap();
+        assert_eq!(
+            w.status.unwrap().uuid.as_deref(),
+            Some(uuid.as_str()),
+            "{mode:?}"
+        );
+    }
+}

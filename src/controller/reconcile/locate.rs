@@ -34,7 +34,9 @@ impl Reconciler {
     /// Binds a group a lookup found, unless another resource holds it.
     pub(super) async fn bind(&self, lookup: &Lookup, group: WaldurGroup) -> Result<Located, Error> {
         let binding = plan::binding(lookup, self.status_uuid().as_ref(), &group.uuid);
-        if binding == Binding::Known {
+        // An observer only reads: it may watch a group another resource manages.
+        let observing = self.sg.spec.management_policy == ManagementPolicy::Observe;
+        if binding == Binding::Known || observing {
             return Ok(Located::Found(Box::new(group), binding));
         }
         if let Some(owner) = self.owner_of(&group.uuid) {
@@ -734,10 +736,14 @@ impl Reconciler {
         Ok(Located::Found(Box::new(group), binding))
     }
 
-    /// Another ServerGroup whose status holds this UUID, as `namespace/name`.
+    /// Another Managed ServerGroup whose status holds this UUID, as `namespace/name`. An
+    /// Observe resource bound to it holds nothing: it only reads (the campaign's seed 146).
     pub(super) fn owner_of(&self, uuid: &WaldurUuid) -> Option<String> {
         let me = self.sg.uid();
         self.ctx.store.state().iter().find_map(|other| {
+            if other.spec.management_policy != ManagementPolicy::Managed {
+                return None;
+            }
             let theirs = other.status.as_ref()?.uuid.as_deref()?;
             let same = WaldurUuid::parse(theirs).ok().as_ref() == Some(uuid);
             (same && other.uid() != me).then(|| {
