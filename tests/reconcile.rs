@@ -1074,6 +1074,53 @@ mod reimport {
         }
     }
 
+    /// The campaign's seed 146: two re-syncs in a row fail in OpenStack, each repaired by
+    /// staff 1.5 s later, before the operator's next look: from the tenant's state alone they
+    /// look like two that ran. The operator follows each re-sync it asked for (the tenant read
+    /// once a second), sees them fail, and makes nothing; the third runs and brings the group
+    /// back.
+    #[tokio::test]
+    async fn two_failed_re_syncs_repaired_between_looks_make_no_group() {
+        for mode in [ReadPath::Batched, ReadPath::PerObject] {
+            let h = Harness::with_settings(fast(), mode, |s| {
+                s.tenant_pull_floor = Duration::from_secs(1);
+            })
+            .await;
+            h.sim.fail_next_tenant_pulls(2);
+            let before = unlinked(&h).await;
+            let erred = |t: serde_json::Value| {
+                t["state"]
+                    .as_str()
+                    .unwrap_or("")
+                    .eq_ignore_ascii_case("erred")
+            };
+            for n in 1..=2 {
+                let until = tokio::time::Instant::now() + Duration::from_secs(15);
+                while !erred(h.sim.tenant(TENANT).unwrap()) {
+                    assert!(
+                        tokio::time::Instant::now() < until,
+                        "{mode:?}: failure {n} never came"
+                    );
+                    let _ = h.reconcile("web").await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                h.sim.set_tenant_ok(TENANT, true);
+            }
+            let after = h
+                .converge("web", |sg| {
+                    is_ready(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+                })
+                .await
+                .unwrap()
+                .status
+                .unwrap();
+            assert_eq!(after.backend_id, before.backend_id, "{mode:?}: rebound");
+            assert_eq!(h.sim.requests("create"), 1, "{mode:?}: nothing made");
+            assert_eq!(nova_groups(&h), 1, "{mode:?}: one Nova group");
+        }
+    }
+
     /// With automatic tenant re-syncs off, only Waldur's periodic re-sync brings the group
     /// back: no request is made, nothing is created meanwhile, and the group is rebound.
     #[tokio::test]

@@ -7,13 +7,19 @@
 //! tenant, never sooner than the floor after the last one asked for (accepted or not), and only
 //! after it saw the tenant OK. Whether one is due is decided in `plan::reimport_step`; this
 //! table only remembers and serialises.
+//!
+//! An accepted re-sync is followed: the tenant is read once a second until the re-sync ends,
+//! so that one that failed in OpenStack (the tenant Erred) is known as such even when staff
+//! repair the tenant before the next reconcile looks (the campaign's R9 and seed 146: from the
+//! tenant's state alone, a failed and repaired re-sync looks like one that ran).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::plan::TenantPullsSeen;
+use super::plan::{PullOutcome, PullResult, TenantPullsSeen, TenantSeen};
 use crate::waldur::{WaldurClient, WaldurError, WaldurUuid};
 
 #[derive(Default)]
@@ -54,7 +60,7 @@ impl TenantPulls {
     /// Asks Waldur to re-sync the tenant, unless another reconcile is asking already. Errors
     /// other than a 409 go up (the floor still counts from the attempt: no retry loop).
     pub async fn ask(
-        &self,
+        self: &Arc<Self>,
         client: &WaldurClient,
         tenant: &WaldurUuid,
     ) -> Result<Asked, WaldurError> {
@@ -78,11 +84,65 @@ impl TenantPulls {
                 let at = Timestamp::now();
                 if let Some(record) = self.lock().get_mut(&key) {
                     record.seen.last_accepted = Some(at);
+                    record.seen.outcome = Some(PullOutcome {
+                        accepted: at,
+                        result: PullResult::Running,
+                    });
                 }
+                tokio::spawn(self.clone().follow(client.clone(), key.clone(), at));
                 Ok(Asked::Accepted(at))
             }
             Err(e) if e.kind() == crate::waldur::ErrorKind::Conflict => Ok(Asked::Refused(e)),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Reads the tenant once a second until the re-sync accepted at `accepted` ends, and
+    /// records how: seen held, then OK, never Erred (it ran); Erred (it failed); or not
+    /// observed closely enough to say (OK at the first read, reads failing for more than a few
+    /// seconds, or longer than half an hour).
+    async fn follow(
+        self: Arc<Self>,
+        client: WaldurClient,
+        key: (String, WaldurUuid),
+        accepted: Timestamp,
+    ) {
+        const EVERY: Duration = Duration::from_secs(1);
+        const GAP: Duration = Duration::from_secs(4);
+        const LONGEST: Duration = Duration::from_secs(1800);
+        let started = tokio::time::Instant::now();
+        let mut last_seen = started;
+        // OK only counts after the re-sync was seen running: an OK at the first read may be a
+        // re-sync that failed and was repaired before it.
+        let mut saw_busy = false;
+        let result = loop {
+            tokio::time::sleep(EVERY).await;
+            let now = tokio::time::Instant::now();
+            if now.duration_since(started) > LONGEST {
+                break PullResult::Unobserved;
+            }
+            let Ok(tenant) = client.get_tenant(&key.1).await else {
+                continue;
+            };
+            let seen = TenantSeen::of(tenant.state.as_ref(), &tenant.error_message);
+            if tokio::time::Instant::now().duration_since(last_seen) > GAP {
+                // Too long unseen: an Erred-and-repaired spell may have been missed.
+                break PullResult::Unobserved;
+            }
+            last_seen = tokio::time::Instant::now();
+            match seen {
+                TenantSeen::Ok if saw_busy => break PullResult::Ran,
+                TenantSeen::Ok => break PullResult::Unobserved,
+                TenantSeen::Erred(_) => break PullResult::Failed,
+                TenantSeen::Busy(_) => saw_busy = true,
+                TenantSeen::Invisible | TenantSeen::Unknown => break PullResult::Unobserved,
+            }
+        };
+        let mut map = self.lock();
+        if let Some(record) = map.get_mut(&key)
+            && record.seen.outcome.is_some_and(|o| o.accepted == accepted)
+        {
+            record.seen.outcome = Some(PullOutcome { accepted, result });
         }
     }
 }

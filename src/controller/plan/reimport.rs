@@ -36,6 +36,27 @@ pub struct TenantPullsSeen {
     pub last_accepted: Option<Timestamp>,
     /// The last one asked for, accepted or not: the floor counts from it.
     pub last_asked: Option<Timestamp>,
+    /// How the last accepted one went, as this process followed it.
+    pub outcome: Option<PullOutcome>,
+}
+
+/// How an accepted tenant re-sync went, followed by reading the tenant once a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PullOutcome {
+    pub accepted: Timestamp,
+    pub result: PullResult,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullResult {
+    /// Still held (Update Scheduled, Updating).
+    Running,
+    /// Back to OK, never seen Erred: it ran.
+    Ran,
+    /// Seen Erred: it failed in OpenStack, whatever the tenant says now.
+    Failed,
+    /// Not followed closely enough to say.
+    Unobserved,
 }
 
 /// The next step for a group that vanished and may come back.
@@ -44,8 +65,13 @@ pub enum ReimportStep {
     /// Ask Waldur to re-sync the tenant now.
     AskPull,
     /// A re-sync that started after the group vanished has finished (the tenant is back to
-    /// OK): look for the group once more; if it is still absent, it is gone for good.
-    Recheck,
+    /// OK): look for the group once more. `observed`: this process followed it from accepted
+    /// to OK, never Erred, so an empty look shows the group is gone for good; otherwise a
+    /// second re-sync must agree ([`after_empty_recheck`]).
+    Recheck { observed: bool },
+    /// The re-sync was seen failing (the tenant Erred), though the tenant is OK again: no
+    /// evidence; start over (a new re-sync once the floor allows).
+    Failed(String),
     /// Gone for good without a re-sync to show it: the safe wait passed, or the user asked.
     Gone(String),
     /// Nothing to learn yet: look again after `retry_in`.
@@ -85,6 +111,17 @@ pub fn reimport_step(
         .as_ref()
         .map(|t| t.0)
         .or(pulls.last_accepted.filter(|t| *t >= surely_after));
+    // How this process saw that very re-sync go, if it followed it (the stored time is cut
+    // to whole seconds).
+    let followed = pulls
+        .outcome
+        .filter(|o| {
+            accepted.is_some_and(|at| {
+                o.accepted >= at
+                    && o.accepted < at.checked_add(SignedDuration::from_secs(1)).unwrap_or(at)
+            })
+        })
+        .map(|o| o.result);
     let waited = now.duration_since(since).unsigned_abs();
     let safe_wait_left = settings.reimport_wait.saturating_sub(waited);
     let poll =
@@ -94,8 +131,24 @@ pub fn reimport_step(
             message: tenant_erred_message(sg, message),
             retry_in: settings.resync_period.min(Duration::from_secs(300)),
         },
-        // The tenant was held when Waldur accepted the re-sync; back to OK means it ran.
-        (TenantSeen::Ok, Some(_)) => ReimportStep::Recheck,
+        // Followed from accepted to Erred: it failed, whatever the tenant says now.
+        (_, Some(_)) if followed == Some(PullResult::Failed) => ReimportStep::Failed(
+            "the tenant re-sync failed in OpenStack (the tenant was seen Erred), so it is no \
+             evidence; another is asked for once the tenant is OK and the floor has passed"
+                .to_string(),
+        ),
+        // Still being followed: wait for its end.
+        (TenantSeen::Ok, Some(at)) if followed == Some(PullResult::Running) => ReimportStep::Wait {
+            message:
+                "Waldur is re-syncing the tenant; the group is looked for again when it is done"
+                    .to_string(),
+            retry_in: poll(now.duration_since(at).unsigned_abs()),
+        },
+        // The tenant was held when Waldur accepted the re-sync; back to OK means it ran, for
+        // sure only when followed all the way.
+        (TenantSeen::Ok, Some(_)) => ReimportStep::Recheck {
+            observed: followed == Some(PullResult::Ran),
+        },
         (TenantSeen::Busy(state), Some(at)) => ReimportStep::Wait {
             message: format!(
                 "Waldur is re-syncing the tenant ({state}); the group is looked for again when it \
@@ -178,9 +231,14 @@ pub enum EmptyRecheck {
     Gone,
 }
 
-/// Decides what an empty recheck after a re-sync means (see [`EmptyRecheck`]).
-pub fn after_empty_recheck(record: &crate::api::Reimport, now: Timestamp) -> EmptyRecheck {
-    if record.checked_at.is_some() {
+/// Decides what an empty recheck after a re-sync means (see [`EmptyRecheck`]). `observed`:
+/// this process followed that re-sync from accepted to OK and never saw it fail.
+pub fn after_empty_recheck(
+    record: &crate::api::Reimport,
+    observed: bool,
+    now: Timestamp,
+) -> EmptyRecheck {
+    if observed || record.checked_at.is_some() {
         return EmptyRecheck::Gone;
     }
     EmptyRecheck::AskAgain(crate::api::Reimport {

@@ -55,7 +55,7 @@ fn a_vanished_group_is_recreated_only_on_evidence() {
     // The tenant is OK again after the accepted request: the re-sync ran; look once more.
     assert_eq!(
         reimport_step(&sg, &asked, &TenantSeen::Ok, none, &s, at(1_650)).0,
-        ReimportStep::Recheck
+        ReimportStep::Recheck { observed: false }
     );
     // The re-sync failed: the tenant is Erred; say so, do not create.
     assert!(matches!(
@@ -74,6 +74,7 @@ fn a_re_sync_counts_only_if_accepted_after_the_group_vanished() {
     let same_second = TenantPullsSeen {
         last_accepted: Some(at(1_000)),
         last_asked: Some(at(1_000)),
+        outcome: None,
     };
     assert_eq!(
         reimport_step(&sg, &fresh, &TenantSeen::Ok, same_second, &s, at(1_020)).1,
@@ -82,14 +83,16 @@ fn a_re_sync_counts_only_if_accepted_after_the_group_vanished() {
     let after = TenantPullsSeen {
         last_accepted: Some(at(1_010)),
         last_asked: Some(at(1_010)),
+        outcome: None,
     };
     assert_eq!(
         reimport_step(&sg, &fresh, &TenantSeen::Ok, after, &s, at(1_020)),
-        (ReimportStep::Recheck, Some(at(1_010)))
+        (ReimportStep::Recheck { observed: false }, Some(at(1_010)))
     );
     let before = TenantPullsSeen {
         last_accepted: Some(at(990)),
         last_asked: Some(at(990)),
+        outcome: None,
     };
     // Before: not evidence, and the floor (5 minutes from 990 s) holds the next request back.
     let (step, accepted) = reimport_step(&sg, &fresh, &TenantSeen::Ok, before, &s, at(1_020));
@@ -175,6 +178,7 @@ fn a_tenant_re_sync_is_due_only_when_on_ok_and_past_the_floor() {
     let asked = TenantPullsSeen {
         last_accepted: None,
         last_asked: Some(at(1_000)),
+        outcome: None,
     };
     assert!(tenant_pull_due(
         &s,
@@ -256,7 +260,7 @@ fn the_re_import_of_a_group_without_a_known_nova_id_is_found_by_name() {
 fn one_empty_re_sync_is_not_enough_a_second_must_agree() {
     let s = settings();
     let (sg, asked) = vanished(1_000, Some(1_001));
-    let first = match after_empty_recheck(&asked, at(1_010)) {
+    let first = match after_empty_recheck(&asked, false, at(1_010)) {
         EmptyRecheck::AskAgain(record) => record,
         EmptyRecheck::Gone => panic!("one re-sync taken for evidence"),
     };
@@ -268,6 +272,7 @@ fn one_empty_re_sync_is_not_enough_a_second_must_agree() {
     let first_pull = TenantPullsSeen {
         last_accepted: Some(at(1_001)),
         last_asked: Some(at(1_001)),
+        outcome: None,
     };
     let (step, accepted) = reimport_step(&sg, &first, &TenantSeen::Ok, first_pull, &s, at(1_011));
     assert_eq!(accepted, None);
@@ -284,12 +289,76 @@ fn one_empty_re_sync_is_not_enough_a_second_must_agree() {
     let second_pull = TenantPullsSeen {
         last_accepted: Some(at(1_400)),
         last_asked: Some(at(1_400)),
+        outcome: None,
     };
     let (step, accepted) = reimport_step(&sg, &first, &TenantSeen::Ok, second_pull, &s, at(1_420));
-    assert_eq!((step, accepted), (ReimportStep::Recheck, Some(at(1_400))));
+    assert_eq!(
+        (step, accepted),
+        (ReimportStep::Recheck { observed: false }, Some(at(1_400)))
+    );
     let second = crate::api::Reimport {
         requested_at: Some(Time(at(1_400))),
         ..first
     };
-    assert_eq!(after_empty_recheck(&second, at(1_420)), EmptyRecheck::Gone);
+    assert_eq!(
+        after_empty_recheck(&second, false, at(1_420)),
+        EmptyRecheck::Gone
+    );
+}
+
+/// Seed 146: two re-syncs, each failing in OpenStack and repaired by staff before the next
+/// look, looked like two that ran. Followed once a second, a failed one is known as such (no
+/// evidence: start over), and one followed from accepted to OK is evidence enough alone.
+#[test]
+fn a_re_sync_followed_to_its_end_decides_what_the_tenant_state_cannot() {
+    let s = settings();
+    let (sg, asked) = vanished(1_000, Some(1_001));
+    let followed = |result| TenantPullsSeen {
+        last_accepted: Some(at(1_001)),
+        last_asked: Some(at(1_001)),
+        outcome: Some(PullOutcome {
+            accepted: at(1_001),
+            result,
+        }),
+    };
+    let step = |result| {
+        reimport_step(
+            &sg,
+            &asked,
+            &TenantSeen::Ok,
+            followed(result),
+            &s,
+            at(1_010),
+        )
+        .0
+    };
+    assert!(matches!(step(PullResult::Failed), ReimportStep::Failed(_)));
+    assert!(is_wait(&step(PullResult::Running)));
+    assert_eq!(
+        step(PullResult::Ran),
+        ReimportStep::Recheck { observed: true }
+    );
+    assert_eq!(
+        step(PullResult::Unobserved),
+        ReimportStep::Recheck { observed: false }
+    );
+    // An outcome of a re-sync accepted before this group vanished says nothing about it.
+    let (sg2, later) = vanished(2_000, Some(2_001));
+    assert_eq!(
+        reimport_step(
+            &sg2,
+            &later,
+            &TenantSeen::Ok,
+            followed(PullResult::Failed),
+            &s,
+            at(2_010)
+        )
+        .0,
+        ReimportStep::Recheck { observed: false }
+    );
+    // Observed to run: one empty look is enough.
+    assert_eq!(
+        after_empty_recheck(&asked, true, at(1_010)),
+        EmptyRecheck::Gone
+    );
 }

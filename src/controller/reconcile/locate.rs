@@ -146,7 +146,20 @@ impl Reconciler {
                     record,
                 ),
             },
-            plan::ReimportStep::Recheck => {
+            plan::ReimportStep::Failed(message) => {
+                record.since = Some(self.now.clone());
+                record.requested_at = None;
+                record.checked_at = None;
+                waiting(
+                    format!(
+                        "the group is gone from Waldur, but OpenStack may still hold {what}: {message}"
+                    ),
+                    settings.tenant_pull_floor.min(Duration::from_secs(60)),
+                    false,
+                    record,
+                )
+            }
+            plan::ReimportStep::Recheck { observed } => {
                 // The re-sync ran: read Waldur itself, never an older sweep's picture.
                 let again = if backend_id.is_empty() {
                     plan::first_lookup_for_create(&self.sg)?
@@ -192,7 +205,7 @@ impl Reconciler {
                     _ => self.look_in_waldur(client, &again).await?,
                 };
                 let Some(group) = found else {
-                    return match plan::after_empty_recheck(&record, self.now.0) {
+                    return match plan::after_empty_recheck(&record, observed, self.now.0) {
                         plan::EmptyRecheck::AskAgain(record) => waiting(
                             format!(
                                 "Waldur re-synced tenant {tenant} and {what} did not come back; \
