@@ -1281,26 +1281,25 @@ mod reimport {
         }
     }
 
-    /// The campaign's seed 142: a twin's Unlink leaves its Nova group; the other twin's group
-    /// is unlinked before its Nova id reached status, so it is looked for by name after the
+    /// The campaign's seed 142: a Nova group of the name that this process did not let go of
+    /// (left by another operator, or before a restart) is in the tenant; a resource's group is
+    /// unlinked before its Nova id reached status, so it is looked for by name after the
     /// re-sync, which brings both back. Nothing tells which is its own: it binds neither and
-    /// says so (binding its sibling's leftover would delete it with the Delete policy later).
+    /// says so (binding the other one would delete it with the Delete policy later).
     #[tokio::test]
     async fn two_groups_of_the_name_coming_back_are_not_told_apart_by_guessing() {
         // Per object: on the batched path a sweep may have seen the group OK with its Nova
         // id before the unlink, and the resource then rebinds it by that id (as it should).
         for mode in [ReadPath::PerObject] {
             let h = Harness::fast_mode(mode).await;
-            let twin = |policy: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw", "deletionPolicy": policy});
-            h.apply("a", twin("Unlink"));
-            let a = h.converge("a", is_ready).await.unwrap().status.unwrap();
-            h.apply("b", twin("Delete"));
-            h.converge("b", reason_is("Ready", "AlreadyManaged")).await;
-            h.kube.delete(PLURAL, NS, "a");
-            h.converge("a", |sg| sg.is_none()).await;
+            let other = h.sim.openstack_create(TENANT, "tw", "affinity");
+            h.apply(
+                "b",
+                serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "tw", "deletionPolicy": "Delete"}),
+            );
             h.sim.set_tenant_pull_delay(None);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while h.sim.requests("create") < 2 {
+            while h.sim.requests("create") < 1 {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "{mode:?}: b never created"
@@ -1324,12 +1323,12 @@ mod reimport {
                 .sim
                 .groups()
                 .into_iter()
-                .find(|g| g["backend_id"].as_str() == a.backend_id.as_deref())
-                .expect("a's Nova group re-imported");
+                .find(|g| g["backend_id"].as_str() == Some(other.as_str()))
+                .expect("the other Nova group imported");
             assert_ne!(
                 b.status.as_ref().and_then(|s| s.uuid.as_deref()),
                 leftover["uuid"].as_str(),
-                "{mode:?}: b took a's leftover"
+                "{mode:?}: b took the other group"
             );
             let (_, reason, message) = condition(&b, "Ready").unwrap();
             assert_eq!(reason, "Reimporting", "{mode:?}: {message}");
@@ -1600,4 +1599,65 @@ async fn an_observer_watches_a_group_another_resource_manages() {
             "{mode:?}"
         );
     }
+}
+
+/// The fault campaign's seed 154: an Unlink resource lets its group go (Nova keeps it); a
+/// resource of the same name made afterwards loses its own group to an unlink before its Nova
+/// id reached status, and its own never reached OpenStack. The re-sync brings back only the
+/// first one's Nova group: that is not this resource's, and deleting this resource (policy
+/// Delete) must leave it in Nova.
+#[tokio::test]
+async fn a_group_another_resource_let_go_of_is_never_taken_for_a_re_import() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready};
+    // Waldur's worker takes a second to start a create: time to unlink before Nova has it.
+    let slow_worker = waldur_sim::SimConfig {
+        delays: waldur_sim::Delays {
+            schedule: std::time::Duration::from_millis(1500),
+            run: std::time::Duration::from_millis(20),
+        },
+        ..Default::default()
+    };
+    let h = Harness::with_settings(slow_worker, ReadPath::PerObject, |_| {}).await;
+    let spec = |policy: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "n", "deletionPolicy": policy});
+    h.apply("first", spec("Unlink"));
+    let first = h.converge("first", is_ready).await.unwrap().status.unwrap();
+    h.kube.delete(PLURAL, NS, "first");
+    h.converge("first", |sg| sg.is_none()).await;
+    h.sim.set_tenant_pull_delay(None);
+    h.apply("second", spec("Delete"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.sim.requests("create") < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no second create");
+        let _ = h.reconcile("second").await;
+    }
+    let second = h.sg("second").unwrap().status.unwrap();
+    let uuid = waldur_operator::waldur::WaldurUuid::parse(second.uuid.as_deref().unwrap()).unwrap();
+    h.staff_client().unlink(&uuid).await.unwrap();
+    h.sim.reset_tenant_pull_delay();
+    h.sim.release_tenant_pulls();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let _ = h.reconcile("second").await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let leftover = h
+        .sim
+        .groups()
+        .into_iter()
+        .find(|g| g["backend_id"].as_str() == first.backend_id.as_deref());
+    if let Some(leftover) = leftover {
+        assert_ne!(
+            h.sg("second").unwrap().status.unwrap().uuid.as_deref(),
+            leftover["uuid"].as_str(),
+            "second took first's leftover"
+        );
+    }
+    h.kube.delete(PLURAL, NS, "second");
+    h.converge("second", |sg| sg.is_none()).await;
+    let nova = h.sim.openstack_groups(TENANT);
+    assert!(
+        nova.iter()
+            .any(|(id, _, _)| Some(id.as_str()) == first.backend_id.as_deref()),
+        "first's Nova group was deleted: {nova:?}"
+    );
 }

@@ -25,13 +25,23 @@ use crate::waldur::{WaldurClient, WaldurError, WaldurUuid};
 #[derive(Default)]
 pub struct TenantPulls {
     map: Mutex<HashMap<(String, WaldurUuid), Record>>,
+    /// Nova groups this process let go of, per tenant (Orphan, Unlink): (name, Nova id,
+    /// when). A re-sync brings them back as nobody's, under their old name. Tenant UUIDs are
+    /// Waldur's, unique enough across Waldurs for this.
+    released: Mutex<HashMap<WaldurUuid, Vec<Released>>>,
 }
+
+/// A Nova group let go of: its name, its Nova id, and when.
+type Released = (String, String, std::time::Instant);
 
 #[derive(Default)]
 struct Record {
     seen: TenantPullsSeen,
     in_flight: bool,
 }
+
+/// How long a released group is remembered: longer than any wait for a re-import.
+const RELEASED_KEPT: Duration = Duration::from_secs(24 * 3600);
 
 /// How a request for a tenant re-sync went.
 #[derive(Debug)]
@@ -55,6 +65,30 @@ impl TenantPulls {
             .get(&(waldur.to_string(), tenant.clone()))
             .map(|r| r.seen)
             .unwrap_or_default()
+    }
+
+    /// Remembers that a resource of this process let go of its group (Orphan, Unlink): the
+    /// Nova group stays, and a re-sync brings it back under its name, nobody's. A resource
+    /// looking for its own re-import by that name must not take it (the campaign's seeds 142
+    /// and 154: one took it, and its Delete policy later deleted it).
+    pub fn record_release(&self, tenant: &WaldurUuid, name: &str, backend_id: &str) {
+        if backend_id.is_empty() {
+            return;
+        }
+        let mut map = self.released.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let released = map.entry(tenant.clone()).or_default();
+        released.retain(|(_, _, at)| now.duration_since(*at) < RELEASED_KEPT);
+        released.push((name.to_string(), backend_id.to_string(), now));
+    }
+
+    /// Whether this process let go of the Nova group `backend_id` named `name` in the tenant.
+    pub fn was_released(&self, tenant: &WaldurUuid, name: &str, backend_id: &str) -> bool {
+        self.released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .is_some_and(|r| r.iter().any(|(n, b, _)| n == name && b == backend_id))
     }
 
     /// Asks Waldur to re-sync the tenant, unless another reconcile is asking already. Errors

@@ -36,6 +36,7 @@ impl Reconciler {
             Cleanup::Unlink(_) => "unlinked: Waldur's record is gone, OpenStack keeps the group",
             _ => "the group is gone from Waldur",
         };
+        self.remember_release(&decision);
         if let Some(uuid) = self.status_uuid() {
             crate::controller::claims::release(
                 &self.ctx.kube,
@@ -64,6 +65,31 @@ impl Reconciler {
         };
         self.event(EventType::Normal, event, "Delete", reason).await;
         Ok(Action::await_change())
+    }
+
+    /// An Orphan or Unlink resource lets go of a Nova group that stays: remembered, so that
+    /// another resource's by-name search for its own re-import does not take it.
+    fn remember_release(&self, decision: &Cleanup) {
+        let keeps_nova = matches!(decision, Cleanup::Unlink(_))
+            || self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Delete;
+        let Some(status) = self.sg.status.as_ref() else {
+            return;
+        };
+        let (Some(tenant), Some(name), Some(backend_id)) = (
+            status
+                .tenant_uuid
+                .as_deref()
+                .and_then(|t| WaldurUuid::parse(t).ok()),
+            status.name.as_deref(),
+            status.backend_id.as_deref(),
+        ) else {
+            return;
+        };
+        if keeps_nova {
+            self.ctx
+                .tenant_pulls
+                .record_release(&tenant, name, backend_id);
+        }
     }
 
     /// Sends DELETE or unlink, or waits. `None` means the finalizer may go.

@@ -177,9 +177,17 @@ impl Reconciler {
                         let candidates = client
                             .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
                             .await?;
+                        // Nobody's, and not a group another resource of this process let
+                        // go of (an Unlink's Nova group comes back under its name).
                         let free: Vec<WaldurGroup> = candidates
                             .into_iter()
                             .filter(|g| self.owner_of(&g.uuid).is_none())
+                            .filter(|g| {
+                                !self
+                                    .ctx
+                                    .tenant_pulls
+                                    .was_released(tenant, name, &g.backend_id)
+                            })
                             .collect();
                         match plan::pick_reimport(&free, *policy, since) {
                             plan::Reimported::One(group) => Some(group.clone()),
@@ -371,7 +379,19 @@ impl Reconciler {
         candidates: &[WaldurGroup],
         policy: crate::waldur::Policy,
     ) -> Option<WaldurGroup> {
-        let own = plan::pick_own_creation(&self.sg, candidates, policy).cloned();
+        // A Nova group another resource of this process let go of (Orphan, Unlink) comes
+        // back under its name after a re-sync: never this resource's creation.
+        let mine: Vec<WaldurGroup> = candidates
+            .iter()
+            .filter(|g| {
+                !self
+                    .ctx
+                    .tenant_pulls
+                    .was_released(&g.tenant_uuid, &g.name, &g.backend_id)
+            })
+            .cloned()
+            .collect();
+        let own = plan::pick_own_creation(&self.sg, &mine, policy).cloned();
         let mut seen = self.seen_names.lock().unwrap_or_else(|p| p.into_inner());
         for group in candidates {
             if own.as_ref().map(|o| &o.uuid) != Some(&group.uuid) && !seen.contains(&group.uuid) {
