@@ -1661,3 +1661,36 @@ async fn a_group_another_resource_let_go_of_is_never_taken_for_a_re_import() {
         "first's Nova group was deleted: {nova:?}"
     );
 }
+
+/// The fault campaign's seed 209: a resource told InvalidSpec is paused and unpaused; Synced
+/// then says the rejection again, not "paused" for ever.
+#[tokio::test]
+async fn unpausing_a_rejected_resource_clears_paused() {
+    use support::{Harness, NS, PLURAL, TENANT, condition, reason_is};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    h.sim.waldur_create(TENANT, "taken", "affinity").unwrap();
+    h.apply(
+        "web",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "taken"}),
+    );
+    h.converge("web", reason_is("Ready", "InvalidSpec")).await;
+    let annotate = |value: Option<&str>| {
+        h.kube.edit(PLURAL, NS, "web", |o| match value {
+            Some(v) => {
+                o["metadata"]["annotations"]["openstack.waldur.com/paused"] = serde_json::json!(v)
+            }
+            None => {
+                o["metadata"]["annotations"]
+                    .as_object_mut()
+                    .map(|a| a.remove("openstack.waldur.com/paused"));
+            }
+        })
+    };
+    annotate(Some("true"));
+    h.converge("web", reason_is("Synced", "Paused")).await;
+    annotate(None);
+    let _ = h.reconcile("web").await;
+    let sg = h.sg("web").unwrap();
+    let synced = condition(&sg, "Synced").unwrap();
+    assert_eq!(synced.1, "InvalidSpec", "{synced:?}");
+}

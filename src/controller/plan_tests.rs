@@ -809,3 +809,42 @@ fn only_waldurs_name_uniqueness_400_counts_as_a_taken_name() {
         "\"anti-affinity\" is not a valid choice."
     )));
 }
+
+/// The campaign's seed 209: rejected (InvalidSpec), paused, unpaused: Synced must say the
+/// rejection again, not Paused; while paused, or when Synced is not Paused, nothing changes.
+#[test]
+fn an_unpaused_rejected_resource_says_the_rejection_again() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    let cond = |t: &str, reason: &str, message: &str| Condition {
+        type_: t.into(),
+        status: "False".into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: Some(1),
+        last_transition_time: Time(Timestamp::from_second(0).unwrap()),
+    };
+    let mut sg = resource(Mode::Managed, None, None);
+    sg.status = Some(ServerGroupStatus {
+        conditions: vec![
+            cond(READY, ready_reason::INVALID_SPEC, "name taken"),
+            cond(SYNCED, synced_reason::PAUSED, "paused"),
+        ],
+        ..Default::default()
+    });
+    assert_eq!(
+        synced_after_unpause(&sg),
+        Some((
+            ready_reason::INVALID_SPEC.to_string(),
+            "name taken".to_string()
+        ))
+    );
+    let mut paused = sg.clone();
+    paused
+        .metadata
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(crate::api::ANNOTATION_PAUSED.into(), "true".into());
+    assert_eq!(synced_after_unpause(&paused), None);
+    sg.status.as_mut().unwrap().conditions[1].reason = "InvalidSpec".into();
+    assert_eq!(synced_after_unpause(&sg), None);
+}

@@ -171,7 +171,12 @@ impl Reconciler {
             return self.cleanup().await;
         }
         if plan::rejected_for_this_generation(&self.sg) {
-            // Same spec, same answer: wait for the user to change it.
+            // Same spec, same answer: wait for the user to change it. Unpaused meanwhile,
+            // Synced says the rejection again, not "paused" (the campaign's seed 209).
+            if let Some((reason, message)) = plan::synced_after_unpause(&self.sg) {
+                self.write_status(false, |s| self.synced(s, false, &reason, &message))
+                    .await?;
+            }
             return Ok(Action::await_change());
         }
         // A spec the operator cannot act on gets no finalizer that deletion would then be

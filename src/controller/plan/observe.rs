@@ -234,6 +234,20 @@ pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {
         })
 }
 
+/// A resource rejected for this generation and then paused and unpaused still says Synced
+/// Paused: the Synced condition to write instead (the rejection, as Ready states it), or
+/// `None` when Synced is not stale.
+pub fn synced_after_unpause(sg: &ServerGroup) -> Option<(String, String)> {
+    let status = sg.status.as_ref()?;
+    let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
+    let synced = condition(SYNCED)?;
+    if synced.reason != synced_reason::PAUSED || sg.is_paused() {
+        return None;
+    }
+    let ready = condition(READY)?;
+    Some((ready.reason.clone(), ready.message.clone()))
+}
+
 /// The status fields that mirror the observed group.
 pub fn mirror(status: &mut ServerGroupStatus, group: &WaldurGroup) {
     // Bound to a group again: no re-import is awaited.
