@@ -384,3 +384,165 @@ async fn a_waldur_outage_and_recovery() {
         env.wait(name, SLOW, |sg| sg.is_none()).await;
     }
 }
+
+/// Unlink removes only Waldur's record (staff token): the Nova group stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_leaves_the_nova_group() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-unlinkpol").await;
+    w.operator(&env).await;
+    env.apply("kept", w.spec("affinity", "Unlink"))
+        .await
+        .unwrap();
+    ready(&env, "kept").await;
+    env.delete("kept").await;
+    env.wait("kept", SLOW, |sg| sg.is_none()).await;
+    assert_eq!(
+        w.waldur_groups(&w.ok1.0, "kept").await,
+        0,
+        "Waldur's record gone"
+    );
+    assert_eq!(
+        w.nova_groups(&w.ok1.1, "kept").await.len(),
+        1,
+        "Nova keeps it"
+    );
+}
+
+/// request-pull asks Waldur to pull the group once per token; the group stays Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_pull_is_carried_out_once() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-pull").await;
+    w.operator(&env).await;
+    env.apply("pulled", w.spec("affinity", "Delete"))
+        .await
+        .unwrap();
+    ready(&env, "pulled").await;
+    let api: kube::Api<waldur_operator::api::ServerGroup> =
+        kube::Api::namespaced(env.kube.clone(), &env.ns);
+    let patch = json!({"metadata": {"annotations": {"openstack.waldur.com/request-pull": "t1"}}});
+    api.patch(
+        "pulled",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let sg = env
+        .wait("pulled", SLOW, |sg| {
+            sg.and_then(|s| s.status.as_ref()?.handled_requests.as_ref()?.pull.clone())
+                .as_deref()
+                == Some("t1")
+        })
+        .await
+        .unwrap();
+    assert!(sg.status.is_some());
+    ready(&env, "pulled").await;
+    env.delete("pulled").await;
+    env.wait("pulled", SLOW, |sg| sg.is_none()).await;
+}
+
+/// A tenant re-sync that fails in Nova puts the whole tenant into Erred (measured on 7.0.7):
+/// the resource waiting for its group says TenantErred with Waldur's words and makes nothing;
+/// once the tenant is repaired the operator asks again and rebinds the original group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_sync_failing_in_nova_erres_the_tenant_and_is_asked_again_after_repair() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-erred").await;
+    w.operator(&env).await;
+    let mut spec = w.spec("affinity", "Delete");
+    spec["tenant"] = json!(w.ok2.0);
+    env.apply("erred", spec).await.unwrap();
+    let before = ready(&env, "erred").await;
+    w.fake_nova("fail/", json!({"operation": "list", "count": 1}))
+        .await;
+    let uuid = WaldurUuid::parse(before.uuid.as_deref().unwrap()).unwrap();
+    w.staff().unlink(&uuid).await.expect("staff unlinks");
+    let sg = env
+        .wait("erred", SLOW, reason("Ready", "TenantErred"))
+        .await
+        .unwrap();
+    let message = condition(&sg, "Ready").unwrap().2;
+    eprintln!("TenantErred: {message}");
+    assert!(message.contains("Erred"), "{message}");
+    assert_eq!(
+        w.nova_groups(&w.ok2.1, "erred").await.len(),
+        1,
+        "nothing made"
+    );
+    w.fake_nova(&format!("tenants/{}/recover/", w.ok2.1), json!({}))
+        .await;
+    let after = env
+        .wait("erred", SLOW, |sg| {
+            ready_now(sg) && sg.unwrap().status.as_ref().unwrap().uuid != before.uuid
+        })
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(
+        after.backend_id, before.backend_id,
+        "the original Nova group"
+    );
+    assert_eq!(w.nova_groups(&w.ok2.1, "erred").await.len(), 1);
+    env.delete("erred").await;
+    env.wait("erred", SLOW, |sg| sg.is_none()).await;
+}
+
+/// 350 groups in one tenant (made in Nova, imported by one re-sync): Waldur lists them in
+/// pages of 300, and the operator's sweep reads both pages with a stable order: a resource
+/// importing a group on the second page, by Nova id, is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_and_fifty_groups_in_one_tenant() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let mut last = String::new();
+    for i in 0..350 {
+        let g = w
+            .fake_nova(
+                "groups/",
+                json!({"tenant": w.ok2.1, "name": format!("bulk-{i:03}"), "policy": "affinity"}),
+            )
+            .await;
+        last = g["id"].as_str().unwrap_or_default().to_string();
+    }
+    let tenant = WaldurUuid::parse(&w.ok2.0).unwrap();
+    w.staff()
+        .pull_tenant_server_groups(&tenant)
+        .await
+        .expect("the re-sync is accepted");
+    let deadline = Instant::now() + SLOW;
+    loop {
+        let n = w
+            .staff()
+            .list(&ListQuery::new().tenant_uuid(&tenant))
+            .await
+            .map(|l| l.len())
+            .unwrap_or(0);
+        if n >= 350 {
+            eprintln!("{n} groups in the tenant");
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {n} groups imported");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let env = Env::new(Kind::TestServer, "rw-350").await;
+    w.operator(&env).await;
+    env.apply(
+        "bulk",
+        json!({"import": {"backendId": last}, "managementPolicy": "Observe"}),
+    )
+    .await
+    .unwrap();
+    let status = ready(&env, "bulk").await;
+    assert_eq!(status.backend_id.as_deref(), Some(last.as_str()));
+    assert_eq!(status.name.as_deref(), Some("bulk-349"));
+}
