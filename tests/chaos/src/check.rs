@@ -1313,7 +1313,15 @@ pub fn during_run(
     let mut out = Vec::new();
     let mut bound: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for sg in sgs {
-        if let Some(u) = &sg.uuid {
+        // An Observe resource only reads: it may watch a group another resource manages.
+        let observer = sg
+            .res
+            .as_ref()
+            .and_then(|r| records.get(r))
+            .is_some_and(|rec| rec.spec.flavour == Flavour::Observe);
+        if let Some(u) = &sg.uuid
+            && !observer
+        {
             bound.entry(norm(u)).or_default().push(sg.key.clone());
         }
     }
@@ -2041,6 +2049,32 @@ mod tests {
         let out = run(&records, &[], &sgs, &foreign);
         assert_eq!(violations(&out, ONE_GROUP).len(), 1, "{out:?}");
         assert_eq!(during_run(2, &records, &sgs, &foreign, &mut seen).len(), 1);
+    }
+
+    /// The campaign's seed 146 and after: an Observe resource may watch a group a Managed
+    /// import of the same source manages (both bound); two Managed resources on one group
+    /// are still a violation.
+    #[test]
+    fn an_observer_beside_the_manager_of_a_group_is_no_double_binding() {
+        let mut records = BTreeMap::new();
+        let watcher = spec("r001", Flavour::Observe, Deletion::Delete);
+        let owner = spec("r002", Flavour::DuplicateImport, Deletion::Orphan);
+        let other = spec("r003", Flavour::DuplicateImport, Deletion::Orphan);
+        for s in [&watcher, &owner, &other] {
+            records.insert(s.res.clone(), record(s.clone()));
+        }
+        let truth = Truth::default();
+        let mut seen = BTreeSet::new();
+        let sgs = vec![
+            view(&watcher.res, Some("aa"), vec![]),
+            view(&owner.res, Some("aa"), vec![]),
+        ];
+        assert!(during_run(1, &records, &sgs, &truth, &mut seen).is_empty());
+        let sgs = vec![
+            view(&owner.res, Some("aa"), vec![]),
+            view(&other.res, Some("aa"), vec![]),
+        ];
+        assert_eq!(during_run(2, &records, &sgs, &truth, &mut seen).len(), 1);
     }
 
     #[test]
