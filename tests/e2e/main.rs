@@ -7,6 +7,7 @@
 //! operator runs as the Helm chart's ServiceAccount with the chart's RBAC. Scenarios that
 //! need fault injection into the Kubernetes API run on the test server alone.
 
+mod api_client_contract;
 mod binary;
 mod differential;
 mod env;
