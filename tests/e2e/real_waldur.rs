@@ -968,3 +968,45 @@ async fn the_simulator_in_7_0_mode_answers_as_the_real_waldur_does() {
         unexplained.join("\n")
     );
 }
+
+/// A pull that fails in Nova leaves the group ERRED while Nova still has it. Deleting the
+/// resource (policy Delete) must not drop only Waldur's record: the operator pulls the group
+/// back to OK first, then deletes it, in Nova too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_erred_group_leaves_no_nova_group() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-errdel").await;
+    w.operator(&env).await;
+    env.apply("broken", w.spec("affinity", "Delete"))
+        .await
+        .unwrap();
+    let status = ready(&env, "broken").await;
+    let uuid = WaldurUuid::parse(status.uuid.as_deref().unwrap()).unwrap();
+    // Two failing reads: this pull's, and the operator's own pull of the ERRED group.
+    w.fake_nova("fail/", json!({"operation": "get", "count": 2}))
+        .await;
+    w.staff().pull(&uuid).await.expect("the pull is accepted");
+    let deadline = Instant::now() + SLOW;
+    loop {
+        let g = w.staff().get(&uuid, &[]).await.expect("Waldur answers");
+        if g.state == Some(waldur_operator::waldur::State::Erred) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ERRED: {:?}", g.state);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        w.nova_groups(&w.ok1.1, "broken").await.len(),
+        1,
+        "Nova still has it"
+    );
+    env.delete("broken").await;
+    env.wait("broken", SLOW, |sg| sg.is_none()).await;
+    assert_eq!(w.waldur_groups(&w.ok1.0, "broken").await, 0);
+    assert!(
+        w.nova_groups(&w.ok1.1, "broken").await.is_empty(),
+        "the Nova group was left behind"
+    );
+}
