@@ -1694,3 +1694,72 @@ async fn unpausing_a_rejected_resource_clears_paused() {
     let synced = condition(&sg, "Synced").unwrap();
     assert_eq!(synced.1, "InvalidSpec", "{synced:?}");
 }
+
+/// As above, across a restart (the final run's seed 154: the operator was killed between the
+/// Unlink and the re-sync, and an in-memory record was lost): the record of the released Nova
+/// group is read from the operator's namespace, so the only group of the name that came back
+/// is still not taken, and deleting the resource leaves it in Nova.
+#[tokio::test]
+async fn a_released_group_is_still_known_after_a_restart() {
+    use support::{Harness, NS, PLURAL, TENANT};
+    let slow_worker = waldur_sim::SimConfig {
+        delays: waldur_sim::Delays {
+            schedule: std::time::Duration::from_millis(1500),
+            run: std::time::Duration::from_millis(20),
+        },
+        ..Default::default()
+    };
+    let h = Harness::with_settings(slow_worker, ReadPath::PerObject, |_| {}).await;
+    // Released by an earlier process of the operator: recorded in its namespace only.
+    let leftover = h.sim.openstack_create(TENANT, "n", "affinity");
+    let tenant = waldur_operator::waldur::WaldurUuid::parse(TENANT).unwrap();
+    waldur_operator::controller::released::record(
+        &h.ctx.kube,
+        &h.ctx.claims_namespace,
+        &tenant,
+        "n",
+        &leftover,
+    )
+    .await
+    .unwrap();
+    h.sim.set_tenant_pull_delay(None);
+    h.apply(
+        "second",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "n", "deletionPolicy": "Delete"}),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.sim.requests("create") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no create");
+        let _ = h.reconcile("second").await;
+    }
+    let second = h.sg("second").unwrap().status.unwrap();
+    let uuid = waldur_operator::waldur::WaldurUuid::parse(second.uuid.as_deref().unwrap()).unwrap();
+    h.staff_client().unlink(&uuid).await.unwrap();
+    h.sim.reset_tenant_pull_delay();
+    h.sim.release_tenant_pulls();
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let _ = h.reconcile("second").await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let row = h
+        .sim
+        .groups()
+        .into_iter()
+        .find(|g| g["backend_id"].as_str() == Some(leftover.as_str()))
+        .expect("the leftover re-imported");
+    assert_ne!(
+        h.sg("second").unwrap().status.unwrap().uuid.as_deref(),
+        row["uuid"].as_str(),
+        "second took the released group"
+    );
+    h.kube.delete(PLURAL, NS, "second");
+    h.converge("second", |sg| sg.is_none()).await;
+    assert!(
+        h.sim
+            .openstack_groups(TENANT)
+            .iter()
+            .any(|(id, _, _)| *id == leftover),
+        "the released Nova group was deleted"
+    );
+}

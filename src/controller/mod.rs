@@ -8,6 +8,7 @@ mod finalizers;
 pub mod index;
 pub mod plan;
 mod reconcile;
+pub mod released;
 pub mod secret_guard;
 mod status;
 pub mod tenant_pulls;

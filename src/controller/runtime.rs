@@ -195,6 +195,12 @@ pub(super) async fn release_unused_secrets(
                 Ok(n) => tracing::info!(released = n, "released claims whose ServerGroup is gone"),
                 Err(e) => tracing::warn!(error = %e, "cannot check the claims on Waldur groups"),
             }
+            // Only shard 0 prunes the records of released Nova groups (one list a minute).
+            if shard.index == 0
+                && let Err(e) = super::released::prune(&kube, &claims_namespace).await
+            {
+                tracing::warn!(error = %e, "cannot prune the records of released Nova groups");
+            }
         }
     }
 }

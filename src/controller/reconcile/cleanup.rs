@@ -36,7 +36,7 @@ impl Reconciler {
             Cleanup::Unlink(_) => "unlinked: Waldur's record is gone, OpenStack keeps the group",
             _ => "the group is gone from Waldur",
         };
-        self.remember_release(&decision);
+        self.remember_release(&decision).await?;
         if let Some(uuid) = self.status_uuid() {
             crate::controller::claims::release(
                 &self.ctx.kube,
@@ -69,11 +69,11 @@ impl Reconciler {
 
     /// An Orphan or Unlink resource lets go of a Nova group that stays: remembered, so that
     /// another resource's by-name search for its own re-import does not take it.
-    fn remember_release(&self, decision: &Cleanup) {
+    async fn remember_release(&self, decision: &Cleanup) -> Result<(), Error> {
         let keeps_nova = matches!(decision, Cleanup::Unlink(_))
             || self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Delete;
         let Some(status) = self.sg.status.as_ref() else {
-            return;
+            return Ok(());
         };
         let (Some(tenant), Some(name), Some(backend_id)) = (
             status
@@ -83,13 +83,24 @@ impl Reconciler {
             status.name.as_deref(),
             status.backend_id.as_deref(),
         ) else {
-            return;
+            return Ok(());
         };
-        if keeps_nova {
+        if keeps_nova && !backend_id.is_empty() {
+            // Kept a day in the operator's namespace (a restart must not forget it), and in
+            // memory for the lookups that cannot wait for a list.
+            crate::controller::released::record(
+                &self.ctx.kube,
+                &self.ctx.claims_namespace,
+                &tenant,
+                name,
+                backend_id,
+            )
+            .await?;
             self.ctx
                 .tenant_pulls
                 .record_release(&tenant, name, backend_id);
         }
+        Ok(())
     }
 
     /// Sends DELETE or unlink, or waits. `None` means the finalizer may go.

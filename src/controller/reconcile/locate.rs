@@ -177,6 +177,19 @@ impl Reconciler {
                         let candidates = client
                             .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
                             .await?;
+                        // What any process of this operator let go of in the tenant (the
+                        // records survive restarts), remembered for the lookups that follow.
+                        if !candidates.is_empty() {
+                            let released = crate::controller::released::in_tenant(
+                                &self.ctx.kube,
+                                &self.ctx.claims_namespace,
+                                tenant,
+                            )
+                            .await?;
+                            for (n, b) in released {
+                                self.ctx.tenant_pulls.record_release(tenant, &n, &b);
+                            }
+                        }
                         // Nobody's, and not a group another resource of this process let
                         // go of (an Unlink's Nova group comes back under its name).
                         let free: Vec<WaldurGroup> = candidates

@@ -512,12 +512,23 @@ impl<'a> Ctx<'a> {
             .filter_map(|r| self.by_res.get(&r.spec.res).map(|sg| (r, *sg)))
     }
 
+    /// The other resources holding this group. Observe resources hold nothing: they only
+    /// read, and may watch a group another resource manages.
     fn others_bound(&self, uuid: &str, me: &ResId) -> Vec<String> {
+        let observer = |r: &ResId| {
+            self.input
+                .records
+                .get(r)
+                .is_some_and(|rec| rec.spec.flavour == Flavour::Observe)
+        };
+        if observer(me) {
+            return vec![];
+        }
         self.bound
             .get(&norm(uuid))
             .into_iter()
             .flatten()
-            .filter(|r| **r != me)
+            .filter(|r| **r != me && !observer(r))
             .map(|r| r.to_string())
             .collect()
     }
