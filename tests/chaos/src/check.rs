@@ -512,6 +512,26 @@ impl<'a> Ctx<'a> {
             .filter_map(|r| self.by_res.get(&r.spec.res).map(|sg| (r, *sg)))
     }
 
+    /// The resource waits for a twin whose group is away from Waldur (unlinked, awaiting the
+    /// re-sync; or paused since): true when the twin it names is live, creates under the same
+    /// tenant and name, and is still bound to (or awaiting) a group Waldur does not have.
+    fn name_held_while_away(&self, rec: &ResRecord, message: &str) -> bool {
+        if !message.contains("whose group is gone from Waldur for now") {
+            return false;
+        }
+        self.live().any(|(other, sg)| {
+            other.spec.res != rec.spec.res
+                && other.spec.flavour.creates()
+                && norm(other.spec.tenant) == norm(rec.spec.tenant)
+                && other.spec.waldur_name() == rec.spec.waldur_name()
+                && message.contains(&other.spec.res.to_string())
+                && sg
+                    .uuid
+                    .as_deref()
+                    .is_none_or(|u| self.truth().row(u).is_none())
+        })
+    }
+
     /// The other resources holding this group. Observe resources hold nothing: they only
     /// read, and may watch a group another resource manages.
     fn others_bound(&self, uuid: &str, me: &ResId) -> Vec<String> {
@@ -1185,7 +1205,8 @@ impl<'a> Ctx<'a> {
                             .map(|r| r.uuid.clone())
                             .collect(),
                     };
-                    let held = target.iter().any(|u| !self.others_bound(u, res).is_empty());
+                    let held = target.iter().any(|u| !self.others_bound(u, res).is_empty())
+                        || self.name_held_while_away(rec, &ready.message);
                     if !held {
                         problem(
                             "says AlreadyManaged, but no other resource holds the group".into(),
@@ -2156,6 +2177,45 @@ mod tests {
         let half = report("the re-sync brought back several groups named \"tw032\" (bb): ...");
         let out = run(&records, &[], &half, &truth);
         assert!(!violations(&out, ONE_GROUP).is_empty(), "{out:?}");
+    }
+
+    /// The final run's seed 155: a twin waits (AlreadyManaged) while its sibling, paused, is
+    /// still bound to a group Waldur lost: true. Naming a resource that holds nothing is not.
+    #[test]
+    fn waiting_for_a_twin_whose_group_is_away_is_truthful() {
+        let mut records = BTreeMap::new();
+        let mut a = spec("r016a", Flavour::Twin, Deletion::Delete);
+        a.spec_name = Some("tw016".into());
+        let mut b = a.clone();
+        b.res.name = "r016b".into();
+        b.res.ns = "chaos-b";
+        records.insert(a.res.clone(), record(a.clone()));
+        records.insert(b.res.clone(), record(b.clone()));
+        let truth = Truth::default();
+        let waiting = |named: &ResId| {
+            let mut c = ready("AlreadyManaged", false);
+            c[0].message = format!(
+                "the server group named \"tw016\" in tenant T belongs to ServerGroup {named}, whose group is gone from Waldur for now and may come back"
+            );
+            c
+        };
+        let sgs = vec![
+            view(&a.res, None, waiting(&b.res)),
+            view(&b.res, Some("lost"), ready("Available", true)),
+        ];
+        let out = run(&records, &[], &sgs, &truth);
+        let told = violations(&out, TRUTHFUL);
+        assert!(told.iter().all(|v| !v.contains("r016a")), "{told:?}");
+        let sgs = vec![
+            view(&a.res, None, waiting(&a.res)),
+            view(&b.res, Some("lost"), ready("Available", true)),
+        ];
+        let out = run(&records, &[], &sgs, &truth);
+        assert!(
+            violations(&out, TRUTHFUL)
+                .iter()
+                .any(|v| v.contains("r016a"))
+        );
     }
 
     #[test]
