@@ -116,15 +116,7 @@ pub async fn run(
     let (secrets_synced_tx, secrets_synced) = tokio::sync::watch::channel(false);
     let secret_changes = watcher(rt.secrets, watcher::Config::default())
         .default_backoff()
-        .modify(|s: &mut PartialObjectMeta<Secret>| {
-            // Only names, uids, versions and finalizers are read. Annotations go too: for a
-            // Secret applied with kubectl, last-applied-configuration holds its data (review
-            // N11), which this process has no business keeping.
-            let meta = s.meta_mut();
-            meta.managed_fields = None;
-            meta.annotations = None;
-            meta.labels = None;
-        })
+        .modify(strip_secret_meta)
         .reflect(secret_writer)
         .inspect(move |e| {
             if matches!(e, Ok(watcher::Event::InitDone)) {
@@ -205,6 +197,16 @@ pub(super) async fn release_unused_secrets(
     }
 }
 
+/// What the Secret cache keeps: only names, uids, versions and finalizers are read.
+/// Annotations go too: for a Secret applied with kubectl, last-applied-configuration holds its
+/// data (review N11), which this process has no business keeping.
+fn strip_secret_meta(s: &mut PartialObjectMeta<Secret>) {
+    let meta = s.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+}
+
 /// How often claims whose holder is gone are looked for.
 pub(super) const CLAIMS_CHECKED_EVERY: Duration = Duration::from_secs(60);
 
@@ -242,5 +244,42 @@ pub(super) async fn watch_cache(
     loop {
         metrics.count_resources(&store.state());
         tokio::time::sleep(Duration::from_secs(15)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review N11: a Secret applied with kubectl carries its data in an annotation; the cache
+    /// keeps no annotation, label or managed field, only what the guard reads.
+    #[test]
+    fn the_secret_cache_keeps_no_copy_of_the_data() {
+        let mut s: PartialObjectMeta<Secret> = PartialObjectMeta {
+            types: None,
+            metadata: kube::api::ObjectMeta {
+                name: Some("waldur".into()),
+                uid: Some("u1".into()),
+                finalizers: Some(vec!["openstack.waldur.com/credentials-in-use".into()]),
+                annotations: Some(
+                    [(
+                        "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                        r#"{"stringData":{"token":"s3cr3t"}}"#.to_string(),
+                    )]
+                    .into(),
+                ),
+                labels: Some([("team".to_string(), "a".to_string())].into()),
+                managed_fields: Some(vec![Default::default()]),
+                ..Default::default()
+            },
+            _phantom: std::marker::PhantomData,
+        };
+        strip_secret_meta(&mut s);
+        assert!(!format!("{:?}", s.metadata).contains("s3cr3t"));
+        assert_eq!(s.metadata.annotations, None);
+        assert_eq!(s.metadata.labels, None);
+        assert_eq!(s.metadata.managed_fields, None);
+        assert_eq!(s.metadata.name.as_deref(), Some("waldur"));
+        assert_eq!(s.metadata.finalizers.as_ref().map(Vec::len), Some(1));
     }
 }
