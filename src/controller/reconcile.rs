@@ -21,6 +21,7 @@ use super::status;
 mod cleanup;
 mod locate;
 mod observe;
+mod reimport;
 use crate::api::conditions::{
     ConditionStatus, READY, SYNCED, ready_reason, set_condition, set_stalled, synced_reason,
 };
