@@ -23,6 +23,7 @@ pub struct RealWaldur {
     url: String,
     staff: String,
     project_admin: String,
+    owner: String,
     /// Tenant `ok1` (OK), `ok2` (OK): (uuid, Nova-side backend id).
     ok1: (String, String),
     ok2: (String, String),
@@ -96,6 +97,7 @@ fn start() -> Option<RealWaldur> {
         url: s(&env["url"]),
         staff: s(&env["tokens"]["staff"]),
         project_admin: s(&env["tokens"]["project_admin"]),
+        owner: s(&env["tokens"]["owner"]),
         ok1: tenant("ok1"),
         ok2: tenant("ok2"),
     })
@@ -1009,4 +1011,52 @@ async fn deleting_an_erred_group_leaves_no_nova_group() {
         w.nova_groups(&w.ok1.1, "broken").await.is_empty(),
         "the Nova group was left behind"
     );
+}
+
+/// Token rotation: the credentialsRef Secret's token is replaced by another user's with the
+/// same reach (the customer's owner). The Secret's change wakes the resource; the next
+/// request (a pull token) is made with the new token, and the group stays Ready and bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_in_the_secret_is_used_from_then_on() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-rotate").await;
+    let pid = w.operator(&env).await;
+    env.secret("waldur", &w.project_admin).await;
+    let mut spec = w.spec("affinity", "Delete");
+    spec["credentialsRef"] = json!({"name": "waldur"});
+    env.apply("rotated", spec).await.unwrap();
+    let before = ready(&env, "rotated").await;
+    env.secret("waldur", &w.owner).await;
+    let api: kube::Api<waldur_operator::api::ServerGroup> =
+        kube::Api::namespaced(env.kube.clone(), &env.ns);
+    let patch = json!({"metadata": {"annotations": {"openstack.waldur.com/request-pull": "after-rotation"}}});
+    api.patch(
+        "rotated",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let after = env
+        .wait("rotated", SLOW, |sg| {
+            ready_now(sg)
+                && sg
+                    .and_then(|s| s.status.as_ref()?.handled_requests.as_ref()?.pull.clone())
+                    .as_deref()
+                    == Some("after-rotation")
+        })
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(after.uuid, before.uuid, "the same group");
+    let log = env.with_operator(pid, |o| o.log_text());
+    for token in [&w.project_admin, &w.owner, &w.staff] {
+        assert!(!log.contains(token.as_str()), "a token in the log");
+    }
+    env.delete("rotated").await;
+    env.wait("rotated", SLOW, |sg| sg.is_none()).await;
+    assert!(w.nova_groups(&w.ok1.1, "rotated").await.is_empty());
 }
