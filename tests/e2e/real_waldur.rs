@@ -1060,3 +1060,35 @@ async fn a_rotated_token_in_the_secret_is_used_from_then_on() {
     env.wait("rotated", SLOW, |sg| sg.is_none()).await;
     assert!(w.nova_groups(&w.ok1.1, "rotated").await.is_empty());
 }
+
+/// `status.instances` from real Instance rows: a VM linked to the group in Waldur (inserted
+/// through the ORM, as this fake Nova makes no VMs) shows in the resource's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_linked_in_waldur_show_in_status() {
+    let Some((w, _turn)) = waldur().await else {
+        return;
+    };
+    let env = Env::new(Kind::TestServer, "rw-vms").await;
+    w.operator(&env).await;
+    env.apply("vms", w.spec("affinity", "Delete"))
+        .await
+        .unwrap();
+    let status = ready(&env, "vms").await;
+    let vm = w
+        .fake_nova(
+            "instances/",
+            json!({"group_uuid": status.uuid, "name": "vm-1", "backend_id": "nova-vm-1"}),
+        )
+        .await;
+    assert_eq!(vm["name"], "vm-1", "{vm}");
+    let sg = env
+        .wait("vms", SLOW, |sg| {
+            sg.and_then(|s| s.status.as_ref())
+                .is_some_and(|s| s.instances.iter().any(|i| i.name == "vm-1"))
+        })
+        .await
+        .unwrap();
+    let st = sg.status.unwrap();
+    assert_eq!(st.instance_count, Some(1));
+    assert_eq!(st.instances[0].backend_id, "nova-vm-1");
+}

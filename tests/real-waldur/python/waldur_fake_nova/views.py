@@ -121,6 +121,35 @@ def recover_tenant(request, backend_id):
     return JsonResponse({"uuid": tenant.uuid.hex, "state": tenant.get_state_display()})
 
 
+@csrf_exempt
+def instances(request):
+    """An Instance row linked to a server group, as a VM created in Waldur would leave (this
+    fake makes no VMs): Waldur lists it in the group's `instances`."""
+    from waldur_openstack.models import Instance, ServerGroup
+
+    if request.method != "POST":
+        return JsonResponse({"detail": "POST only"}, status=405)
+    body, error = _body(request)
+    if error:
+        return error
+    group = ServerGroup.objects.filter(uuid=body.get("group_uuid", "")).first()
+    if group is None:
+        return JsonResponse({"detail": "no such server group"}, status=404)
+    instance = Instance.objects.create(
+        name=body.get("name", "vm"),
+        backend_id=body.get("backend_id") or str(uuid.uuid4()),
+        tenant=group.tenant,
+        service_settings=group.service_settings,
+        project=group.project,
+        server_group=group,
+        state=Instance.States.OK,
+    )
+    return JsonResponse(
+        {"uuid": instance.uuid.hex, "name": instance.name, "backend_id": instance.backend_id},
+        status=201,
+    )
+
+
 urlpatterns = [
     path("state/", show),
     path("fail/", fail),
@@ -128,4 +157,5 @@ urlpatterns = [
     path("groups/", groups),
     path("groups/<str:group_id>/", group),
     path("tenants/<str:backend_id>/recover/", recover_tenant),
+    path("instances/", instances),
 ]
