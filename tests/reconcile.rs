@@ -1763,3 +1763,46 @@ async fn a_released_group_is_still_known_after_a_restart() {
         "the released Nova group was deleted"
     );
 }
+
+/// The final run's seed 154, once more: an Unlink resource deleted right after its create, its
+/// status without the Nova id Waldur has by then. The record of the released Nova group is
+/// made from the group as the cleanup read it, not from the older status.
+#[tokio::test]
+async fn a_group_let_go_of_before_its_nova_id_reached_status_is_recorded() {
+    use support::{Harness, NS, PLURAL, TENANT};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    h.apply(
+        "quick",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "deletionPolicy": "Unlink"}),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.sim.requests("create") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no create");
+        let _ = h.reconcile("quick").await;
+    }
+    let status = h.sg("quick").unwrap().status.unwrap();
+    assert_eq!(
+        status.backend_id.as_deref().unwrap_or(""),
+        "",
+        "not in status yet"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let nova = h.sim.groups()[0]["backend_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!nova.is_empty(), "Waldur has the Nova id");
+    h.kube.delete(PLURAL, NS, "quick");
+    h.converge("quick", |sg| sg.is_none()).await;
+    let records: Vec<serde_json::Value> = h
+        .kube
+        .list("leases")
+        .into_iter()
+        .filter(|l| l["metadata"]["labels"]["openstack.waldur.com/released-nova"] == "true")
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(
+        records[0]["metadata"]["annotations"]["openstack.waldur.com/backend-id"],
+        nova.as_str()
+    );
+}

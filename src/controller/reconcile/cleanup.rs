@@ -9,6 +9,7 @@ impl Reconciler {
             return Ok(Action::await_change());
         }
         let mut decision = plan::cleanup(&self.sg, None, self.now.0);
+        let mut located: Option<WaldurGroup> = None;
         if decision == Cleanup::Locate {
             let client = self.waldur().await.map_err(deletion_waits)?;
             let group = match self.locate(&client, true).await? {
@@ -27,6 +28,7 @@ impl Reconciler {
             if let Some(action) = self.carry_out(&client, &decision).await? {
                 return Ok(action);
             }
+            located = group;
         }
         // Here the finalizer may go: the decision was to release, or carrying it out finished
         // the job (an unlink done, a DELETE or pull answered 404). Waiting for another trigger
@@ -36,7 +38,7 @@ impl Reconciler {
             Cleanup::Unlink(_) => "unlinked: Waldur's record is gone, OpenStack keeps the group",
             _ => "the group is gone from Waldur",
         };
-        self.remember_release(&decision).await?;
+        self.remember_release(&decision, located.as_ref()).await?;
         if let Some(uuid) = self.status_uuid() {
             crate::controller::claims::release(
                 &self.ctx.kube,
@@ -69,22 +71,42 @@ impl Reconciler {
 
     /// An Orphan or Unlink resource lets go of a Nova group that stays: remembered, so that
     /// another resource's by-name search for its own re-import does not take it.
-    async fn remember_release(&self, decision: &Cleanup) -> Result<(), Error> {
+    async fn remember_release(
+        &self,
+        decision: &Cleanup,
+        located: Option<&WaldurGroup>,
+    ) -> Result<(), Error> {
         let keeps_nova = matches!(decision, Cleanup::Unlink(_))
             || self.sg.spec.deletion_policy != crate::api::DeletionPolicy::Delete;
-        let Some(status) = self.sg.status.as_ref() else {
-            return Ok(());
+        // The group as just read, else as status last recorded it: a group let go of right
+        // after its create may have its Nova id in Waldur but not yet in status (the final
+        // run's seed 154 again).
+        let status = self.sg.status.clone().unwrap_or_default();
+        let (tenant, name, backend_id) = match located {
+            Some(g) => (
+                Some(g.tenant_uuid.clone()).filter(|t| !t.as_str().is_empty()),
+                g.name.clone(),
+                g.backend_id.clone(),
+            ),
+            None => (
+                status
+                    .tenant_uuid
+                    .as_deref()
+                    .and_then(|t| WaldurUuid::parse(t).ok()),
+                status.name.clone().unwrap_or_default(),
+                status.backend_id.clone().unwrap_or_default(),
+            ),
         };
-        let (Some(tenant), Some(name), Some(backend_id)) = (
-            status
-                .tenant_uuid
+        let Some(tenant) = tenant.or_else(|| {
+            self.sg
+                .spec
+                .tenant
                 .as_deref()
-                .and_then(|t| WaldurUuid::parse(t).ok()),
-            status.name.as_deref(),
-            status.backend_id.as_deref(),
-        ) else {
+                .and_then(|t| WaldurUuid::parse(t).ok())
+        }) else {
             return Ok(());
         };
+        let (name, backend_id) = (name.as_str(), backend_id.as_str());
         if keeps_nova && !backend_id.is_empty() {
             // Kept a day in the operator's namespace (a restart must not forget it), and in
             // memory for the lookups that cannot wait for a list.
