@@ -59,9 +59,9 @@ fn start() -> Option<RealWaldur> {
         );
         return None;
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/real-waldur")
-        .join(format!("e2e-{}", std::process::id()));
+    let runs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-waldur");
+    tear_down_runs_of_dead_processes(&runs);
+    let dir = runs.join(format!("e2e-{}", std::process::id()));
     let run = |args: &[&str]| {
         let out = Command::new(script())
             .args(args)
@@ -101,6 +101,37 @@ fn start() -> Option<RealWaldur> {
         ok1: tenant("ok1"),
         ok2: tenant("ok2"),
     })
+}
+
+/// A test process killed before its exit handler ran leaves its Waldur (PostgreSQL, the web
+/// server, the worker) running: each run's directory is named after its process, so any whose
+/// process is gone is taken down before a new one starts.
+fn tear_down_runs_of_dead_processes(runs: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("e2e-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = Command::new(script())
+                .args(["down", "--dir"])
+                .arg(entry.path())
+                .status();
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Deletes the resource and waits until it is gone (its finalizer done).
+async fn delete_and_wait(env: &Env, name: &str) {
+    env.delete(name).await;
+    env.wait(name, SLOW, |sg| sg.is_none()).await;
 }
 
 /// The shared Waldur and this test's turn, or `None` when the tier does not run.
@@ -225,8 +256,7 @@ async fn ready_as_staff_and_deleted_in_nova_too() {
     let backend = status.backend_id.clone().unwrap_or_default();
     assert!(!backend.is_empty(), "Waldur reported the Nova id");
     assert_eq!(w.nova_groups(&w.ok1.1, "web").await.len(), 1);
-    env.delete("web").await;
-    env.wait("web", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "web").await;
     assert_eq!(w.waldur_groups(&w.ok1.0, "web").await, 0);
     assert!(w.nova_groups(&w.ok1.1, "web").await.is_empty(), "Nova too");
 }
@@ -244,8 +274,7 @@ async fn ready_as_project_admin_through_a_secret() {
     spec["credentialsRef"] = json!({"name": "waldur"});
     env.apply("admin", spec).await.unwrap();
     ready(&env, "admin").await;
-    env.delete("admin").await;
-    env.wait("admin", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "admin").await;
     assert_eq!(
         w.waldur_groups(&w.ok1.0, "admin").await,
         1,
@@ -301,8 +330,7 @@ async fn an_unlinked_group_is_rebound_after_the_tenant_re_sync() {
         .unwrap();
     assert_eq!(after.backend_id, before.backend_id, "the same Nova group");
     assert_eq!(w.nova_groups(&w.ok1.1, "moved").await.len(), 1);
-    env.delete("moved").await;
-    env.wait("moved", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "moved").await;
     assert!(w.nova_groups(&w.ok1.1, "moved").await.is_empty());
 }
 
@@ -348,8 +376,7 @@ async fn the_worker_stopped_while_a_re_import_is_awaited() {
     ready(&env, "later").await;
     assert_eq!(w.nova_groups(&w.ok2.1, "held").await.len(), 1);
     for name in ["held", "later"] {
-        env.delete(name).await;
-        env.wait(name, SLOW, |sg| sg.is_none()).await;
+        delete_and_wait(&env, name).await;
     }
 }
 
@@ -382,8 +409,7 @@ async fn a_waldur_outage_and_recovery() {
     eprintln!("Ready {:?} after Waldur came back", back.elapsed());
     assert_eq!(w.waldur_groups(&w.ok1.0, "during").await, 1);
     for name in ["steady", "during"] {
-        env.delete(name).await;
-        env.wait(name, SLOW, |sg| sg.is_none()).await;
+        delete_and_wait(&env, name).await;
     }
 }
 
@@ -399,8 +425,7 @@ async fn unlink_leaves_the_nova_group() {
         .await
         .unwrap();
     ready(&env, "kept").await;
-    env.delete("kept").await;
-    env.wait("kept", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "kept").await;
     assert_eq!(
         w.waldur_groups(&w.ok1.0, "kept").await,
         0,
@@ -445,8 +470,7 @@ async fn request_pull_is_carried_out_once() {
         .unwrap();
     assert!(sg.status.is_some());
     ready(&env, "pulled").await;
-    env.delete("pulled").await;
-    env.wait("pulled", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "pulled").await;
 }
 
 /// A tenant re-sync that fails in Nova puts the whole tenant into Erred (measured on 7.0.7):
@@ -494,8 +518,7 @@ async fn a_re_sync_failing_in_nova_erres_the_tenant_and_is_asked_again_after_rep
         "the original Nova group"
     );
     assert_eq!(w.nova_groups(&w.ok2.1, "erred").await.len(), 1);
-    env.delete("erred").await;
-    env.wait("erred", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "erred").await;
 }
 
 /// 350 groups in one tenant (made in Nova, imported by one re-sync): Waldur lists them in
@@ -1004,8 +1027,7 @@ async fn deleting_an_erred_group_leaves_no_nova_group() {
         1,
         "Nova still has it"
     );
-    env.delete("broken").await;
-    env.wait("broken", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "broken").await;
     assert_eq!(w.waldur_groups(&w.ok1.0, "broken").await, 0);
     assert!(
         w.nova_groups(&w.ok1.1, "broken").await.is_empty(),
@@ -1056,8 +1078,7 @@ async fn a_rotated_token_in_the_secret_is_used_from_then_on() {
     for token in [&w.project_admin, &w.owner, &w.staff] {
         assert!(!log.contains(token.as_str()), "a token in the log");
     }
-    env.delete("rotated").await;
-    env.wait("rotated", SLOW, |sg| sg.is_none()).await;
+    delete_and_wait(&env, "rotated").await;
     assert!(w.nova_groups(&w.ok1.1, "rotated").await.is_empty());
 }
 
