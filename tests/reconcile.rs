@@ -198,6 +198,36 @@ macro_rules! scenarios {
             assert!(h.sim.groups().is_empty());
         }
 
+        /// Review m3: a group stuck in a transitional state holds a deleted resource until
+        /// Waldur finishes; staff's way out, `request-set-ok`, is honoured during deletion too
+        /// (it was ignored once the resource was deleted), and the deletion then goes on.
+        #[tokio::test]
+        async fn request_set_ok_unsticks_a_deletion_waiting_on_a_stuck_group() {
+            let h = Harness::fast_mode(MODE).await;
+            h.apply("web", spec("affinity"));
+            let sg = h.converge("web", is_ready).await.unwrap();
+            let uuid = sg.status.unwrap().uuid.unwrap();
+            h.sim.force_state(&uuid, "UPDATING");
+            h.kube.delete(PLURAL, NS, "web");
+            for _ in 0..3 {
+                h.reconcile("web").await.unwrap();
+            }
+            assert!(h.sg("web").is_some(), "waits while the group is stuck");
+            assert_eq!(h.sim.requests("delete"), 0);
+            h.kube.edit(PLURAL, NS, "web", |o| {
+                o["metadata"]["annotations"]["openstack.waldur.com/request-set-ok"] = json!("k1");
+            });
+            h.converge("web", |sg| sg.is_none()).await;
+            assert_eq!(h.sim.requests("set_ok"), 1, "the request runs once");
+            assert_eq!(h.sim.requests("delete"), 1);
+            assert!(h.sim.groups().is_empty());
+            let reasons = h.kube.event_reasons("web");
+            assert!(
+                reasons.contains(&"SetOkRequested".to_string()),
+                "{reasons:?}"
+            );
+        }
+
         #[tokio::test]
         async fn orphan_leaves_the_group_in_waldur() {
             let h = Harness::fast_mode(MODE).await;

@@ -353,6 +353,40 @@ fn cleanup_follows_the_deletion_policy_and_waldur_state() {
         let got = cleanup(&sg, observed, Timestamp::from_second(100_000).unwrap());
         assert!(check(&got), "{policy:?} {observed:?} -> {got:?}");
     }
+    // Review m3: a new staff request runs before the deletion step (Delete only: Unlink
+    // works from any state), and once recorded as handled it does not run again.
+    let mut sg = resource(Mode::Managed, Some(UUID), None);
+    sg.metadata.annotations = Some(
+        [(
+            crate::api::ANNOTATION_REQUEST_SET_OK.to_string(),
+            "k1".to_string(),
+        )]
+        .into(),
+    );
+    let now = Timestamp::from_second(100_000).unwrap();
+    assert_eq!(
+        cleanup(&sg, Some(Some(&deleting)), now),
+        Cleanup::Staff {
+            uuid: uuid(UUID),
+            request: FollowUp::SetOk { token: "k1".into() }
+        }
+    );
+    sg.spec.deletion_policy = Unlink;
+    assert_eq!(
+        cleanup(&sg, Some(Some(&deleting)), now),
+        Cleanup::Unlink(uuid(UUID))
+    );
+    sg.spec.deletion_policy = Delete;
+    if let Some(status) = sg.status.as_mut() {
+        status.handled_requests = Some(Box::new(crate::api::HandledRequests {
+            set_ok: Some("k1".into()),
+            ..Default::default()
+        }));
+    }
+    assert!(matches!(
+        cleanup(&sg, Some(Some(&deleting)), now),
+        Cleanup::Wait { .. }
+    ));
     // Observe never deletes, whatever the deletion policy says.
     let mut sg = resource(Mode::Observe, Some(UUID), None);
     sg.spec.deletion_policy = Delete;

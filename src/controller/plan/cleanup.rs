@@ -13,6 +13,9 @@ pub enum Cleanup {
     Delete(WaldurUuid),
     /// Send unlink.
     Unlink(WaldurUuid),
+    /// Run a staff recovery request (`request-set-ok` or `request-set-erred`) first: the way
+    /// out for a group stuck in a transitional or ERRED state while it is being deleted.
+    Staff { uuid: WaldurUuid, request: FollowUp },
     /// Waldur is working on it (deleting, or busy with another operation): look again soon.
     Wait { state: String },
     /// ERRED with a Nova group: a DELETE now would make Waldur drop its record even when
@@ -65,6 +68,14 @@ pub fn cleanup(
             },
             Some(Some(group)) => {
                 let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
+                if policy == DeletionPolicy::Delete
+                    && let Some(request) = staff_request(sg)
+                {
+                    return Cleanup::Staff {
+                        uuid: group.uuid.clone(),
+                        request,
+                    };
+                }
                 match (policy, &state) {
                     // Unlink works from any state: it is the tool for stuck groups.
                     (DeletionPolicy::Unlink, _) => Cleanup::Unlink(group.uuid.clone()),

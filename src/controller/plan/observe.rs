@@ -34,16 +34,7 @@ pub fn follow_ups(
         .as_deref()
         .cloned()
         .unwrap_or_default();
-    // Tokens present when the resource first binds a group were written before there was a
-    // group to act on: a manifest re-applied from Git, or a group made a moment ago. They are
-    // recorded as handled (see `tokens_at_first_binding`), never run (review m2).
-    let first_binding = status.uuid.is_none();
-    let new_token = |key: &str, done: &Option<String>| {
-        sg.annotation(key)
-            .map(str::trim)
-            .filter(|t| !first_binding && !t.is_empty() && Some(*t) != done.as_deref())
-            .map(str::to_string)
-    };
+    let new_token = |key: &str, done: &Option<String>| new_request_token(sg, key, done);
     let state = group.state.clone().unwrap_or(State::Unknown(String::new()));
     let mut out = Vec::new();
     let mut pulling = false;
@@ -85,6 +76,45 @@ pub fn follow_ups(
         out.push(FollowUp::SetErred { token });
     }
     out
+}
+
+/// The token of annotation `key` when it asks for something not yet done (`done` is the
+/// token last handled). Tokens present when the resource first binds a group were written
+/// before there was a group to act on: a manifest re-applied from Git, or a group made a moment
+/// ago. They are recorded as handled (see `tokens_at_first_binding`), never run (review m2).
+pub(super) fn new_request_token(
+    sg: &ServerGroup,
+    key: &str,
+    done: &Option<String>,
+) -> Option<String> {
+    let first_binding = sg.status.as_ref().is_none_or(|s| s.uuid.is_none());
+    sg.annotation(key)
+        .map(str::trim)
+        .filter(|t| !first_binding && !t.is_empty() && Some(*t) != done.as_deref())
+        .map(str::to_string)
+}
+
+/// A staff recovery request (`request-set-ok`, then `request-set-erred`) not yet carried out:
+/// honoured while the resource is being deleted too, since that is when a group stuck in a
+/// transitional or ERRED state most needs it (review m3).
+pub fn staff_request(sg: &ServerGroup) -> Option<FollowUp> {
+    let handled = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.handled_requests.as_deref())
+        .cloned()
+        .unwrap_or_default();
+    if let Some(token) =
+        new_request_token(sg, crate::api::ANNOTATION_REQUEST_SET_OK, &handled.set_ok)
+    {
+        return Some(FollowUp::SetOk { token });
+    }
+    new_request_token(
+        sg,
+        crate::api::ANNOTATION_REQUEST_SET_ERRED,
+        &handled.set_erred,
+    )
+    .map(|token| FollowUp::SetErred { token })
 }
 
 /// The request tokens to record as handled when a resource first binds a group: every token

@@ -173,6 +173,22 @@ impl Reconciler {
                     Err(e) => Err(e.into()),
                 }
             }
+            Cleanup::Staff { uuid, request } => {
+                let mut handled = self
+                    .status()
+                    .handled_requests
+                    .map(|h| *h)
+                    .unwrap_or_default();
+                let result = self.staff_action(client, uuid, request, &mut handled).await;
+                // Recorded whatever happened next, so a request carried out is never sent twice.
+                self.write_status(true, |s| {
+                    s.handled_requests = Some(Box::new(handled.clone()))
+                        .filter(|h| **h != HandledRequests::default());
+                })
+                .await?;
+                result?;
+                Ok(Some(Action::requeue(SOON)))
+            }
             Cleanup::Wait { state } => {
                 self.deleting_status(
                     &format!("waiting for Waldur to finish ({state}) before deleting"),

@@ -147,28 +147,10 @@ impl Reconciler {
                 )
                 .await
             }
-            FollowUp::SetOk { token } => {
-                let result = client.set_ok(uuid).await.map(|_| ());
-                client.written(uuid);
-                let slot = &mut handled.set_ok;
-                self.requested(result, "SetOkRequested", "SetOk", token, slot)
-                    .await
-                    .map(|_| false)
-            }
-            FollowUp::SetErred { token } => {
-                let message = format!(
-                    "set through the openstack.waldur.com/request-set-erred annotation (token {token})"
-                );
-                let result = client
-                    .set_erred(uuid, Some(&message), None)
-                    .await
-                    .map(|_| ());
-                client.written(uuid);
-                let slot = &mut handled.set_erred;
-                self.requested(result, "SetErredRequested", "SetErred", token, slot)
-                    .await
-                    .map(|_| false)
-            }
+            FollowUp::SetOk { .. } | FollowUp::SetErred { .. } => self
+                .staff_action(client, uuid, follow_up, handled)
+                .await
+                .map(|_| false),
             FollowUp::RecoveryPull { attempt } => {
                 let note = format!(
                     "the group is ERRED; asked Waldur to pull it from OpenStack (attempt {attempt})"
@@ -186,6 +168,40 @@ impl Reconciler {
                 )
                 .await
             }
+        }
+    }
+
+    /// Carries out `request-set-ok` or `request-set-erred` (any other follow-up is no staff
+    /// action and does nothing). Returns whether Waldur took it.
+    pub(super) async fn staff_action(
+        &self,
+        client: &Waldur,
+        uuid: &WaldurUuid,
+        request: &FollowUp,
+        handled: &mut HandledRequests,
+    ) -> Result<bool, Error> {
+        match request {
+            FollowUp::SetOk { token } => {
+                let result = client.set_ok(uuid).await.map(|_| ());
+                client.written(uuid);
+                let slot = &mut handled.set_ok;
+                self.requested(result, "SetOkRequested", "SetOk", token, slot)
+                    .await
+            }
+            FollowUp::SetErred { token } => {
+                let message = format!(
+                    "set through the openstack.waldur.com/request-set-erred annotation (token {token})"
+                );
+                let result = client
+                    .set_erred(uuid, Some(&message), None)
+                    .await
+                    .map(|_| ());
+                client.written(uuid);
+                let slot = &mut handled.set_erred;
+                self.requested(result, "SetErredRequested", "SetErred", token, slot)
+                    .await
+            }
+            _ => Ok(false),
         }
     }
 
