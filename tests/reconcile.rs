@@ -275,6 +275,54 @@ macro_rules! scenarios {
             assert_eq!(h.sim.groups().len(), 1);
         }
 
+        /// Review m4: the credentialsRef Secret changed to a user who cannot see the tenant,
+        /// then the resource deleted: Waldur's 404 for the group proves nothing, so the
+        /// finalizer stays (Synced=False Forbidden, saying why) until credentials that can see
+        /// it are back, and then the group is deleted. With and without a Nova id.
+        #[tokio::test]
+        async fn a_deletion_with_credentials_that_cannot_see_the_group_waits_for_them() {
+            for erred in [false, true] {
+                let config = SimConfig {
+                    user_tenants: vec!["00000000000000000000000000000001".into()],
+                    ..SimConfig::default()
+                };
+                let h = Harness::with_mode(config, MODE).await;
+                h.secret("creds", &SimConfig::default().staff_token);
+                let mut s = spec("affinity");
+                s["credentialsRef"] = json!({"name": "creds"});
+                if erred {
+                    h.sim.fail_next_creates(1);
+                }
+                h.apply("web", s);
+                let bound = if erred {
+                    h.converge("web", reason_is("Ready", "Erred")).await
+                } else {
+                    h.converge("web", is_ready).await
+                };
+                let uuid = bound.unwrap().status.unwrap().uuid.unwrap();
+                h.kube.edit("secrets", NS, "creds", |o| {
+                    o["data"]["token"] = json!(crate::support::base64_like::encode(&SimConfig::default().user_token));
+                });
+                h.kube.delete(PLURAL, NS, "web");
+                let sg = h
+                    .converge("web", reason_is("Synced", "Forbidden"))
+                    .await
+                    .unwrap();
+                let (_, _, message) = condition(&sg, "Synced").unwrap();
+                assert!(message.contains("cannot see"), "erred={erred}: {message}");
+                for _ in 0..3 {
+                    let _ = h.reconcile("web").await;
+                }
+                assert!(h.sg("web").is_some(), "erred={erred}: the finalizer stays");
+                assert!(h.sim.group(&uuid).is_some(), "erred={erred}: the group stays");
+                h.kube.edit("secrets", NS, "creds", |o| {
+                    o["data"]["token"] = json!(crate::support::base64_like::encode(&SimConfig::default().staff_token));
+                });
+                h.converge("web", |sg| sg.is_none()).await;
+                assert!(h.sim.group(&uuid).is_none(), "erred={erred}: deleted in Waldur");
+            }
+        }
+
         #[tokio::test]
         async fn unlink_with_staff_removes_only_the_record() {
             let h = Harness::fast_mode(MODE).await;

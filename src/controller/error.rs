@@ -26,6 +26,10 @@ pub enum Error {
     /// rests on: try again from a fresher view shortly, without reporting a failure.
     #[error("the resource changed since it was read ({0})")]
     StaleView(String),
+    /// These credentials cannot see what the resource is bound to: Waldur's 404 proves
+    /// nothing, so a deletion waits (review m4).
+    #[error("{0}")]
+    CannotSee(String),
 }
 
 impl Error {
@@ -46,6 +50,7 @@ impl Error {
             Self::CredentialsNotFound(_) => synced_reason::CREDENTIALS_NOT_FOUND,
             Self::DefaultCredentialsNotAllowed(_) => synced_reason::DEFAULT_CREDENTIALS_NOT_ALLOWED,
             Self::Spec(_) => "InvalidSpec",
+            Self::CannotSee(_) => synced_reason::FORBIDDEN,
             Self::WorkersBusy(_) | Self::StaleView(_) => synced_reason::ERROR,
         }
     }

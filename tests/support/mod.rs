@@ -249,7 +249,7 @@ pub fn reason_is(
 }
 
 /// Base64 without pulling in a crate for one test helper.
-mod base64_like {
+pub mod base64_like {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     pub fn encode(s: &str) -> String {
         let bytes = s.as_bytes();

@@ -89,6 +89,26 @@ pub fn first_lookup_for_create(sg: &ServerGroup) -> Result<Lookup, SpecProblem> 
     })
 }
 
+/// The tenant whose visibility must be checked before a 404 for the bound group releases a
+/// deleted resource (review m4): Waldur answers 404 for a group these credentials cannot see
+/// (a credentialsRef changed to another user's), and that proves nothing. A token that sees
+/// the tenant sees its groups, so the 404 counts only when the tenant is visible. `None` when
+/// the 404 needs no such check: nothing was ever bound, the resource's own DELETE was seen
+/// under way, or no tenant is known.
+pub fn tenant_to_see_before_release(sg: &ServerGroup) -> Option<WaldurUuid> {
+    let status = sg.status.as_ref()?;
+    status.uuid.as_ref()?;
+    let last_state = status.state.as_deref().map(State::parse);
+    if matches!(last_state, Some(State::DeletionScheduled | State::Deleting)) {
+        return None;
+    }
+    status
+        .tenant_uuid
+        .as_deref()
+        .or(sg.spec.tenant.as_deref())
+        .and_then(|t| WaldurUuid::parse(t).ok())
+}
+
 /// The next step after `lookup` found nothing. `deleting`: the resource is being deleted, so
 /// nothing is created, but a group that may come back is still waited for (review N2).
 pub fn after_missing(

@@ -269,3 +269,32 @@ fn a_create_never_made_a_group_it_found_there() {
         "another tenant"
     );
 }
+
+/// Review m4: a 404 for a bound group counts only once the credentials are shown to see its
+/// tenant; no check for a resource that never bound one, or whose own DELETE was seen.
+#[test]
+fn a_404_for_a_bound_group_needs_its_tenant_seen() {
+    let bound = resource(Mode::Managed, Some(UUID), Some("nova-1"));
+    assert_eq!(tenant_to_see_before_release(&bound), Some(uuid(TENANT)));
+    let never_bound = resource(Mode::Managed, None, None);
+    assert_eq!(tenant_to_see_before_release(&never_bound), None);
+    for own_delete in ["DELETION_SCHEDULED", "DELETING"] {
+        let mut deleting = bound.clone();
+        if let Some(s) = deleting.status.as_mut() {
+            s.state = Some(own_delete.into());
+        }
+        assert_eq!(
+            tenant_to_see_before_release(&deleting),
+            None,
+            "{own_delete}"
+        );
+    }
+    // The tenant last observed wins over the spec's (an import names none).
+    let other = "0123456789abcdef0123456789abcdef";
+    let mut imported = resource(Mode::ImportUuid, Some(UUID), None);
+    imported.spec.tenant = None;
+    if let Some(s) = imported.status.as_mut() {
+        s.tenant_uuid = Some(other.into());
+    }
+    assert_eq!(tenant_to_see_before_release(&imported), Some(uuid(other)));
+}

@@ -16,6 +16,7 @@ impl Reconciler {
             match plan::after_missing(&self.sg, &lookup, deleting)? {
                 Missing::Lookup(next) => lookup = next,
                 Missing::NotFound if deleting => {
+                    self.can_see_tenant_of_bound_group(client).await?;
                     return Ok(Located::Gone(not_found_message(&lookup)));
                 }
                 Missing::NotFound => return Ok(Located::NotFound(not_found_message(&lookup))),
@@ -29,6 +30,26 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// A 404 for the bound group releases a deleted resource only when these credentials can
+    /// see its tenant (review m4); otherwise the deletion waits, saying why.
+    pub(super) async fn can_see_tenant_of_bound_group(&self, client: &Waldur) -> Result<(), Error> {
+        let Some(tenant) = plan::tenant_to_see_before_release(&self.sg) else {
+            return Ok(());
+        };
+        if self.tenant_seen(client, &tenant).await? != plan::TenantSeen::Invisible {
+            return Ok(());
+        }
+        Err(Error::CannotSee(format!(
+            "deletion waits: Waldur answers 404 for group {}, but these credentials cannot see \
+             its tenant {tenant} either, so the group may still exist (were the credentials \
+             changed since it was bound?). Restore credentials that can see the tenant, or set \
+             spec.deletionPolicy: Orphan to remove this resource and leave the group",
+            self.status_uuid()
+                .map(|u| u.to_string())
+                .unwrap_or_default()
+        )))
     }
 
     /// Binds a group a lookup found, unless another resource holds it.

@@ -185,7 +185,12 @@ impl Reconciler {
                 };
                 self.bind(&again, group).await
             }
-            plan::ReimportStep::Gone(why) if deleting => Ok(Located::Gone(why)),
+            plan::ReimportStep::Gone(why) if deleting => {
+                // Not back after the wait says nothing when these credentials could not have
+                // seen it come back (review m4).
+                self.can_see_tenant_of_bound_group(client).await?;
+                Ok(Located::Gone(why))
+            }
             plan::ReimportStep::Gone(why) => {
                 tracing::info!(%why, "a vanished group is made anew");
                 self.leak_check_then_create(client, &Lookup::Uuid(WaldurUuid::default()), true)
