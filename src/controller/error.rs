@@ -55,6 +55,16 @@ impl Error {
         }
     }
 
+    /// Whether retrying cannot help until the user changes something (the spec, or the
+    /// admin's settings): such a failure concludes the generation it happened in.
+    pub fn needs_the_user(&self) -> bool {
+        match self {
+            Self::Waldur(e) => e.kind() == ErrorKind::Invalid,
+            Self::Spec(_) | Self::DefaultCredentialsNotAllowed(_) => true,
+            _ => false,
+        }
+    }
+
     /// The message for conditions and Events: Waldur's words when Waldur said something.
     pub fn message(&self) -> String {
         match self {

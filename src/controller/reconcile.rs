@@ -326,6 +326,13 @@ impl Reconciler {
         let message = err.message();
         self.event(EventType::Warning, err.reason(), "Reconcile", &message)
             .await;
+        let before = self
+            .latest
+            .lock()
+            .await
+            .as_ref()
+            .or(self.sg.status.as_ref())
+            .and_then(|s| s.observed_generation);
         let result = self
             .write_status(false, |s| {
                 self.synced(s, false, err.reason(), &message);
@@ -336,6 +343,13 @@ impl Reconciler {
                         ready_reason::UNKNOWN,
                         "the operator could not reach a conclusion yet; see Synced",
                     );
+                }
+                // A failure the operator will retry has not acted on this generation: the
+                // previous observedGeneration stays, so kstatus (Flux) and Argo CD show a spec
+                // change that then failed as in progress, not as a Ready object of the new
+                // generation (review m12). A failure that needs the user (Stalled) concludes it.
+                if !err.needs_the_user() && plan::stalled(&self.sg, s).is_none() {
+                    s.observed_generation = before;
                 }
             })
             .await;

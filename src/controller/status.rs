@@ -25,8 +25,10 @@ pub fn next_status(
 ) -> Option<ServerGroupStatus> {
     let current = current.cloned().unwrap_or_default();
     let mut next = current.clone();
-    change(&mut next);
+    // Set before `change`, which may keep the previous one: a generation is observed once a
+    // reconcile has concluded for it (see `Reconciler::report_failure`).
     next.observed_generation = generation;
+    change(&mut next);
     let mut comparable = next.clone();
     comparable.last_sync_time = current.last_sync_time.clone();
     let changed = comparable != current;

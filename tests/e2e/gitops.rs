@@ -15,7 +15,7 @@ use crate::env::{Env, reason, sim_config};
 use crate::spec;
 
 /// Each object: (name, what kstatus says, what Argo CD says, words the kstatus message holds).
-const EXPECTED: [(&str, &str, &str, &str); 7] = [
+const EXPECTED: [(&str, &str, &str, &str); 8] = [
     ("ready", "Current", "Healthy", ""),
     ("waiting", "InProgress", "Progressing", ""),
     ("invalid", "Failed", "Degraded", "is not a valid choice"),
@@ -27,6 +27,9 @@ const EXPECTED: [(&str, &str, &str, &str); 7] = [
         "Degraded",
         "no OpenStack group to recover from",
     ),
+    // Ready, then a spec change the operator cannot carry out yet (its credentials are
+    // missing): in progress, not the old generation's Ready (review m12).
+    ("changed", "InProgress", "Progressing", ""),
     // kstatus knows no "paused": a paused object it calls Current; Argo CD calls it Suspended.
     ("paused", "Current", "Suspended", ""),
 ];
@@ -47,6 +50,12 @@ async fn flux_and_argo_cd_see_every_state_at_once() {
 
     env.apply("ready", spec("affinity")).await.unwrap();
     let uuid = env.wait_ready("ready").await.status.unwrap().uuid.unwrap();
+
+    env.apply("changed", spec("affinity")).await.unwrap();
+    env.wait_ready("changed").await;
+    let mut changed = spec("affinity");
+    changed["credentialsRef"] = json!({"name": "absent"});
+    env.apply("changed", changed).await.unwrap();
 
     let mut waiting = spec("affinity");
     waiting["credentialsRef"] = json!({"name": "absent"});
@@ -81,6 +90,8 @@ async fn flux_and_argo_cd_see_every_state_at_once() {
     env.wait("waiting", within, reason("Synced", "CredentialsNotFound"))
         .await;
     env.wait("paused", within, reason("Synced", "Paused")).await;
+    env.wait("changed", within, reason("Synced", "CredentialsNotFound"))
+        .await;
     for (name, why) in [
         ("invalid", "InvalidSpec"),
         ("taken", "AlreadyManaged"),
