@@ -43,6 +43,52 @@ impl OwnWrites {
             self.lock().remove(uid);
         }
     }
+
+    /// After a relist: objects deleted while the watch was down sent no Delete event, so
+    /// their entries go here (review m13), and the table never needs clearing wholesale.
+    pub(super) fn retain(&self, present: &HashSet<String>) {
+        self.lock().retain(|uid, _| present.contains(uid));
+    }
+}
+
+/// Consecutive failed reconciles per object, for the error backoff; cleared on success, and
+/// forgotten with the object (review m13: it only grew).
+#[derive(Default)]
+pub(super) struct Failures {
+    map: Mutex<HashMap<String, u32>>,
+}
+
+impl Failures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(sg: &ServerGroup) -> String {
+        sg.metadata.uid.clone().unwrap_or_else(|| {
+            let meta = &sg.metadata;
+            format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            )
+        })
+    }
+
+    pub(super) fn record(&self, sg: &ServerGroup) -> u32 {
+        let mut map = self.lock();
+        let n = map.entry(Self::key(sg)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    pub(super) fn forget(&self, sg: &ServerGroup) {
+        self.lock().remove(&Self::key(sg));
+    }
+
+    /// After a relist, as [`OwnWrites::retain`].
+    pub(super) fn retain(&self, present: &HashSet<String>) {
+        self.lock().retain(|uid, _| present.contains(uid));
+    }
 }
 
 /// An object's resourceVersion as a number: opaque in the API's contract, ordered integers
@@ -63,7 +109,7 @@ pub struct Context {
     /// All ServerGroups the operator sees, to refuse binding a group another resource holds.
     pub store: Store<ServerGroup>,
     /// Consecutive failures per object, for exponential backoff; cleared on success.
-    failures: Mutex<HashMap<ObjectRef<ServerGroup>, u32>>,
+    failures: Arc<Failures>,
     /// The batched read path; `None` reads Waldur once per resource per reconcile.
     pub index: Option<Arc<index::WaldurIndex>>,
     pub metrics: Metrics,
@@ -150,7 +196,7 @@ impl Context {
             credentials,
             reporter,
             store,
-            failures: Mutex::new(HashMap::new()),
+            failures: Arc::default(),
             index: None,
             metrics: Metrics::new(),
             own_writes: Arc::default(),
@@ -178,6 +224,11 @@ impl Context {
 
     pub(super) fn with_own_writes(mut self, own_writes: Arc<OwnWrites>) -> Self {
         self.own_writes = own_writes;
+        self
+    }
+
+    pub(super) fn with_failures(mut self, failures: Arc<Failures>) -> Self {
+        self.failures = failures;
         self
     }
 
@@ -258,10 +309,6 @@ impl Context {
             map.remove(&uid);
             return;
         }
-        // Entries of deleted objects are never caught up with; do not let them pile up.
-        if map.len() > 50_000 {
-            map.clear();
-        }
         map.insert(uid, (rv, Box::new(status.clone())));
     }
 
@@ -315,15 +362,11 @@ impl Context {
     }
 
     pub(super) fn record_failure(&self, obj: &ServerGroup) -> u32 {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ObjectRef::from_obj(obj)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
+        self.failures.record(obj)
     }
 
     pub(super) fn clear_failures(&self, obj: &ServerGroup) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&ObjectRef::from_obj(obj));
+        self.failures.forget(obj);
     }
 }
 
@@ -355,4 +398,42 @@ pub fn error_policy(obj: Arc<ServerGroup>, err: &Error, ctx: Arc<Context>) -> Ac
         "reconcile failed"
     );
     Action::requeue(wait)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(uid: &str, version: &str) -> ServerGroup {
+        let mut sg = ServerGroup::new("web", Default::default());
+        sg.metadata.namespace = Some("ns".into());
+        sg.metadata.uid = Some(uid.into());
+        sg.metadata.resource_version = Some(version.into());
+        sg
+    }
+
+    /// Review m13: what is remembered per object goes with the object, whether the watch
+    /// says it was deleted or a relist no longer lists it.
+    #[test]
+    fn per_object_records_go_with_their_objects() {
+        let failures = Failures::default();
+        let (a, b) = (object("a", "1"), object("b", "1"));
+        assert_eq!(failures.record(&a), 1);
+        assert_eq!(failures.record(&a), 2, "consecutive failures count up");
+        failures.record(&b);
+        failures.forget(&a);
+        assert_eq!(failures.record(&a), 1, "a deleted object starts afresh");
+        failures.retain(&HashSet::from(["a".to_string()]));
+        assert_eq!(failures.lock().len(), 1, "b was not relisted");
+
+        let own = OwnWrites::default();
+        own.lock().insert("a".into(), (5, Box::default()));
+        own.lock().insert("b".into(), (5, Box::default()));
+        own.seen(&object("a", "4"));
+        assert_eq!(own.lock().len(), 2, "the write to a is still in flight");
+        own.retain(&HashSet::from(["a".to_string()]));
+        assert!(own.lock().contains_key("a") && !own.lock().contains_key("b"));
+        own.seen(&object("a", "5"));
+        assert!(own.lock().is_empty(), "delivered");
+    }
 }

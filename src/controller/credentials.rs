@@ -162,7 +162,7 @@ pub struct Credentials {
     pub secret: Option<Secret>,
 }
 
-/// Old entries are dropped past this many, so rotated tokens do not pile up.
+/// The least recently used entry is dropped past this many, so rotated tokens do not pile up.
 const MAX_CLIENTS: usize = 256;
 /// Until `with_idle_after` says otherwise: three default resync periods, as the index.
 const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30 * 60);
@@ -252,8 +252,15 @@ impl ClientCache {
         }
         let breaker = self.breaker(client.base_url());
         let client = client.with_breaker(breaker);
-        if clients.len() >= MAX_CLIENTS {
-            clients.clear();
+        // Full: the least recently used client goes, not all of them (review m13: clearing
+        // the table made every resource rebuild its client at once).
+        if clients.len() >= MAX_CLIENTS
+            && let Some(oldest) = clients
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            clients.remove(&oldest);
         }
         clients.insert(key, (client.clone(), Instant::now()));
         Ok(client)
@@ -513,6 +520,29 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    /// Review m13: a full table lets go of its least recently used client only; the others
+    /// (and so their resources' warm connections) stay.
+    #[test]
+    fn a_full_client_table_drops_only_the_least_recently_used() {
+        let c = cache("https://waldur.example.com", "");
+        let url = "https://waldur.example.com/api/";
+        let first = c.client(url, &Token::new("token-0")).unwrap();
+        for i in 1..MAX_CLIENTS {
+            std::thread::sleep(std::time::Duration::from_micros(10));
+            c.client(url, &Token::new(format!("token-{i}"))).unwrap();
+        }
+        // token-0 used again: now token-1 is the oldest.
+        std::thread::sleep(std::time::Duration::from_micros(10));
+        c.client(url, &Token::new("token-0")).unwrap();
+        c.client(url, &Token::new("one-more")).unwrap();
+        let clients = c.clients.lock().unwrap();
+        assert_eq!(clients.len(), MAX_CLIENTS);
+        let has = |t: &str| clients.contains_key(&(url.to_string(), Token::new(t)));
+        assert!(has("token-0") && has("one-more") && has("token-2"));
+        assert!(!has("token-1"), "the least recently used went");
+        drop(first);
     }
 
     fn cache(defaults_url: &str, hosts: &str) -> ClientCache {

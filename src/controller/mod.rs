@@ -13,7 +13,7 @@ pub mod secret_guard;
 mod status;
 pub mod tenant_pulls;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

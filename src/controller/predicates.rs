@@ -47,6 +47,13 @@ impl Changes {
         let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
         by_uid.remove(&Self::key(sg));
     }
+
+    /// After a relist: only the objects listed are remembered (review m13).
+    pub(super) fn retain(&self, present: &[std::sync::Arc<ServerGroup>]) {
+        let keep: std::collections::HashSet<u64> = present.iter().map(|sg| Self::key(sg)).collect();
+        let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        by_uid.retain(|k, _| keep.contains(k));
+    }
 }
 
 /// What a change must touch to be worth a reconcile: the spec (generation), annotations

@@ -38,6 +38,7 @@ pub async fn run(
     let (groups_synced_tx, groups_synced) = tokio::sync::watch::channel(false);
     let shard = rt.shard;
     let own_writes = Arc::new(OwnWrites::default());
+    let failures = Arc::new(Failures::default());
     let changes = Arc::new(Changes::default());
     let seen = changes.clone();
     let stream = watcher(rt.api, watcher::Config::default())
@@ -57,8 +58,20 @@ pub async fn run(
         .reflect(writer)
         .inspect({
             let own_writes = own_writes.clone();
+            let failures = failures.clone();
+            let reader = reader.clone();
             move |e| match e {
                 Ok(watcher::Event::InitDone) => {
+                    // The store now holds the relisted objects: what else is remembered per
+                    // object belongs to objects deleted while the watch was down.
+                    let present: HashSet<String> = reader
+                        .state()
+                        .iter()
+                        .filter_map(|sg| sg.metadata.uid.clone())
+                        .collect();
+                    own_writes.retain(&present);
+                    failures.retain(&present);
+                    changes.retain(&reader.state());
                     groups_synced_tx.send_replace(true);
                 }
                 Ok(watcher::Event::Apply(sg) | watcher::Event::InitApply(sg)) => {
@@ -66,6 +79,7 @@ pub async fn run(
                 }
                 Ok(watcher::Event::Delete(sg)) => {
                     own_writes.forget(sg);
+                    failures.forget(sg);
                     changes.forget(sg);
                 }
                 _ => {}
@@ -86,6 +100,7 @@ pub async fn run(
     .with_claims_namespace(rt.claims_namespace.clone())
     .with_wake(wake_tx.clone())
     .with_own_writes(own_writes)
+    .with_failures(failures)
     .with_shard(rt.shard)
     .with_tenant_pulls(rt.tenant_pulls.clone())
     // A quarter of the workers, as the limiter's per-URL share of in-flight requests.
