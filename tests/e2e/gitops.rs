@@ -1,7 +1,9 @@
-//! What GitOps tools show for our objects in every state, computed by the tools' own code
-//! from live objects the shipped operator wrote: kstatus (sigs.k8s.io/cli-utils, behind
-//! Flux's health checks) through `kstatus-of` (tests/kstatus), and the Argo CD health check
-//! (deploy/argocd/health.lua) through its Lua runner.
+//! What GitOps tools show for our objects in every state, from live objects the shipped
+//! operator wrote. kstatus (sigs.k8s.io/cli-utils, behind Flux's health checks) is the
+//! library's own code, through `kstatus-of` (tests/kstatus). The Argo CD health check
+//! (deploy/argocd/health.lua) is our Lua, run by `lua5.1` through deploy/argocd/test.lua, not
+//! by Argo CD's gopher-lua sandbox: the logic is checked, not Argo CD's embedding of it
+//! (test-suite audit m5).
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -16,8 +18,8 @@ use crate::spec;
 
 /// Each object: (name, what kstatus says, what Argo CD says, words the kstatus message holds).
 const EXPECTED: [(&str, &str, &str, &str); 8] = [
-    ("ready", "Current", "Healthy", ""),
-    ("waiting", "InProgress", "Progressing", ""),
+    ("ready", "Current", "Healthy", "Resource is Ready"),
+    ("waiting", "InProgress", "Progressing", "see Synced"),
     ("invalid", "Failed", "Degraded", "is not a valid choice"),
     ("taken", "Failed", "Degraded", "already managed by"),
     ("missing", "Failed", "Degraded", "import"),
@@ -29,9 +31,9 @@ const EXPECTED: [(&str, &str, &str, &str); 8] = [
     ),
     // Ready, then a spec change the operator cannot carry out yet (its credentials are
     // missing): in progress, not the old generation's Ready (review m12).
-    ("changed", "InProgress", "Progressing", ""),
+    ("changed", "InProgress", "Progressing", "latest observed generation is 1"),
     // kstatus knows no "paused": a paused object it calls Current; Argo CD calls it Suspended.
-    ("paused", "Current", "Suspended", ""),
+    ("paused", "Current", "Suspended", "Resource is current"),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
