@@ -31,7 +31,12 @@ const EXPECTED: [(&str, &str, &str, &str); 8] = [
     ),
     // Ready, then a spec change the operator cannot carry out yet (its credentials are
     // missing): in progress, not the old generation's Ready (review m12).
-    ("changed", "InProgress", "Progressing", "latest observed generation is 1"),
+    (
+        "changed",
+        "InProgress",
+        "Progressing",
+        "latest observed generation is 1",
+    ),
     // kstatus knows no "paused": a paused object it calls Current; Argo CD calls it Suspended.
     ("paused", "Current", "Suspended", "Resource is current"),
 ];

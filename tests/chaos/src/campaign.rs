@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -19,8 +20,8 @@ use waldur_sim::{DefaultOrder, Delays, SimConfig, Simulator};
 use crate::check::{self, Cond, Nova, Outcome, Row, SgView, Truth};
 use crate::operator::{self, Ending, Operator};
 use crate::plan::{
-    Action, CreateSpec, Flavour, Import, NAMESPACES, OneObject, Plan, Point, Repair, ResId,
-    SourcePlan, TENANTS, TenantPulls,
+    Action, CREDS_NAMESPACE, CREDS_SECRET, CreateSpec, CredChange, Flavour, Import, NAMESPACES,
+    OneObject, Plan, Point, ROTATED_TOKEN, Repair, ResId, SourcePlan, TENANTS, TenantPulls,
 };
 use crate::record::{ResRecord, SourceRecord};
 
@@ -117,6 +118,10 @@ impl Campaign {
             default_order: DefaultOrder::Shuffled {
                 seed: settings.seed,
             },
+            // A rotation hands the staff user a second token; a swap hands over the user
+            // token, which sees none of the campaign's tenants.
+            staff_token_aliases: vec![ROTATED_TOKEN.into()],
+            user_tenants: vec!["00000000000000000000000000000001".into()],
             ..SimConfig::default()
         })
         .await
@@ -124,6 +129,7 @@ impl Campaign {
         let kubeconfig = settings.dir.join("kubeconfig");
         std::fs::write(&kubeconfig, kube.kubeconfig_yaml("default")).map_err(|e| e.to_string())?;
         let client = kube.client().await?;
+        put_credentials(&client, &SimConfig::default().staff_token).await?;
         let env = vec![
             ("KUBECONFIG", kubeconfig.to_string_lossy().to_string()),
             ("WALDUR_URL", sim.base_url()),
@@ -622,6 +628,40 @@ impl Campaign {
                 sim.set_clock_offset(0);
                 format!("{created}; Waldur's clock back on time")
             }
+            Action::Credentials {
+                change,
+                delete,
+                hold_ms,
+            } => {
+                let changed = match change {
+                    CredChange::Rotate => put_credentials(&self.client, ROTATED_TOKEN).await,
+                    CredChange::Swap => {
+                        put_credentials(&self.client, &SimConfig::default().user_token).await
+                    }
+                    CredChange::Delete => {
+                        let secrets: Api<Secret> =
+                            Api::namespaced(self.client.clone(), CREDS_NAMESPACE);
+                        secrets
+                            .delete(CREDS_SECRET, &DeleteParams::default())
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }
+                };
+                let deleted = match delete {
+                    Some(res) => self.delete(res, point.index).await,
+                    None => "nothing deleted".into(),
+                };
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                // Put back: the staff token, the Secret made again if it went.
+                let restored = put_credentials(&self.client, &SimConfig::default().staff_token)
+                    .await
+                    .map_or_else(|e| format!("not restored: {e}"), |_| "restored".into());
+                format!(
+                    "{}; {deleted}; {restored}",
+                    changed.map_or_else(|e| format!("change failed: {e}"), |_| "changed".into())
+                )
+            }
             Action::Conflicts { n, target, hold_ms } => {
                 let before = self.kube.count("patch", "servergroups", None);
                 self.kube
@@ -1083,6 +1123,9 @@ impl Campaign {
                 };
             }
         }
+        if c.res.ns == CREDS_NAMESPACE {
+            spec.insert("credentialsRef".into(), json!({"name": CREDS_SECRET}));
+        }
         json!({
             "apiVersion": "openstack.waldur.com/v1alpha1",
             "kind": "ServerGroup",
@@ -1336,6 +1379,51 @@ impl Campaign {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+}
+
+/// Writes the credentials Secret with `token`: made if it is not there, replaced if it is
+/// (a Secret being deleted, held by the operator's finalizer, cannot be changed; it is left).
+async fn put_credentials(client: &Client, token: &str) -> Result<(), String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), CREDS_NAMESPACE);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(CREDS_SECRET.into()),
+            namespace: Some(CREDS_NAMESPACE.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                "token".to_string(),
+                k8s_openapi::ByteString(token.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let mut applied = serde_json::to_value(&secret).map_err(|e| e.to_string())?;
+    applied["apiVersion"] = json!("v1");
+    applied["kind"] = json!("Secret");
+    match secrets
+        .get_opt(CREDS_SECRET)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some(s) if s.metadata.deletion_timestamp.is_some() => Ok(()),
+        Some(_) => secrets
+            .patch(
+                CREDS_SECRET,
+                &PatchParams::apply("chaos-user").force(),
+                &Patch::Apply(applied),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        None => secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     }
 }
 

@@ -19,6 +19,24 @@ pub const NAMESPACES: [&str; 3] = ["chaos-a", "chaos-b", "chaos-c"];
 /// A second tenant besides the simulator's default one.
 pub const SECOND_TENANT: &str = "3c1f9e2a7b6d4c5e8f0a1b2c3d4e5f60";
 pub const TENANTS: [&str; 2] = [waldur_sim::DEFAULT_TENANT, SECOND_TENANT];
+/// Resources in this namespace name their credentials in a Secret (`CREDS_SECRET`, the staff
+/// token at first); the others use the operator's default credentials.
+pub const CREDS_NAMESPACE: &str = NAMESPACES[1];
+pub const CREDS_SECRET: &str = "waldur-creds";
+/// Another token of the staff user, for a rotation.
+pub const ROTATED_TOKEN: &str = "staff-token-rotated";
+
+/// What happens to the credentials Secret for a while.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredChange {
+    /// A new token of the same user.
+    Rotate,
+    /// Another user's token, who cannot see the campaign's tenants.
+    Swap,
+    /// The Secret is deleted (the operator's finalizer holds it while resources use it).
+    Delete,
+}
+
 /// Every policy the simulator accepts (it runs as a current Waldur, not the affinity-only 7.0).
 pub const POLICIES: [&str; 4] = [
     "affinity",
@@ -368,6 +386,13 @@ pub enum Action {
         drop_answer: bool,
         hold_ms: u64,
     },
+    /// The credentials Secret is changed (`change`) for `hold_ms`, then put back; with
+    /// `delete`, a resource that uses it is deleted meanwhile (review m4).
+    Credentials {
+        change: CredChange,
+        delete: Option<ResId>,
+        hold_ms: u64,
+    },
     // ----- Kubernetes faults -----
     Conflicts {
         n: usize,
@@ -450,6 +475,11 @@ impl Action {
             Action::CreateThenDelete { .. } => "create-then-delete",
             Action::OneObject500 { .. } => "one-object-500",
             Action::ClockSkew { .. } => "clock-skew",
+            Action::Credentials { change, .. } => match change {
+                CredChange::Rotate => "credentials-rotate",
+                CredChange::Swap => "credentials-swap",
+                CredChange::Delete => "credentials-delete",
+            },
         }
     }
 
@@ -461,7 +491,8 @@ impl Action {
             | Action::Pause { .. }
             | Action::Unpause { .. }
             | Action::RequestPull { .. }
-            | Action::Delete { .. } => Category::User,
+            | Action::Delete { .. }
+            | Action::Credentials { .. } => Category::User,
             Action::Kill { .. }
             | Action::KillAfterCommit { .. }
             | Action::Sigterm { .. }
@@ -617,6 +648,18 @@ impl fmt::Display for Action {
                 }
                 write!(f, " (for {hold_ms} ms)")
             }
+            Action::Credentials {
+                delete, hold_ms, ..
+            } => {
+                write!(
+                    f,
+                    "{kind}: Secret {CREDS_NAMESPACE}/{CREDS_SECRET} (for {hold_ms} ms)"
+                )?;
+                if let Some(r) = delete {
+                    write!(f, ", delete {r} meanwhile")?;
+                }
+                Ok(())
+            }
             Action::ClockSkew {
                 secs,
                 create,
@@ -731,6 +774,9 @@ const WEIGHTS: &[(&str, u32)] = &[
     ("create-then-delete", 2),
     ("one-object-500", 3),
     ("clock-skew", 2),
+    ("credentials-rotate", 2),
+    ("credentials-swap", 2),
+    ("credentials-delete", 2),
 ];
 
 impl Drawer {
@@ -837,6 +883,23 @@ impl Drawer {
                     create,
                     drop_answer,
                     hold_ms: self.rng.random_range(1000..=3000),
+                }
+            }
+            "credentials-rotate" | "credentials-swap" | "credentials-delete" => {
+                let change = match kind {
+                    "credentials-rotate" => CredChange::Rotate,
+                    "credentials-swap" => CredChange::Swap,
+                    _ => CredChange::Delete,
+                };
+                let delete = if self.rng.random_bool(0.6) {
+                    self.delete_in(CREDS_NAMESPACE)
+                } else {
+                    None
+                };
+                Action::Credentials {
+                    change,
+                    delete,
+                    hold_ms: self.rng.random_range(1000..=4000),
                 }
             }
             "create" => Action::Create(self.create(index)),
@@ -1181,6 +1244,20 @@ impl Drawer {
         let gone = self.live.remove(i);
         self.left_behind(&gone.res);
         Action::Delete { res: gone.res }
+    }
+
+    /// Deletes a live resource of namespace `ns`, if there is one.
+    fn delete_in(&mut self, ns: &str) -> Option<ResId> {
+        let candidates: Vec<usize> = (0..self.live.len())
+            .filter(|i| self.live[*i].res.ns == ns)
+            .collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let i = candidates[self.rng.random_range(0..candidates.len())];
+        let gone = self.live.remove(i);
+        self.left_behind(&gone.res);
+        Some(gone.res)
     }
 
     /// A deleted resource's group that stays behind (Orphan) or comes back at a re-sync

@@ -118,6 +118,8 @@ pub struct SimConfig {
     pub delays: Delays,
     /// Token of a staff user: sees everything, may unlink / set_ok / set_erred.
     pub staff_token: String,
+    /// More tokens of the staff user (a rotated token: the same user, another key).
+    pub staff_token_aliases: Vec<String>,
     /// Token of an ordinary user: sees only `user_tenants`.
     pub user_token: String,
     /// Tenant UUIDs (dashed or not) that exist at start, all in state OK.
@@ -138,6 +140,7 @@ impl Default for SimConfig {
             default_order: DefaultOrder::default(),
             delays: Delays::default(),
             staff_token: "staff-token".to_string(),
+            staff_token_aliases: Vec::new(),
             user_token: "user-token".to_string(),
             tenants: vec![DEFAULT_TENANT.to_string()],
             user_tenants: Vec::new(),

@@ -139,6 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             run: Duration::from_millis(cli.run_delay_ms),
         },
         staff_token: cli.staff_token.clone(),
+        staff_token_aliases: Vec::new(),
         user_token: cli.token.clone(),
         tenants: cli.tenants.clone(),
         user_tenants: cli.user_tenants.clone(),

@@ -110,6 +110,7 @@ pub struct World {
     shuffles: u64,
     pub delays: Delays,
     pub staff_token: String,
+    pub staff_token_aliases: Vec<String>,
     pub user_token: String,
     /// The user token sees every tenant (config `user_tenants` empty).
     pub user_sees_all: bool,
@@ -157,6 +158,7 @@ impl World {
             shuffles: 0,
             delays: config.delays,
             staff_token: config.staff_token.clone(),
+            staff_token_aliases: config.staff_token_aliases.clone(),
             user_token: config.user_token.clone(),
             user_sees_all: user_tenants.is_empty(),
             tenants: BTreeMap::new(),
@@ -234,7 +236,7 @@ impl World {
                 "Invalid token header. Token string should not contain spaces.",
             ));
         }
-        if key == self.staff_token {
+        if key == self.staff_token || self.staff_token_aliases.iter().any(|a| a == key) {
             Ok(Caller::Staff)
         } else if key == self.user_token {
             Ok(Caller::User)
