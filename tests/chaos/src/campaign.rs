@@ -208,6 +208,7 @@ impl Campaign {
         for point in &plan.points {
             tokio::time::sleep(Duration::from_millis(point.wait_ms)).await;
             self.mind_the_operator(point.index);
+            self.credentials_back().await;
             self.point = point.index;
             let started = self.t0.elapsed();
             let outcome = self.execute(point).await;
@@ -674,6 +675,17 @@ impl Campaign {
                     self.kube.count("patch", "servergroups", None) - before
                 )
             }
+            Action::LeasesDown { hold_ms } => {
+                let before = self.kube.count("update", "leases", None)
+                    + self.kube.count("create", "leases", None);
+                self.kube.fail_next(usize::MAX, "*", "leases", None, 503);
+                tokio::time::sleep(Duration::from_millis(*hold_ms)).await;
+                self.kube.fail_next(0, "*", "leases", None, 503);
+                let tried = self.kube.count("update", "leases", None)
+                    + self.kube.count("create", "leases", None)
+                    - before;
+                format!("{tried} Lease write(s) refused, then answered again")
+            }
             Action::ExpireWatches => {
                 self.kube.expire_watches();
                 "watches ended".into()
@@ -689,6 +701,18 @@ impl Campaign {
                 self.kube.set_watch_delay(Duration::ZERO);
                 "watch events late, then on time".into()
             }
+        }
+    }
+
+    /// The user who deleted the credentials Secret makes it again once it is gone (while
+    /// resources need it to clean up, the operator's finalizer keeps it, deleting).
+    async fn credentials_back(&mut self) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), CREDS_NAMESPACE);
+        if let Ok(None) = secrets.get_opt(CREDS_SECRET).await {
+            let r = put_credentials(&self.client, &SimConfig::default().staff_token).await;
+            self.note(format!(
+                "the credentials Secret was gone: made again ({r:?})"
+            ));
         }
     }
 
@@ -1331,6 +1355,7 @@ impl Campaign {
         let mut unchanged_since = Instant::now();
         loop {
             self.mind_the_operator(points);
+            self.credentials_back().await;
             let (sgs, truth) = self.snapshot().await;
             let lineage = self.lineage_with(&truth);
             let outcomes = check::check(&check::Input {

@@ -399,6 +399,12 @@ pub enum Action {
         target: ConflictTarget,
         hold_ms: u64,
     },
+    /// Every request on Leases answers 503 for `hold_ms`: leader and shard leases cannot be
+    /// renewed (a term ends while reconciles are in flight), and claims and release records
+    /// cannot be written: the coordination API partitioned away.
+    LeasesDown {
+        hold_ms: u64,
+    },
     ExpireWatches,
     /// Drop the watch history, then end the watches: every re-watch is answered 410.
     Compact,
@@ -453,6 +459,7 @@ impl Action {
             Action::OobUnlink { .. } => "oob-unlink",
             Action::FailCreate { .. } => "create-erred",
             Action::Conflicts { .. } => "409-conflicts",
+            Action::LeasesDown { .. } => "leases-down",
             Action::ExpireWatches => "expire-watches",
             Action::Compact => "compact-410",
             Action::WatchDelay { .. } => "watch-delay",
@@ -499,6 +506,7 @@ impl Action {
             | Action::TwinsLostCreate { .. } => Category::Operator,
             Action::Conflicts { .. }
             | Action::ExpireWatches
+            | Action::LeasesDown { .. }
             | Action::Compact
             | Action::WatchDelay { .. } => Category::Kubernetes,
             _ => Category::Waldur,
@@ -597,6 +605,9 @@ impl fmt::Display for Action {
             }
             Action::WatchDelay { delay_ms, hold_ms } => {
                 write!(f, "{kind} {delay_ms} ms (for {hold_ms} ms)")
+            }
+            Action::LeasesDown { hold_ms } => {
+                write!(f, "{kind}: every Lease request 503 (for {hold_ms} ms)")
             }
             Action::Sigterm { down_ms } => write!(f, "{kind} (down {down_ms} ms after exit)"),
             Action::TwinsLostCreate { a, b, down_ms } => write!(
@@ -777,6 +788,7 @@ const WEIGHTS: &[(&str, u32)] = &[
     ("credentials-rotate", 2),
     ("credentials-swap", 2),
     ("credentials-delete", 2),
+    ("leases-down", 2),
 ];
 
 impl Drawer {
@@ -986,6 +998,10 @@ impl Drawer {
                 hold_ms: self.rng.random_range(300..=1500),
             },
             "expire-watches" => Action::ExpireWatches,
+            // Longer than the campaign's 3 s leader lease, or not.
+            "leases-down" => Action::LeasesDown {
+                hold_ms: self.rng.random_range(1000..=6000),
+            },
             "compact-410" => Action::Compact,
             _ => Action::WatchDelay {
                 delay_ms: self.rng.random_range(300..=1500),
