@@ -281,7 +281,8 @@ macro_rules! scenarios {
         /// it are back, and then the group is deleted. With and without a Nova id.
         #[tokio::test]
         async fn a_deletion_with_credentials_that_cannot_see_the_group_waits_for_them() {
-            for erred in [false, true] {
+            // The campaign's seed 7 found the Unlink case (an import's record left in Waldur).
+            for (erred, policy) in [(false, "Delete"), (true, "Delete"), (false, "Unlink")] {
                 let config = SimConfig {
                     user_tenants: vec!["00000000000000000000000000000001".into()],
                     ..SimConfig::default()
@@ -290,6 +291,7 @@ macro_rules! scenarios {
                 h.secret("creds", &SimConfig::default().staff_token);
                 let mut s = spec("affinity");
                 s["credentialsRef"] = json!({"name": "creds"});
+                s["deletionPolicy"] = json!(policy);
                 if erred {
                     h.sim.fail_next_creates(1);
                 }
@@ -319,7 +321,10 @@ macro_rules! scenarios {
                     o["data"]["token"] = json!(crate::support::base64_like::encode(&SimConfig::default().staff_token));
                 });
                 h.converge("web", |sg| sg.is_none()).await;
-                assert!(h.sim.group(&uuid).is_none(), "erred={erred}: deleted in Waldur");
+                assert!(
+                    h.sim.group(&uuid).is_none(),
+                    "erred={erred} {policy}: gone from Waldur"
+                );
             }
         }
 
