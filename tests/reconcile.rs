@@ -1889,3 +1889,68 @@ async fn a_group_let_go_of_before_its_nova_id_reached_status_is_recorded() {
         nova.as_str()
     );
 }
+
+/// The campaign's seed 6 (credentials points, this session): a resource paused before its
+/// group's Nova id reached status, then its group unlinked and the resource deleted. Waldur's
+/// re-sync re-imported the group long before the resource was unpaused and noticed; the
+/// re-import was older than that notice, so the by-name search passed over it, two re-syncs
+/// "agreed" the group was gone, and the resource was let go with its group left in Waldur and
+/// OpenStack. A re-import counts from the last time the group was seen, not from the notice.
+#[tokio::test]
+async fn a_group_re_imported_before_a_paused_resource_noticed_is_still_deleted() {
+    use support::{Harness, NS, PLURAL, TENANT};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    h.apply(
+        "late",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "deletionPolicy": "Delete"}),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.sim.requests("create") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no create");
+        let _ = h.reconcile("late").await;
+    }
+    h.kube.edit(PLURAL, NS, "late", |o| {
+        o["metadata"]["annotations"]["openstack.waldur.com/paused"] = serde_json::json!("true");
+    });
+    let status = h.sg("late").unwrap().status.unwrap();
+    assert_eq!(
+        status.backend_id.as_deref().unwrap_or(""),
+        "",
+        "no Nova id in status"
+    );
+    let uuid = status.uuid.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.sim.group(&uuid).unwrap()["backend_id"]
+        .as_str()
+        .unwrap_or("")
+        .is_empty()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never reached Nova");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    h.staff_client()
+        .unlink(&waldur_operator::waldur::WaldurUuid::parse(&uuid).unwrap())
+        .await
+        .unwrap();
+    // Waldur's periodic re-sync re-imports it at once; the resource stays paused for longer
+    // than the clock slack the search allows (10 s), as seed 6's did for 35 s.
+    let report = h.sim.resync_report();
+    assert_eq!(report.imported.len(), 1, "re-imported");
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    h.kube.delete(PLURAL, NS, "late");
+    h.kube.edit(PLURAL, NS, "late", |o| {
+        if let Some(a) = o["metadata"]["annotations"].as_object_mut() {
+            a.remove("openstack.waldur.com/paused");
+        }
+    });
+    h.converge("late", |sg| sg.is_none()).await;
+    assert!(
+        h.sim.groups().is_empty(),
+        "the re-import is deleted: {:?}",
+        h.sim.groups()
+    );
+    assert!(
+        h.sim.openstack_groups(TENANT).is_empty(),
+        "and its Nova group"
+    );
+}

@@ -341,6 +341,12 @@ pub struct Reimport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("description" = "When a first re-sync had run without bringing the group back. A re-sync that failed and was repaired before the operator looked again leaves the tenant just as one that ran, so a second re-sync, accepted after this time, must agree before a new group is made (or, deleting, the group is let go)."))]
     pub checked_at: Option<Time>,
+    /// When the group was last seen in Waldur (status.lastSyncTime when it was found gone).
+    /// A re-import by name counts from here: a resource paused, or an operator down, may
+    /// notice long after Waldur re-imported the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("description" = "When the group was last seen in Waldur (status.lastSyncTime when it was found gone). A re-import by name counts from here: a resource paused, or an operator down, may notice long after Waldur re-imported the group."))]
+    pub last_seen: Option<Time>,
 }
 
 impl Reimport {

@@ -231,6 +231,7 @@ fn a_name_is_held_while_the_holders_group_is_away() {
             since: None,
             requested_at: None,
             checked_at: None,
+            last_seen: None,
         }),
         ..Default::default()
     });

@@ -13,6 +13,7 @@ fn vanished(since: i64, requested: Option<i64>) -> (ServerGroup, crate::api::Rei
         since: Some(Time(Timestamp::from_second(since).unwrap())),
         requested_at: requested.map(|t| Time(Timestamp::from_second(t).unwrap())),
         checked_at: None,
+        last_seen: None,
     };
     (sg, record)
 }

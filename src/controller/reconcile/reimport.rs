@@ -23,6 +23,7 @@ impl Reconciler {
                 since: Some(self.now.clone()),
                 requested_at: None,
                 checked_at: None,
+                last_seen: self.status().last_sync_time,
             });
         let seen = self.tenant_seen(client, tenant).await?;
         let pulls = self.ctx.tenant_pulls.seen(client.base_url(), tenant);
@@ -111,7 +112,13 @@ impl Reconciler {
                         name,
                         policy,
                     } => {
-                        let since = record.since().map_or(self.now.0, |t| t.0);
+                        // Made (re-imported) after the group was last seen, which may be
+                        // long before this resource noticed it gone (the campaign's seed 6).
+                        let since = record
+                            .last_seen
+                            .as_ref()
+                            .or(record.since())
+                            .map_or(self.now.0, |t| t.0);
                         let candidates = client
                             .list(&ListQuery::new().tenant_uuid(tenant).name_exact(name))
                             .await?;
