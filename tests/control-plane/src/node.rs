@@ -143,6 +143,7 @@ pub struct Node {
     cp: Option<ControlPlane>,
     procs: Mutex<Vec<(String, Child)>>,
     record: Record,
+    pause_image: String,
     started_in: Duration,
     stopped: Mutex<bool>,
     /// Held for the node's life: the kernel releases it when the process dies.
@@ -217,6 +218,7 @@ impl Node {
             cp: None,
             procs: Mutex::new(Vec::new()),
             record,
+            pause_image: String::new(),
             started_in: Duration::ZERO,
             stopped: Mutex::new(false),
             _lock: lock,
@@ -281,6 +283,7 @@ impl Node {
 
         // The pause image first: containerd's CRI needs its sandbox image before any pod.
         let pause = run_node_image(&["pause", "--out", &self.path("images/pause")])?;
+        self.pause_image = pause.reference.clone();
         self.write_cni_config()?;
         self.start_containerd(&pause)?;
 
@@ -807,6 +810,12 @@ serializeImagePulls: false
         self.started_in
     }
 
+    /// The pods' sandbox image, which is always in the node's containerd: also a container
+    /// image for tests that need a process in a pod and nothing more.
+    pub fn pause_image(&self) -> &str {
+        &self.pause_image
+    }
+
     /// containerd's socket (for `ctr -a`).
     pub fn containerd_socket(&self) -> PathBuf {
         self.run.join("containerd/containerd.sock")
@@ -1173,6 +1182,18 @@ fn restore_host(record: &Record) -> Vec<String> {
     }
     // Host directories the node created, and the container log links it made in an existing
     // /var/log/containers.
+    // libcni's cached results of our network, in a /var/lib/cni that was already there.
+    if let Ok(entries) = std::fs::read_dir("/var/lib/cni/results") {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{CNI_NETWORK}-"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     for dir in &record.created_dirs {
         if mounts_under(dir).is_empty() {
             let _ = std::fs::remove_dir_all(dir);
@@ -1365,7 +1386,7 @@ fn kill_processes_mentioning(dir: &Path) -> usize {
         return 0;
     }
     let me = std::process::id();
-    let mut killed = 0;
+    let mut victims = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -1395,13 +1416,31 @@ fn kill_processes_mentioning(dir: &Path) -> usize {
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
-            killed += 1;
+            victims.push(pid);
         }
     }
-    if killed > 0 {
-        std::thread::sleep(Duration::from_millis(300));
+    wait_gone(&victims);
+    victims.len()
+}
+
+/// Waits (at most 5 s) until each process has exited: gone, or a zombie that only its parent
+/// (init, for a shim) has yet to reap.
+fn wait_gone(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let running = pids.iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // The state follows the command name in parentheses, which may hold spaces.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state != "Z" && state != "X")
+            })
+        });
+        if !running {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    killed
 }
 
 /// Mount points at or under `dir`, deepest first.
@@ -1533,8 +1572,10 @@ fn take_lock() -> Result<File, String> {
     }
 }
 
-/// A kubelet, kube-proxy or containerd not ours (there is no record: ours are cleaned up by
-/// now) means another Kubernetes runs here, whose host state we must not touch.
+/// A kubelet or kube-proxy not ours (there is no record: ours are cleaned up by now) means
+/// another Kubernetes node runs here, whose host state (kubepods cgroups, KUBE- chains) we
+/// must not touch. A system containerd (Docker's, say) is no conflict: ours has its own
+/// socket, root and state.
 fn check_no_foreign_node() -> Result<(), String> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Ok(());
@@ -1552,7 +1593,7 @@ fn check_no_foreign_node() -> Result<(), String> {
             continue;
         };
         let comm = comm.trim();
-        if ["kubelet", "kube-proxy", "containerd"].contains(&comm) {
+        if ["kubelet", "kube-proxy"].contains(&comm) {
             return Err(format!(
                 "{comm} (pid {}) already runs on this machine: the real node shares host-wide state with it and does not start",
                 entry.file_name().to_string_lossy()

@@ -144,10 +144,11 @@ fn serve(dir: &Path) -> Result<(), String> {
     std::fs::write(
         dir.join("ready"),
         format!(
-            "address {}\napi {}\ncontainerd {}\n",
+            "address {}\napi {}\ncontainerd {}\npause {}\n",
             node.address(),
             node.control_plane().url(),
-            node.containerd_socket().display()
+            node.containerd_socket().display(),
+            node.pause_image()
         ),
     )
     .map_err(|e| format!("cannot write the ready file: {e}"))?;
