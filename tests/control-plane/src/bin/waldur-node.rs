@@ -92,11 +92,25 @@ fn up(dir: &Path) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    // SAFETY: setsid is async-signal-safe: the server leaves this terminal's session, so that
-    // closing the terminal or Ctrl-C here does not reach it.
+    // SAFETY: setsid, close_range and fcntl are async-signal-safe. The server leaves this
+    // terminal's session, so that closing the terminal or Ctrl-C here does not reach it, and
+    // inherits no descriptor but its standard ones: it outlives `up`, and an inherited one
+    // would be held for the node's life (measured: the lock of `flock LOCK scripts/node up`,
+    // which then blocked every other holder of that lock until `down`).
     unsafe {
         serve.pre_exec(|| {
             libc::setsid();
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                for fd in 3..65536 {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
             Ok(())
         });
     }
