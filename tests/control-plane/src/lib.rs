@@ -554,6 +554,30 @@ fn remove_stale_dirs() {
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
+/// Marks every descriptor above stderr close-on-exec. For a child about to exec: descriptors
+/// this process inherited without that flag (such as the one `flock LOCK cargo test` holds its
+/// lock on) would pass on to it, and from containerd (Go passes them on too) to its shims,
+/// which outlive a killed test process and would hold the lock until the next node start.
+///
+/// # Safety
+/// Only async-signal-safe calls: fit for `pre_exec`.
+pub unsafe fn close_inherited_descriptors_on_exec() {
+    // SAFETY: close_range and fcntl have no memory effects.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            for fd in 3..65536 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// Spawns `command` so that the kernel kills it when this process dies, however it dies.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends, and test threads end
@@ -566,13 +590,14 @@ pub fn spawn_tied_to_this_process(command: Command) -> std::io::Result<Child> {
             .name("control-plane-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
-                    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
-                    // between fork and exec.
+                    // SAFETY: prctl, close_range and fcntl are async-signal-safe; nothing
+                    // else runs between fork and exec.
                     unsafe {
                         command.pre_exec(|| {
                             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                                 return Err(std::io::Error::last_os_error());
                             }
+                            close_inherited_descriptors_on_exec();
                             Ok(())
                         });
                     }

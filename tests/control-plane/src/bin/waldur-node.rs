@@ -100,17 +100,7 @@ fn up(dir: &Path) -> Result<(), String> {
     unsafe {
         serve.pre_exec(|| {
             libc::setsid();
-            if libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            ) != 0
-            {
-                for fd in 3..65536 {
-                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                }
-            }
+            control_plane::close_inherited_descriptors_on_exec();
             Ok(())
         });
     }
