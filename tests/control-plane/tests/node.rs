@@ -269,6 +269,57 @@ fn host_is_restored_after_the_owner_is_killed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `Node::shared()` lives as long as its test binary and is torn down at exit (atexit): run
+/// this test binary again for that one test, with a marker in the environment, and compare
+/// the host after it exits.
+#[test]
+#[ignore = "needs root and the real node"]
+fn shared_node_is_torn_down_when_the_test_binary_exits() {
+    const INNER: &str = "WALDUR_NODE_TEST_SHARED_INNER";
+    if std::env::var_os(INNER).is_some() {
+        let node = Node::shared();
+        let status = kubectl_out(
+            node,
+            &[
+                "get",
+                "node",
+                node.name(),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ],
+        );
+        assert_eq!(status, "True");
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    node::cleanup_stale().expect("the host is restored after an earlier node");
+    let before = HostState::take();
+    let mut inner = Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--ignored",
+            "--exact",
+            "shared_node_is_torn_down_when_the_test_binary_exits",
+        ])
+        .env(INNER, "1")
+        .spawn()
+        .expect("the test binary runs");
+    let pid = inner.id();
+    assert!(
+        inner.wait().expect("it ends").success(),
+        "the inner test passes"
+    );
+    HostState::take().assert_same_as(
+        &before,
+        &std::env::temp_dir().join(format!("waldur-node-{pid}")),
+    );
+    assert!(
+        node::cleanup_stale()
+            .expect("the record is readable")
+            .is_none(),
+        "the shared node left no record behind: it was torn down at exit"
+    );
+}
+
 /// What a node changes on the host.
 #[derive(Debug, PartialEq)]
 struct HostState {
