@@ -116,6 +116,26 @@ fn operator_runs_as_a_pod_from_its_image_and_reconciles() {
         "the operator logged its start line:\n{logs}"
     );
 
+    // From inside the operator pod's network namespace: the simulator on the node address
+    // answers; an address beyond this host (TEST-NET-3, which the default route would carry
+    // out) does not, and it is our egress rule that drops it.
+    let netns = pod_netns();
+    let code = probe(&netns, &format!("{}/api/", sim.base_url()));
+    assert!(
+        code.is_some(),
+        "the pod reaches the simulator on the node address"
+    );
+    let dropped = egress_drops();
+    assert_eq!(
+        probe(&netns, "http://203.0.113.1/"),
+        None,
+        "nothing beyond this host answers a pod"
+    );
+    assert!(
+        egress_drops() > dropped,
+        "{EGRESS_CHAIN} dropped the pod's packet to 203.0.113.1"
+    );
+
     let t = Instant::now();
     kubectl_ok(&node, &["create", "namespace", "team-a"]);
     let group = format!(
@@ -454,6 +474,60 @@ impl HostState {
         );
         assert!(!run_dir.exists(), "{run} is removed");
     }
+}
+
+/// The network namespace of the one pod that runs (containerd names them cni-*).
+fn pod_netns() -> PathBuf {
+    let all: Vec<PathBuf> = std::fs::read_dir("/run/netns")
+        .expect("/run/netns")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cni-"))
+        })
+        .collect();
+    assert_eq!(all.len(), 1, "one pod network namespace: {all:?}");
+    all[0].clone()
+}
+
+/// An HTTP GET from inside `netns` (curl through nsenter): the status code, None when nothing
+/// answered within 2 s.
+fn probe(netns: &Path, url: &str) -> Option<u16> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args([
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+        .output()
+        .expect("nsenter and curl run");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|&c| c != 0)
+}
+
+/// Packets the egress chain's DROP rule has matched.
+fn egress_drops() -> u64 {
+    let listing = stdout(
+        "iptables",
+        &["-w", "-t", "mangle", "-L", EGRESS_CHAIN, "-v", "-n", "-x"],
+    );
+    listing
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the egress chain's DROP rule and its counter")
 }
 
 fn stdout(program: &str, args: &[&str]) -> String {
