@@ -11,10 +11,15 @@
 //! dropped (a panicking test unwinds through it), at process exit for [`ControlPlane::shared`],
 //! and by the kernel (`PR_SET_PDEATHSIG`) if the test process is killed; directories left by
 //! killed test processes are removed by the next start.
+//!
+//! [`ControlPlane::start_with`] takes [`Options`] for the real node of [`node`]: an address pods
+//! can reach, Node and RBAC authorization, every controller, and certificates for the kubelet.
+
+pub mod node;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,6 +37,48 @@ pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 const DIR_PREFIX: &str = "waldur-k8s-";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// The controllers the envtest-like control plane runs: enough for namespaces to go away and
+/// for owner references to be followed.
+const ENVTEST_CONTROLLERS: &str = "namespace-controller,garbage-collector-controller";
+
+/// How to start a [`ControlPlane`]. The default is the envtest-like one: loopback only, RBAC,
+/// namespace deletion and garbage collection.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The directory to live in (created; removed at stop). None: a fresh one under the
+    /// temporary directory, removed by a later start if this process is killed.
+    pub dir: Option<PathBuf>,
+    /// The address kube-apiserver listens on and is reached at.
+    pub bind: IpAddr,
+    /// Advertise this address as the `kubernetes` Service's endpoint (the default endpoint
+    /// reconciler). None: no endpoints (a loopback address may not be one).
+    pub advertise: Option<IpAddr>,
+    /// `Node,RBAC` authorization with the NodeRestriction admission plugin, and a client
+    /// certificate for kube-apiserver to reach kubelets (`kubectl logs`, `exec`) by their
+    /// InternalIP, checked against the cluster CA.
+    pub node_authorization: bool,
+    /// kube-controller-manager's `--controllers`.
+    pub controllers: String,
+    /// The Service ClusterIP range.
+    pub service_cidr: String,
+    /// More IP addresses in kube-apiserver's serving certificate (such as the `kubernetes`
+    /// Service's ClusterIP, which pods use).
+    pub serving_ips: Vec<IpAddr>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            dir: None,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise: None,
+            node_authorization: false,
+            controllers: ENVTEST_CONTROLLERS.to_string(),
+            service_cidr: "10.0.0.0/24".to_string(),
+            serving_ips: Vec::new(),
+        }
+    }
+}
 
 /// A running control plane. Stops everything it started when dropped.
 pub struct ControlPlane {
@@ -68,14 +115,21 @@ impl ControlPlane {
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API
     /// server is ready.
     pub fn start() -> Result<ControlPlane, String> {
+        ControlPlane::start_with(Options::default())
+    }
+
+    /// [`ControlPlane::start`] with other [`Options`].
+    pub fn start_with(options: Options) -> Result<ControlPlane, String> {
         let started = Instant::now();
         let assets = assets_dir()?;
         remove_stale_dirs();
-        let dir = std::env::temp_dir().join(format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            next_serial()
-        ));
+        let dir = options.dir.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "{DIR_PREFIX}{}-{}",
+                std::process::id(),
+                next_serial()
+            ))
+        });
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut cp = ControlPlane {
@@ -85,7 +139,7 @@ impl ControlPlane {
             started_in: Duration::ZERO,
             stopped: Mutex::new(false),
         };
-        cp.launch(&assets)?;
+        cp.launch(&assets, &options)?;
         cp.started_in = started.elapsed();
         // Straight to stderr, past the test harness's capture: the start-up time is a figure
         // CI logs should show.
@@ -99,12 +153,16 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    fn launch(&mut self, assets: &Path) -> Result<(), String> {
-        let pki = Pki::generate(&self.dir)?;
+    fn launch(&mut self, assets: &Path, options: &Options) -> Result<(), String> {
+        let pki = Pki::generate(&self.dir, &options.serving_ips)?;
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
-        let api_port = free_port()?;
-        self.url = format!("https://127.0.0.1:{api_port}");
+        let api_port = free_port_on(options.bind)?;
+        let bind = options.bind;
+        self.url = match bind {
+            IpAddr::V4(a) => format!("https://{a}:{api_port}"),
+            IpAddr::V6(a) => format!("https://[{a}]:{api_port}"),
+        };
         std::fs::write(
             self.admin_kubeconfig(),
             self.admin_kubeconfig_yaml("default"),
@@ -129,17 +187,12 @@ impl ControlPlane {
         let mut apiserver = Command::new(assets.join("kube-apiserver"));
         apiserver.args([
             &format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            // No Endpoints for the `kubernetes` Service: a loopback address is not allowed
-            // there, and nothing in the tests reaches the API server through the Service.
-            "--endpoint-reconciler-type=none",
+            &format!("--bind-address={bind}"),
             &format!("--secure-port={api_port}"),
             &format!("--cert-dir={}", d("apiserver-certs")),
             &format!("--tls-cert-file={}", pki.serving_cert.display()),
             &format!("--tls-private-key-file={}", pki.serving_key.display()),
             &format!("--client-ca-file={}", pki.ca_cert.display()),
-            "--authorization-mode=RBAC",
             &format!("--service-account-issuer={ISSUER}"),
             &format!("--api-audiences={ISSUER}"),
             &format!("--service-account-key-file={}", pki.sa_public.display()),
@@ -147,18 +200,58 @@ impl ControlPlane {
                 "--service-account-signing-key-file={}",
                 pki.sa_private.display()
             ),
-            "--service-cluster-ip-range=10.0.0.0/24",
+            &format!("--service-cluster-ip-range={}", options.service_cidr),
             "--allow-privileged=true",
             "--enable-priority-and-fairness=false",
             "--v=1",
         ]);
+        match options.advertise {
+            Some(address) => {
+                // The default endpoint reconciler makes this address (and the secure port) the
+                // `kubernetes` Service's endpoint, which pods reach through kube-proxy.
+                apiserver.arg(format!("--advertise-address={address}"));
+            }
+            None => {
+                // No Endpoints for the `kubernetes` Service: a loopback address is not allowed
+                // there, and nothing in the tests reaches the API server through the Service.
+                apiserver.args([
+                    &format!("--advertise-address={bind}"),
+                    "--endpoint-reconciler-type=none",
+                ]);
+            }
+        }
+        if options.node_authorization {
+            let (cert, key) = self.issue(
+                "apiserver-kubelet-client",
+                &CertRequest::client("kube-apiserver-kubelet-client", &["system:masters"]),
+            )?;
+            apiserver.args([
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                &format!("--kubelet-client-certificate={}", cert.display()),
+                &format!("--kubelet-client-key={}", key.display()),
+                &format!("--kubelet-certificate-authority={}", pki.ca_cert.display()),
+                // The node's name is not resolvable; its InternalIP is what the kubelet's
+                // serving certificate names.
+                "--kubelet-preferred-address-types=InternalIP",
+            ]);
+        } else {
+            apiserver.arg("--authorization-mode=RBAC");
+        }
         self.spawn("kube-apiserver", apiserver)?;
         self.wait_ready()?;
 
         let mut kcm = Command::new(assets.join("kube-controller-manager"));
         kcm.args([
             &format!("--kubeconfig={}", self.admin_kubeconfig().display()),
-            "--controllers=namespace-controller,garbage-collector-controller",
+            &format!("--controllers={}", options.controllers),
+            // For the ServiceAccount token and root CA ConfigMap controllers (with
+            // --controllers='*'): pods get their in-cluster credentials from them.
+            &format!("--root-ca-file={}", pki.ca_cert.display()),
+            &format!(
+                "--service-account-private-key-file={}",
+                pki.sa_private.display()
+            ),
             "--leader-elect=false",
             "--secure-port=0",
             "--v=1",
@@ -221,6 +314,35 @@ impl ControlPlane {
                 Ok(Some(status)) => Some(format!("{name} exited: {status}")),
                 _ => None,
             })
+    }
+
+    /// Stops one process by name (SIGTERM, then SIGKILL after `grace`), if it runs. The node
+    /// stops kube-controller-manager first, so that no controller recreates the pods it
+    /// deletes.
+    pub fn stop_process(&self, name: &str, grace: Duration) {
+        let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(index) = procs.iter().position(|(n, _)| n == name) {
+            let (_, mut child) = procs.remove(index);
+            terminate(&mut child, grace);
+        }
+    }
+
+    /// Issues a certificate signed by the cluster CA, as `<name>.crt` and `<name>.key` in the
+    /// control plane's directory.
+    pub fn issue(&self, name: &str, request: &CertRequest) -> Result<(PathBuf, PathBuf), String> {
+        Pki::issue(&self.dir, name, request)
+    }
+
+    /// A kubeconfig that authenticates with a client certificate and key (files).
+    pub fn cert_kubeconfig_yaml(&self, cert: &Path, key: &Path) -> String {
+        self.kubeconfig(
+            &format!(
+                "client-certificate: {}\n    client-key: {}",
+                cert.display(),
+                key.display()
+            ),
+            "default",
+        )
     }
 
     /// The last lines of each process's log, for failure messages.
@@ -372,10 +494,37 @@ pub fn kubectl() -> String {
 /// A free TCP port on 127.0.0.1 (bound and released; a tiny race with other processes is
 /// accepted, as envtest does).
 pub fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A free TCP port on `address`, as [`free_port`].
+pub fn free_port_on(address: IpAddr) -> Result<u16, String> {
+    TcpListener::bind((address, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .map_err(|e| format!("no free loopback port: {e}"))
+        .map_err(|e| format!("no free port on {address}: {e}"))
+}
+
+/// Stops a child: SIGTERM, then SIGKILL if it is still there after `grace`; always reaped.
+pub(crate) fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: a signal to our own child, which has not been reaped (try_wait said so).
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn next_serial() -> u32 {
@@ -405,6 +554,30 @@ fn remove_stale_dirs() {
 
 type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 
+/// Marks every descriptor above stderr close-on-exec. For a child about to exec: descriptors
+/// this process inherited without that flag (such as the one `flock LOCK cargo test` holds its
+/// lock on) would pass on to it, and from containerd (Go passes them on too) to its shims,
+/// which outlive a killed test process and would hold the lock until the next node start.
+///
+/// # Safety
+/// Only async-signal-safe calls: fit for `pre_exec`.
+pub unsafe fn close_inherited_descriptors_on_exec() {
+    // SAFETY: close_range and fcntl have no memory effects.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            for fd in 3..65536 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// Spawns `command` so that the kernel kills it when this process dies, however it dies.
 ///
 /// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child ends, and test threads end
@@ -417,13 +590,14 @@ pub fn spawn_tied_to_this_process(command: Command) -> std::io::Result<Child> {
             .name("control-plane-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
-                    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
-                    // between fork and exec.
+                    // SAFETY: prctl, close_range and fcntl are async-signal-safe; nothing
+                    // else runs between fork and exec.
                     unsafe {
                         command.pre_exec(|| {
                             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                                 return Err(std::io::Error::last_os_error());
                             }
+                            close_inherited_descriptors_on_exec();
                             Ok(())
                         });
                     }
@@ -443,6 +617,53 @@ pub fn spawn_tied_to_this_process(command: Command) -> std::io::Result<Child> {
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
 }
 
+/// What a certificate from [`ControlPlane::issue`] is for.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub common_name: String,
+    pub organizations: Vec<String>,
+    /// DNS names and IP addresses (a serving certificate).
+    pub subject_alt_names: Vec<String>,
+    pub server: bool,
+}
+
+impl CertRequest {
+    /// A client certificate for user `common_name` in groups `organizations`.
+    pub fn client(common_name: &str, organizations: &[&str]) -> CertRequest {
+        CertRequest {
+            common_name: common_name.to_string(),
+            organizations: organizations.iter().map(|o| o.to_string()).collect(),
+            subject_alt_names: Vec::new(),
+            server: false,
+        }
+    }
+
+    /// A serving certificate for these names and addresses.
+    pub fn server(common_name: &str, subject_alt_names: &[String]) -> CertRequest {
+        CertRequest {
+            common_name: common_name.to_string(),
+            organizations: Vec::new(),
+            subject_alt_names: subject_alt_names.to_vec(),
+            server: true,
+        }
+    }
+}
+
+/// The CA's parameters: the same each time, so that an issuer rebuilt from them and the CA key
+/// signs certificates that chain to the CA certificate written at start.
+fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "waldur-operator-e2e-ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(ca)
+}
+
 /// The files of a freshly generated PKI.
 struct Pki {
     ca_cert: PathBuf,
@@ -453,7 +674,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn generate(dir: &Path) -> Result<Pki, String> {
+    fn generate(dir: &Path, serving_ips: &[IpAddr]) -> Result<Pki, String> {
         let err = |e: rcgen::Error| format!("cannot generate certificates: {e}");
         let write = |name: &str, content: &str| -> Result<PathBuf, String> {
             let path = dir.join(name);
@@ -463,27 +684,23 @@ impl Pki {
         };
 
         let ca_key = KeyPair::generate().map_err(err)?;
-        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "waldur-operator-e2e-ca");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let ca = ca_params().map_err(err)?;
         let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+        // Kept (owner-only) so that the node harness can issue kubelet and component
+        // certificates after start; removed with the directory.
+        write_private(&dir.join("ca.key"), &ca_key.serialize_pem())?;
         let issuer = Issuer::new(ca, ca_key);
 
         let serving_key = KeyPair::generate().map_err(err)?;
-        let mut serving = CertificateParams::new(vec![
+        let mut names = vec![
             "127.0.0.1".to_string(),
             "localhost".to_string(),
             "kubernetes".to_string(),
             "kubernetes.default".to_string(),
             "kubernetes.default.svc".to_string(),
-        ])
-        .map_err(err)?;
+        ];
+        names.extend(serving_ips.iter().map(|ip| ip.to_string()));
+        let mut serving = CertificateParams::new(names).map_err(err)?;
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
@@ -514,4 +731,49 @@ impl Pki {
         write("admin.key", &admin_key.serialize_pem())?;
         Ok(pki)
     }
+
+    /// A certificate signed by the CA whose key [`Pki::generate`] left in `dir`.
+    fn issue(dir: &Path, name: &str, request: &CertRequest) -> Result<(PathBuf, PathBuf), String> {
+        let err = |e: rcgen::Error| format!("cannot issue the certificate {name}: {e}");
+        let ca_pem = std::fs::read_to_string(dir.join("ca.key"))
+            .map_err(|e| format!("cannot read the CA key: {e}"))?;
+        let ca_key = KeyPair::from_pem(&ca_pem).map_err(err)?;
+        let issuer = Issuer::new(ca_params().map_err(err)?, ca_key);
+        let key = KeyPair::generate().map_err(err)?;
+        let mut params = CertificateParams::new(request.subject_alt_names.clone()).map_err(err)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, request.common_name.as_str());
+        for org in &request.organizations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, org.as_str());
+        }
+        params.extended_key_usages = vec![if request.server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = params.signed_by(&key, &issuer).map_err(err)?;
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem())
+            .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+        write_private(&key_path, &key.serialize_pem())?;
+        Ok((cert_path, key_path))
+    }
+}
+
+/// Writes a file only its owner may read (a private key).
+fn write_private(path: &Path, content: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(content.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
