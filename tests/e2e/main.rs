@@ -12,6 +12,7 @@ mod binary;
 mod differential;
 mod env;
 mod gitops;
+mod node;
 mod real_only;
 mod real_waldur;
 mod sharding;

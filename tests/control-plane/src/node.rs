@@ -1489,7 +1489,7 @@ fn link_exists(name: &str) -> bool {
 }
 
 /// Root, and the programs of the Debian packages.
-fn preflight() -> Result<(), String> {
+pub fn preflight() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(
