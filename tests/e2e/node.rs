@@ -77,7 +77,11 @@ fn start() -> Option<Tier> {
 
 /// The node, this test's turn on it, and a simulator on the node's address; `None` (the tier
 /// said why) when this machine cannot run it.
-async fn tier() -> Option<(&'static Tier, tokio::sync::MutexGuard<'static, ()>, Simulator)> {
+async fn tier() -> Option<(
+    &'static Tier,
+    tokio::sync::MutexGuard<'static, ()>,
+    Simulator,
+)> {
     let turn = TURN
         .get_or_init(|| tokio::sync::Mutex::new(()))
         .lock()
@@ -131,7 +135,10 @@ fn kubectl_apply(node: &Node, yaml: &str) {
         .expect("kubectl runs");
     std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), yaml.as_bytes())
         .expect("the manifest is written");
-    assert!(child.wait().expect("kubectl ends").success(), "kubectl apply");
+    assert!(
+        child.wait().expect("kubectl ends").success(),
+        "kubectl apply"
+    );
 }
 
 fn helm(node: &Node, args: &[&str]) {
@@ -178,7 +185,11 @@ fn install_args(t: &Tier, sim: &Simulator, extra: &[&str]) -> Vec<String> {
 
 fn helm_install(t: &Tier, sim: &Simulator, extra: &[&str]) -> Duration {
     let started = Instant::now();
-    let mut args = vec!["install".to_string(), RELEASE.into(), chart().display().to_string()];
+    let mut args = vec![
+        "install".to_string(),
+        RELEASE.into(),
+        chart().display().to_string(),
+    ];
     args.extend(install_args(t, sim, extra));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     helm(t.node, &args);
@@ -203,7 +214,13 @@ impl Drop for Cleanup<'_> {
                 .status();
         };
         for ns in &self.namespaces {
-            quiet(&["delete", "namespace", ns, "--ignore-not-found", "--timeout=120s"]);
+            quiet(&[
+                "delete",
+                "namespace",
+                ns,
+                "--ignore-not-found",
+                "--timeout=120s",
+            ]);
         }
         match &self.kustomized {
             Some(dir) => {
@@ -351,10 +368,13 @@ fn apply_groups(node: &Node, ns: &str, names: &[String], credentials: Option<&st
 
 /// The Lease's holder (a pod name), if any.
 fn lease_holder(node: &Node, name: &str) -> Option<String> {
-    let out = kubectl_cmd(node, &["get", "lease", name, "-n", OPERATOR_NS, "-o", "json"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
+    let out = kubectl_cmd(
+        node,
+        &["get", "lease", name, "-n", OPERATOR_NS, "-o", "json"],
+    )
+    .stderr(Stdio::null())
+    .output()
+    .ok()?;
     let lease: Value = serde_json::from_slice(&out.stdout).ok()?;
     lease["spec"]["holderIdentity"]
         .as_str()
@@ -383,6 +403,54 @@ fn container_pid(node: &Node, pod: &Value) -> u32 {
         .unwrap_or_else(|| panic!("no task {id} in containerd"))
 }
 
+/// An HTTP GET from inside a network namespace (curl through nsenter): the status code, None
+/// when nothing answered within 2 s.
+fn probe(netns: &str, url: &str) -> Option<u16> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={netns}"))
+        .args([
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ])
+        .output()
+        .expect("nsenter and curl run");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|&c| c != 0)
+}
+
+/// Packets the node's egress chain has dropped.
+fn egress_drops() -> u64 {
+    let out = Command::new("iptables")
+        .args([
+            "-w",
+            "-t",
+            "mangle",
+            "-L",
+            node::EGRESS_CHAIN,
+            "-v",
+            "-n",
+            "-x",
+        ])
+        .output()
+        .expect("iptables runs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the egress chain's DROP rule and its counter")
+}
+
 /// `helm install` with the chart's default values, plus the image and where Waldur is: the
 /// pod is Ready (its probes pass), it logs its start line, runs with the security settings the
 /// chart asks for (checked on the running process, not the YAML), serves metrics through the
@@ -405,7 +473,10 @@ async fn helm_install_with_default_values_runs_the_operator_pod() {
     let status = &pod["status"]["containerStatuses"][0];
     assert_eq!(status["ready"], true, "the readiness probe passes");
     assert_eq!(status["restartCount"], 0, "the liveness probe never failed");
-    let logs = kubectl(node, &["logs", "-n", OPERATOR_NS, "deploy/wo-waldur-operator"]);
+    let logs = kubectl(
+        node,
+        &["logs", "-n", OPERATOR_NS, "deploy/wo-waldur-operator"],
+    );
     assert!(logs.contains("starting"), "the start line:\n{logs}");
 
     // The security settings as the kernel applies them to the running process.
@@ -418,10 +489,18 @@ async fn helm_install_with_default_values_runs_the_operator_pod() {
             .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
             .unwrap_or_default()
     };
-    assert_eq!(field("Uid"), "65532 65532 65532 65532", "non-root (nonroot, 65532)");
+    assert_eq!(
+        field("Uid"),
+        "65532 65532 65532 65532",
+        "non-root (nonroot, 65532)"
+    );
     assert_eq!(field("Gid"), "65532 65532 65532 65532");
     for caps in ["CapEff", "CapPrm", "CapBnd"] {
-        assert_eq!(field(caps), "0000000000000000", "{caps}: every capability dropped");
+        assert_eq!(
+            field(caps),
+            "0000000000000000",
+            "{caps}: every capability dropped"
+        );
     }
     assert_eq!(field("NoNewPrivs"), "1", "allowPrivilegeEscalation: false");
     assert_eq!(field("Seccomp"), "2", "seccomp RuntimeDefault (a filter)");
@@ -434,6 +513,26 @@ async fn helm_install_with_default_values_runs_the_operator_pod() {
     assert!(
         options.split(',').any(|o| o == "ro"),
         "read-only root filesystem: {root}"
+    );
+
+    // From inside the pod's network namespace: the simulator on the node address answers;
+    // an address beyond this host (TEST-NET-3, which the default route would carry out) does
+    // not, and it is the node's egress rule that drops it.
+    let netns = format!("/proc/{pid}/ns/net");
+    assert!(
+        probe(&netns, &format!("{}/api/", sim.base_url())).is_some(),
+        "the pod reaches the simulator on the node address"
+    );
+    let dropped = egress_drops();
+    assert_eq!(
+        probe(&netns, "http://203.0.113.1/"),
+        None,
+        "nothing beyond this host answers a pod"
+    );
+    assert!(
+        egress_drops() > dropped,
+        "{} dropped the pod's packet to 203.0.113.1",
+        node::EGRESS_CHAIN
     );
 
     let t0 = Instant::now();
@@ -460,14 +559,28 @@ async fn helm_install_with_default_values_runs_the_operator_pod() {
         "waldur_operator_leader{",
         "waldur_operator_build_info{",
     ] {
-        assert!(metrics.contains(family), "{family} is scraped through the Service");
+        assert!(
+            metrics.contains(family),
+            "{family} is scraped through the Service"
+        );
     }
 
     kubectl(
         node,
-        &["delete", "servergroup", "web", "-n", "node-a", "--timeout=60s"],
+        &[
+            "delete",
+            "servergroup",
+            "web",
+            "-n",
+            "node-a",
+            "--timeout=60s",
+        ],
     );
-    assert!(sim.groups().is_empty(), "deleted in Waldur: {:?}", sim.groups());
+    assert!(
+        sim.groups().is_empty(),
+        "deleted in Waldur: {:?}",
+        sim.groups()
+    );
     eprintln!(
         "node figures: helm install -> pod Ready {:.1} s; ServerGroup Ready {:.1} s after apply",
         install.as_secs_f64(),
@@ -492,15 +605,26 @@ async fn two_replicas_fail_over_when_the_leader_pod_goes() {
     helm_install(
         t,
         &sim,
-        &["--set=replicaCount=2", "--set=podDisruptionBudget.enabled=true"],
+        &[
+            "--set=replicaCount=2",
+            "--set=podDisruptionBudget.enabled=true",
+        ],
     );
-    let pdb = kubectl_json(node, &["get", "pdb", "-n", OPERATOR_NS, "wo-waldur-operator"]);
+    let pdb = kubectl_json(
+        node,
+        &["get", "pdb", "-n", OPERATOR_NS, "wo-waldur-operator"],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while kubectl_json(node, &["get", "pdb", "-n", OPERATOR_NS, "wo-waldur-operator"])["status"]
-        ["disruptionsAllowed"]
+    while kubectl_json(
+        node,
+        &["get", "pdb", "-n", OPERATOR_NS, "wo-waldur-operator"],
+    )["status"]["disruptionsAllowed"]
         != 1
     {
-        assert!(Instant::now() < deadline, "the budget allows one disruption: {pdb}");
+        assert!(
+            Instant::now() < deadline,
+            "the budget allows one disruption: {pdb}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     kubectl(node, &["create", "namespace", "node-b"]);
@@ -570,7 +694,11 @@ async fn helm_upgrade_and_rollback_under_load() {
         .arg(format!("{}:{tag2}", t.repository))
         .output()
         .expect("ctr runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let more = names("more", 20);
     let creating = {
@@ -617,7 +745,12 @@ async fn helm_upgrade_and_rollback_under_load() {
     let images: Vec<String> = operator_pods(node)
         .iter()
         .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .map(|p| p["spec"]["containers"][0]["image"].as_str().unwrap_or_default().to_string())
+        .map(|p| {
+            p["spec"]["containers"][0]["image"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect();
     assert!(
         images.iter().all(|i| i.ends_with(&tag2)),
@@ -626,7 +759,15 @@ async fn helm_upgrade_and_rollback_under_load() {
     let t1 = Instant::now();
     helm(
         node,
-        &["rollback", RELEASE, "1", "--namespace", OPERATOR_NS, "--wait", "--timeout=180s"],
+        &[
+            "rollback",
+            RELEASE,
+            "1",
+            "--namespace",
+            OPERATOR_NS,
+            "--wait",
+            "--timeout=180s",
+        ],
     );
     let rolled_back = t1.elapsed();
     creating.join().expect("the creates went in");
@@ -776,7 +917,14 @@ async fn deploy_kustomization_and_install_yaml_reach_a_ready_group() {
         wait_all_ready(node, "node-e", 1, Duration::from_secs(60));
         kubectl(
             node,
-            &["delete", "servergroup", "plain", "-n", "node-e", "--timeout=60s"],
+            &[
+                "delete",
+                "servergroup",
+                "plain",
+                "-n",
+                "node-e",
+                "--timeout=60s",
+            ],
         );
         assert!(sim.groups().is_empty(), "{how}: deleted in Waldur");
         drop(cleanup);
