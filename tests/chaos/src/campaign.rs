@@ -868,6 +868,7 @@ impl Campaign {
         // simulator scopes faults by endpoint, not by object, and a Ready resource of the
         // batched read path reads from the sweep's lists, not by GET.
         let before = self.sim.requests(endpoint) + self.sim.requests("retrieve");
+        let armed_at = k8s_openapi::jiff::Timestamp::now();
         self.sim.fail_next_requests_for(endpoint, n, 500);
         self.sim.fail_next_requests_for("retrieve", n, 500);
         let started = match target {
@@ -906,10 +907,20 @@ impl Campaign {
                             m.starts_with(&format!("Waldur is unavailable ({e}): HTTP 500"))
                         })
                 };
+                // A breaker opened by an earlier point's real outage stays open until its next
+                // probe (a second): "unreachable since" before this point is not its doing (seed
+                // 89: #29's outage, then #30's pokes within that second).
+                let opened_before = |m: &str| {
+                    m.split("unreachable since ")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                        .is_some_and(|since| since.as_second() < armed_at.as_second())
+                };
                 if let Some(c) = sg
                     .cond("Synced")
                     .filter(|c| c.status == "False" && c.reason == "WaldurUnavailable")
-                    .filter(|c| !own_500(&c.message))
+                    .filter(|c| !own_500(&c.message) && !opened_before(&c.message))
                     && told.insert(res.to_string())
                 {
                     let v = format!(
