@@ -910,13 +910,7 @@ impl Campaign {
                 // A breaker opened by an earlier point's real outage stays open until its next
                 // probe (a second): "unreachable since" before this point is not its doing (seed
                 // 89: #29's outage, then #30's pokes within that second).
-                let opened_before = |m: &str| {
-                    m.split("unreachable since ")
-                        .nth(1)
-                        .and_then(|rest| rest.split_whitespace().next())
-                        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
-                        .is_some_and(|since| since.as_second() < armed_at.as_second())
-                };
+                let opened_before = |m: &str| breaker_opened_before(m, armed_at);
                 if let Some(c) = sg
                     .cond("Synced")
                     .filter(|c| c.status == "False" && c.reason == "WaldurUnavailable")
@@ -1560,4 +1554,31 @@ fn truth(sim: &Simulator) -> Truth {
         })
         .collect();
     Truth { rows, nova }
+}
+
+/// Whether a breaker's "unreachable since T" message names a second before `armed_at`'s.
+fn breaker_opened_before(message: &str, armed_at: k8s_openapi::jiff::Timestamp) -> bool {
+    message
+        .split("unreachable since ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        .is_some_and(|since| since.as_second() < armed_at.as_second())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_breaker_opened_by_an_earlier_outage_is_told_apart() {
+        let m = "Waldur at http://127.0.0.1:39743 is unreachable since 2026-12-07T01:10:45Z (HTTP 503: <html>)";
+        let at = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().unwrap();
+        assert!(breaker_opened_before(m, at("2026-12-07T01:10:47.9Z")));
+        assert!(!breaker_opened_before(m, at("2026-12-07T01:10:45.2Z")));
+        assert!(!breaker_opened_before(
+            "Waldur is unavailable (create): HTTP 500",
+            at("2026-12-07T01:10:47Z")
+        ));
+    }
 }
