@@ -347,20 +347,10 @@ impl ControlPlane {
 
     /// The last lines of each process's log, for failure messages.
     pub fn log_tails(&self) -> String {
-        let mut out = String::new();
-        for name in ["etcd", "kube-apiserver", "kube-controller-manager"] {
-            if let Ok(text) = std::fs::read_to_string(self.dir.join(format!("{name}.log"))) {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(15)..];
-                let _ = writeln!(
-                    out,
-                    "--- {name} (last {} lines)\n{}",
-                    tail.len(),
-                    tail.join("\n")
-                );
-            }
-        }
-        out
+        log_tails(
+            &self.dir,
+            &["etcd", "kube-apiserver", "kube-controller-manager"],
+        )
     }
 
     /// The API server's address, such as `https://127.0.0.1:41234`.
@@ -776,4 +766,22 @@ fn write_private(path: &Path, content: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     file.write_all(content.as_bytes())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// The last 15 lines of `dir/NAME.log` for each name there is a log of, for failure messages.
+pub(crate) fn log_tails(dir: &Path, names: &[&str]) -> String {
+    let mut out = String::new();
+    for name in names {
+        if let Ok(text) = std::fs::read_to_string(dir.join(format!("{name}.log"))) {
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            let _ = writeln!(
+                out,
+                "--- {name} (last {} lines)\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+    out
 }

@@ -760,18 +760,10 @@ serializeImagePulls: false
             .as_ref()
             .map(|cp| cp.log_tails())
             .unwrap_or_default();
-        for name in ["containerd", "kube-proxy", "kube-scheduler", "kubelet"] {
-            if let Ok(text) = std::fs::read_to_string(self.run.join(format!("logs/{name}.log"))) {
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(15)..];
-                let _ = writeln!(
-                    out,
-                    "--- {name} (last {} lines)\n{}",
-                    tail.len(),
-                    tail.join("\n")
-                );
-            }
-        }
+        out.push_str(&crate::log_tails(
+            &self.run.join("logs"),
+            &["containerd", "kube-proxy", "kube-scheduler", "kubelet"],
+        ));
         out
     }
 
