@@ -1334,7 +1334,10 @@ mod tests {
                 match &p.action {
                     Action::Delete { res }
                     | Action::UnlinkThenDelete { res }
-                    | Action::DeleteTransitional { res, .. } => {
+                    | Action::DeleteTransitional { res, .. }
+                    | Action::Credentials {
+                        delete: Some(res), ..
+                    } => {
                         assert!(live.contains(res), "seed {seed}: delete of {res}");
                         live.retain(|r| r != res);
                         paused.retain(|r| r != res);
