@@ -1032,6 +1032,22 @@ impl Campaign {
                 src.out_of_band = true;
             }
         }
+        // A Nova group deleted behind the operator's back is gone for every resource that was
+        // bound to it, not only the one the point named: an Unlink that let go of it before a
+        // duplicate import took it expects it to stay (the final run's seed 175).
+        if done && matches!(point.action, Action::OobOpenstackDelete { .. }) && !backend.is_empty()
+        {
+            for (other, rec) in self.records.iter_mut() {
+                if other != res && rec.last_bound.as_ref().is_some_and(|(_, b)| *b == backend) {
+                    rec.out_of_band = true;
+                    rec.taints.push(format!(
+                        "#{} {}: its former Nova group {backend:?} deleted in OpenStack (through {res})",
+                        point.index,
+                        point.action.kind()
+                    ));
+                }
+            }
+        }
         if done {
             what
         } else {
