@@ -450,8 +450,11 @@ pub fn kstatus_dir() -> Result<PathBuf, String> {
     DIR.get_or_init(|| run_assets_script(&["kstatus"])).clone()
 }
 
-fn run_assets_script(args: &[&str]) -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/k8s-assets");
+/// Runs `scripts/NAME ARGS` (stderr passed through) and returns its stdout, or why it failed.
+pub(crate) fn run_project_script(name: &str, args: &[&str]) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(name);
     let out = Command::new("bash")
         .arg(&script)
         .args(args)
@@ -460,19 +463,23 @@ fn run_assets_script(args: &[&str]) -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
     if !out.status.success() {
         return Err(format!(
-            "{} {} failed ({}); the real tier needs these binaries and does not skip",
-            script.display(),
+            "scripts/{name} {} failed ({})",
             args.join(" "),
             out.status
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_assets_script(args: &[&str]) -> Result<PathBuf, String> {
+    let text = run_project_script("k8s-assets", args)
+        .map_err(|e| format!("{e}; the real tier needs these binaries and does not skip"))?;
     let dir = text
         .lines()
         .last()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .ok_or_else(|| format!("{} printed no directory", script.display()))?;
+        .ok_or_else(|| "scripts/k8s-assets printed no directory".to_string())?;
     Ok(PathBuf::from(dir))
 }
 

@@ -1666,21 +1666,7 @@ struct ImageOut {
 }
 
 fn run_node_image(args: &[&str]) -> Result<ImageOut, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/node-image");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "scripts/node-image {} failed ({})",
-            args.join(" "),
-            out.status
-        ));
-    }
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let dir = PathBuf::from(crate::run_project_script("node-image", args)?.trim());
     let reference = std::fs::read_to_string(dir.join("ref"))
         .map_err(|e| format!("scripts/node-image wrote no ref in {}: {e}", dir.display()))?
         .trim()
