@@ -48,6 +48,8 @@ pub struct Settings {
     /// Operator processes: 1, or 2 with leader election (the points act on the first; the
     /// second stands by and takes over when the first is killed or stopped).
     pub replicas: usize,
+    /// Shards to start with, one process each (1: unsharded).
+    pub shards: usize,
 }
 
 /// What a finished campaign reports.
@@ -66,8 +68,15 @@ pub struct Campaign {
     sim: Simulator,
     client: Client,
     operator: Operator,
-    /// The second replica, with `--replicas 2`.
-    standby: Option<Operator>,
+    /// The other processes running now: the second replica (`--replicas 2`), or shards 1 and
+    /// up of the current rollout (`--shards`).
+    peers: Vec<Operator>,
+    /// Processes of earlier rollouts, stopped: their runs count for panics and the report.
+    retired: Vec<Operator>,
+    /// The operator's environment but the shard's own variables.
+    env: Vec<(String, String)>,
+    /// Rollouts so far (names the processes of each).
+    rollout: usize,
     records: BTreeMap<ResId, ResRecord>,
     sources: Vec<SourceRecord>,
     trace: Vec<String>,
@@ -94,6 +103,28 @@ const SAMPLE: Duration = Duration::from_millis(20);
 /// meets groups in every transitional state.
 const SCHEDULE: Duration = Duration::from_millis(100);
 const RUN: Duration = Duration::from_millis(100);
+
+/// The processes of one rollout to `total` shards, named `r<rollout>-shard<i>`; not started.
+fn shard_processes(
+    settings: &Settings,
+    env: &[(String, String)],
+    total: usize,
+    rollout: usize,
+) -> Vec<Operator> {
+    (0..total)
+        .map(|i| {
+            let mut env = env.to_vec();
+            env.push(("TOTAL_SHARDS".into(), total.to_string()));
+            env.push(("SHARD_INDEX".into(), i.to_string()));
+            Operator::named(
+                &settings.operator,
+                env,
+                &settings.dir,
+                &format!("r{rollout}-shard{i}"),
+            )
+        })
+        .collect()
+}
 
 fn resource() -> ApiResource {
     ApiResource::erase::<ServerGroup>(&())
@@ -164,21 +195,27 @@ impl Campaign {
                 ("LEASE_GRACE", "1s"),
             ]
             .into_iter()
-            .filter(|_| settings.replicas > 1)
+            .filter(|_| settings.replicas > 1 || settings.shards > 1)
             .map(|(k, v)| (k.to_string(), v.to_string())),
         )
         .filter(|(k, _)| !settings.operator_env.iter().any(|(o, _)| o == k))
         .chain(settings.operator_env.iter().cloned())
         .collect::<Vec<(String, String)>>();
-        let mut operator = Operator::new(&settings.operator, env.clone(), &settings.dir);
-        operator.start()?;
-        let standby = if settings.replicas > 1 {
-            let mut standby = Operator::named(&settings.operator, env, &settings.dir, "standby");
-            standby.start()?;
-            Some(standby)
+        let (mut operator, mut peers) = if settings.shards > 1 {
+            let mut shards = shard_processes(&settings, &env, settings.shards, 0);
+            let first = shards.remove(0);
+            (first, shards)
         } else {
-            None
+            let operator = Operator::new(&settings.operator, env.clone(), &settings.dir);
+            let standby = (settings.replicas > 1).then(|| {
+                Operator::named(&settings.operator, env.clone(), &settings.dir, "standby")
+            });
+            (operator, standby.into_iter().collect())
         };
+        operator.start()?;
+        for peer in &mut peers {
+            peer.start()?;
+        }
         let lineage = Arc::new(Mutex::new(BTreeMap::new()));
         let watcher = tokio::spawn(watch_rows(sim.clone(), lineage.clone()));
         Ok(Campaign {
@@ -187,7 +224,10 @@ impl Campaign {
             sim,
             client,
             operator,
-            standby,
+            peers,
+            retired: Vec::new(),
+            env,
+            rollout: 0,
             records: BTreeMap::new(),
             sources: Vec::new(),
             trace: Vec::new(),
@@ -226,11 +266,11 @@ impl Campaign {
         let (sgs, truth) = self.snapshot().await;
         self.watcher.abort();
         let lineage = self.lineage_with(&truth);
-        let standby_runs: &[operator::Run] = self.standby.as_ref().map_or(&[], |o| &o.runs);
-        let runs = self.operator.runs.len() + standby_runs.len();
+        let runs = self.processes().map(|o| o.runs.len()).sum();
         let mut crashes = self.crashes.clone();
-        crashes.extend(operator::panics(&self.operator.runs));
-        crashes.extend(operator::panics(standby_runs));
+        for process in self.processes() {
+            crashes.extend(operator::panics(&process.runs));
+        }
         let outcomes = check::check(&check::Input {
             records: &self.records,
             sources: &self.sources,
@@ -244,15 +284,13 @@ impl Campaign {
             settled,
         });
         self.operator.kill();
-        if let Some(standby) = self.standby.as_mut() {
-            standby.kill();
+        for peer in &mut self.peers {
+            peer.kill();
         }
         self.dump(&sgs, &truth).await;
         let runs = self
-            .operator
-            .runs
-            .iter()
-            .chain(self.standby.iter().flat_map(|o| o.runs.iter()))
+            .processes()
+            .flat_map(|o| o.runs.iter())
             .map(|r| {
                 let ending = match &r.ending {
                     Ending::Running => "running".to_string(),
@@ -294,20 +332,24 @@ impl Campaign {
 
     /// An operator that exited by itself is a finding; start it again so the campaign goes on.
     fn mind_the_operator(&mut self, point: usize) {
-        if let Some(standby) = self.standby.as_mut()
-            && let Some(how) = standby.exited()
-        {
-            let log = standby
-                .runs
-                .last()
-                .map(|r| r.log.display().to_string())
-                .unwrap_or_default();
-            let started = standby.start();
+        let mut exits = Vec::new();
+        for peer in &mut self.peers {
+            if let Some(how) = peer.exited() {
+                let log = peer
+                    .runs
+                    .last()
+                    .map(|r| r.log.display().to_string())
+                    .unwrap_or_default();
+                let started = peer.start();
+                exits.push((how, log, started));
+            }
+        }
+        for (how, log, started) in exits {
             self.crashes.push(format!(
-                "before point #{point}: the standby replica exited by itself ({how}); log {log}"
+                "before point #{point}: another process exited by itself ({how}); log {log}"
             ));
             self.note(format!(
-                "the standby replica exited by itself ({how}); starting it again: {started:?}"
+                "another process exited by itself ({how}); starting it again: {started:?}"
             ));
         }
         if let Some(how) = self.operator.exited() {
@@ -518,6 +560,7 @@ impl Campaign {
                 tokio::time::sleep(Duration::from_millis(*down_ms)).await;
                 format!("{ended}; {}", self.restart())
             }
+            Action::Reshard { to, overlap_ms } => self.reshard(*to, *overlap_ms).await,
             Action::TwinsLostCreate { a, b, down_ms } => {
                 sim.drop_answers_after_commit(Some("create"), 1);
                 let (ma, mb) = (self.manifest(a), self.manifest(b));
@@ -934,6 +977,56 @@ impl Campaign {
             self.sim.requests(endpoint) + self.sim.requests("retrieve") - before,
             healthy.len(),
             told.len()
+        )
+    }
+
+    /// Every process of the campaign, stopped ones included.
+    fn processes(&self) -> impl Iterator<Item = &Operator> {
+        std::iter::once(&self.operator)
+            .chain(self.peers.iter())
+            .chain(self.retired.iter())
+    }
+
+    /// A rollout to `to` shards as a Deployment with surge does it: the new processes start,
+    /// then the old ones are asked to stop (SIGTERM, killed after 10 s) once `overlap_ms` has
+    /// passed. Kills and SIGTERMs of later points hit the new shard 0.
+    async fn reshard(&mut self, to: usize, overlap_ms: u64) -> String {
+        if self.settings.shards < 2 {
+            return "not sharded: nothing rolled out".into();
+        }
+        self.rollout += 1;
+        let mut new = shard_processes(&self.settings, &self.env, to, self.rollout);
+        let mut started = 0;
+        for process in &mut new {
+            match process.start() {
+                Ok(()) => started += 1,
+                Err(e) => self.crashes.push(format!("cannot start a shard: {e}")),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(overlap_ms)).await;
+        let first = new.remove(0);
+        let mut old = std::mem::replace(&mut self.peers, new);
+        old.insert(0, std::mem::replace(&mut self.operator, first));
+        let began = Instant::now();
+        for process in &mut old {
+            process.terminate();
+        }
+        let mut killed = 0;
+        for process in &mut old {
+            while process.is_running() && process.terminated().is_none() {
+                if began.elapsed() > Duration::from_secs(10) {
+                    process.kill();
+                    killed += 1;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let stopped = old.len();
+        self.retired.extend(old);
+        format!(
+            "{started} of {to} new shard(s) started; {stopped} old process(es) stopped {} ms after SIGTERM ({killed} killed after 10 s)",
+            began.elapsed().as_millis()
         )
     }
 

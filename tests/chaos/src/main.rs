@@ -62,6 +62,11 @@ struct Args {
     /// second takes over). The plan is the same either way.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     replicas: u8,
+    /// Shards to start with (`TOTAL_SHARDS`, one process each, leader election on); above 1,
+    /// about one point in ten rolls out another number of shards (1 to 4) while the old ones
+    /// still run. Kills and SIGTERMs hit shard 0.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=4), conflicts_with = "replicas")]
+    shards: u8,
     /// Leave out the Waldur re-sync before the settle.
     #[arg(long)]
     no_final_resync: bool,
@@ -87,7 +92,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let plan = plan::draw(args.seed, args.points, args.resources);
+    let plan = plan::draw_with(args.seed, args.points, args.resources, args.shards > 1);
     if args.dry_run {
         println!("plan of seed {}: {} points", plan.seed, plan.points.len());
         for p in &plan.points {
@@ -127,6 +132,7 @@ async fn main() -> ExitCode {
         final_resync: !args.no_final_resync,
         operator_env: args.operator_env.clone(),
         replicas: usize::from(args.replicas),
+        shards: usize::from(args.shards),
     };
     let started = Instant::now();
     println!(

@@ -286,6 +286,13 @@ pub enum Action {
     Sigterm {
         down_ms: u64,
     },
+    /// With `--shards`: a rollout to `to` shards. The new processes start while the old ones
+    /// still run (a Deployment's surge), then after `overlap_ms` every old one gets SIGTERM;
+    /// old and new disagree on who owns what until the last old one is gone.
+    Reshard {
+        to: usize,
+        overlap_ms: u64,
+    },
     /// Twins are created while Waldur drops the answer of the next committed create, and the
     /// operator is killed as soon as a group of the twins' name exists.
     TwinsLostCreate {
@@ -464,6 +471,7 @@ impl Action {
             Action::Compact => "compact-410",
             Action::WatchDelay { .. } => "watch-delay",
             Action::Sigterm { .. } => "sigterm",
+            Action::Reshard { .. } => "reshard",
             Action::TwinsLostCreate { .. } => "twins-lost-create",
             Action::TenantPullFault {
                 pulls: TenantPulls::Late { .. },
@@ -503,6 +511,7 @@ impl Action {
             Action::Kill { .. }
             | Action::KillAfterCommit { .. }
             | Action::Sigterm { .. }
+            | Action::Reshard { .. }
             | Action::TwinsLostCreate { .. } => Category::Operator,
             Action::Conflicts { .. }
             | Action::ExpireWatches
@@ -610,6 +619,10 @@ impl fmt::Display for Action {
                 write!(f, "{kind}: every Lease request 503 (for {hold_ms} ms)")
             }
             Action::Sigterm { down_ms } => write!(f, "{kind} (down {down_ms} ms after exit)"),
+            Action::Reshard { to, overlap_ms } => write!(
+                f,
+                "{kind}: roll out {to} shard(s), the old ones stopped {overlap_ms} ms later"
+            ),
             Action::TwinsLostCreate { a, b, down_ms } => write!(
                 f,
                 "{kind}: next create answer dropped, twins {a} + {b}, kill at commit (down {down_ms} ms)"
@@ -726,7 +739,16 @@ struct Drawer {
 }
 
 /// Draws the plan for `seed`: `points` points, at most `max_live` resources live at once.
+#[cfg(test)]
 pub fn draw(seed: u64, points: usize, max_live: usize) -> Plan {
+    draw_with(seed, points, max_live, false)
+}
+
+/// As [`draw`], with `reshards`: about one point in ten becomes a rollout to another number
+/// of shards (1 to 4), drawn from a generator of its own, so the plan of a seed without
+/// reshards stays what it always was.
+pub fn draw_with(seed: u64, points: usize, max_live: usize, reshards: bool) -> Plan {
+    let mut shard_rng = StdRng::seed_from_u64(seed ^ 0x5A4D_5EED);
     let mut d = Drawer {
         rng: StdRng::seed_from_u64(seed),
         max_live: max_live.max(2),
@@ -738,7 +760,14 @@ pub fn draw(seed: u64, points: usize, max_live: usize) -> Plan {
     let points = (0..points)
         .map(|index| {
             let wait_ms = d.rng.random_range(20..=300);
-            let action = d.action(index);
+            let action = if reshards && shard_rng.random_bool(0.1) {
+                Action::Reshard {
+                    to: shard_rng.random_range(1..=4),
+                    overlap_ms: shard_rng.random_range(0..=3000),
+                }
+            } else {
+                d.action(index)
+            };
             Point {
                 index,
                 wait_ms,
@@ -1312,6 +1341,32 @@ mod tests {
         assert_eq!(a.points, b.points);
         let c = draw(8, 200, 12);
         assert_ne!(a.points, c.points, "another seed, another plan");
+    }
+
+    #[test]
+    fn reshards_are_drawn_only_when_asked_and_leave_other_plans_alone() {
+        let plain = draw(7, 300, 12);
+        assert_eq!(plain.points, draw_with(7, 300, 12, false).points);
+        assert!(
+            !plain
+                .points
+                .iter()
+                .any(|p| matches!(p.action, Action::Reshard { .. }))
+        );
+        let sharded = draw_with(7, 300, 12, true);
+        let targets: std::collections::BTreeSet<usize> = sharded
+            .points
+            .iter()
+            .filter_map(|p| match p.action {
+                Action::Reshard { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            targets,
+            (1..=4).collect(),
+            "every shard count from 1 to 4 is rolled out"
+        );
     }
 
     #[test]
