@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod kube_budget;
 pub mod leader;
 pub mod lease;
 pub mod metrics;

@@ -191,6 +191,28 @@ impl Metrics {
         }
     }
 
+    /// Reports the Kubernetes budget's counters, when there is a budget.
+    pub fn with_kube_budget(mut self, budget: Option<&crate::kube_budget::KubeBudget>) -> Self {
+        if let (Some(budget), Some(registry)) = (budget, Arc::get_mut(&mut self.registry)) {
+            registry.register(
+                "kube_requests",
+                "Requests to the Kubernetes API server through the budget (--kube-qps, --kube-burst); leader election is outside it",
+                budget.stats.requests.clone(),
+            );
+            registry.register(
+                "kube_requests_throttled",
+                "Requests to the Kubernetes API server that waited for the budget",
+                budget.stats.throttled.clone(),
+            );
+            registry.register(
+                "kube_throttle_wait_seconds",
+                "Seconds requests to the Kubernetes API server waited for the budget, summed",
+                budget.stats.waited_seconds.clone(),
+            );
+        }
+        self
+    }
+
     /// Labels leadership with this process's shard.
     pub fn with_shard(mut self, shard: Shard) -> Self {
         self.leader.clear();

@@ -17,6 +17,7 @@ use crate::api::ServerGroup;
 use crate::controller::credentials::AllowedHosts;
 use crate::controller::index::ReadPath;
 use crate::controller::{self, ClientCache, DefaultCredentials, Settings};
+use crate::kube_budget::KubeBudget;
 use crate::leader::{self, LeaseSettings};
 use crate::metrics::Metrics;
 use crate::server::{self, Health};
@@ -52,6 +53,8 @@ pub struct Options {
     pub claims_namespace: String,
     /// The part of the resources this process reconciles (scale-out); every one by default.
     pub shard: Shard,
+    /// The budget of Kubernetes requests (`--kube-qps`, `--kube-burst`); `None`: unlimited.
+    pub kube_budget: Option<Arc<KubeBudget>>,
 }
 
 /// The Waldur clients of the process: every one of them, the defaults' included, shares one
@@ -84,7 +87,15 @@ pub async fn run(
     logs: Option<LogControl>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let metrics = Metrics::new().with_shard(options.shard);
+    // Leader election keeps a client of its own, outside the budget (see kube_budget).
+    let leader_kube = kube.clone();
+    let kube = match &options.kube_budget {
+        Some(budget) => crate::kube_budget::budgeted(kube, budget.clone()),
+        None => kube,
+    };
+    let metrics = Metrics::new()
+        .with_shard(options.shard)
+        .with_kube_budget(options.kube_budget.as_deref());
     let credentials = credentials(&options, &metrics)?;
     if options.defaults.url.is_none() || options.defaults.token.is_none() {
         tracing::warn!(
@@ -154,6 +165,8 @@ pub async fn run(
         concurrency = options.concurrency,
         max_in_flight = options.limits.max_in_flight,
         rate = options.limits.rate_per_second,
+        kube_qps = options.kube_budget.as_ref().map_or(0.0, |b| b.qps()),
+        kube_burst = options.kube_budget.as_ref().map_or(0, |b| b.burst()),
         leader_elect = options.lease.is_some(),
         shard = options.shard.index,
         total_shards = options.shard.total,
@@ -168,8 +181,15 @@ pub async fn run(
     );
     let outcome = match &options.lease {
         Some(lease) => {
-            leader::run_when_leading(&kube, lease, &health, &metrics, stop_rx.clone(), runtime)
-                .await
+            leader::run_when_leading(
+                &leader_kube,
+                lease,
+                &health,
+                &metrics,
+                stop_rx.clone(),
+                runtime,
+            )
+            .await
         }
         None => {
             health.leader.store(true, Ordering::SeqCst);

@@ -117,6 +117,7 @@ async fn run(args: Args) -> Result<(), String> {
         lease: None,
         claims_namespace: "default".into(),
         shard: waldur_operator::sharding::Shard::ALL,
+        kube_budget: None,
     };
     print_welcome(&args, &sim);
     let _ = logs;
