@@ -572,6 +572,68 @@ fn readiness_for_every_waldur_state() {
 }
 
 #[test]
+fn steps_within_a_phase_keep_the_state_shown_and_other_changes_show_the_new_one() {
+    use crate::waldur::State as S;
+    let cases: &[(Option<&str>, Option<S>, Option<&str>)] = &[
+        // A step within creating, updating or deleting keeps what status shows.
+        (
+            Some("CREATION_SCHEDULED"),
+            Some(S::Creating),
+            Some("CREATION_SCHEDULED"),
+        ),
+        (
+            Some("Creation Scheduled"),
+            Some(S::Creating),
+            Some("Creation Scheduled"),
+        ),
+        (
+            Some("UPDATE_SCHEDULED"),
+            Some(S::Updating),
+            Some("UPDATE_SCHEDULED"),
+        ),
+        (
+            Some("DELETING"),
+            Some(S::DeletionScheduled),
+            Some("DELETING"),
+        ),
+        // Into, out of, and between phases: the state observed.
+        (Some("CREATION_SCHEDULED"), Some(S::Ok), Some("OK")),
+        (
+            Some("OK"),
+            Some(S::UpdateScheduled),
+            Some("UPDATE_SCHEDULED"),
+        ),
+        (Some("CREATING"), Some(S::Erred), Some("ERRED")),
+        (
+            Some("UPDATING"),
+            Some(S::DeletionScheduled),
+            Some("DELETION_SCHEDULED"),
+        ),
+        (None, Some(S::Creating), Some("CREATING")),
+        (Some("CREATING"), None, None),
+    ];
+    for (shown, observed, want) in cases {
+        assert_eq!(
+            shown_state(*shown, observed.as_ref()).as_deref(),
+            *want,
+            "{shown:?} then {observed:?}"
+        );
+    }
+}
+
+#[test]
+fn the_end_of_a_creation_is_no_event_and_other_phase_changes_are() {
+    use crate::api::conditions::ready_reason as r;
+    assert!(!phase_change_is_news(Some(r::CREATING), r::AVAILABLE));
+    assert!(!phase_change_is_news(Some(r::AVAILABLE), r::AVAILABLE));
+    assert!(phase_change_is_news(Some(r::AVAILABLE), r::ERRED));
+    assert!(phase_change_is_news(Some(r::ERRED), r::AVAILABLE));
+    assert!(phase_change_is_news(Some(r::CREATING), r::ERRED));
+    assert!(phase_change_is_news(Some(r::UPDATING), r::AVAILABLE));
+    assert!(phase_change_is_news(None, r::AVAILABLE));
+}
+
+#[test]
 fn a_rejected_generation_is_not_retried_until_the_spec_changes() {
     let mut sg = resource(Mode::Managed, None, None);
     let now = Time(Timestamp::from_second(1).unwrap());
@@ -589,6 +651,39 @@ fn a_rejected_generation_is_not_retried_until_the_spec_changes() {
     assert!(rejected_for_this_generation(&sg));
     sg.metadata.generation = Some(2);
     assert!(!rejected_for_this_generation(&sg));
+}
+
+/// A taken name clears when its holder goes: such a rejection is looked at again (the
+/// campaign's seed 258 stayed InvalidSpec after Waldur dropped the holder).
+#[test]
+fn a_taken_name_is_looked_at_again_and_other_rejections_are_not() {
+    let now = Time(Timestamp::from_second(1).unwrap());
+    for (message, final_) in [
+        (
+            "name: Ensure this field has no more than 150 characters.",
+            true,
+        ),
+        ("name: Server group name should be unique.", false),
+        (
+            "name: tenant t already has a server group named \"web\" (u, not managed by any ServerGroup)",
+            false,
+        ),
+    ] {
+        let mut sg = resource(Mode::Managed, None, None);
+        let mut status = ServerGroupStatus::default();
+        crate::api::set_condition(
+            &mut status.conditions,
+            READY,
+            crate::api::ConditionStatus::False,
+            ready_reason::INVALID_SPEC,
+            message,
+            Some(1),
+            &now,
+        );
+        sg.status = Some(status);
+        assert_eq!(rejected_for_this_generation(&sg), final_, "{message}");
+        assert_eq!(says_name_taken(message), !final_, "{message}");
+    }
 }
 
 /// Stalled is True exactly when nothing changes without a change of spec or of Waldur.

@@ -253,7 +253,13 @@ impl Reconciler {
                     self.synced(s, false, ready_reason::INVALID_SPEC, &message);
                 })
                 .await?;
-                Ok(Action::await_change())
+                // A taken name may be freed by its holder: looked at again at the resync
+                // period. Any other rejection waits for the spec to change.
+                if plan::says_name_taken(&message) {
+                    Ok(self.settled_requeue())
+                } else {
+                    Ok(Action::await_change())
+                }
             }
         }
     }

@@ -146,6 +146,39 @@ pub fn recovery_backoff(resync: Duration, attempts: u32) -> Duration {
         .min(Duration::from_secs(24 * 3600))
 }
 
+/// The Waldur state status should show, given the one it shows now. A step within one
+/// transitional phase (CREATION_SCHEDULED -> CREATING, UPDATE_SCHEDULED -> UPDATING,
+/// DELETION_SCHEDULED -> DELETING) keeps the state shown: `Ready` says the same before and
+/// after, and writing the step would cost a Kubernetes write per resource and tell a user
+/// nothing (issue 21). Any other change shows the state observed.
+pub fn shown_state(shown: Option<&str>, observed: Option<&State>) -> Option<String> {
+    let phase = |s: &State| match s {
+        State::CreationScheduled | State::Creating => Some(0),
+        State::UpdateScheduled | State::Updating => Some(1),
+        State::DeletionScheduled | State::Deleting => Some(2),
+        _ => None,
+    };
+    let observed_phase = observed.and_then(phase);
+    match shown {
+        Some(label)
+            if observed_phase.is_some() && phase(&State::parse(label)) == observed_phase =>
+        {
+            Some(label.to_string())
+        }
+        _ => observed.map(State::to_string),
+    }
+}
+
+/// Whether a change of phase deserves an Event of its own. Not the end of a creation
+/// (Creating -> Available): the Created (or Adopted, Recreated) Event said what happened and
+/// `Ready` turning True says the rest, so that Event would be one more write per resource
+/// for nothing new. Every other change of phase is one, Erred as a Warning.
+pub fn phase_change_is_news(previous_reason: Option<&str>, reason: &str) -> bool {
+    previous_reason != Some(reason)
+        && !(previous_reason == Some(crate::api::conditions::ready_reason::CREATING)
+            && reason == crate::api::conditions::ready_reason::AVAILABLE)
+}
+
 /// The `Ready` condition for an observed Waldur state: (is ready, reason, message).
 pub fn readiness(group: &WaldurGroup) -> (bool, &'static str, String) {
     match group.state.clone().unwrap_or(State::Unknown(String::new())) {
@@ -251,7 +284,10 @@ pub fn stalled(sg: &ServerGroup, status: &ServerGroupStatus) -> Option<(&'static
 }
 
 /// Whether the last attempt for this generation was rejected by Waldur as invalid, in which
-/// case the same request must not be sent again until the spec changes.
+/// case the same request must not be sent again until the spec changes. A taken name is the
+/// exception: it clears by itself when its holder goes (an ERRED group dropped by Waldur's
+/// re-sync, someone deleting it), so it is checked again at the resync period rather than
+/// stuck until a spec change that cannot help (the campaign's seed 258).
 pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {
     let Some(status) = &sg.status else {
         return false;
@@ -261,7 +297,19 @@ pub fn rejected_for_this_generation(sg: &ServerGroup) -> bool {
             c.type_ == READY
                 && c.reason == ready_reason::INVALID_SPEC
                 && c.observed_generation == sg.metadata.generation
+                && !says_name_taken(&c.message)
         })
+}
+
+/// How the operator says a create was refused for a taken name (with the holder named).
+pub const NAME_TAKEN: &str = "already has a server group named";
+
+/// Whether a rejection's message is about a taken name: the operator's words, or Waldur's.
+pub fn says_name_taken(message: &str) -> bool {
+    message.contains(NAME_TAKEN)
+        || message
+            .to_ascii_lowercase()
+            .contains("name should be unique")
 }
 
 /// A resource rejected for this generation and then paused and unpaused still says Synced

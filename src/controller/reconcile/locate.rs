@@ -339,15 +339,34 @@ impl Reconciler {
         let Some(group) = groups.first() else {
             return Ok(Located::Rejected(original));
         };
+        // Bound by a resource this process does not cache (another shard's): its claim says.
+        for uuid in &uuids {
+            let owner = crate::controller::claims::holder(
+                &self.ctx.kube,
+                &self.ctx.claims_namespace,
+                uuid,
+                &self.sg,
+            )
+            .await?;
+            if let Some(owner) = owner {
+                return Ok(Located::AlreadyManaged(format!(
+                    "tenant {tenant} already has a server group named {name:?} ({uuid}, held by \
+                     ServerGroup {owner}); Waldur takes one group per name in a tenant, so this \
+                     resource makes its own once that one is gone"
+                )));
+            }
+        }
         Ok(Located::Rejected(WaldurError::Invalid {
             endpoint: "create",
             messages: crate::waldur::FieldMessages(vec![crate::waldur::FieldMessage {
                 field: Some("name".into()),
                 message: format!(
-                    "tenant {tenant} already has a server group named {name:?} ({}, not managed \
-                     by any ServerGroup), and Waldur takes one group per name in a tenant: \
-                     spec.name cannot change, so create a ServerGroup with another name, or one \
-                     that imports that group",
+                    "tenant {tenant} {} {name:?} ({}, not managed by any ServerGroup), and \
+                     Waldur takes one group per name in a tenant: spec.name cannot change, so \
+                     create a ServerGroup with another name, or one that imports that group \
+                     (checked again every resync period: once the name is free, the group is \
+                     created)",
+                    plan::NAME_TAKEN,
                     group.uuid
                 ),
             }]),

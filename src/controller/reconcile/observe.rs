@@ -85,6 +85,7 @@ impl Reconciler {
             .or_else(|| self.still_unsupported(&handled));
         self.write_status(true, |s| {
             progress(s, &group, &handled, &auto_pull);
+            s.state = plan::shown_state(previous_state.as_deref(), group.state.as_ref());
             self.ready(s, ready, reason, &message);
             match &unsupported {
                 Some(note) => self.synced(s, false, synced_reason::UNSUPPORTED, note),
@@ -94,11 +95,12 @@ impl Reconciler {
         .await?;
         let state = group.state.as_ref().map(State::to_string);
         // An Event when the group enters another phase (the Ready reason: Creating, Available,
-        // Erred...), not for every step within one (CREATION_SCHEDULED -> CREATING): each
-        // Event is a Kubernetes write, and that step tells a user nothing.
+        // Erred...), not for every step within one (CREATION_SCHEDULED -> CREATING), nor when
+        // a creation completes: each Event is a Kubernetes write, and those tell a user
+        // nothing status does not.
         if previous_state.is_some()
             && previous_state != state
-            && previous_reason.as_deref() != Some(reason)
+            && plan::phase_change_is_news(previous_reason.as_deref(), reason)
         {
             let note = format!(
                 "Waldur state {} -> {}",
