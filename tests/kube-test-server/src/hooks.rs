@@ -96,6 +96,22 @@ impl Hooks {
             .sum()
     }
 
+    /// Every write, by `resource` or `resource/subresource`: what the API server persisted.
+    pub fn writes_by_resource(&self) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for ((v, p, s), n) in &self.counts {
+            if WRITE_VERBS.contains(&v.as_str()) {
+                let key = if s.is_empty() {
+                    p.clone()
+                } else {
+                    format!("{p}/{s}")
+                };
+                *by.entry(key).or_default() += n;
+            }
+        }
+        by
+    }
+
     /// Requests with this verb on a resource (`sub`: `None` = all, `Some("")` = main only).
     pub fn count(&self, verb: &str, plural: &str, sub: Option<&str>) -> u64 {
         self.counts

@@ -256,6 +256,11 @@ impl TestServer {
         self.shared.hooks().writes(plural)
     }
 
+    /// Every write so far, by `resource` or `resource/subresource`.
+    pub fn writes_by_resource(&self) -> std::collections::BTreeMap<String, u64> {
+        self.shared.hooks().writes_by_resource()
+    }
+
     /// Requests with a verb on a resource (`subresource`: `None` counts all, `Some("")` the
     /// main resource only, `Some("status")` that subresource).
     pub fn count(&self, verb: &str, plural: &str, subresource: Option<&str>) -> u64 {
