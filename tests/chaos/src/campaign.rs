@@ -953,7 +953,11 @@ impl Campaign {
                 // A breaker opened by an earlier point's real outage stays open until its next
                 // probe (a second): "unreachable since" before this point is not its doing (seed
                 // 89: #29's outage, then #30's pokes within that second).
-                let opened_before = |m: &str| breaker_opened_before(m, armed_at);
+                // And a breaker whose cause is no 500 (a connection failure, a 502, 503 or 504,
+                // a timeout) was opened by an earlier point's fault, whatever its second (seed
+                // 257: #057's dropped connections, then #058 within the same second).
+                let opened_before =
+                    |m: &str| breaker_opened_before(m, armed_at) || breaker_cause_not_500(m);
                 if let Some(c) = sg
                     .cond("Synced")
                     .filter(|c| c.status == "False" && c.reason == "WaldurUnavailable")
@@ -1675,9 +1679,33 @@ fn breaker_opened_before(message: &str, armed_at: k8s_openapi::jiff::Timestamp) 
         .is_some_and(|since| since.as_second() < armed_at.as_second())
 }
 
+/// Whether a breaker's message ("unreachable since T (cause)") gives a cause other than an
+/// HTTP 500: then no 500 opened it (review N4 is a breaker opened by one object's 500s).
+fn breaker_cause_not_500(message: &str) -> bool {
+    message
+        .split("unreachable since ")
+        .nth(1)
+        .and_then(|rest| rest.split_once(" ("))
+        .is_some_and(|(_, cause)| !cause.starts_with("HTTP 500"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_breaker_opened_by_something_else_than_a_500_is_told_apart() {
+        let refused = "Waldur at http://127.0.0.1:37791 is unreachable since 2026-12-07T03:31:51Z (the connection failed: error sending request for url (http://127.0.0.1:37791/api/openstack-tenants/x/): client error (SendRequest): connect…";
+        assert!(breaker_cause_not_500(refused));
+        let bad_gateway = "Waldur at http://127.0.0.1:1 is unreachable since 2026-12-07T03:31:51Z (HTTP 502: bad gateway); the operator probes it";
+        assert!(breaker_cause_not_500(bad_gateway));
+        // A breaker opened by 500s is review N4 itself: still a violation.
+        let n4 = "Waldur at http://127.0.0.1:1 is unreachable since 2026-12-07T03:31:51Z (HTTP 500: boom); the operator probes it";
+        assert!(!breaker_cause_not_500(n4));
+        assert!(!breaker_cause_not_500(
+            "Waldur is unavailable (create): HTTP 500"
+        ));
+    }
 
     #[test]
     fn a_breaker_opened_by_an_earlier_outage_is_told_apart() {
