@@ -127,6 +127,10 @@ pub struct Context {
     pub tenant_pulls: Arc<tenant_pulls::TenantPulls>,
     /// How many workers each Waldur other than the default one may hold at once.
     pub url_workers: Arc<UrlWorkers>,
+    /// When this process first saw each resource being deleted, by uid: a deletion on the
+    /// batched path reads a sweep that started after that (on this clock, not the API
+    /// server's whole-second deletionTimestamp).
+    deletions_seen: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Workers per Waldur base URL: a namespace whose Secret names a slow (or hostile) Waldur can
@@ -206,7 +210,30 @@ impl Context {
             shard: Shard::ALL,
             tenant_pulls: Arc::default(),
             url_workers: Arc::new(UrlWorkers::new(usize::MAX)),
+            deletions_seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long ago this process first saw `uid` being deleted (now, the first time).
+    pub fn deleting_for(&self, uid: &str) -> std::time::Duration {
+        let mut seen = self
+            .deletions_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        // Objects released elsewhere (a finalizer removed by hand) are forgotten after a day.
+        if seen.len() > 1024 && !seen.contains_key(uid) {
+            seen.retain(|_, at| now.duration_since(*at) < std::time::Duration::from_secs(86_400));
+        }
+        now.duration_since(*seen.entry(uid.to_string()).or_insert(now))
+    }
+
+    /// The deletion of `uid` is over (its finalizer is gone).
+    pub fn deletion_done(&self, uid: &str) {
+        self.deletions_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
     }
 
     /// Each non-default Waldur may hold at most `quota` workers.

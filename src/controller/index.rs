@@ -280,7 +280,34 @@ impl Shard {
         self.stay_busy();
     }
 
-    fn is_dirty(&self, uuid: &WaldurUuid) -> bool {
+    /// Whether `uuid` is surely gone: absent from a complete, exact sweep (no row skipped by
+    /// paging) that started after this operator's last write to it. Only a deletion that saw
+    /// its own DELETE under way takes this for Waldur's 404 (see `plan::deletion_read`).
+    pub fn surely_gone(&self, uuid: &WaldurUuid) -> bool {
+        if self.is_dirty(uuid) || !self.trusted() {
+            return false;
+        }
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        snap.complete
+            && snap.exact
+            && !snap.by_uuid.contains_key(uuid)
+            && !snap
+                .elsewhere
+                .uuids
+                .contains(&fingerprint(&[uuid.as_str()]))
+    }
+
+    /// A reconcile waits for the next sweep rather than reading Waldur itself: sweep soon.
+    pub fn look_soon(&self) {
+        self.stay_busy();
+    }
+
+    /// Whether the last sweep succeeded recently enough to answer at all.
+    pub fn answers(&self) -> bool {
+        self.trusted()
+    }
+
+    pub fn is_dirty(&self, uuid: &WaldurUuid) -> bool {
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -302,7 +329,7 @@ impl Shard {
             complete: true,
             ..Default::default()
         };
-        {
+        let exact = {
             // A group as it was in the last sweep keeps its record: a settled sweep of 10,000
             // groups then allocates two maps of pointers, not 10,000 new records beside the
             // old ones (a reader holding the old snapshot's lock is not blocked meanwhile: the
@@ -326,8 +353,9 @@ impl Shard {
                         }
                     }
                 })
-                .await?;
-        }
+                .await?
+        };
+        next.exact = exact;
         let changed = {
             let mut snap = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());

@@ -238,6 +238,29 @@ fn what_follows_a_missing_group_for_every_mode() {
     }
 }
 
+/// Gone after its own DELETE was seen under way: deleted in OpenStack too, so no look by its
+/// Nova id (one request a resource fewer to delete N, issue 21); gone otherwise (an unlink by
+/// someone else, seed 117): looked for by its Nova id, as before.
+#[test]
+fn a_group_its_own_delete_took_is_not_looked_for_again() {
+    let by_uuid = Lookup::Uuid(uuid(UUID));
+    for (state, want) in [
+        ("DELETION_SCHEDULED", Missing::NotFound),
+        ("DELETING", Missing::NotFound),
+        ("OK", Missing::Lookup(Lookup::BackendId("nova-1".into()))),
+    ] {
+        let mut sg = resource(
+            Mode::Managed,
+            Some("11111111111111111111111111111111"),
+            Some("nova-1"),
+        );
+        sg.status.as_mut().unwrap().state = Some(state.into());
+        assert_eq!(after_missing(&sg, &by_uuid, true), Ok(want), "{state}");
+        assert_eq!(own_delete_under_way(&sg, true), state != "OK");
+        assert!(!own_delete_under_way(&sg, false));
+    }
+}
+
 /// Review N2: deleting never creates, but a group that may come back is waited for (so it can
 /// be deleted), imports included; Orphan and Unlink have nothing to wait for.
 #[test]
@@ -631,6 +654,36 @@ fn the_end_of_a_creation_is_no_event_and_other_phase_changes_are() {
     assert!(phase_change_is_news(Some(r::CREATING), r::ERRED));
     assert!(phase_change_is_news(Some(r::UPDATING), r::AVAILABLE));
     assert!(phase_change_is_news(None, r::AVAILABLE));
+}
+
+#[test]
+fn a_deletion_reads_a_picture_no_older_than_itself_or_waldur() {
+    use DeletionRead::*;
+    let s = Duration::from_secs;
+    // (index, answers, picture age, deleting for, dirty) -> where to read
+    let cases = [
+        // A sweep started after the deletion was first seen: the index.
+        ((true, true, s(1), s(5), false), Index),
+        ((true, true, s(4), s(5), false), Index),
+        // The picture is older than the deletion, or than the operator's DELETE: wait for
+        // the next sweep, early on or while sweeps run.
+        ((true, true, s(5), s(5), false), WaitForSweep),
+        ((true, true, s(30), s(1), false), WaitForSweep),
+        ((true, true, s(1), s(60), true), WaitForSweep),
+        ((true, false, s(1), s(5), false), WaitForSweep),
+        // Sweeps are not coming and the deletion has waited: Waldur itself.
+        ((true, true, s(40), s(30), false), Direct),
+        ((true, false, s(40), s(60), false), Direct),
+        // No index (the per-object path, or no bound group): Waldur itself.
+        ((false, true, s(1), s(60), false), Direct),
+    ];
+    for ((index, answers, age, deleting_for, dirty), want) in cases {
+        assert_eq!(
+            deletion_read(index, answers, age, deleting_for, dirty),
+            want,
+            "index {index} answers {answers} age {age:?} deleting for {deleting_for:?} dirty {dirty}"
+        );
+    }
 }
 
 #[test]

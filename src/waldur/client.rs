@@ -272,18 +272,24 @@ impl WaldurClient {
     /// its own host into links is still read through the configured address.
     pub async fn list(&self, query: &ListQuery) -> Result<Vec<ServerGroup>, WaldurError> {
         let mut out = Vec::new();
-        self.list_pages(query, |items| out.extend(items)).await?;
+        let _exact = self.list_pages(query, |items| out.extend(items)).await?;
         Ok(out)
     }
 
     /// Like [`list`](Self::list), handing over each page as it arrives: a sweep of 10,000
     /// groups then never holds them all in one more buffer beside its index.
+    ///
+    /// Returns whether the pages are exact: one page, or every page counting the same total
+    /// (`X-Result-Count`) and the pages holding that many rows. Offset paging skips a row when
+    /// rows before it go between two pages (a mass deletion); an exact walk skipped none.
     pub async fn list_pages(
         &self,
         query: &ListQuery,
         mut on_page: impl FnMut(Vec<ServerGroup>),
-    ) -> Result<(), WaldurError> {
+    ) -> Result<bool, WaldurError> {
         let mut page = 1u32;
+        let mut counts = Vec::new();
+        let mut rows = 0u64;
         loop {
             let params = query.params_for_page(page);
             let answer = self
@@ -292,10 +298,12 @@ impl WaldurClient {
                 })
                 .await?;
             let items: Vec<ServerGroup> = decode(Endpoint::List, &answer)?;
+            rows += items.len() as u64;
+            counts.push(result_count(&answer.headers));
             on_page(items);
             match next_page(&answer.headers) {
                 Some(next) if next > page && next <= MAX_PAGES => page = next,
-                _ => return Ok(()),
+                _ => return Ok(pages_exact(&counts, rows)),
             }
         }
     }
@@ -522,6 +530,16 @@ fn path_segment(s: &str) -> String {
     out
 }
 
+/// Whether a paged walk saw every row: a single page, or the same total on every page and
+/// that many rows.
+fn pages_exact(counts: &[Option<u64>], rows: u64) -> bool {
+    match counts {
+        [_] => true,
+        [Some(first), rest @ ..] => rest.iter().all(|c| *c == Some(*first)) && rows == *first,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::transport::probe_until_closed;
@@ -578,6 +596,17 @@ mod tests {
                 .to_string()
                 .contains("user name or password")
         );
+    }
+
+    #[test]
+    fn a_walk_is_exact_only_when_no_row_can_have_been_skipped() {
+        assert!(pages_exact(&[Some(10)], 10));
+        assert!(pages_exact(&[None], 3));
+        assert!(pages_exact(&[Some(600), Some(600)], 600));
+        // Rows went between the pages: one may have slid onto a page already read.
+        assert!(!pages_exact(&[Some(600), Some(598)], 598));
+        assert!(!pages_exact(&[Some(600), Some(600)], 599));
+        assert!(!pages_exact(&[None, None], 600));
     }
 
     #[test]

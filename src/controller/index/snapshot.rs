@@ -65,6 +65,9 @@ pub(super) struct Snapshot {
     pub(super) elsewhere: Fingerprints,
     /// Set after the first complete sweep: before it, a miss proves nothing.
     pub(super) complete: bool,
+    /// The sweep's pages skipped no row (see `WaldurClient::list_pages`): a miss is as good
+    /// as Waldur's 404 at the time of the sweep.
+    pub(super) exact: bool,
 }
 
 /// 64-bit fingerprints of the groups a sweep saw but did not keep: by UUID, by backend id, by

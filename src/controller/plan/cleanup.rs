@@ -38,6 +38,48 @@ pub enum Cleanup {
     },
 }
 
+/// Where a deletion on the batched read path reads its bound group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeletionRead {
+    /// From the index: its picture was taken after the deletion was asked for, and after
+    /// this operator's last write to the group.
+    Index,
+    /// Not yet: wait for the next sweep (woken now) instead of one GET per resource, so that
+    /// deleting N groups costs about N DELETEs and a few shared lists (issue 21).
+    WaitForSweep,
+    /// From Waldur itself: sweeps are not coming (failing, or slowed to the settled pace
+    /// while this deletion waited), or there is no index to wait for.
+    Direct,
+}
+
+/// How long a deletion may wait for sweeps that started after it before reading Waldur
+/// itself; and how recent the last sweep must be for waiting to be worth it.
+pub const DELETION_READ_PATIENCE: Duration = Duration::from_secs(20);
+pub const SWEEPS_RUNNING: Duration = Duration::from_secs(5);
+/// Where a deletion reads its group. A deletion decides a write (DELETE, or a pull first for
+/// an ERRED group that may still be in OpenStack) from what it reads, so the picture must be
+/// no older than the deletion itself: the index's last sweep must have started after this
+/// process first saw the deletion (`deleting_for` ago, on its own clock) and after its last
+/// write to the group (`dirty`).
+pub fn deletion_read(
+    index: bool,
+    answers: bool,
+    picture_age: Duration,
+    deleting_for: Duration,
+    dirty: bool,
+) -> DeletionRead {
+    if !index {
+        return DeletionRead::Direct;
+    }
+    if answers && !dirty && picture_age < deleting_for {
+        return DeletionRead::Index;
+    }
+    if deleting_for < DELETION_READ_PATIENCE || picture_age < SWEEPS_RUNNING {
+        return DeletionRead::WaitForSweep;
+    }
+    DeletionRead::Direct
+}
+
 /// Pulls of an ERRED group that is being deleted: 10 s, doubling, at most 10 minutes apart.
 pub fn delete_pull_backoff(attempts: u32) -> Duration {
     Duration::from_secs(10)

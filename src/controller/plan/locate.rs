@@ -111,6 +111,20 @@ pub fn tenant_to_see_before_release(sg: &ServerGroup) -> Option<WaldurUuid> {
 
 /// The next step after `lookup` found nothing. `deleting`: the resource is being deleted, so
 /// nothing is created, but a group that may come back is still waited for (review N2).
+/// Whether the group was last seen on its way out while this resource is being deleted (its
+/// own DELETE under way): then its absence means Waldur deleted it, in OpenStack too (a failed
+/// delete leaves the row ERRED). Not so for a deletion someone else asked for: a staff unlink
+/// before Waldur's worker ran it removes the row and leaves the Nova group (the campaign's
+/// seed 117).
+pub fn own_delete_under_way(sg: &ServerGroup, deleting: bool) -> bool {
+    let last_state = sg
+        .status
+        .as_ref()
+        .and_then(|s| s.state.as_deref())
+        .map(State::parse);
+    deleting && matches!(last_state, Some(State::DeletionScheduled | State::Deleting))
+}
+
 pub fn after_missing(
     sg: &ServerGroup,
     lookup: &Lookup,
@@ -124,12 +138,7 @@ pub fn after_missing(
         .filter(|b| !b.is_empty());
     let had_uuid = status.and_then(|s| s.uuid.as_ref()).is_some();
     let last_state = status.and_then(|s| s.state.as_deref()).map(State::parse);
-    // Last seen on its way out while this resource is being deleted (its own DELETE): a 404
-    // now means Waldur deleted it, in OpenStack too (a failed delete leaves the row ERRED).
-    // Not so for a deletion someone else asked for: a staff unlink before Waldur's worker ran
-    // it removes the row and leaves the Nova group (the campaign's seed 117).
-    let deleted =
-        deleting && matches!(last_state, Some(State::DeletionScheduled | State::Deleting));
+    let deleted = own_delete_under_way(sg, deleting);
     // A group last seen while Waldur was still creating it may have got a Nova group since,
     // which this resource never saw: it too may come back, by name.
     let maybe_in_openstack_unseen = had_uuid
@@ -161,10 +170,13 @@ pub fn after_missing(
     };
     match lookup {
         // Waldur re-imports a group that survived in OpenStack under a new UUID: find it
-        // by its Nova id before concluding it is gone.
-        Lookup::Uuid(_) if had_uuid && known_backend_id.is_some() => Ok(Missing::Lookup(
-            Lookup::BackendId(known_backend_id.unwrap_or_default().to_string()),
-        )),
+        // by its Nova id before concluding it is gone. Not one its own DELETE took away: that
+        // one is gone from OpenStack too (one list a resource fewer to delete N, issue 21).
+        Lookup::Uuid(_) if had_uuid && known_backend_id.is_some() && !deleted => {
+            Ok(Missing::Lookup(Lookup::BackendId(
+                known_backend_id.unwrap_or_default().to_string(),
+            )))
+        }
         Lookup::BackendId(backend_id)
             if had_uuid && known_backend_id == Some(backend_id) && may_come_back_for =>
         {

@@ -12,6 +12,12 @@ impl Reconciler {
         let mut located: Option<WaldurGroup> = None;
         if decision == Cleanup::Locate {
             let client = self.waldur().await.map_err(deletion_waits)?;
+            if self.deletion_read(&client) == plan::DeletionRead::WaitForSweep {
+                if let Some(shard) = &client.shard {
+                    shard.look_soon();
+                }
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
             let group = match self.locate(&client, true).await? {
                 Located::Found(group, _) => Some(*group),
                 // The group may come back (review N2): the finalizer stays until it is back
@@ -49,6 +55,8 @@ impl Reconciler {
             .await?;
         }
         self.remove_finalizer().await?;
+        self.ctx
+            .deletion_done(self.sg.metadata.uid.as_deref().unwrap_or_default());
         if let Some(reference) = &self.sg.spec.credentials_ref {
             crate::controller::secret_guard::release_if_unused(
                 &self.ctx.kube,
@@ -134,14 +142,9 @@ impl Reconciler {
         match decision {
             Cleanup::Delete(uuid) => {
                 match client.delete(uuid).await.inspect(|_| client.written(uuid)) {
+                    // No Event: status says Deleting, and the Deleted Event follows when the
+                    // group is gone (each Event is a Kubernetes write per resource).
                     Ok(()) => {
-                        self.event(
-                            EventType::Normal,
-                            "DeleteRequested",
-                            "Delete",
-                            &format!("asked Waldur to delete {uuid}"),
-                        )
-                        .await;
                         self.deleting_status(
                             "Waldur is deleting the group",
                             Some(State::DeletionScheduled.as_str()),
@@ -150,8 +153,12 @@ impl Reconciler {
                         Ok(Some(Action::requeue(SOON)))
                     }
                     Err(e) if e.is_not_found() => Ok(None),
-                    // Busy with another operation: ask again shortly.
-                    Err(e) if e.kind() == ErrorKind::Conflict => Ok(Some(Action::requeue(SOON))),
+                    // Busy with another operation: ask again shortly, on a picture taken after
+                    // this answer.
+                    Err(e) if e.kind() == ErrorKind::Conflict => {
+                        client.written(uuid);
+                        Ok(Some(Action::requeue(SOON)))
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -190,11 +197,19 @@ impl Reconciler {
                 Ok(Some(Action::requeue(SOON)))
             }
             Cleanup::Wait { state } => {
-                self.deleting_status(
-                    &format!("waiting for Waldur to finish ({state}) before deleting"),
-                    Some(state),
-                )
-                .await?;
+                // Being deleted says what the DELETE said: no write for each step of it.
+                let deleting = matches!(
+                    State::parse(state),
+                    State::DeletionScheduled | State::Deleting
+                );
+                let message = if deleting {
+                    "Waldur is deleting the group".to_string()
+                } else {
+                    format!("waiting for Waldur to finish ({state}) before deleting")
+                };
+                let shown =
+                    plan::shown_state(self.status().state.as_deref(), Some(&State::parse(state)));
+                self.deleting_status(&message, shown.as_deref()).await?;
                 // Backing off like any transitional state (review m3): a group stuck in
                 // DELETING is not read every 2 s for ever.
                 Ok(Some(Action::requeue(plan::requeue_after(
@@ -288,6 +303,23 @@ impl Reconciler {
                 Ok(Some(Action::requeue(*retry_in)))
             }
             Cleanup::Release { .. } | Cleanup::Locate => Ok(None),
+        }
+    }
+
+    /// Where this deletion reads its bound group (see [`plan::deletion_read`]).
+    pub(super) fn deletion_read(&self, client: &Waldur) -> plan::DeletionRead {
+        let deleting_for = self
+            .ctx
+            .deleting_for(self.sg.metadata.uid.as_deref().unwrap_or_default());
+        match (&client.shard, self.status_uuid()) {
+            (Some(shard), Some(uuid)) => plan::deletion_read(
+                true,
+                shard.answers(),
+                shard.snapshot_age(),
+                deleting_for,
+                shard.is_dirty(&uuid),
+            ),
+            _ => plan::DeletionRead::Direct,
         }
     }
 

@@ -146,9 +146,11 @@ impl Reconciler {
         client: &Waldur,
         lookup: &Lookup,
     ) -> Option<Option<WaldurGroup>> {
-        // A deletion decides a write from what it reads: it reads Waldur, not a sweep's
-        // older picture, so it does not send a DELETE that Waldur would refuse.
-        if self.sg.meta().deletion_timestamp.is_some() {
+        // A deletion decides a write from what it reads: only a picture taken since the
+        // deletion was asked for, else Waldur itself (see `plan::deletion_read`).
+        if self.sg.meta().deletion_timestamp.is_some()
+            && self.deletion_read(client) != plan::DeletionRead::Index
+        {
             return None;
         }
         let shard = client.shard.as_ref()?;
@@ -161,6 +163,15 @@ impl Reconciler {
         match lookup {
             Lookup::Uuid(uuid) => match shard.lookup_uuid(uuid) {
                 Answer::Found(g) => Some(Some((*g).clone())),
+                // Its own DELETE under way and an exact sweep since without it: as good as
+                // Waldur's 404, without a GET per deleted resource (issue 21).
+                Answer::Missing
+                    if plan::own_delete_under_way(&self.sg, true)
+                        && self.sg.meta().deletion_timestamp.is_some()
+                        && shard.surely_gone(uuid) =>
+                {
+                    Some(None)
+                }
                 Answer::Missing | Answer::Unknown => None,
             },
             Lookup::BackendId(backend_id) => match shard.lookup_backend_id(backend_id) {
