@@ -92,6 +92,11 @@ impl ListQuery {
         self.filters.clone()
     }
 
+    /// Groups a page holds.
+    pub(crate) fn size(&self) -> u32 {
+        self.page_size.unwrap_or(MAX_PAGE_SIZE)
+    }
+
     pub(crate) fn params_for_page(&self, page: u32) -> Vec<(&'static str, String)> {
         let mut params = self.filters.clone();
         params.push((
