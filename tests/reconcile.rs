@@ -876,6 +876,52 @@ async fn a_resource_that_once_lost_the_name_still_owns_its_own_lost_create() {
     }
 }
 
+/// The fault campaign's seed 393: a group made without a Nova id (ERRED) is deleted out of
+/// band, so the resource makes another in its place; that create is committed but its answer
+/// is lost, and the resource is deleted right then. Its create intent still stands (nothing
+/// bound since): the deletion looks for the group that create made and deletes it, instead of
+/// letting go because the old group is gone.
+#[tokio::test]
+async fn deleting_right_after_a_recreate_whose_answer_was_lost_deletes_what_it_made() {
+    use support::{Harness, NS, PLURAL, TENANT, reason_is};
+    for mode in [ReadPath::Batched, ReadPath::PerObject] {
+        let h = Harness::fast_mode(mode).await;
+        h.sim.fail_next_creates(1);
+        h.apply(
+            "web",
+            serde_json::json!({"policy": "affinity", "tenant": TENANT, "deletionPolicy": "Delete"}),
+        );
+        let erred = h
+            .converge("web", reason_is("Ready", "Erred"))
+            .await
+            .unwrap();
+        let old = erred.status.unwrap().uuid.unwrap();
+        h.sim.waldur_delete(&old).unwrap();
+        h.sim.drop_answers_after_commit(Some("create"), 1);
+        let mut made = false;
+        for _ in 0..200 {
+            let _ = h.reconcile("web").await;
+            if h.sim
+                .groups()
+                .iter()
+                .any(|g| g["uuid"].as_str() != Some(old.as_str()))
+            {
+                made = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(made, "{mode:?}: the recreate reached Waldur");
+        h.kube.delete(PLURAL, NS, "web");
+        h.converge("web", |sg| sg.is_none()).await;
+        assert!(
+            h.sim.groups().is_empty(),
+            "{mode:?}: the group the lost recreate made is left: {:?}",
+            h.sim.groups()
+        );
+    }
+}
+
 /// The fault campaign's R6 (seed 2): twins (one tenant and name) are created; the first one's
 /// create is committed in Waldur but its answer is lost, and the second one looks next. The
 /// group is young and well named, but the second twin never asked Waldur for it: it must not

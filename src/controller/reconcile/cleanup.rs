@@ -23,10 +23,12 @@ impl Reconciler {
                 // The group may come back (review N2): the finalizer stays until it is back
                 // (and is deleted) or shown gone for good.
                 Located::AwaitingReimport(waiting) => return self.awaiting(waiting).await,
+                // The bound group is gone, but a create decided since may have made another.
+                Located::NotFound(_) | Located::Gone(_) => {
+                    self.own_creation_while_deleting(&client).await?
+                }
                 // Held by another resource: not ours to delete.
                 Located::AlreadyManaged(_)
-                | Located::NotFound(_)
-                | Located::Gone(_)
                 | Located::Rejected(_)
                 | Located::TenantBlocked { .. } => None,
             };
@@ -45,11 +47,16 @@ impl Reconciler {
             _ => "the group is gone from Waldur",
         };
         self.remember_release(&decision, located.as_ref()).await?;
-        if let Some(uuid) = self.status_uuid() {
+        // The bound group's claim, and the claim on a group found while deleting (a lost
+        // create's): neither may outlive this resource.
+        let found = located.as_ref().map(|g| g.uuid.clone());
+        let mut claimed: Vec<WaldurUuid> = self.status_uuid().into_iter().collect();
+        claimed.extend(found.filter(|f| !claimed.contains(f)));
+        for uuid in &claimed {
             crate::controller::claims::release(
                 &self.ctx.kube,
                 &self.ctx.claims_namespace,
-                &uuid,
+                uuid,
                 &self.sg,
             )
             .await?;
@@ -75,6 +82,31 @@ impl Reconciler {
         };
         self.event(EventType::Normal, event, "Delete", reason).await;
         Ok(Action::await_change())
+    }
+
+    /// A create decided for this resource after its last binding (its intent still stands)
+    /// may have made a group whose answer never came: that group is this resource's, and the
+    /// deletion deletes it rather than letting go because the bound one is gone (the fault
+    /// campaign's seed 393: a recreate timed out after Waldur committed it, and the resource
+    /// was deleted at that moment). Found as a lost create is, by name, policy, description
+    /// and a creation time after the intent.
+    async fn own_creation_while_deleting(
+        &self,
+        client: &Waldur,
+    ) -> Result<Option<WaldurGroup>, Error> {
+        if plan::pending_intent(&self.sg).is_none() {
+            return Ok(None);
+        }
+        let Ok(own) = plan::first_lookup_for_create(&self.sg) else {
+            return Ok(None);
+        };
+        let Some(group) = self.look(client, &own).await? else {
+            return Ok(None);
+        };
+        match self.bind(&own, group).await? {
+            Located::Found(group, _) => Ok(Some(*group)),
+            _ => Ok(None),
+        }
     }
 
     /// An Orphan or Unlink resource lets go of a Nova group that stays: remembered, so that
