@@ -13,7 +13,9 @@ use futures::{StreamExt, TryStreamExt, stream};
 use kube::api::PostParams;
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
-use kube_test_server::TestServer;
+mod kube_side;
+
+use kube_side::KubeSide;
 use serde_json::{Value, json};
 use waldur_sim::{Delays, SimConfig, Simulator};
 
@@ -74,6 +76,16 @@ struct Args {
     /// Print one JSON object per row instead of the table.
     #[arg(long)]
     json: bool,
+    /// The Kubernetes API: the API test server in this process (fast), or a real
+    /// kube-apiserver with etcd, built by `scripts/k8s-assets` (or from `KUBEBUILDER_ASSETS`).
+    #[arg(long, value_enum, default_value_t = Kube::TestServer)]
+    kube: Kube,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Kube {
+    TestServer,
+    Real,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -93,6 +105,9 @@ impl Mode {
 
 struct Row {
     mode: Mode,
+    kube: &'static str,
+    /// The real API server's CPU until all were Ready, when it is a process of its own.
+    server_cpu_secs: Option<f64>,
     n: usize,
     ready_secs: f64,
     /// When half and nine tenths of the resources had become Ready, from the first apply.
@@ -182,12 +197,7 @@ async fn main() {
 }
 
 async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
-    let kube_server = TestServer::start().await.map_err(|e| e.to_string())?;
-    let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
-    kube_server.install_crd(crd)?;
-    for i in 0..10 {
-        kube_server.create_namespace(&format!("team-{i}"))?;
-    }
+    let kube_server = KubeSide::start(args.kube == Kube::Real).await?;
     let half = Duration::from_millis(args.transition_ms / 2);
     let sim = Simulator::start(SimConfig {
         delays: Delays {
@@ -203,8 +213,7 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     let dir = std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml("default"))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml()).map_err(|e| e.to_string())?;
     let client = kube_server.client().await?;
 
     let shards = args.shards.max(1);
@@ -254,7 +263,8 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
 
     // Apply all resources at once, as a GitOps sync of a large repository would.
     sim.reset_counters();
-    let writes_before = kube_server.writes_by_resource();
+    let writes_before = kube_server.writes_by_resource(&client).await;
+    let server_cpu_before = kube_server.server_cpu_secs();
     let started = Instant::now();
     let own_cpu_before = cpu_secs(std::process::id()).unwrap_or_default();
     let watching = tokio::spawn(wait_all_ready(
@@ -274,6 +284,16 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     // test server, the simulator and the benchmark itself).
     let operator_cpu: f64 = operators.iter().filter_map(|(_, pid)| cpu_secs(*pid)).sum();
     let own_cpu = cpu_secs(std::process::id()).unwrap_or_default() - own_cpu_before;
+    let server_cpu = kube_server
+        .server_cpu_secs()
+        .zip(server_cpu_before)
+        .map(|(after, before)| after - before);
+    if let Some(cpu) = server_cpu {
+        eprintln!(
+            "  {}: kube-apiserver CPU until all Ready: {cpu:.1} s",
+            mode.flag()
+        );
+    }
     eprintln!(
         "  {}: CPU until all Ready: operator(s) {operator_cpu:.1} s, test server + simulator + benchmark {own_cpu:.1} s, in {ready_secs:.1} s",
         mode.flag()
@@ -294,7 +314,10 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     tokio::time::sleep(resync * periods).await;
     let resync_requests = sim.total_requests() as f64 / f64::from(periods);
     // Every write the API server recorded, but the benchmark's own N creates.
-    let mut by_kind = writes_since(&writes_before, &kube_server.writes_by_resource());
+    let mut by_kind = writes_since(
+        &writes_before,
+        &kube_server.writes_by_resource(&client).await,
+    );
     if let Some(own) = by_kind.get_mut("servergroups") {
         *own = own.saturating_sub(n as u64);
     }
@@ -313,7 +336,7 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
         .collect();
     // Deleting all N at once, as removing them from a GitOps repository would.
     sim.reset_counters();
-    let deletes_before = kube_server.writes_by_resource();
+    let deletes_before = kube_server.writes_by_resource(&client).await;
     let deleting = Instant::now();
     delete_all(&client, n).await?;
     wait_all_gone(&client, Duration::from_secs(args.timeout_secs)).await?;
@@ -330,10 +353,13 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let delete_writes: u64 = writes_since(&deletes_before, &kube_server.writes_by_resource())
-        .values()
-        .sum::<u64>()
-        .saturating_sub(n as u64);
+    let delete_writes: u64 = writes_since(
+        &deletes_before,
+        &kube_server.writes_by_resource(&client).await,
+    )
+    .values()
+    .sum::<u64>()
+    .saturating_sub(n as u64);
     let mut peak_rss_deleting = Vec::new();
     for (mut child, pid) in operators {
         peak_rss_deleting.push(peak_rss_kib(pid).map(|kib| kib as f64 / 1024.0));
@@ -344,6 +370,8 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     let per = |x: f64| x / n as f64;
     Ok(Row {
         mode,
+        kube: kube_server.name(),
+        server_cpu_secs: server_cpu,
         n,
         ready_secs,
         ready_p50_secs: quantile(0.5),
@@ -392,7 +420,12 @@ fn writes_since(
 ) -> std::collections::BTreeMap<String, u64> {
     after
         .iter()
-        .map(|(k, a)| (k.clone(), a - before.get(k).copied().unwrap_or_default()))
+        .map(|(k, a)| {
+            (
+                k.clone(),
+                a.saturating_sub(before.get(k).copied().unwrap_or_default()),
+            )
+        })
         .collect()
 }
 
@@ -579,7 +612,7 @@ async fn event_reasons(client: &Client) -> String {
 }
 
 /// CPU time the process has used so far, in seconds (user + system, from /proc).
-fn cpu_secs(pid: u32) -> Option<f64> {
+pub fn cpu_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -787,7 +820,11 @@ fn settings_line(args: &Args) -> String {
         )
     };
     format!(
-        "shards {}, Waldur latency {} ms, create transition {} ms, resync {}, {budget}",
+        "Kubernetes: {}; shards {}, Waldur latency {} ms, create transition {} ms, resync {}, {budget}",
+        match args.kube {
+            Kube::TestServer => "the API test server",
+            Kube::Real => "kube-apiserver 1.37 with etcd",
+        },
         args.shards.max(1),
         args.latency_ms,
         args.transition_ms,
@@ -843,7 +880,8 @@ fn print_json(args: &Args, rows: &[Row]) {
     for r in rows {
         let row = json!({
             "operator": "waldur-operator",
-            "kube": "test-server",
+            "kube": r.kube,
+            "kube_apiserver_cpu_s": r.server_cpu_secs,
             "read_path": r.mode.flag(),
             "settings": settings_line(args),
             "n": r.n,

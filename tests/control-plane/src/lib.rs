@@ -305,6 +305,12 @@ impl ControlPlane {
         ))
     }
 
+    /// The process id of one of its processes (`kube-apiserver`, `etcd`, ...), if it runs.
+    pub fn pid_of(&self, name: &str) -> Option<u32> {
+        let procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
+        procs.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
+    }
+
     /// The first process that has exited, as a sentence.
     pub fn exited(&self) -> Option<String> {
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
