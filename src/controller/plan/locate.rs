@@ -234,7 +234,10 @@ pub fn pending_intent(sg: &ServerGroup) -> Option<CreateIntent> {
 /// or its owner makes it anew: a twin that took the free name meanwhile would leave two groups
 /// of the name, both bound (the fault campaign's seed 16).
 pub fn holds_name_while_away(other: &ServerGroup, tenant: &WaldurUuid, name: &str) -> bool {
-    if other.spec.management_policy != ManagementPolicy::Managed || other.spec.import.is_some() {
+    if !named(other, name)
+        || other.spec.management_policy != ManagementPolicy::Managed
+        || other.spec.import.is_some()
+    {
         return false;
     }
     let Ok(Lookup::OwnCreation {
@@ -250,6 +253,18 @@ pub fn holds_name_while_away(other: &ServerGroup, tenant: &WaldurUuid, name: &st
     };
     let away = status.uuid.is_some() || status.reimport.is_some();
     away && &theirs == tenant && their_name == name
+}
+
+/// Whether `other` would make its group under `name`: a comparison, no allocation, so that a
+/// walk over every cached ServerGroup before each create stays cheap (at 10,000 resources the
+/// walks parsed every other resource's intent and tenant: 124 s of CPU to create them all).
+pub fn named(other: &ServerGroup, name: &str) -> bool {
+    other
+        .spec
+        .name
+        .as_deref()
+        .or(other.metadata.name.as_deref())
+        == Some(name)
 }
 
 /// Whether a create recorded by `intent` may have made `group` of this tenant and name: not

@@ -287,9 +287,13 @@ impl Reconciler {
         name: &str,
         groups: &[WaldurUuid],
     ) -> Option<(String, WaldurUuid)> {
+        if groups.is_empty() {
+            return None;
+        }
         let me = self.sg.uid();
         self.ctx.store.state().iter().find_map(|other| {
-            if other.uid() == me {
+            // The name first: a comparison; the intent is JSON to parse.
+            if !plan::named(other, name) || other.uid() == me {
                 return None;
             }
             let intent = plan::pending_intent(other)?;
