@@ -194,20 +194,24 @@ impl Metrics {
     /// Reports the Kubernetes budget's counters, when there is a budget.
     pub fn with_kube_budget(mut self, budget: Option<&crate::kube_budget::KubeBudget>) -> Self {
         if let (Some(budget), Some(registry)) = (budget, Arc::get_mut(&mut self.registry)) {
+            let kube_requests = Counter::clone(&budget.stats.requests);
             registry.register(
                 "kube_requests",
                 "Requests to the Kubernetes API server through the budget (--kube-qps, --kube-burst); leader election is outside it",
-                budget.stats.requests.clone(),
+                kube_requests,
             );
+            let kube_requests_throttled = Counter::clone(&budget.stats.throttled);
             registry.register(
                 "kube_requests_throttled",
                 "Requests to the Kubernetes API server that waited for the budget",
-                budget.stats.throttled.clone(),
+                kube_requests_throttled,
             );
+            let kube_throttle_wait_seconds =
+                Counter::<f64, std::sync::atomic::AtomicU64>::clone(&budget.stats.waited_seconds);
             registry.register(
                 "kube_throttle_wait_seconds",
                 "Seconds requests to the Kubernetes API server waited for the budget, summed",
-                budget.stats.waited_seconds.clone(),
+                kube_throttle_wait_seconds,
             );
         }
         self
