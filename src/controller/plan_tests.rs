@@ -261,6 +261,33 @@ fn a_group_its_own_delete_took_is_not_looked_for_again() {
     }
 }
 
+/// An exact sweep without the group stands for Waldur's 404 only after this resource's own
+/// DELETE, while it is being deleted, and only when the sweep surely covered the group: any
+/// other absence is asked of Waldur (a GET), as a staff unlink may leave the Nova group.
+#[test]
+fn a_sweep_miss_is_a_404_only_after_its_own_delete() {
+    for (state, deleting, surely_gone, want) in [
+        ("DELETING", true, true, true),
+        ("DELETION_SCHEDULED", true, true, true),
+        ("DELETING", true, false, false),
+        ("DELETING", false, true, false),
+        ("OK", true, true, false),
+        ("ERRED", true, true, false),
+    ] {
+        let mut sg = resource(
+            Mode::Managed,
+            Some("11111111111111111111111111111111"),
+            Some("nova-1"),
+        );
+        sg.status.as_mut().unwrap().state = Some(state.into());
+        assert_eq!(
+            sweep_miss_is_gone(&sg, deleting, surely_gone),
+            want,
+            "{state}, deleting {deleting}, surely gone {surely_gone}"
+        );
+    }
+}
+
 /// Review N2: deleting never creates, but a group that may come back is waited for (so it can
 /// be deleted), imports included; Orphan and Unlink have nothing to wait for.
 #[test]

@@ -125,6 +125,15 @@ pub fn own_delete_under_way(sg: &ServerGroup, deleting: bool) -> bool {
     deleting && matches!(last_state, Some(State::DeletionScheduled | State::Deleting))
 }
 
+/// Whether a group an exact sweep did not list counts as Waldur's 404 for `sg`, without a GET
+/// per deleted resource (issue 21). Only while `sg` is being deleted and its own DELETE is
+/// under way (another absence, such as a staff unlink, may leave the Nova group: seed 117),
+/// and only when the sweep surely covered the group (`surely_gone`: it began after the group
+/// was last seen and listed every page).
+pub fn sweep_miss_is_gone(sg: &ServerGroup, deleting: bool, surely_gone: bool) -> bool {
+    own_delete_under_way(sg, deleting) && surely_gone
+}
+
 pub fn after_missing(
     sg: &ServerGroup,
     lookup: &Lookup,

@@ -166,9 +166,11 @@ impl Reconciler {
                 // Its own DELETE under way and an exact sweep since without it: as good as
                 // Waldur's 404, without a GET per deleted resource (issue 21).
                 Answer::Missing
-                    if plan::own_delete_under_way(&self.sg, true)
-                        && self.sg.meta().deletion_timestamp.is_some()
-                        && shard.surely_gone(uuid) =>
+                    if plan::sweep_miss_is_gone(
+                        &self.sg,
+                        self.sg.meta().deletion_timestamp.is_some(),
+                        shard.surely_gone(uuid),
+                    ) =>
                 {
                     Some(None)
                 }
