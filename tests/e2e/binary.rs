@@ -295,6 +295,55 @@ async fn every_waldur_request_obeys_the_rate_and_in_flight_limits() {
     );
 }
 
+/// Every Kubernetes request the reconcilers make goes through one budget, `--kube-qps` a
+/// second with bursts of `--kube-burst` (client-go's QPS and Burst): the binary counts them,
+/// waits when the bucket is empty, says so in its metrics, and loses no work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kubernetes_request_obeys_the_kube_budget() {
+    let env = Env::new(Kind::TestServer, "kube-budget").await;
+    let started = Instant::now();
+    let pid = env
+        .start_operator_with(&[("KUBE_QPS", "4"), ("KUBE_BURST", "4")])
+        .await;
+    let port = env.with_operator(pid, |o| o.metrics);
+    let names: Vec<String> = (0..6).map(|i| format!("q-{i:02}")).collect();
+    for name in &names {
+        env.apply(name, spec("affinity")).await.unwrap();
+    }
+    // Each creation costs about five requests: 30 at 4 a second, so the budget must hold
+    // some back, and everything still gets done.
+    for name in &names {
+        env.wait_ready(name).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let body = wait_http_ok(&format!("http://127.0.0.1:{port}/metrics"), || None).await;
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    };
+    let requests = metric("waldur_operator_kube_requests_total");
+    let throttled = metric("waldur_operator_kube_requests_throttled_total");
+    eprintln!(
+        "{requests} Kubernetes requests through the budget, {throttled} held back, all Ready in {elapsed:.1} s"
+    );
+    assert!(
+        requests >= 20.0,
+        "the reconcilers' requests are counted: {requests}"
+    );
+    assert!(
+        throttled > 0.0,
+        "at --kube-qps 4 some of {requests} requests had to wait"
+    );
+    // Never more than the burst and 4 a second since the process started.
+    let allowed = 4.0 + 4.0 * elapsed + 1.0;
+    assert!(
+        requests <= allowed,
+        "{requests} requests in {elapsed:.1} s at --kube-qps 4 (at most {allowed:.0})"
+    );
+}
+
 /// A lone leader keeps its term through many renewals: its watchdog's deadline must fall after
 /// the lease manager's renewal (`duration - grace`), not on it. With the chart's 15 s / 5 s
 /// the two used to coincide, and a leader could end its own term at every renewal.
