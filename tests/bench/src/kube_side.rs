@@ -29,12 +29,13 @@ impl KubeSide {
             KubeSide::TestServer(TestServer::start().await.map_err(|e| e.to_string())?)
         };
         let client = side.client().await?;
-        install_crd(&client).await?;
-        for i in 0..10 {
+        let crd = serde_json::to_value(waldur_operator::api::crd()).map_err(|e| e.to_string())?;
+        install_crds(&client, vec![crd]).await?;
+        for ns in crate::namespaces() {
             Api::<Namespace>::all(client.clone())
                 .create(
                     &PostParams::default(),
-                    &serde_json::from_value(json!({"metadata": {"name": format!("team-{i}")}}))
+                    &serde_json::from_value(json!({"metadata": {"name": ns}}))
                         .map_err(|e| e.to_string())?,
                 )
                 .await
@@ -137,33 +138,44 @@ pub fn writes_in_metrics(text: &str) -> BTreeMap<String, u64> {
     by
 }
 
-async fn install_crd(client: &Client) -> Result<(), String> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let name = "servergroups.openstack.waldur.com";
-    crds.patch(
-        name,
-        &PatchParams::apply("waldur-bench").force(),
-        &Patch::Apply(waldur_operator::api::crd()),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let crd = crds.get(name).await.map_err(|e| e.to_string())?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err("the CRD was not Established in 30 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+/// Applies the CRDs (server-side) and waits until every one is Established.
+pub async fn install_crds(client: &Client, crds: Vec<serde_json::Value>) -> Result<(), String> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for crd in crds {
+        let name = crd["metadata"]["name"]
+            .as_str()
+            .ok_or("a CRD without a name")?
+            .to_string();
+        api.patch(
+            &name,
+            &PatchParams::apply("waldur-bench").force(),
+            &Patch::Apply(crd),
+        )
+        .await
+        .map_err(|e| format!("applying CRD {name}: {e}"))?;
+        names.push(name);
     }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for name in names {
+        loop {
+            let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("CRD {name} was not Established in 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

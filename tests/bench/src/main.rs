@@ -14,6 +14,8 @@ use kube::api::PostParams;
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 mod kube_side;
+mod nova;
+mod orc;
 
 use kube_side::KubeSide;
 use serde_json::{Value, json};
@@ -80,6 +82,126 @@ struct Args {
     /// kube-apiserver with etcd, built by `scripts/k8s-assets` (or from `KUBEBUILDER_ASSETS`).
     #[arg(long, value_enum, default_value_t = Kube::TestServer)]
     kube: Kube,
+    /// Also run a peer at each N, on the same API server with the same latency and resync:
+    /// `orc`, the OpenStack Resource Controller v2.6.0 (built by `scripts/k8s-assets orc`)
+    /// against a Keystone and Nova emulator. Its rows are printed beside ours and held to no
+    /// bound.
+    #[arg(long, value_enum)]
+    peer: Option<Peer>,
+    /// Run only the peer's rows (with `--peer`).
+    #[arg(long, requires = "peer")]
+    peer_only: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+enum Peer {
+    Orc,
+}
+
+/// Whose row: this operator on one read path, or the peer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    Ours(Mode),
+    Orc,
+}
+
+impl Who {
+    fn label(self) -> &'static str {
+        match self {
+            Who::Ours(mode) => mode.flag(),
+            Who::Orc => "ORC v2.6.0",
+        }
+    }
+
+    fn operator(self) -> &'static str {
+        match self {
+            Who::Ours(_) => "waldur-operator",
+            Who::Orc => "orc",
+        }
+    }
+
+    fn resource(self) -> kube::api::ApiResource {
+        match self {
+            Who::Ours(_) => resource(),
+            Who::Orc => orc::resource(),
+        }
+    }
+
+    fn manifest(self, i: usize) -> Value {
+        match self {
+            Who::Ours(_) => manifest(i),
+            Who::Orc => orc::manifest(i),
+        }
+    }
+
+    fn is_ready(self, obj: &kube::api::DynamicObject) -> bool {
+        match self {
+            Who::Ours(_) => condition_true(obj, "Ready"),
+            Who::Orc => orc::is_ready(obj),
+        }
+    }
+}
+
+/// The backend the operator talks to: the Waldur simulator, or the peer's Nova emulator.
+enum Backend {
+    Waldur(Simulator),
+    Nova(nova::Nova),
+}
+
+impl Backend {
+    fn total_requests(&self) -> u64 {
+        match self {
+            Backend::Waldur(s) => s.total_requests(),
+            Backend::Nova(n) => n.total_requests(),
+        }
+    }
+
+    fn reset_counters(&self) {
+        match self {
+            Backend::Waldur(s) => s.reset_counters(),
+            Backend::Nova(n) => n.reset_counters(),
+        }
+    }
+
+    /// The requests so far by endpoint, as `GET /x 12, DELETE /x 3`.
+    fn by_endpoint(&self) -> String {
+        let counts: Vec<(&str, u64)> = match self {
+            Backend::Waldur(s) => waldur_sim::ENDPOINTS
+                .iter()
+                .map(|e| (*e, s.requests(e)))
+                .collect(),
+            Backend::Nova(n) => nova::ENDPOINTS
+                .iter()
+                .map(|e| (*e, n.requests(e)))
+                .collect(),
+        };
+        counts
+            .into_iter()
+            .filter(|(_, c)| *c > 0)
+            .map(|(e, c)| format!("{e} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Groups the backend still holds: none once every resource is deleted.
+    fn groups_left(&self) -> usize {
+        match self {
+            Backend::Waldur(s) => s.groups().len(),
+            Backend::Nova(n) => n.groups(),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Backend::Waldur(s) => s.shutdown(),
+            Backend::Nova(n) => n.shutdown(),
+        }
+    }
+}
+
+/// The benchmark's namespaces, over which the resources are spread.
+pub fn namespaces() -> impl Iterator<Item = String> {
+    (0..10).map(|i| format!("team-{i}"))
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
@@ -104,7 +226,7 @@ impl Mode {
 }
 
 struct Row {
-    mode: Mode,
+    who: Who,
     kube: &'static str,
     /// The real API server's CPU until all were Ready, when it is a process of its own.
     server_cpu_secs: Option<f64>,
@@ -167,7 +289,7 @@ fn rss_bar_mib(n: usize) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    if !args.operator.exists() {
+    if !args.peer_only && !args.operator.exists() {
         eprintln!(
             "no operator binary at {}: run `cargo build --release` first",
             args.operator.display()
@@ -176,11 +298,17 @@ async fn main() {
     }
     let mut rows = Vec::new();
     for &n in &args.n {
-        for mode in args.modes.clone() {
-            match run(&args, mode, n).await {
+        let ours = args
+            .modes
+            .iter()
+            .filter(|_| !args.peer_only)
+            .map(|m| Who::Ours(*m));
+        let peers = args.peer.iter().map(|Peer::Orc| Who::Orc);
+        for who in ours.chain(peers) {
+            match run(&args, who, n).await {
                 Ok(row) => rows.push(row),
                 Err(e) => {
-                    eprintln!("benchmark failed ({}, N = {n}): {e}", mode.flag());
+                    eprintln!("benchmark failed ({}, N = {n}): {e}", who.label());
                     std::process::exit(1);
                 }
             }
@@ -196,19 +324,26 @@ async fn main() {
     }
 }
 
-async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
+async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
     let kube_server = KubeSide::start(args.kube == Kube::Real).await?;
-    let half = Duration::from_millis(args.transition_ms / 2);
-    let sim = Simulator::start(SimConfig {
-        delays: Delays {
-            schedule: half,
-            run: half,
-        },
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    sim.set_latency(Duration::from_millis(args.latency_ms));
+    let latency = Duration::from_millis(args.latency_ms);
+    let backend = match who {
+        Who::Ours(_) => {
+            let half = Duration::from_millis(args.transition_ms / 2);
+            let sim = Simulator::start(SimConfig {
+                delays: Delays {
+                    schedule: half,
+                    run: half,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            sim.set_latency(latency);
+            Backend::Waldur(sim)
+        }
+        Who::Orc => Backend::Nova(nova::Nova::start(latency).await?),
+    };
 
     let dir = std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -216,41 +351,20 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml()).map_err(|e| e.to_string())?;
     let client = kube_server.client().await?;
 
-    let shards = args.shards.max(1);
     let mut operators = Vec::new();
-    for index in 0..shards {
-        let mut cmd = tokio::process::Command::new(&args.operator);
-        cmd.arg("run")
-            .env("KUBECONFIG", &kubeconfig)
-            .env("WALDUR_URL", sim.base_url())
-            .env("WALDUR_TOKEN", SimConfig::default().staff_token)
-            .env("DEFAULT_CREDENTIALS_NAMESPACES", "*")
-            .env("RESYNC_PERIOD", &args.resync)
-            .env("READ_PATH", mode.flag())
-            .env("METRICS_ADDR", "127.0.0.1:0")
-            .env("ADMIN_ADDR", "127.0.0.1:0")
-            .env("LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if !args.shipped_defaults {
-            cmd.env("WALDUR_MAX_IN_FLIGHT", args.in_flight.to_string())
-                .env("WALDUR_RATE", "0")
-                .env("CONCURRENCY", args.concurrency.to_string())
-                .env("KUBE_QPS", args.kube_qps.to_string())
-                .env(
-                    "KUBE_BURST",
-                    ((args.kube_qps * 2.0).ceil() as u32).to_string(),
-                );
+    let commands = match (&who, &backend) {
+        (Who::Ours(mode), Backend::Waldur(sim)) => our_commands(args, *mode, &kubeconfig, sim),
+        (Who::Orc, Backend::Nova(nova)) => {
+            let orc = orc::Orc::find()?;
+            orc.install(&client, nova).await?;
+            vec![orc.command(&kubeconfig)?]
         }
-        if shards > 1 {
-            cmd.env("SHARD_INDEX", index.to_string())
-                .env("TOTAL_SHARDS", shards.to_string())
-                .env("POD_NAME", format!("bench-shard-{index}"));
-        }
+        _ => return Err("no such pairing".into()),
+    };
+    for mut cmd in commands {
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", args.operator.display()))?;
+            .map_err(|e| format!("cannot start the {}: {e}", who.operator()))?;
         let pid = child.id().ok_or("the operator exited at once")?;
         operators.push((child, pid));
     }
@@ -262,17 +376,18 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     };
 
     // Apply all resources at once, as a GitOps sync of a large repository would.
-    sim.reset_counters();
+    backend.reset_counters();
     let writes_before = kube_server.writes_by_resource(&client).await;
     let server_cpu_before = kube_server.server_cpu_secs();
     let started = Instant::now();
     let own_cpu_before = cpu_secs(std::process::id()).unwrap_or_default();
     let watching = tokio::spawn(wait_all_ready(
         client.clone(),
+        who,
         n,
         Duration::from_secs(args.timeout_secs),
     ));
-    create_all(&client, n).await?;
+    create_all(&client, who, n).await?;
     let mut ready_at = tokio::select! {
         done = watching => done.map_err(|e| e.to_string())??,
         status = any_exit => return Err(format!("an operator exited: {status:?}")),
@@ -291,28 +406,28 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     if let Some(cpu) = server_cpu {
         eprintln!(
             "  {}: kube-apiserver CPU until all Ready: {cpu:.1} s",
-            mode.flag()
+            who.label()
         );
     }
     eprintln!(
         "  {}: CPU until all Ready: operator(s) {operator_cpu:.1} s, test server + simulator + benchmark {own_cpu:.1} s, in {ready_secs:.1} s",
-        mode.flag()
+        who.label()
     );
     // Every Waldur request from the first create to the end of the settled window is counted,
     // in one of three phases: creation (until all Ready), the tail, the settled window.
-    let create_requests = sim.total_requests();
-    sim.reset_counters();
+    let create_requests = backend.total_requests();
+    backend.reset_counters();
 
     // The sweeps stay at the busy pace for 10 s after the last write; the settled window
     // starts after that tail.
     let resync =
         waldur_operator::controller::plan::parse_duration(&args.resync).ok_or("bad --resync")?;
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let tail_requests = sim.total_requests();
-    sim.reset_counters();
+    let tail_requests = backend.total_requests();
+    backend.reset_counters();
     let periods = args.settled_periods.max(1);
     tokio::time::sleep(resync * periods).await;
-    let resync_requests = sim.total_requests() as f64 / f64::from(periods);
+    let resync_requests = backend.total_requests() as f64 / f64::from(periods);
     // Every write the API server recorded, but the benchmark's own N creates.
     let mut by_kind = writes_since(
         &writes_before,
@@ -323,7 +438,7 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
     }
     eprintln!(
         "  {}: Events by reason: {}",
-        mode.flag(),
+        who.label(),
         event_reasons(&client).await
     );
     let kube_writes: u64 = by_kind.values().sum();
@@ -335,23 +450,29 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
         .map(|(_, pid)| peak_rss_kib(*pid).map(|kib| kib as f64 / 1024.0))
         .collect();
     // Deleting all N at once, as removing them from a GitOps repository would.
-    sim.reset_counters();
+    backend.reset_counters();
     let deletes_before = kube_server.writes_by_resource(&client).await;
     let deleting = Instant::now();
-    delete_all(&client, n).await?;
-    wait_all_gone(&client, Duration::from_secs(args.timeout_secs)).await?;
+    delete_all(&client, who, n).await?;
+    wait_all_gone(&client, who, Duration::from_secs(args.timeout_secs)).await?;
     let delete_secs = deleting.elapsed().as_secs_f64();
-    let delete_requests = sim.total_requests();
+    // Every ServerGroup is gone from Kubernetes; its group must be gone from the backend too
+    // (Waldur's deletion may still be under way for a moment: it is given 30 s).
+    let left_by = Instant::now() + Duration::from_secs(30);
+    while backend.groups_left() > 0 && Instant::now() < left_by {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if backend.groups_left() > 0 {
+        return Err(format!(
+            "{} groups left in the backend after every resource was deleted",
+            backend.groups_left()
+        ));
+    }
+    let delete_requests = backend.total_requests();
     eprintln!(
-        "  {}: Waldur requests deleting, by endpoint: {}",
-        mode.flag(),
-        waldur_sim::ENDPOINTS
-            .iter()
-            .map(|e| (e, sim.requests(e)))
-            .filter(|(_, c)| *c > 0)
-            .map(|(e, c)| format!("{e} {c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "  {}: backend requests deleting, by endpoint: {}",
+        who.label(),
+        backend.by_endpoint()
     );
     let delete_writes: u64 = writes_since(
         &deletes_before,
@@ -366,10 +487,10 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
         stop(&mut child, pid).await;
     }
     kube_server.shutdown();
-    sim.shutdown();
+    backend.shutdown();
     let per = |x: f64| x / n as f64;
     Ok(Row {
-        mode,
+        who,
         kube: kube_server.name(),
         server_cpu_secs: server_cpu,
         n,
@@ -393,6 +514,50 @@ async fn run(args: &Args, mode: Mode, n: usize) -> Result<Row, String> {
         peak_rss_mib: peak_rss,
         peak_rss_deleting_mib: peak_rss_deleting,
     })
+}
+
+/// Our operator's processes, one per shard, with the benchmark's settings.
+fn our_commands(
+    args: &Args,
+    mode: Mode,
+    kubeconfig: &std::path::Path,
+    sim: &Simulator,
+) -> Vec<tokio::process::Command> {
+    let shards = args.shards.max(1);
+    (0..shards)
+        .map(|index| {
+            let mut cmd = tokio::process::Command::new(&args.operator);
+            cmd.arg("run")
+                .env("KUBECONFIG", kubeconfig)
+                .env("WALDUR_URL", sim.base_url())
+                .env("WALDUR_TOKEN", SimConfig::default().staff_token)
+                .env("DEFAULT_CREDENTIALS_NAMESPACES", "*")
+                .env("RESYNC_PERIOD", &args.resync)
+                .env("READ_PATH", mode.flag())
+                .env("METRICS_ADDR", "127.0.0.1:0")
+                .env("ADMIN_ADDR", "127.0.0.1:0")
+                .env("LOG_LEVEL", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            if !args.shipped_defaults {
+                cmd.env("WALDUR_MAX_IN_FLIGHT", args.in_flight.to_string())
+                    .env("WALDUR_RATE", "0")
+                    .env("CONCURRENCY", args.concurrency.to_string())
+                    .env("KUBE_QPS", args.kube_qps.to_string())
+                    .env(
+                        "KUBE_BURST",
+                        ((args.kube_qps * 2.0).ceil() as u32).to_string(),
+                    );
+            }
+            if shards > 1 {
+                cmd.env("SHARD_INDEX", index.to_string())
+                    .env("TOTAL_SHARDS", shards.to_string())
+                    .env("POD_NAME", format!("bench-shard-{index}"));
+            }
+            cmd
+        })
+        .collect()
 }
 
 /// Writes recorded between two counts, by resource.
@@ -424,18 +589,18 @@ fn manifest(i: usize) -> Value {
     })
 }
 
-async fn create_all(client: &Client, n: usize) -> Result<(), String> {
+async fn create_all(client: &Client, who: Who, n: usize) -> Result<(), String> {
     stream::iter(0..n)
         .map(|i| {
             let client = client.clone();
             async move {
-                let obj = manifest(i);
+                let obj = who.manifest(i);
                 let ns = obj["metadata"]["namespace"]
                     .as_str()
                     .unwrap_or("default")
                     .to_string();
                 let api: Api<kube::api::DynamicObject> =
-                    Api::namespaced_with(client, &ns, &resource());
+                    Api::namespaced_with(client, &ns, &who.resource());
                 let obj: kube::api::DynamicObject =
                     serde_json::from_value(obj).map_err(|e| e.to_string())?;
                 api.create(&PostParams::default(), &obj)
@@ -459,15 +624,16 @@ fn resource() -> kube::api::ApiResource {
     }
 }
 
-/// Ready for the current generation, as `kubectl wait --for=condition=Ready` would judge it.
-fn is_ready(obj: &kube::api::DynamicObject) -> bool {
+/// The condition True for the current generation, as `kubectl wait --for=condition=Ready`
+/// would judge it.
+fn condition_true(obj: &kube::api::DynamicObject, kind: &str) -> bool {
     let generation = obj.metadata.generation;
     obj.data["status"]["conditions"]
         .as_array()
         .into_iter()
         .flatten()
         .any(|c| {
-            c["type"] == "Ready"
+            c["type"] == kind
                 && c["status"] == "True"
                 && c["observedGeneration"].as_i64() == generation
         })
@@ -476,9 +642,14 @@ fn is_ready(obj: &kube::api::DynamicObject) -> bool {
 /// Follows a watch (not repeated lists, which would load the API server more than the
 /// operator does) until every resource is Ready for its generation. Returns when each first
 /// became Ready, in seconds from the call.
-async fn wait_all_ready(client: Client, n: usize, timeout: Duration) -> Result<Vec<f64>, String> {
+async fn wait_all_ready(
+    client: Client,
+    who: Who,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<f64>, String> {
     use kube::runtime::watcher;
-    let api: Api<kube::api::DynamicObject> = Api::all_with(client, &resource());
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client, &who.resource());
     let started = Instant::now();
     let mut first_ready = std::collections::HashMap::<String, f64>::new();
     let mut ready = std::collections::HashSet::new();
@@ -502,7 +673,7 @@ async fn wait_all_ready(client: Client, n: usize, timeout: Duration) -> Result<V
                 o.metadata.namespace.clone().unwrap_or_default(),
                 o.metadata.name.clone().unwrap_or_default()
             );
-            if is_ready(&o) {
+            if who.is_ready(&o) {
                 first_ready
                     .entry(key.clone())
                     .or_insert_with(|| started.elapsed().as_secs_f64());
@@ -519,16 +690,16 @@ async fn wait_all_ready(client: Client, n: usize, timeout: Duration) -> Result<V
     Ok(first_ready.into_values().collect())
 }
 
-async fn delete_all(client: &Client, n: usize) -> Result<(), String> {
+async fn delete_all(client: &Client, who: Who, n: usize) -> Result<(), String> {
     stream::iter(0..n)
         .map(|i| {
             let client = client.clone();
             async move {
-                let obj = manifest(i);
+                let obj = who.manifest(i);
                 let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default");
                 let name = obj["metadata"]["name"].as_str().unwrap_or_default();
                 let api: Api<kube::api::DynamicObject> =
-                    Api::namespaced_with(client, ns, &resource());
+                    Api::namespaced_with(client, ns, &who.resource());
                 api.delete(name, &Default::default())
                     .await
                     .map_err(|e| e.to_string())?;
@@ -541,8 +712,8 @@ async fn delete_all(client: &Client, n: usize) -> Result<(), String> {
 }
 
 /// Until no ServerGroup is left (every finalizer removed), by a list each half second.
-async fn wait_all_gone(client: &Client, timeout: Duration) -> Result<(), String> {
-    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &resource());
+async fn wait_all_gone(client: &Client, who: Who, timeout: Duration) -> Result<(), String> {
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &who.resource());
     let deadline = Instant::now() + timeout;
     let mut last_report = Instant::now();
     loop {
@@ -669,9 +840,10 @@ const MAX_GROWTH_KIB: f64 = 10.0;
 
 fn targets_met(args: &Args, rows: &[Row]) -> bool {
     let mut ok = true;
-    for r in rows {
-        let mode = format!("{} N={}", r.mode.flag(), r.n);
-        if r.mode == Mode::Batched {
+    // The peer's rows are for comparison: no bound of ours applies to them.
+    for r in rows.iter().filter(|r| r.who != Who::Orc) {
+        let mode = format!("{} N={}", r.who.label(), r.n);
+        if r.who == Who::Ours(Mode::Batched) {
             // Each shard sweeps every group its credentials see: K shards, K sweeps.
             let settled = 0.01 * f64::from(args.shards.max(1));
             for (what, value, bound) in [
@@ -761,7 +933,7 @@ fn targets_met(args: &Args, rows: &[Row]) -> bool {
     }
     // Growth per resource between the smallest and the largest N of each mode.
     for mode in &args.modes {
-        let of_mode: Vec<&Row> = rows.iter().filter(|r| r.mode == *mode).collect();
+        let of_mode: Vec<&Row> = rows.iter().filter(|r| r.who == Who::Ours(*mode)).collect();
         let (Some(lo), Some(hi)) = (
             of_mode.iter().min_by_key(|r| r.n),
             of_mode.iter().max_by_key(|r| r.n),
@@ -818,7 +990,7 @@ fn settings_line(args: &Args) -> String {
         )
     };
     format!(
-        "Kubernetes: {}; shards {}, Waldur latency {} ms, create transition {} ms, resync {}, {budget}",
+        "Kubernetes: {}; shards {}, backend latency {} ms, Waldur's create transition {} ms, resync {}, {budget}{}",
         match args.kube {
             Kube::TestServer => "the API test server",
             Kube::Real => "kube-apiserver 1.37 with etcd",
@@ -827,24 +999,33 @@ fn settings_line(args: &Args) -> String {
         args.latency_ms,
         args.transition_ms,
         args.resync,
+        if args.peer.is_some() {
+            "; ORC v2.6.0 as shipped (its own defaults) against a Keystone and Nova emulator that creates at once"
+        } else {
+            ""
+        }
     )
 }
 
 fn print_table(args: &Args, rows: &[Row]) {
     println!("\n{}\n", settings_line(args));
     println!(
-        "| read path | N | all Ready (s) | p50 / p90 (s) | time target (s) | Waldur req/resource: creation / tail / settled resync | Kubernetes writes/resource (Events) | deleting all: s, Waldur req/resource, Kubernetes writes/resource | operator CPU until Ready (s) | peak RSS (MiB), then deleting |"
+        "| operator (read path) | N | all Ready (s) | p50 / p90 (s) | time target (s) | backend req/resource: creation / tail / settled resync | Kubernetes writes/resource (Events) | deleting all: s, backend req/resource, Kubernetes writes/resource | CPU until Ready (s): operator / kube-apiserver | peak RSS (MiB), then deleting |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!(
-            "| {} | {} | {:.1} | {:.1} / {:.1} | {:.1} | {:.3} / {:.3} / {:.4} | {:.2} ({:.2}) | {:.1}, {:.3}, {:.2} | {:.1} | {}, {} |",
-            r.mode.flag(),
+            "| {} | {} | {:.1} | {:.1} / {:.1} | {} | {:.3} / {:.3} / {:.4} | {:.2} ({:.2}) | {:.1}, {:.3}, {:.2} | {:.1} / {} | {}, {} |",
+            r.who.label(),
             r.n,
             r.ready_secs,
             r.ready_p50_secs,
             r.ready_p90_secs,
-            time_bound(args, r),
+            // The target models Waldur's side (its transition, our in-flight limit).
+            match r.who {
+                Who::Ours(_) => format!("{:.1}", time_bound(args, r)),
+                Who::Orc => "-".into(),
+            },
             r.create_per_resource,
             r.tail_per_resource,
             r.resync_per_resource,
@@ -854,6 +1035,8 @@ fn print_table(args: &Args, rows: &[Row]) {
             r.delete_per_resource,
             r.delete_kube_writes_per_resource,
             r.cpu_secs,
+            r.server_cpu_secs
+                .map_or_else(|| "-".into(), |cpu| format!("{cpu:.1}")),
             rss_cell(&r.peak_rss_mib),
             rss_cell(&r.peak_rss_deleting_mib)
         );
@@ -862,7 +1045,7 @@ fn print_table(args: &Args, rows: &[Row]) {
     for r in rows {
         println!(
             "writes per resource, {} N={}: {}",
-            r.mode.flag(),
+            r.who.label(),
             r.n,
             r.writes_by_kind
                 .iter()
@@ -877,16 +1060,16 @@ fn print_table(args: &Args, rows: &[Row]) {
 fn print_json(args: &Args, rows: &[Row]) {
     for r in rows {
         let row = json!({
-            "operator": "waldur-operator",
             "kube": r.kube,
             "kube_apiserver_cpu_s": r.server_cpu_secs,
-            "read_path": r.mode.flag(),
+            "operator": r.who.operator(),
+            "read_path": match r.who { Who::Ours(mode) => Some(mode.flag()), Who::Orc => None },
             "settings": settings_line(args),
             "n": r.n,
             "all_ready_s": r.ready_secs,
             "ready_p50_s": r.ready_p50_secs,
             "ready_p90_s": r.ready_p90_secs,
-            "time_target_s": time_bound(args, r),
+            "time_target_s": matches!(r.who, Who::Ours(_)).then(|| time_bound(args, r)),
             "backend_requests_per_resource_creating": r.create_per_resource,
             "backend_requests_per_resource_tail": r.tail_per_resource,
             "backend_requests_per_resource_per_resync": r.resync_per_resource,

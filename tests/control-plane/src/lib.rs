@@ -456,6 +456,13 @@ pub fn kstatus_dir() -> Result<PathBuf, String> {
     DIR.get_or_init(|| run_assets_script(&["kstatus"])).clone()
 }
 
+/// The directory holding ORC's manager and its CRDs (`crds/`), the peer of `waldur-bench
+/// --peer orc`, built by `scripts/k8s-assets orc` the first time.
+pub fn orc_dir() -> Result<PathBuf, String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    DIR.get_or_init(|| run_assets_script(&["orc"])).clone()
+}
+
 /// Runs `scripts/NAME ARGS` (stderr passed through) and returns its stdout, or why it failed.
 pub(crate) fn run_project_script(name: &str, args: &[&str]) -> Result<String, String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
