@@ -118,8 +118,23 @@ impl ControlPlane {
         ControlPlane::start_with(Options::default())
     }
 
-    /// [`ControlPlane::start`] with other [`Options`].
+    /// [`ControlPlane::start`] with other [`Options`]. A port picked free can be taken by
+    /// another process (an outgoing connection's ephemeral port) before etcd or the API server
+    /// binds it: such a start is tried again with new ports, twice at most.
     pub fn start_with(options: Options) -> Result<ControlPlane, String> {
+        let mut attempt = 1;
+        loop {
+            match ControlPlane::start_once(options.clone()) {
+                Err(e) if attempt < 3 && e.contains("address already in use") => {
+                    eprintln!("control plane: a port was taken meanwhile; starting again");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(options: Options) -> Result<ControlPlane, String> {
         let started = Instant::now();
         let assets = assets_dir()?;
         remove_stale_dirs();
