@@ -307,6 +307,16 @@ impl Shard {
         self.trusted()
     }
 
+    /// How long ago this operator last wrote to `uuid`, while no sweep that started after
+    /// the write has run yet (`None`: no such write).
+    pub fn written_ago(&self, uuid: &WaldurUuid) -> Option<Duration> {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uuid)
+            .map(|at| at.elapsed())
+    }
+
     pub fn is_dirty(&self, uuid: &WaldurUuid) -> bool {
         self.dirty
             .lock()

@@ -687,28 +687,36 @@ fn the_end_of_a_creation_is_no_event_and_other_phase_changes_are() {
 fn a_deletion_reads_a_picture_no_older_than_itself_or_waldur() {
     use DeletionRead::*;
     let s = Duration::from_secs;
-    // (index, answers, picture age, deleting for, dirty) -> where to read
+    // (index, answers, picture age, deleting for, own write to the group that long ago)
+    //   -> where to read
     let cases = [
         // A sweep started after the deletion was first seen: the index.
-        ((true, true, s(1), s(5), false), Index),
-        ((true, true, s(4), s(5), false), Index),
+        ((true, true, s(1), s(5), None), Index),
+        ((true, true, s(4), s(5), None), Index),
         // The picture is older than the deletion, or than the operator's DELETE: wait for
         // the next sweep, early on or while sweeps run.
-        ((true, true, s(5), s(5), false), WaitForSweep),
-        ((true, true, s(30), s(1), false), WaitForSweep),
-        ((true, true, s(1), s(60), true), WaitForSweep),
-        ((true, false, s(1), s(5), false), WaitForSweep),
+        ((true, true, s(5), s(5), None), WaitForSweep),
+        ((true, true, s(30), s(1), None), WaitForSweep),
+        ((true, true, s(1), s(60), Some(s(1))), WaitForSweep),
+        ((true, false, s(1), s(5), None), WaitForSweep),
+        // Its DELETE went out only now, after a long wait for its turn (a rate-limited mass
+        // deletion: 1,000 DELETEs at 20 a second), while sweeps share the slowed budget: the
+        // patience counts from the DELETE, not from when the deletion was first seen (the
+        // shipped defaults read 484 groups directly for this).
+        ((true, true, s(8), s(60), Some(s(2))), WaitForSweep),
+        ((true, true, s(8), s(60), Some(s(19))), WaitForSweep),
         // Sweeps are not coming and the deletion has waited: Waldur itself.
-        ((true, true, s(40), s(30), false), Direct),
-        ((true, false, s(40), s(60), false), Direct),
+        ((true, true, s(40), s(30), None), Direct),
+        ((true, false, s(40), s(60), None), Direct),
+        ((true, true, s(40), s(60), Some(s(30))), Direct),
         // No index (the per-object path, or no bound group): Waldur itself.
-        ((false, true, s(1), s(60), false), Direct),
+        ((false, true, s(1), s(60), None), Direct),
     ];
-    for ((index, answers, age, deleting_for, dirty), want) in cases {
+    for ((index, answers, age, deleting_for, written_ago), want) in cases {
         assert_eq!(
-            deletion_read(index, answers, age, deleting_for, dirty),
+            deletion_read(index, answers, age, deleting_for, written_ago),
             want,
-            "index {index} answers {answers} age {age:?} deleting for {deleting_for:?} dirty {dirty}"
+            "index {index} answers {answers} age {age:?} deleting for {deleting_for:?} written {written_ago:?} ago"
         );
     }
 }

@@ -60,21 +60,24 @@ pub const SWEEPS_RUNNING: Duration = Duration::from_secs(5);
 /// an ERRED group that may still be in OpenStack) from what it reads, so the picture must be
 /// no older than the deletion itself: the index's last sweep must have started after this
 /// process first saw the deletion (`deleting_for` ago, on its own clock) and after its last
-/// write to the group (`dirty`).
+/// write to the group (`written_ago`, `Some` until a sweep that started after it has run).
+/// The patience for that sweep counts from the later of the two: a DELETE that waited its
+/// turn behind a thousand others still gets a sweep, not a GET.
 pub fn deletion_read(
     index: bool,
     answers: bool,
     picture_age: Duration,
     deleting_for: Duration,
-    dirty: bool,
+    written_ago: Option<Duration>,
 ) -> DeletionRead {
     if !index {
         return DeletionRead::Direct;
     }
-    if answers && !dirty && picture_age < deleting_for {
+    if answers && written_ago.is_none() && picture_age < deleting_for {
         return DeletionRead::Index;
     }
-    if deleting_for < DELETION_READ_PATIENCE || picture_age < SWEEPS_RUNNING {
+    let waiting_for = written_ago.map_or(deleting_for, |w| w.min(deleting_for));
+    if waiting_for < DELETION_READ_PATIENCE || picture_age < SWEEPS_RUNNING {
         return DeletionRead::WaitForSweep;
     }
     DeletionRead::Direct

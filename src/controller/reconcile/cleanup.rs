@@ -349,7 +349,7 @@ impl Reconciler {
                 shard.answers(),
                 shard.snapshot_age(),
                 deleting_for,
-                shard.is_dirty(&uuid),
+                shard.written_ago(&uuid),
             ),
             _ => plan::DeletionRead::Direct,
         }
