@@ -1432,10 +1432,21 @@ pub fn during_run(
                 ));
             }
         }
+        // Waldur's re-import of the resource's own Nova group (after an unlink) is its own too,
+        // even when Waldur's clock runs behind and dates it before the resource (seed 602).
+        let own_nova = |row: &Row| {
+            !row.backend_id.is_empty()
+                && (rec.excused_backends.contains(&row.backend_id)
+                    || rec
+                        .last_bound
+                        .as_ref()
+                        .is_some_and(|(_, b)| *b == row.backend_id))
+        };
         if let Some(row) = truth.row(uuid)
             && let Some(made) = row.created
             && made < created
             && row.description != tag(res)
+            && !own_nova(row)
         {
             let key = format!("foreign:{res}:{uuid}");
             if seen.insert(key) {
@@ -2119,6 +2130,32 @@ mod tests {
         let out = run(&records, &[], &sgs, &foreign);
         assert_eq!(violations(&out, ONE_GROUP).len(), 1, "{out:?}");
         assert_eq!(during_run(2, &records, &sgs, &foreign, &mut seen).len(), 1);
+    }
+
+    /// Seed 602: Waldur re-imported the resource's own Nova group (unlinked behind the
+    /// operator's back) while its clock ran 5 s behind, so the re-import looked older than the
+    /// resource. A re-import of its own Nova group is its own; a row of another Nova group
+    /// with the same times is still someone else's.
+    #[test]
+    fn a_reimport_of_its_own_nova_group_is_its_own_whatever_waldurs_clock_says() {
+        let mut records = BTreeMap::new();
+        let mut r = record(spec("r036", Flavour::Plain, Deletion::Delete));
+        r.excused_backends.push("n1".into());
+        let res = r.spec.res.clone();
+        records.insert(res.clone(), r);
+        let sgs = vec![view(&res, Some("bb"), ready("Available", true))];
+        let mut reimport = row("bb", "r036", "OK", "n1");
+        reimport.created = Some("2025-12-31T23:59:56Z".parse().unwrap());
+        let truth = Truth {
+            rows: vec![reimport],
+            nova: vec![nova("n1", "r036")],
+        };
+        let mut seen = BTreeSet::new();
+        assert!(during_run(1, &records, &sgs, &truth, &mut seen).is_empty());
+        let mut other = truth.clone();
+        other.rows[0].backend_id = "n9".into();
+        other.nova[0].backend_id = "n9".into();
+        assert_eq!(during_run(2, &records, &sgs, &other, &mut seen).len(), 1);
     }
 
     /// The campaign's seed 146 and after: an Observe resource may watch a group a Managed
