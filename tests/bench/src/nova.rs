@@ -177,20 +177,20 @@ fn token_body(inner: &Inner) -> Value {
 
 async fn issue_token(State(inner): State<Arc<Inner>>) -> Response {
     arrive(&inner, "POST /v3/auth/tokens").await;
-    (
-        StatusCode::CREATED,
-        [("X-Subject-Token", TOKEN)],
-        axum::Json(token_body(&inner)),
-    )
-        .into_response()
+    token_answer(&inner, StatusCode::CREATED)
 }
 
 async fn validate_token(State(inner): State<Arc<Inner>>) -> Response {
     arrive(&inner, "GET /v3/auth/tokens").await;
+    token_answer(&inner, StatusCode::OK)
+}
+
+/// Keystone answers both with the token in `X-Subject-Token` and its body.
+fn token_answer(inner: &Inner, status: StatusCode) -> Response {
     (
-        StatusCode::OK,
+        status,
         [("X-Subject-Token", TOKEN)],
-        axum::Json(token_body(&inner)),
+        axum::Json(token_body(inner)),
     )
         .into_response()
 }
