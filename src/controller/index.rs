@@ -318,10 +318,7 @@ impl Shard {
     }
 
     pub fn is_dirty(&self, uuid: &WaldurUuid) -> bool {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(uuid)
+        self.written_ago(uuid).is_some()
     }
 
     fn stay_busy(&self) {
