@@ -345,9 +345,9 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         Who::Orc => Backend::Nova(nova::Nova::start(latency).await?),
     };
 
-    let dir = std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let kubeconfig = dir.join("kubeconfig");
+    let dir = RunDir(std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
+    let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml()).map_err(|e| e.to_string())?;
     let client = kube_server.client().await?;
 
@@ -357,7 +357,7 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         (Who::Orc, Backend::Nova(nova)) => {
             let orc = orc::Orc::find()?;
             orc.install(&client, nova).await?;
-            vec![orc.command(&kubeconfig)?]
+            vec![orc.command(&kubeconfig)]
         }
         _ => return Err("no such pairing".into()),
     };
@@ -514,6 +514,15 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         peak_rss_mib: peak_rss,
         peak_rss_deleting_mib: peak_rss_deleting,
     })
+}
+
+/// A run's directory (the operators' kubeconfig), removed when the run ends, failed or not.
+struct RunDir(std::path::PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Our operator's processes, one per shard, with the benchmark's settings.

@@ -60,12 +60,13 @@ impl Orc {
         Ok(())
     }
 
-    /// The manager as shipped (no leader election, metrics off), quiet but for errors.
-    pub fn command(&self, kubeconfig: &std::path::Path) -> Result<tokio::process::Command, String> {
-        let probe = control_plane::free_port()?;
+    /// The manager as shipped (no leader election), metrics and probes off, quiet but for
+    /// errors (`ORC_LOG_LEVEL` to see more).
+    pub fn command(&self, kubeconfig: &std::path::Path) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.manager);
+        // "0" turns both servers off (controller-runtime): no port to pick, none to collide.
         cmd.arg("--metrics-bind-address=0")
-            .arg(format!("--health-probe-bind-address=127.0.0.1:{probe}"))
+            .arg("--health-probe-bind-address=0")
             .arg(format!(
                 "--zap-log-level={}",
                 std::env::var("ORC_LOG_LEVEL").unwrap_or_else(|_| "error".into())
@@ -74,7 +75,7 @@ impl Orc {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        Ok(cmd)
+        cmd
     }
 }
 
