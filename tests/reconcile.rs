@@ -1614,8 +1614,11 @@ async fn an_imported_group_that_went_away_shows_no_state() {
 async fn the_claim_janitor_deletes_claims_whose_holder_is_gone() {
     use support::{Harness, NS, PLURAL, TENANT, is_ready};
     let h = Harness::fast_mode(ReadPath::PerObject).await;
-    let spec =
-        |name: &str| serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": name});
+    // Imported groups: a group the operator makes itself is claimed in memory instead.
+    let spec = |name: &str| {
+        let uuid = h.sim.waldur_create(TENANT, name, "affinity").unwrap();
+        serde_json::json!({"import": {"uuid": uuid}, "managementPolicy": "Managed"})
+    };
     h.apply("gone", spec("gone"));
     h.apply("live", spec("live"));
     h.converge("gone", is_ready).await;
@@ -1645,6 +1648,73 @@ async fn the_claim_janitor_deletes_claims_whose_holder_is_gone() {
             .unwrap()
             .contains("live"),
         "{left:?}"
+    );
+}
+
+/// Issue 21: a group the operator creates is claimed in this process's memory, not with a
+/// Lease (one Kubernetes write less per resource), and the claim still holds: a resource that
+/// imports the new group before the creator's status reaches the cache is told who holds it.
+#[tokio::test]
+async fn a_created_group_is_claimed_without_a_lease_and_a_twin_still_cannot_bind_it() {
+    use support::{Harness, TENANT, is_ready, reason_is};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    h.apply(
+        "maker",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "made"}),
+    );
+    let before = h.sg("maker").unwrap();
+    h.converge("maker", is_ready).await.unwrap();
+    assert_eq!(h.kube.list("leases").len(), 0, "no Lease for a creation");
+    let made = h.sim.groups();
+    let uuid = made[0]["uuid"].as_str().unwrap().to_string();
+    h.apply(
+        "importer",
+        serde_json::json!({"import": {"uuid": uuid}, "managementPolicy": "Managed"}),
+    );
+    // The cache still has the maker as it was before its status named the group.
+    let mut stale = before;
+    stale.metadata.finalizers = h.sg("maker").unwrap().metadata.finalizers;
+    h.reconcile_others_as_cached("importer", stale).await.ok();
+    let importer = h.sg("importer").unwrap();
+    assert!(
+        reason_is("Ready", "AlreadyManaged")(Some(&importer)),
+        "{:?}",
+        importer.status
+    );
+    let message = support::condition(&importer, "Ready").unwrap().2;
+    assert!(message.contains("maker"), "{message}");
+}
+
+/// Issue 21: a sharded operator claims its creations with a Lease: another shard's twin can
+/// only learn of the claim there.
+#[tokio::test]
+async fn a_sharded_operator_claims_its_creations_with_a_lease() {
+    use support::{Harness, TENANT, is_ready};
+    let config = waldur_sim::SimConfig {
+        delays: waldur_sim::Delays::fast(),
+        ..Default::default()
+    };
+    let shard = waldur_operator::sharding::Shard { index: 0, total: 2 };
+    let h = Harness::with_context(
+        config,
+        ReadPath::PerObject,
+        |_| {},
+        |ctx| ctx.with_shard(shard),
+    )
+    .await;
+    h.apply(
+        "maker",
+        serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "made"}),
+    );
+    h.converge("maker", is_ready).await.unwrap();
+    let leases = h.kube.list("leases");
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert!(
+        leases[0]["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap()
+            .contains("/maker/"),
+        "{leases:?}"
     );
 }
 

@@ -9,7 +9,9 @@
 //! is gone (deleted while the operator was down) or has moved to another group is taken over.
 //!
 //! Groups the operator creates itself are claimed right after Waldur's 201, before the status
-//! write: a twin (same tenant and name) could otherwise find and bind the new group first. A
+//! write: a twin (same tenant and name) could otherwise find and bind the new group first.
+//! That claim is kept in this process's memory ([`HeldHere`]) unless the operator is sharded:
+//! every binding here claims there first, so it costs no Kubernetes write. A
 //! resource releases its claim when it lets its group go (cleanup) and when it binds another
 //! group (a rebind after a re-import, or a recreate).
 
@@ -306,6 +308,103 @@ pub async fn release_orphaned(
         }
     }
     Ok(released)
+}
+
+/// Claims this process made, by group: the claim on a group the operator creates itself,
+/// where no Lease is written when one process reconciles every resource.
+///
+/// A twin (same tenant and name) may see the new group in a Waldur list before the creator's
+/// status names it. Every binding in this process goes through [`HeldHere::claim`] under one
+/// lock, so of the creator and a twin, the first to claim binds and the other is told who
+/// holds it, as a Lease would tell it. Across processes (shards) only a Lease can say that,
+/// so a sharded operator writes one for its creations as well. What this saves is one
+/// Kubernetes write per created resource, the most common binding by far.
+#[derive(Default)]
+pub struct HeldHere {
+    held: std::sync::Mutex<std::collections::HashMap<WaldurUuid, HeldBy>>,
+}
+
+struct HeldBy {
+    /// `namespace/name/uid`, as in a Lease's holder identity.
+    holder: String,
+    at: std::time::Instant,
+}
+
+impl HeldHere {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<WaldurUuid, HeldBy>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `uuid` for `sg`, with the same rule as a Lease: granted when free, already
+    /// `sg`'s, or held by a resource that is gone or has moved on ([`still_held`], with the
+    /// holder as the informer cache has it).
+    pub fn claim(
+        &self,
+        uuid: &WaldurUuid,
+        sg: &ServerGroup,
+        store: &kube::runtime::reflector::Store<ServerGroup>,
+    ) -> Claim {
+        let me = holder_of(sg);
+        let mut held = self.lock();
+        if let Some(owner) = held
+            .get(uuid)
+            .and_then(|h| standing_here(h, &me, uuid, store))
+        {
+            return Claim::HeldBy(owner);
+        }
+        held.insert(
+            uuid.clone(),
+            HeldBy {
+                holder: me,
+                at: std::time::Instant::now(),
+            },
+        );
+        Claim::Granted
+    }
+
+    /// The resource (`namespace/name`) other than `sg` whose claim here on `uuid` stands.
+    pub fn holder(
+        &self,
+        uuid: &WaldurUuid,
+        sg: &ServerGroup,
+        store: &kube::runtime::reflector::Store<ServerGroup>,
+    ) -> Option<String> {
+        let me = holder_of(sg);
+        self.lock()
+            .get(uuid)
+            .and_then(|h| standing_here(h, &me, uuid, store))
+    }
+
+    /// Releases `sg`'s claim on `uuid`; someone else's is left alone.
+    pub fn release(&self, uuid: &WaldurUuid, sg: &ServerGroup) {
+        let me = holder_of(sg);
+        let mut held = self.lock();
+        if held.get(uuid).is_some_and(|h| h.holder == me) {
+            held.remove(uuid);
+        }
+    }
+
+    /// Forgets every claim of a resource that is gone (its watch said Deleted).
+    pub fn forget_holder(&self, uid: &str) {
+        self.lock()
+            .retain(|_, h| parse_holder(&h.holder).is_none_or(|(_, _, u)| u != uid));
+    }
+}
+
+/// The holder of a claim made here, as `namespace/name`, when it is not `me` and stands.
+fn standing_here(
+    held: &HeldBy,
+    me: &str,
+    uuid: &WaldurUuid,
+    store: &kube::runtime::reflector::Store<ServerGroup>,
+) -> Option<String> {
+    if held.holder == me {
+        return None;
+    }
+    let (ns, name, uid) = parse_holder(&held.holder)?;
+    let current = store.get(&kube::runtime::reflector::ObjectRef::new(name).within(ns));
+    still_held(uid, current.as_deref(), uuid, Some(held.at.elapsed()))
+        .then(|| format!("{ns}/{name}"))
 }
 
 #[cfg(test)]

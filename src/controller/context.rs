@@ -117,6 +117,8 @@ pub struct Context {
     own_writes: Arc<OwnWrites>,
     /// Where the claims on Waldur groups live (the operator's own namespace).
     pub claims_namespace: String,
+    /// The claims this process holds without a Lease ([`claims::HeldHere`]).
+    pub held_here: Arc<super::claims::HeldHere>,
     /// Resources parked until the breaker of their Waldur closes, by Waldur base URL.
     parked: Mutex<HashMap<String, std::collections::HashSet<ObjectRef<ServerGroup>>>>,
     /// Reconciles a resource now (the controller's external trigger).
@@ -205,6 +207,7 @@ impl Context {
             metrics: Metrics::new(),
             own_writes: Arc::default(),
             claims_namespace: "default".into(),
+            held_here: Arc::default(),
             parked: Mutex::new(HashMap::new()),
             wake: None,
             shard: Shard::ALL,
@@ -305,6 +308,12 @@ impl Context {
                 }
             }
         });
+    }
+
+    /// The claims made here, shared with the watch that forgets a deleted holder's.
+    pub fn with_held_here(mut self, held_here: Arc<super::claims::HeldHere>) -> Self {
+        self.held_here = held_here;
+        self
     }
 
     pub fn with_claims_namespace(mut self, namespace: impl Into<String>) -> Self {

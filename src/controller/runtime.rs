@@ -39,6 +39,7 @@ pub async fn run(
     let shard = rt.shard;
     let own_writes = Arc::new(OwnWrites::default());
     let failures = Arc::new(Failures::default());
+    let held_here = Arc::new(super::claims::HeldHere::default());
     let changes = Arc::new(Changes::default());
     let seen = changes.clone();
     let stream = watcher(rt.api, watcher::Config::default())
@@ -59,6 +60,7 @@ pub async fn run(
         .inspect({
             let own_writes = own_writes.clone();
             let failures = failures.clone();
+            let held_here = held_here.clone();
             let reader = reader.clone();
             move |e| match e {
                 Ok(watcher::Event::InitDone) => {
@@ -80,6 +82,9 @@ pub async fn run(
                 Ok(watcher::Event::Delete(sg)) => {
                     own_writes.forget(sg);
                     failures.forget(sg);
+                    if let Some(uid) = sg.metadata.uid.as_deref() {
+                        held_here.forget_holder(uid);
+                    }
                     changes.forget(sg);
                 }
                 _ => {}
@@ -101,6 +106,7 @@ pub async fn run(
     .with_wake(wake_tx.clone())
     .with_own_writes(own_writes)
     .with_failures(failures)
+    .with_held_here(held_here)
     .with_shard(rt.shard)
     .with_tenant_pulls(rt.tenant_pulls.clone())
     // A quarter of the workers, as the limiter's per-URL share of in-flight requests.

@@ -60,6 +60,7 @@ impl Reconciler {
                 &self.sg,
             )
             .await?;
+            self.ctx.held_here.release(uuid, &self.sg);
         }
         self.remove_finalizer().await?;
         self.ctx

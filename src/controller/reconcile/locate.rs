@@ -535,8 +535,9 @@ impl Reconciler {
                 // Claim what this resource made before anything else can bind it: a resource
                 // elsewhere with the same tenant and name (a twin) may find this group in its
                 // own lookups before this status write reaches its cache, and without a claim
-                // both would bind it (found by the fault campaign).
-                if let Some(owner) = self.claim(&group.uuid).await? {
+                // both would bind it (found by the fault campaign). In this process's memory
+                // when it reconciles every resource: every other binding here claims there.
+                if let Some(owner) = self.claim_creation(&group.uuid).await? {
                     return Ok(Located::AlreadyManaged(managed_by(&owner)));
                 }
                 group
@@ -620,6 +621,12 @@ impl Reconciler {
     /// Another Managed ServerGroup whose status holds this UUID, as `namespace/name`. An
     /// Observe resource bound to it holds nothing: it only reads (the campaign's seed 146).
     pub(super) fn owner_of(&self, uuid: &WaldurUuid) -> Option<String> {
+        // Claimed here and perhaps not yet written into its holder's status.
+        if self.sg.spec.management_policy == ManagementPolicy::Managed
+            && let Some(holder) = self.ctx.held_here.holder(uuid, &self.sg, &self.ctx.store)
+        {
+            return Some(holder);
+        }
         let me = self.sg.uid();
         self.ctx.store.state().iter().find_map(|other| {
             if other.spec.management_policy != ManagementPolicy::Managed {
@@ -640,7 +647,28 @@ impl Reconciler {
     /// Claims a group this Managed resource is about to bind: `Some` names the resource that
     /// holds it. The cache `owner_of` reads may lag; a claim cannot.
     pub(super) async fn claim(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
+        self.claim_with(uuid, true).await
+    }
+
+    /// Claims a group this resource has just created: in this process's memory, and with a
+    /// Lease only when other processes (shards) may bind it too ([`claims::HeldHere`]). A
+    /// group found after a crash is bound through [`Self::claim`], with its Lease.
+    ///
+    /// [`claims::HeldHere`]: crate::controller::claims::HeldHere
+    pub(super) async fn claim_creation(&self, uuid: &WaldurUuid) -> Result<Option<String>, Error> {
+        self.claim_with(uuid, self.ctx.shard.is_sharded()).await
+    }
+
+    async fn claim_with(&self, uuid: &WaldurUuid, lease: bool) -> Result<Option<String>, Error> {
+        use crate::controller::claims::Claim;
         if self.sg.spec.management_policy != ManagementPolicy::Managed {
+            return Ok(None);
+        }
+        let held_here = &self.ctx.held_here;
+        if let Claim::HeldBy(owner) = held_here.claim(uuid, &self.sg, &self.ctx.store) {
+            return Ok(Some(owner));
+        }
+        if !lease {
             return Ok(None);
         }
         match crate::controller::claims::claim(
@@ -651,8 +679,11 @@ impl Reconciler {
         )
         .await?
         {
-            crate::controller::claims::Claim::Granted => Ok(None),
-            crate::controller::claims::Claim::HeldBy(owner) => Ok(Some(owner)),
+            Claim::Granted => Ok(None),
+            Claim::HeldBy(owner) => {
+                held_here.release(uuid, &self.sg);
+                Ok(Some(owner))
+            }
         }
     }
 }

@@ -33,6 +33,7 @@ impl Reconciler {
                 &self.sg,
             )
             .await?;
+            self.ctx.held_here.release(&previous, &self.sg);
         }
         let mut handled = plan::tokens_at_first_binding(&self.sg)
             .or(self.status().handled_requests.map(|h| *h))
