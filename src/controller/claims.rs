@@ -375,6 +375,17 @@ impl HeldHere {
             .and_then(|h| standing_here(h, &me, uuid, store))
     }
 
+    /// The group `sg` claimed here most recently, and how long ago: what it binds even before
+    /// its status names it.
+    pub fn held_by(&self, sg: &ServerGroup) -> Option<(WaldurUuid, std::time::Duration)> {
+        let me = holder_of(sg);
+        self.lock()
+            .iter()
+            .filter(|(_, h)| h.holder == me)
+            .min_by_key(|(_, h)| h.at.elapsed())
+            .map(|(uuid, h)| (uuid.clone(), h.at.elapsed()))
+    }
+
     /// Releases `sg`'s claim on `uuid`; someone else's is left alone.
     pub fn release(&self, uuid: &WaldurUuid, sg: &ServerGroup) {
         let me = holder_of(sg);

@@ -1065,3 +1065,57 @@ fn an_unpaused_rejected_resource_says_the_rejection_again() {
     sg.status.as_mut().unwrap().conditions[1].reason = "InvalidSpec".into();
     assert_eq!(synced_after_unpause(&sg), None);
 }
+
+/// Issue 21: the first status of a group made here waits only while Waldur is making it,
+/// has no Nova id yet, and for at most FIRST_STATUS_WAIT; a settled or failed group, or one
+/// whose Nova id is known, is written at once.
+#[test]
+fn the_first_status_of_a_creation_waits_only_while_waldur_makes_it() {
+    let group = |state: State, backend_id: &str| WaldurGroup {
+        state: Some(state),
+        backend_id: backend_id.into(),
+        ..Default::default()
+    };
+    let soon = Duration::from_secs(1);
+    let cases = [
+        (group(State::CreationScheduled, ""), soon, true),
+        (group(State::Creating, ""), soon, true),
+        (group(State::Creating, ""), FIRST_STATUS_WAIT, false),
+        (group(State::Creating, "nova-1"), soon, false),
+        (group(State::Ok, "nova-1"), soon, false),
+        (group(State::Ok, ""), soon, false),
+        (group(State::Erred, ""), soon, false),
+    ];
+    for (group, ago, waits) in cases {
+        assert_eq!(
+            first_status_waits(&group, ago),
+            waits,
+            "{:?} {:?} after {ago:?}",
+            group.state,
+            group.backend_id
+        );
+    }
+}
+
+/// A creation that vanished before its first status is recorded as the 201 described it: the
+/// vanished-group rules then wait for Waldur's re-sync by name, as for any group last seen
+/// while Waldur was making it.
+#[test]
+fn a_creation_that_vanished_unshown_is_recorded_as_created_and_may_come_back() {
+    let sg = resource(Mode::Managed, None, None);
+    let created = as_created(&sg, &uuid(UUID));
+    assert_eq!(created.tenant_uuid, uuid(TENANT));
+    assert_eq!(created.name, sg.waldur_name());
+    assert_eq!(created.policy, "anti-affinity");
+    let mut status = ServerGroupStatus::default();
+    mirror(&mut status, &created);
+    let mut shown = sg.clone();
+    shown.status = Some(status);
+    assert_eq!(
+        after_missing(&shown, &Lookup::Uuid(uuid(UUID)), false),
+        Ok(Missing::AwaitReimport {
+            tenant: uuid(TENANT),
+            backend_id: String::new()
+        })
+    );
+}

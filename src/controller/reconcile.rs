@@ -101,6 +101,9 @@ struct Awaiting {
 }
 
 enum Located {
+    /// A group made here vanished before its first status: that status is written now, and
+    /// the next look decides from it.
+    Recorded,
     /// The group vanished and may come back: wait, with the record of what was learnt.
     AwaitingReimport(Awaiting),
     Found(Box<WaldurGroup>, Binding),
@@ -207,6 +210,7 @@ impl Reconciler {
                 Ok(self.settled_requeue())
             }
             Located::AwaitingReimport(waiting) => self.awaiting(waiting).await,
+            Located::Recorded => Ok(Action::requeue(Duration::from_secs(1))),
             Located::TenantBlocked {
                 reason,
                 message,
@@ -434,13 +438,28 @@ impl Reconciler {
         self.sg.status.clone().unwrap_or_default()
     }
 
+    /// The bound group: as status names it, or, before status does, as claimed here (a
+    /// creation whose first status waits, [`plan::first_status_waits`]).
     fn status_uuid(&self) -> Option<WaldurUuid> {
+        self.shown_uuid()
+            .or_else(|| self.unshown().map(|(uuid, _)| uuid))
+    }
+
+    fn shown_uuid(&self) -> Option<WaldurUuid> {
         self.sg
             .status
             .as_ref()?
             .uuid
             .as_deref()
             .and_then(|u| WaldurUuid::parse(u).ok())
+    }
+
+    /// The group this resource claimed here and status does not name yet, and the claim's age.
+    fn unshown(&self) -> Option<(WaldurUuid, Duration)> {
+        if self.shown_uuid().is_some() {
+            return None;
+        }
+        self.ctx.held_here.held_by(&self.sg)
     }
 
     /// How long the group has been in its current transitional Ready reason.

@@ -163,6 +163,17 @@ impl Harness {
             .map(|v| serde_json::from_value(v).expect("a ServerGroup"))
     }
 
+    /// The group `name` is bound to: as its status names it, or as the operator holds it
+    /// before status does (a creation whose first status waits).
+    #[allow(dead_code)]
+    pub fn bound_uuid(&self, name: &str) -> Option<String> {
+        let sg = self.sg(name)?;
+        sg.status
+            .as_ref()
+            .and_then(|s| s.uuid.clone())
+            .or_else(|| Some(self.ctx.held_here.held_by(&sg)?.0.to_string()))
+    }
+
     /// Runs the real reconcile once on the object as stored now.
     pub async fn reconcile(
         &self,

@@ -169,6 +169,44 @@ pub fn shown_state(shown: Option<&str>, observed: Option<&State>) -> Option<Stri
     }
 }
 
+/// How long the first status of a group this process created may wait while Waldur makes it.
+pub const FIRST_STATUS_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the first status of a group this process has just created, and not yet shown,
+/// waits for the next look: while Waldur is still making it and for at most
+/// [`FIRST_STATUS_WAIT`]. Waldur's create takes about 2 s to reach OK, so most creations are
+/// shown once, already Ready: one Kubernetes write instead of two (a Creating status, then
+/// the Ready one). Nothing is lost meanwhile: the claim is held in memory, the create intent
+/// is in the object, and the Created Event says what was done. Pure, for the table tests.
+/// Once Waldur has the Nova id the status is written: a group that vanished later must be
+/// looked for by that id (`after_missing`), and only status keeps it across a restart.
+pub fn first_status_waits(group: &WaldurGroup, created_ago: Duration) -> bool {
+    matches!(
+        group.state,
+        Some(State::CreationScheduled | State::Creating)
+    ) && group.backend_id.is_empty()
+        && created_ago < FIRST_STATUS_WAIT
+}
+
+/// The group `sg` made, as Waldur's 201 described it: what the first status would have shown
+/// had it not waited. For a group that vanished before that status was written, so that the
+/// rules for a bound group that vanished decide from status, as they always have.
+pub fn as_created(sg: &ServerGroup, uuid: &WaldurUuid) -> WaldurGroup {
+    WaldurGroup {
+        uuid: uuid.clone(),
+        name: sg.waldur_name(),
+        tenant_uuid: sg
+            .spec
+            .tenant
+            .as_deref()
+            .and_then(|t| WaldurUuid::parse(t).ok())
+            .unwrap_or_default(),
+        policy: sg.spec.policy.map(|p| p.to_string()).unwrap_or_default(),
+        state: Some(State::CreationScheduled),
+        ..Default::default()
+    }
+}
+
 /// Whether a change of phase deserves an Event of its own. Not the end of a creation
 /// (Creating -> Available): the Created (or Adopted, Recreated) Event said what happened and
 /// `Ready` turning True says the rest, so that Event would be one more write per resource

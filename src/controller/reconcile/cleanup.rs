@@ -23,6 +23,7 @@ impl Reconciler {
                 // The group may come back (review N2): the finalizer stays until it is back
                 // (and is deleted) or shown gone for good.
                 Located::AwaitingReimport(waiting) => return self.awaiting(waiting).await,
+                Located::Recorded => return Ok(Action::requeue(Duration::from_secs(1))),
                 // The bound group is gone, but a create decided since may have made another.
                 Located::NotFound(_) | Located::Gone(_) => {
                     self.own_creation_while_deleting(&client).await?

@@ -8,6 +8,33 @@ impl Reconciler {
     /// With `deleting` (cleanup) nothing is created, but a group that may come back is still
     /// waited for, so that it can be deleted (review N2).
     pub(super) async fn locate(&self, client: &Waldur, deleting: bool) -> Result<Located, Error> {
+        // A group made here whose first status waits: look it up as if status named it.
+        if let Some((uuid, claimed_ago)) = self.unshown() {
+            if let Some(group) = self.look(client, &Lookup::Uuid(uuid.clone())).await? {
+                return Ok(Located::Found(Box::new(group), Binding::Known));
+            }
+            // Gone before its first status: write that status as the 201 had it, so that the
+            // rules for a vanished group (it may come back with Waldur's re-sync) decide
+            // from it, as they did when status was written at the 201. The claim stays
+            // until then: without it the next look would take the create intent for a
+            // group never made.
+            // Last seen at the 201, not now: a re-import is searched for from then on.
+            let created = plan::as_created(&self.sg, &uuid);
+            let seen = k8s_openapi::jiff::SignedDuration::try_from(claimed_ago)
+                .ok()
+                .and_then(|ago| self.now.0.checked_sub(ago).ok())
+                .map(Time);
+            self.write_status(false, |s| {
+                s.auto_pull = None;
+                plan::mirror(s, &created);
+                s.last_sync_time = seen;
+                let (_, reason, message) = plan::readiness(&created);
+                self.ready(s, false, reason, &message);
+                self.synced(s, true, synced_reason::RECONCILED, "");
+            })
+            .await?;
+            return Ok(Located::Recorded);
+        }
         let mut lookup = plan::first_lookup(&self.sg)?;
         loop {
             if let Some(group) = self.look(client, &lookup).await? {
@@ -599,17 +626,9 @@ impl Reconciler {
                 return Err(e.into());
             }
         };
-        // Write the UUID at once: from here on a crash cannot lose track of the group.
-        // It is the whole status the observation that follows would write, so that one
-        // write, not two, records the creation.
-        self.write_status(true, |s| {
-            s.auto_pull = None;
-            plan::mirror(s, &group);
-            let (_, reason, message) = plan::readiness(&group);
-            self.ready(s, false, reason, &message);
-            self.synced(s, true, synced_reason::RECONCILED, "");
-        })
-        .await?;
+        // No status write here: the observation that follows writes it, or, while Waldur is
+        // still making the group, lets it wait (`plan::first_status_waits`). A crash before
+        // it loses nothing: the create intent, written before the POST, finds the group.
         let binding = if recreate {
             Binding::Recreated
         } else {

@@ -45,9 +45,23 @@ impl Reconciler {
             .annotation(crate::api::ANNOTATION_REQUEST_RECREATE)
             .map(|t| t.trim().to_string())
             .filter(|t| !t.is_empty());
+        let follow_ups = plan::follow_ups(&self.sg, &group, &self.ctx.settings, self.now.0);
+        if follow_ups.is_empty()
+            && let Some((uuid, created_ago)) = self.unshown()
+            && uuid == group.uuid
+            && plan::first_status_waits(&group, created_ago)
+        {
+            return Ok(Action::requeue(plan::requeue_after(
+                &self.sg,
+                group.state.as_ref(),
+                created_ago,
+                &self.ctx.settings,
+                rand::random(),
+            )));
+        }
         let mut auto_pull = self.status().auto_pull;
         let mut busy = false;
-        for follow_up in plan::follow_ups(&self.sg, &group, &self.ctx.settings, self.now.0) {
+        for follow_up in follow_ups {
             match self
                 .follow_up(client, &group, &follow_up, &mut handled, &mut auto_pull)
                 .await
