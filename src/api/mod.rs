@@ -462,9 +462,25 @@ pub fn crd() -> CustomResourceDefinition {
             .and_then(|s| s.open_api_v3_schema.as_mut())
         {
             strip_nullable(schema);
+            default_status(schema);
         }
     }
     crd
+}
+
+/// A ServerGroup the operator has not written yet reads as `status: {observedGeneration: 0}`
+/// (the API server defaults it on every read), so kstatus (Flux) calls it InProgress, not
+/// Current, from the first instant: a creation's first status waits while Waldur makes the
+/// group (`plan::first_status_waits`), and an object without any status would be taken for
+/// one that is done.
+fn default_status(schema: &mut JSONSchemaProps) {
+    if let Some(status) = schema.properties.as_mut().and_then(|p| p.get_mut("status")) {
+        status.default = Some(
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSON(
+                serde_json::json!({"observedGeneration": 0}),
+            ),
+        );
+    }
 }
 
 fn strip_nullable(schema: &mut JSONSchemaProps) {

@@ -321,7 +321,15 @@ pub async fn release_orphaned(
 /// Kubernetes write per created resource, the most common binding by far.
 #[derive(Default)]
 pub struct HeldHere {
-    held: std::sync::Mutex<std::collections::HashMap<WaldurUuid, HeldBy>>,
+    held: std::sync::Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    by_group: std::collections::HashMap<WaldurUuid, HeldBy>,
+    /// Each holder's latest claim, by uid: what it binds before its status says (one map
+    /// look per reconcile, not a walk over every claim).
+    latest: std::collections::HashMap<String, WaldurUuid>,
 }
 
 struct HeldBy {
@@ -331,7 +339,7 @@ struct HeldBy {
 }
 
 impl HeldHere {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<WaldurUuid, HeldBy>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -347,12 +355,16 @@ impl HeldHere {
         let me = holder_of(sg);
         let mut held = self.lock();
         if let Some(owner) = held
+            .by_group
             .get(uuid)
             .and_then(|h| standing_here(h, &me, uuid, store))
         {
             return Claim::HeldBy(owner);
         }
-        held.insert(
+        if let Some(uid) = sg.metadata.uid.clone() {
+            held.latest.insert(uid, uuid.clone());
+        }
+        held.by_group.insert(
             uuid.clone(),
             HeldBy {
                 holder: me,
@@ -371,6 +383,7 @@ impl HeldHere {
     ) -> Option<String> {
         let me = holder_of(sg);
         self.lock()
+            .by_group
             .get(uuid)
             .and_then(|h| standing_here(h, &me, uuid, store))
     }
@@ -378,27 +391,40 @@ impl HeldHere {
     /// The group `sg` claimed here most recently, and how long ago: what it binds even before
     /// its status names it.
     pub fn held_by(&self, sg: &ServerGroup) -> Option<(WaldurUuid, std::time::Duration)> {
-        let me = holder_of(sg);
-        self.lock()
-            .iter()
-            .filter(|(_, h)| h.holder == me)
-            .min_by_key(|(_, h)| h.at.elapsed())
-            .map(|(uuid, h)| (uuid.clone(), h.at.elapsed()))
+        let held = self.lock();
+        let uuid = held.latest.get(sg.metadata.uid.as_deref()?)?;
+        let claim = held.by_group.get(uuid)?;
+        (claim.holder == holder_of(sg)).then(|| (uuid.clone(), claim.at.elapsed()))
     }
 
     /// Releases `sg`'s claim on `uuid`; someone else's is left alone.
     pub fn release(&self, uuid: &WaldurUuid, sg: &ServerGroup) {
         let me = holder_of(sg);
         let mut held = self.lock();
-        if held.get(uuid).is_some_and(|h| h.holder == me) {
-            held.remove(uuid);
+        if held.by_group.get(uuid).is_some_and(|h| h.holder == me) {
+            held.by_group.remove(uuid);
+            if let Some(uid) = sg.metadata.uid.as_deref()
+                && held.latest.get(uid) == Some(uuid)
+            {
+                held.latest.remove(uid);
+            }
         }
     }
 
-    /// Forgets every claim of a resource that is gone (its watch said Deleted).
+    /// Forgets the latest claim of a resource that is gone (its watch said Deleted). An older
+    /// one it never released is stale by [`still_held`] and taken over when asked for.
     pub fn forget_holder(&self, uid: &str) {
-        self.lock()
-            .retain(|_, h| parse_holder(&h.holder).is_none_or(|(_, _, u)| u != uid));
+        let mut held = self.lock();
+        if let Some(uuid) = held.latest.remove(uid) {
+            let theirs = held
+                .by_group
+                .get(&uuid)
+                .and_then(|h| parse_holder(&h.holder))
+                .is_some_and(|(_, _, u)| u == uid);
+            if theirs {
+                held.by_group.remove(&uuid);
+            }
+        }
     }
 }
 

@@ -13,26 +13,7 @@ impl Reconciler {
             if let Some(group) = self.look(client, &Lookup::Uuid(uuid.clone())).await? {
                 return Ok(Located::Found(Box::new(group), Binding::Known));
             }
-            // Gone before its first status: write that status as the 201 had it, so that the
-            // rules for a vanished group (it may come back with Waldur's re-sync) decide
-            // from it, as they did when status was written at the 201. The claim stays
-            // until then: without it the next look would take the create intent for a
-            // group never made.
-            // Last seen at the 201, not now: a re-import is searched for from then on.
-            let created = plan::as_created(&self.sg, &uuid);
-            let seen = k8s_openapi::jiff::SignedDuration::try_from(claimed_ago)
-                .ok()
-                .and_then(|ago| self.now.0.checked_sub(ago).ok())
-                .map(Time);
-            self.write_status(false, |s| {
-                s.auto_pull = None;
-                plan::mirror(s, &created);
-                s.last_sync_time = seen;
-                let (_, reason, message) = plan::readiness(&created);
-                self.ready(s, false, reason, &message);
-                self.synced(s, true, synced_reason::RECONCILED, "");
-            })
-            .await?;
+            self.record_vanished_creation(&uuid, claimed_ago).await?;
             return Ok(Located::Recorded);
         }
         let mut lookup = plan::first_lookup(&self.sg)?;
@@ -57,6 +38,34 @@ impl Reconciler {
                 }
             }
         }
+    }
+
+    /// A group made here vanished before its first status: that status is written now, as
+    /// the 201 had it, so that the rules for a vanished group (it may come back with Waldur's
+    /// re-sync) decide from it, as they did when status was written at the 201. The claim
+    /// stays until the write is seen: without it the next look would take the create intent
+    /// for a group never made.
+    async fn record_vanished_creation(
+        &self,
+        uuid: &WaldurUuid,
+        claimed_ago: Duration,
+    ) -> Result<(), Error> {
+        tracing::info!(%uuid, "the group made for this resource is gone from Waldur before its first status; recording it as created");
+        let created = plan::as_created(&self.sg, uuid);
+        // Last seen at the 201, not now: a re-import is searched for from then on.
+        let seen = k8s_openapi::jiff::SignedDuration::try_from(claimed_ago)
+            .ok()
+            .and_then(|ago| self.now.0.checked_sub(ago).ok())
+            .map(Time);
+        self.write_status(false, |s| {
+            s.auto_pull = None;
+            plan::mirror(s, &created);
+            s.last_sync_time = seen;
+            let (_, reason, message) = plan::readiness(&created);
+            self.ready(s, false, reason, &message);
+            self.synced(s, true, synced_reason::RECONCILED, "");
+        })
+        .await
     }
 
     /// A 404 for the bound group releases a deleted resource only when these credentials can
