@@ -187,7 +187,13 @@ async fn endpoints_namespace_scope_token_file_and_sigterm() {
         .unwrap();
     env.wait_ready("mine").await;
     let theirs = other.get("theirs").await.unwrap();
-    assert!(theirs.status.is_none() && theirs.metadata.finalizers.is_none());
+    // Untouched: no finalizer, and the status is the CRD's default, not one the operator wrote.
+    let default_status = waldur_operator::api::ServerGroupStatus {
+        observed_generation: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(theirs.status.unwrap_or_default(), default_status);
+    assert!(theirs.metadata.finalizers.is_none());
     assert_eq!(groups_named(&env, "theirs"), 0);
 
     let (code, metrics) = http_get(&format!("http://127.0.0.1:{port}/metrics")).await;
