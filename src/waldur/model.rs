@@ -63,6 +63,17 @@ impl WaldurUuid {
         &self.0
     }
 
+    /// Whether `s`, dashed or not, in either case, is this UUID: without allocating, for the
+    /// walks over every cached resource.
+    pub fn is(&self, s: &str) -> bool {
+        let mut theirs = s
+            .trim()
+            .bytes()
+            .filter(|b| *b != b'-')
+            .map(|b| b.to_ascii_lowercase());
+        self.0.bytes().all(|b| theirs.next() == Some(b)) && theirs.next().is_none()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -320,6 +331,12 @@ mod tests {
         let plain = WaldurUuid::parse("6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e").unwrap();
         assert_eq!(dashed, plain);
         assert_eq!(dashed.to_string(), "6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e");
+        // `is` compares a string the same way, without parsing it.
+        assert!(plain.is("6B2A0C4E-9F1D-4B7A-8C3E-2F1A0B9C8D7E"));
+        assert!(plain.is(" 6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e"));
+        assert!(!plain.is("6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7"));
+        assert!(!plain.is("6b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7ee"));
+        assert!(!plain.is("7b2a0c4e9f1d4b7a8c3e2f1a0b9c8d7e"));
     }
 
     #[test]
