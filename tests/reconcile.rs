@@ -1645,15 +1645,15 @@ async fn the_claim_janitor_deletes_claims_whose_holder_is_gone() {
     .await
     .unwrap();
     assert_eq!(released, 1);
-    let left = h.kube.list("leases");
-    assert_eq!(left.len(), 1, "{left:?}");
-    assert!(
-        left[0]["spec"]["holderIdentity"]
-            .as_str()
-            .unwrap()
-            .contains("live"),
-        "{left:?}"
-    );
+    assert_one_claim_held_by(&h, "/live/");
+}
+
+/// There is one claim Lease, and `who` (`/name/`) holds it.
+fn assert_one_claim_held_by(h: &support::Harness, who: &str) {
+    let leases = h.kube.list("leases");
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let holder = leases[0]["spec"]["holderIdentity"].as_str().unwrap();
+    assert!(holder.contains(who), "{leases:?}");
 }
 
 /// Issue 21: a group the operator creates is claimed in this process's memory, not with a
@@ -1712,15 +1712,7 @@ async fn a_sharded_operator_claims_its_creations_with_a_lease() {
         serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": "made"}),
     );
     h.converge("maker", is_ready).await.unwrap();
-    let leases = h.kube.list("leases");
-    assert_eq!(leases.len(), 1, "{leases:?}");
-    assert!(
-        leases[0]["spec"]["holderIdentity"]
-            .as_str()
-            .unwrap()
-            .contains("/maker/"),
-        "{leases:?}"
-    );
+    assert_one_claim_held_by(&h, "/maker/");
 }
 
 /// Review N13: a reconcile still in flight for an object that was deleted and created again
