@@ -119,6 +119,8 @@ pub struct Context {
     pub claims_namespace: String,
     /// The claims this process holds without a Lease ([`claims::HeldHere`]).
     pub held_here: Arc<super::claims::HeldHere>,
+    /// The cached resources by the name their group has in Waldur, fed by the watch.
+    pub names: Arc<super::names::Names>,
     /// Resources parked until the breaker of their Waldur closes, by Waldur base URL.
     parked: Mutex<HashMap<String, std::collections::HashSet<ObjectRef<ServerGroup>>>>,
     /// Reconciles a resource now (the controller's external trigger).
@@ -208,6 +210,7 @@ impl Context {
             own_writes: Arc::default(),
             claims_namespace: "default".into(),
             held_here: Arc::default(),
+            names: Arc::default(),
             parked: Mutex::new(HashMap::new()),
             wake: None,
             shard: Shard::ALL,
@@ -308,6 +311,12 @@ impl Context {
                 }
             }
         });
+    }
+
+    /// The names index, shared with the watch that feeds it.
+    pub fn with_names(mut self, names: Arc<super::names::Names>) -> Self {
+        self.names = names;
+        self
     }
 
     /// The claims made here, shared with the watch that forgets a deleted holder's.

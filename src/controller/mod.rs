@@ -6,6 +6,7 @@ mod error;
 pub mod events;
 mod finalizers;
 pub mod index;
+pub mod names;
 pub mod plan;
 mod reconcile;
 pub mod released;

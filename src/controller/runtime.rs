@@ -40,6 +40,7 @@ pub async fn run(
     let own_writes = Arc::new(OwnWrites::default());
     let failures = Arc::new(Failures::default());
     let held_here = Arc::new(super::claims::HeldHere::default());
+    let names = Arc::new(super::names::Names::default());
     let changes = Arc::new(Changes::default());
     let seen = changes.clone();
     let stream = watcher(rt.api, watcher::Config::default())
@@ -61,33 +62,39 @@ pub async fn run(
             let own_writes = own_writes.clone();
             let failures = failures.clone();
             let held_here = held_here.clone();
+            let names = names.clone();
             let reader = reader.clone();
-            move |e| match e {
-                Ok(watcher::Event::InitDone) => {
-                    // The store now holds the relisted objects: what else is remembered per
-                    // object belongs to objects deleted while the watch was down.
-                    let present: HashSet<String> = reader
-                        .state()
-                        .iter()
-                        .filter_map(|sg| sg.metadata.uid.clone())
-                        .collect();
-                    own_writes.retain(&present);
-                    failures.retain(&present);
-                    changes.retain(&reader.state());
-                    groups_synced_tx.send_replace(true);
+            move |e| {
+                if let Ok(event) = e {
+                    names.apply(event);
                 }
-                Ok(watcher::Event::Apply(sg) | watcher::Event::InitApply(sg)) => {
-                    own_writes.seen(sg);
-                }
-                Ok(watcher::Event::Delete(sg)) => {
-                    own_writes.forget(sg);
-                    failures.forget(sg);
-                    if let Some(uid) = sg.metadata.uid.as_deref() {
-                        held_here.forget_holder(uid);
+                match e {
+                    Ok(watcher::Event::InitDone) => {
+                        // The store now holds the relisted objects: what else is remembered per
+                        // object belongs to objects deleted while the watch was down.
+                        let present: HashSet<String> = reader
+                            .state()
+                            .iter()
+                            .filter_map(|sg| sg.metadata.uid.clone())
+                            .collect();
+                        own_writes.retain(&present);
+                        failures.retain(&present);
+                        changes.retain(&reader.state());
+                        groups_synced_tx.send_replace(true);
                     }
-                    changes.forget(sg);
+                    Ok(watcher::Event::Apply(sg) | watcher::Event::InitApply(sg)) => {
+                        own_writes.seen(sg);
+                    }
+                    Ok(watcher::Event::Delete(sg)) => {
+                        own_writes.forget(sg);
+                        failures.forget(sg);
+                        if let Some(uid) = sg.metadata.uid.as_deref() {
+                            held_here.forget_holder(uid);
+                        }
+                        changes.forget(sg);
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         })
         .touched_objects()
@@ -107,6 +114,7 @@ pub async fn run(
     .with_own_writes(own_writes)
     .with_failures(failures)
     .with_held_here(held_here)
+    .with_names(names)
     .with_shard(rt.shard)
     .with_tenant_pulls(rt.tenant_pulls.clone())
     // A quarter of the workers, as the limiter's per-URL share of in-flight requests.

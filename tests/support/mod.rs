@@ -197,18 +197,15 @@ impl Harness {
 
     /// Relists the store with `stale` in place of the stored object with its uid.
     fn cache_with(&self, stale: &ServerGroup) {
-        let mut writer = self.writer.lock().unwrap();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        for obj in self.kube.list(PLURAL) {
+        let objects = self.kube.list(PLURAL).into_iter().map(|obj| {
             let sg: ServerGroup = serde_json::from_value(obj).unwrap();
-            let sg = if sg.metadata.uid == stale.metadata.uid {
+            if sg.metadata.uid == stale.metadata.uid {
                 stale.clone()
             } else {
                 sg
-            };
-            writer.apply_watcher_event(&watcher::Event::InitApply(sg));
-        }
-        writer.apply_watcher_event(&watcher::Event::InitDone);
+            }
+        });
+        self.relist(objects);
     }
 
     /// Reconciles `name` while the store holds `stale` in place of the object with its uid, as
@@ -250,13 +247,26 @@ impl Harness {
     }
 
     fn refresh_store(&self) {
+        let objects = self.kube.list(PLURAL);
+        self.relist(
+            objects
+                .into_iter()
+                .map(|o| serde_json::from_value(o).unwrap()),
+        );
+    }
+
+    /// Relists the cache and the names index fed by the same events, as the watch does.
+    fn relist(&self, objects: impl Iterator<Item = ServerGroup>) {
         let mut writer = self.writer.lock().unwrap();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        for obj in self.kube.list(PLURAL) {
-            let sg: ServerGroup = serde_json::from_value(obj).unwrap();
-            writer.apply_watcher_event(&watcher::Event::InitApply(sg));
+        let mut apply = |event: watcher::Event<ServerGroup>| {
+            writer.apply_watcher_event(&event);
+            self.ctx.names.apply(&event);
+        };
+        apply(watcher::Event::Init);
+        for sg in objects {
+            apply(watcher::Event::InitApply(sg));
         }
-        writer.apply_watcher_event(&watcher::Event::InitDone);
+        apply(watcher::Event::InitDone);
     }
 }
 

@@ -305,7 +305,7 @@ impl Reconciler {
     /// ([`plan::holds_name_while_away`]).
     fn holding_the_name_while_away(&self, tenant: &WaldurUuid, name: &str) -> Option<String> {
         let me = self.sg.metadata.uid.as_deref();
-        let holder = self.ctx.store.find(|other| {
+        let holder = self.named(name).find(|other| {
             other.metadata.uid.as_deref() != me && plan::holds_name_while_away(other, tenant, name)
         })?;
         Some(format!(
@@ -313,6 +313,16 @@ impl Reconciler {
             holder.namespace().unwrap_or_default(),
             holder.name_any()
         ))
+    }
+
+    /// The cached ServerGroups that would make their group under `name` (the names index,
+    /// so that the checks before a create do not walk every cached resource).
+    fn named(&self, name: &str) -> impl Iterator<Item = Arc<ServerGroup>> + '_ {
+        self.ctx
+            .names
+            .named(name)
+            .into_iter()
+            .filter_map(|r| self.ctx.store.get(&r))
     }
 
     /// Another ServerGroup whose create intent for this tenant and name still stands, and the
@@ -338,9 +348,7 @@ impl Reconciler {
                 .find(|g| plan::may_have_made(&intent, tenant, name, g))
                 .cloned()
         };
-        // Walked in place, not over a copy of the cache (at 10,000 resources, a copy per
-        // create was a walk of its own).
-        let creator = self.ctx.store.find(|other| made_by(other).is_some())?;
+        let creator = self.named(name).find(|other| made_by(other).is_some())?;
         let made = made_by(&creator)?;
         Some((
             format!(

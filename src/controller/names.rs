@@ -1,0 +1,186 @@
+//! Which cached ServerGroups would make their Waldur group under each name: fed by the same
+//! watch events as the informer cache, so that the checks before a create ("does another
+//! resource hold or make this name?") read the few resources of that name, not all of them.
+//!
+//! A walk over every cached resource before each create made the operator's CPU grow with
+//! the square of the fleet: at 10,000 resources, a quarter of its CPU was spent comparing
+//! names (measured with `perf`). The index lags the cache by at most the event in hand, which
+//! the checks tolerate: they read a cache that lags the API server anyway, and the claims are
+//! what make a binding safe.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+
+use crate::api::ServerGroup;
+
+#[derive(Default)]
+pub struct Names {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Waldur name -> the resources that would make their group under it, by uid.
+    by_name: HashMap<String, HashMap<String, ObjectRef<ServerGroup>>>,
+    /// uid -> the name it is filed under, to move it when its name changes.
+    name_of: HashMap<String, String>,
+    /// The relist in progress (between `Init` and `InitDone`), as the reflector keeps one.
+    relist: Option<Vec<Entry>>,
+}
+
+/// What is filed of one resource: its uid, its Waldur name, and where to find it.
+struct Entry {
+    uid: String,
+    name: String,
+    object: ObjectRef<ServerGroup>,
+}
+
+impl Entry {
+    fn of(sg: &ServerGroup) -> Option<Self> {
+        Some(Self {
+            uid: sg.metadata.uid.clone()?,
+            name: sg.spec.name.clone().or_else(|| sg.metadata.name.clone())?,
+            object: ObjectRef::from_obj(sg),
+        })
+    }
+}
+
+impl Inner {
+    fn insert(&mut self, entry: Entry) {
+        if self.name_of.get(&entry.uid) == Some(&entry.name) {
+            return;
+        }
+        self.remove(&entry.uid);
+        self.by_name
+            .entry(entry.name.clone())
+            .or_default()
+            .insert(entry.uid.clone(), entry.object);
+        self.name_of.insert(entry.uid, entry.name);
+    }
+
+    fn remove(&mut self, uid: &str) {
+        let Some(name) = self.name_of.remove(uid) else {
+            return;
+        };
+        if let Some(set) = self.by_name.get_mut(&name) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.by_name.remove(&name);
+            }
+        }
+    }
+}
+
+impl Names {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows one watch event, as the reflector does for the cache.
+    pub fn apply(&self, event: &watcher::Event<ServerGroup>) {
+        let mut inner = self.lock();
+        match event {
+            watcher::Event::Init => inner.relist = Some(Vec::new()),
+            watcher::Event::InitApply(sg) => {
+                let Some(entry) = Entry::of(sg) else { return };
+                match inner.relist.as_mut() {
+                    Some(relist) => relist.push(entry),
+                    None => inner.insert(entry),
+                }
+            }
+            watcher::Event::InitDone => {
+                let relisted = inner.relist.take().unwrap_or_default();
+                let present: HashSet<&str> = relisted.iter().map(|e| e.uid.as_str()).collect();
+                let gone: Vec<String> = inner
+                    .name_of
+                    .keys()
+                    .filter(|uid| !present.contains(uid.as_str()))
+                    .cloned()
+                    .collect();
+                for uid in gone {
+                    inner.remove(&uid);
+                }
+                for entry in relisted {
+                    inner.insert(entry);
+                }
+            }
+            watcher::Event::Apply(sg) => {
+                if let Some(entry) = Entry::of(sg) {
+                    inner.insert(entry);
+                }
+            }
+            watcher::Event::Delete(sg) => {
+                if let Some(uid) = sg.metadata.uid.as_deref() {
+                    inner.remove(uid);
+                }
+            }
+        }
+    }
+
+    /// The resources that would make their group under `name`.
+    pub fn named(&self, name: &str) -> Vec<ObjectRef<ServerGroup>> {
+        self.lock()
+            .by_name
+            .get(name)
+            .map(|set| set.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ServerGroupSpec;
+
+    fn sg(name: &str, uid: &str, waldur_name: Option<&str>) -> ServerGroup {
+        let mut sg = ServerGroup::new(
+            name,
+            ServerGroupSpec {
+                name: waldur_name.map(str::to_string),
+                ..Default::default()
+            },
+        );
+        sg.metadata.namespace = Some("team-a".into());
+        sg.metadata.uid = Some(uid.into());
+        sg
+    }
+
+    fn names_of(names: &Names, name: &str) -> Vec<String> {
+        let mut found: Vec<String> = names.named(name).into_iter().map(|r| r.name).collect();
+        found.sort();
+        found
+    }
+
+    #[test]
+    fn resources_are_filed_under_the_name_their_group_has_in_waldur() {
+        let names = Names::default();
+        names.apply(&watcher::Event::Apply(sg("a", "u1", None)));
+        names.apply(&watcher::Event::Apply(sg("b", "u2", Some("a"))));
+        names.apply(&watcher::Event::Apply(sg("c", "u3", None)));
+        assert_eq!(names_of(&names, "a"), ["a", "b"]);
+        // A name changed: moved, not listed twice.
+        names.apply(&watcher::Event::Apply(sg("b", "u2", Some("c"))));
+        assert_eq!(names_of(&names, "a"), ["a"]);
+        assert_eq!(names_of(&names, "c"), ["b", "c"]);
+        names.apply(&watcher::Event::Delete(sg("c", "u3", None)));
+        assert_eq!(names_of(&names, "c"), ["b"]);
+        assert!(names.named("nobody").is_empty());
+    }
+
+    #[test]
+    fn a_relist_drops_what_was_deleted_while_the_watch_was_down() {
+        let names = Names::default();
+        names.apply(&watcher::Event::Apply(sg("a", "u1", None)));
+        names.apply(&watcher::Event::Apply(sg("b", "u2", None)));
+        names.apply(&watcher::Event::Init);
+        names.apply(&watcher::Event::InitApply(sg("b", "u2", None)));
+        // Until the relist is done, the old picture stands.
+        assert_eq!(names_of(&names, "a"), ["a"]);
+        names.apply(&watcher::Event::InitDone);
+        assert!(names.named("a").is_empty());
+        assert_eq!(names_of(&names, "b"), ["b"]);
+    }
+}
