@@ -236,13 +236,7 @@ impl Shard {
         {
             return None;
         }
-        Some(
-            snap.by_uuid
-                .values()
-                .filter(|g| &*g.name == name && &*g.tenant_uuid == tenant.as_str())
-                .map(|g| g.group())
-                .collect(),
-        )
+        Some(snap.named(tenant, name).map(|g| g.group()).collect())
     }
 
     /// A group the operator just created or read: known at once, before the next sweep.
