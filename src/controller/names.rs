@@ -23,51 +23,67 @@ pub struct Names {
 
 #[derive(Default)]
 struct Inner {
-    /// Waldur name -> the resources that would make their group under it, by uid.
-    by_name: HashMap<String, HashMap<String, ObjectRef<ServerGroup>>>,
+    /// Waldur name -> the resources that would make their group under it. A short list per
+    /// name, boxed strings: about 300 bytes a resource (nested maps cost four times that).
+    by_name: HashMap<Box<str>, Vec<Filed>>,
     /// uid -> the name it is filed under, to move it when its name changes.
-    name_of: HashMap<String, String>,
+    name_of: HashMap<Box<str>, Box<str>>,
     /// The relist in progress (between `Init` and `InitDone`), as the reflector keeps one.
     relist: Option<Vec<Entry>>,
 }
 
-/// What is filed of one resource: its uid, its Waldur name, and where to find it.
+/// Where to find one resource in the cache, and its uid.
+struct Filed {
+    namespace: Box<str>,
+    name: Box<str>,
+    uid: Box<str>,
+}
+
+/// What is filed of one resource, and under which Waldur name.
 struct Entry {
-    uid: String,
-    name: String,
-    object: ObjectRef<ServerGroup>,
+    filed: Filed,
+    waldur_name: Box<str>,
 }
 
 impl Entry {
     fn of(sg: &ServerGroup) -> Option<Self> {
         Some(Self {
-            uid: sg.metadata.uid.clone()?,
-            name: sg.spec.name.clone().or_else(|| sg.metadata.name.clone())?,
-            object: ObjectRef::from_obj(sg),
+            filed: Filed {
+                namespace: sg.metadata.namespace.as_deref().unwrap_or_default().into(),
+                name: sg.metadata.name.as_deref()?.into(),
+                uid: sg.metadata.uid.as_deref()?.into(),
+            },
+            waldur_name: sg
+                .spec
+                .name
+                .as_deref()
+                .or(sg.metadata.name.as_deref())?
+                .into(),
         })
     }
 }
 
 impl Inner {
     fn insert(&mut self, entry: Entry) {
-        if self.name_of.get(&entry.uid) == Some(&entry.name) {
+        if self.name_of.get(&entry.filed.uid) == Some(&entry.waldur_name) {
             return;
         }
-        self.remove(&entry.uid);
+        self.remove(&entry.filed.uid);
+        self.name_of
+            .insert(entry.filed.uid.clone(), entry.waldur_name.clone());
         self.by_name
-            .entry(entry.name.clone())
-            .or_default()
-            .insert(entry.uid.clone(), entry.object);
-        self.name_of.insert(entry.uid, entry.name);
+            .entry(entry.waldur_name)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push(entry.filed);
     }
 
     fn remove(&mut self, uid: &str) {
         let Some(name) = self.name_of.remove(uid) else {
             return;
         };
-        if let Some(set) = self.by_name.get_mut(&name) {
-            set.remove(uid);
-            if set.is_empty() {
+        if let Some(list) = self.by_name.get_mut(&name) {
+            list.retain(|f| &*f.uid != uid);
+            if list.is_empty() {
                 self.by_name.remove(&name);
             }
         }
@@ -93,11 +109,11 @@ impl Names {
             }
             watcher::Event::InitDone => {
                 let relisted = inner.relist.take().unwrap_or_default();
-                let present: HashSet<&str> = relisted.iter().map(|e| e.uid.as_str()).collect();
-                let gone: Vec<String> = inner
+                let present: HashSet<&str> = relisted.iter().map(|e| &*e.filed.uid).collect();
+                let gone: Vec<Box<str>> = inner
                     .name_of
                     .keys()
-                    .filter(|uid| !present.contains(uid.as_str()))
+                    .filter(|uid| !present.contains(&***uid))
                     .cloned()
                     .collect();
                 for uid in gone {
@@ -125,7 +141,11 @@ impl Names {
         self.lock()
             .by_name
             .get(name)
-            .map(|set| set.values().cloned().collect())
+            .map(|list| {
+                list.iter()
+                    .map(|f| ObjectRef::new(&f.name).within(&f.namespace))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
