@@ -463,6 +463,18 @@ mod scenarios {
             ])
             .await;
         ok(&out, "wait");
+        // The operator's own writes (the create intent with the finalizer, the status) keep
+        // what kubectl apply recorded: without it, the next apply cannot tell which fields it
+        // set before, and would never remove one a user deleted from the manifest.
+        let last = ok(
+            &env.kubectl(&["apply", "view-last-applied", "servergroup/web"])
+                .await,
+            "view-last-applied after the operator's writes",
+        );
+        assert!(
+            last.contains("name: web") && last.contains("anti-affinity"),
+            "{last}"
+        );
         let yaml = ok(
             &env.kubectl(&["get", "wsg", "web", "-o", "yaml"]).await,
             "get -o yaml",

@@ -452,17 +452,7 @@ impl Reconciler {
             return Ok(());
         }
         let patch = |meta: &kube::api::ObjectMeta| {
-            let mut finalizers = meta.finalizers.clone().unwrap_or_default();
-            if !finalizers.iter().any(|f| f == FINALIZER) {
-                finalizers.push(FINALIZER.to_string());
-            }
-            let mut annotations = meta.annotations.clone().unwrap_or_default();
-            annotations.insert(key.to_string(), value.clone());
-            json!([
-                {"op": "test", "path": "/metadata/resourceVersion", "value": meta.resource_version},
-                {"op": "add", "path": "/metadata/annotations", "value": annotations},
-                {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
-            ])
+            crate::controller::finalizers::annotate_and_finalize_patch(meta, key, &value, FINALIZER)
         };
         match self.json_patch(patch(&self.sg.metadata)).await {
             Ok(()) => {}
