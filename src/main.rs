@@ -285,8 +285,16 @@ async fn run(args: RunArgs) -> ExitCode {
 
 async fn start(args: RunArgs, logs: telemetry::LogControl) -> Result<(), String> {
     let options = options(&args)?;
-    let kube = Client::try_default()
+    let mut config = kube::Config::infer()
         .await
+        .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
+    // kube sends no User-Agent: the API server would then name this process "unknown" as the
+    // manager of the finalizer and annotations it writes, and in audit logs.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("waldur-operator/", env!("CARGO_PKG_VERSION"))),
+    ));
+    let kube = Client::try_from(config)
         .map_err(|e| format!("cannot reach Kubernetes (kubeconfig or in-cluster config): {e}"))?;
     operator::run(options, kube, Some(logs), shutdown_signal()).await
 }

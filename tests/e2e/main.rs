@@ -489,6 +489,28 @@ mod scenarios {
             "{table}"
         );
         if env.kind == Kind::Real {
+            // The operator names itself: the finalizer and the create intent are its fields,
+            // not "unknown"'s, in managedFields (and in audit logs, by the same User-Agent).
+            let json = ok(
+                &env.kubectl(&[
+                    "get",
+                    "servergroup/web",
+                    "-o",
+                    "json",
+                    "--show-managed-fields",
+                ])
+                .await,
+                "get --show-managed-fields",
+            );
+            let object: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let owners: Vec<&str> = object["metadata"]["managedFields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| !m["fieldsV1"]["f:metadata"]["f:finalizers"].is_null())
+                .filter_map(|m| m["manager"].as_str())
+                .collect();
+            assert_eq!(owners, ["waldur-operator"], "{json}");
             // Events written through events.k8s.io/v1 are the ones `kubectl describe` shows
             // (the real server keeps both Event APIs in one store).
             let described = ok(
