@@ -1715,6 +1715,61 @@ async fn a_sharded_operator_claims_its_creations_with_a_lease() {
     assert_one_claim_held_by(&h, "/maker/");
 }
 
+/// Deleting a resource whose group this process created (and claimed in memory, without a
+/// Lease) reads no claim Lease: one Kubernetes request less per deletion. After a restart the
+/// memory is gone, and the Lease is read as before.
+#[tokio::test]
+async fn deleting_a_group_created_here_reads_no_claim_lease_until_a_restart() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    for name in ["kept", "restarted"] {
+        h.apply(
+            name,
+            serde_json::json!({"policy": "affinity", "tenant": TENANT, "name": name}),
+        );
+        h.converge(name, is_ready).await.unwrap();
+    }
+    let reads = h.kube.reads("leases");
+    h.kube.delete(PLURAL, NS, "kept");
+    h.converge("kept", |sg| sg.is_none()).await;
+    assert_eq!(h.kube.reads("leases"), reads, "no claim Lease read");
+
+    let restarted = h.sg("restarted").unwrap();
+    h.ctx
+        .held_here
+        .forget_holder(restarted.metadata.uid.as_deref().unwrap());
+    h.kube.delete(PLURAL, NS, "restarted");
+    h.converge("restarted", |sg| sg.is_none()).await;
+    assert!(h.kube.reads("leases") > reads, "the Lease is read");
+    assert!(h.sim.groups().is_empty());
+}
+
+/// An imported group's claim is a Lease as well as memory: deleting the importer releases the
+/// Lease, even when the same resource claimed the group without one since.
+#[tokio::test]
+async fn deleting_an_importer_releases_its_claim_lease() {
+    use support::{Harness, NS, PLURAL, TENANT, is_ready};
+    let h = Harness::fast_mode(ReadPath::PerObject).await;
+    let uuid = h.sim.waldur_create(TENANT, "old", "affinity").unwrap();
+    h.apply(
+        "importer",
+        serde_json::json!({"import": {"uuid": uuid}, "managementPolicy": "Managed"}),
+    );
+    h.converge("importer", is_ready).await.unwrap();
+    assert_one_claim_held_by(&h, "/importer/");
+    // The same resource claims the group again without a Lease (as a create's recovery
+    // would): the Lease it holds must still go with it.
+    let importer = h.sg("importer").unwrap();
+    let group = waldur_operator::waldur::WaldurUuid::parse(&uuid).unwrap();
+    let _ = h
+        .ctx
+        .held_here
+        .claim(&group, &importer, &h.ctx.store, false);
+    h.kube.delete(PLURAL, NS, "importer");
+    h.converge("importer", |sg| sg.is_none()).await;
+    assert_eq!(h.kube.list("leases").len(), 0, "the claim Lease went");
+}
+
 /// Review N13: a reconcile still in flight for an object that was deleted and created again
 /// under the same name (Observe has no finalizer; Argo CD's Replace) never writes the old
 /// object's status into the new one: the status write carries the uid as a precondition.

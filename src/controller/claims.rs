@@ -336,6 +336,9 @@ struct HeldBy {
     /// `namespace/name/uid`, as in a Lease's holder identity.
     holder: String,
     at: std::time::Instant,
+    /// A Lease may back this claim too (an import, an adoption, a sharded creation): letting
+    /// it go must read the Lease. False only for claims this process made without one.
+    lease: bool,
 }
 
 impl HeldHere {
@@ -345,12 +348,13 @@ impl HeldHere {
 
     /// Claims `uuid` for `sg`, with the same rule as a Lease: granted when free, already
     /// `sg`'s, or held by a resource that is gone or has moved on ([`still_held`], with the
-    /// holder as the informer cache has it).
+    /// holder as the informer cache has it). `lease`: the caller writes a Lease as well.
     pub fn claim(
         &self,
         uuid: &WaldurUuid,
         sg: &ServerGroup,
         store: &kube::runtime::reflector::Store<ServerGroup>,
+        lease: bool,
     ) -> Claim {
         let me = holder_of(sg);
         let mut held = self.lock();
@@ -364,14 +368,33 @@ impl HeldHere {
         if let Some(uid) = sg.metadata.uid.clone() {
             held.latest.insert(uid, uuid.clone());
         }
+        // Once a Lease may exist for `sg`'s claim, it stays that way: a later claim of the
+        // same group without one (a create's recovery after an adoption) does not remove it.
+        let lease = lease
+            || held
+                .by_group
+                .get(uuid)
+                .is_some_and(|h| h.holder == me && h.lease);
         held.by_group.insert(
             uuid.clone(),
             HeldBy {
                 holder: me,
                 at: std::time::Instant::now(),
+                lease,
             },
         );
         Claim::Granted
+    }
+
+    /// Whether `sg`'s claim on `uuid` lives only here: this process made it and wrote no Lease
+    /// for it, so letting it go need not read one. After a restart nothing is known here, and
+    /// the Lease is read as before.
+    pub fn without_lease(&self, uuid: &WaldurUuid, sg: &ServerGroup) -> bool {
+        let me = holder_of(sg);
+        self.lock()
+            .by_group
+            .get(uuid)
+            .is_some_and(|h| h.holder == me && !h.lease)
     }
 
     /// The resource (`namespace/name`) other than `sg` whose claim here on `uuid` stands.

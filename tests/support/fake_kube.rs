@@ -20,6 +20,8 @@ struct State {
     events: Vec<Value>,
     resource_version: u64,
     writes: u64,
+    /// GETs of one object, by plural.
+    reads: BTreeMap<String, u64>,
     /// Status writes to fail with 409, to simulate a conflicting writer.
     fail_status_writes: usize,
 }
@@ -134,6 +136,17 @@ impl FakeKube {
         self.lock().writes
     }
 
+    /// A GET of one object, counted.
+    fn read(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        *self.lock().reads.entry(plural.to_string()).or_default() += 1;
+        self.get(plural, ns, name)
+    }
+
+    /// GETs of one object of `plural` (leases, servergroups, ...).
+    pub fn reads(&self, plural: &str) -> u64 {
+        self.lock().reads.get(plural).copied().unwrap_or(0)
+    }
+
     pub fn fail_next_status_writes(&self, n: usize) {
         self.lock().fail_status_writes = n;
     }
@@ -190,7 +203,7 @@ impl FakeKube {
                     ),
                 }
             }
-            (&Method::GET, ["namespaces", ns, plural, name]) => match self.get(plural, ns, name) {
+            (&Method::GET, ["namespaces", ns, plural, name]) => match self.read(plural, ns, name) {
                 Some(obj) => (StatusCode::OK, obj),
                 None => (
                     StatusCode::NOT_FOUND,

@@ -54,14 +54,7 @@ impl Reconciler {
         let mut claimed: Vec<WaldurUuid> = self.status_uuid().into_iter().collect();
         claimed.extend(found.filter(|f| !claimed.contains(f)));
         for uuid in &claimed {
-            crate::controller::claims::release(
-                &self.ctx.kube,
-                &self.ctx.claims_namespace,
-                uuid,
-                &self.sg,
-            )
-            .await?;
-            self.ctx.held_here.release(uuid, &self.sg);
+            self.release_claim(uuid).await?;
         }
         self.remove_finalizer().await?;
         self.ctx

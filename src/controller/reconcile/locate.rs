@@ -688,13 +688,30 @@ impl Reconciler {
         self.claim_with(uuid, self.ctx.shard.is_sharded()).await
     }
 
+    /// Lets go of this resource's claim on `uuid`: its Lease, unless this process made the
+    /// claim without one (one Kubernetes read less per deletion of a group created here),
+    /// and the claim held in memory.
+    pub(super) async fn release_claim(&self, uuid: &WaldurUuid) -> Result<(), Error> {
+        if !self.ctx.held_here.without_lease(uuid, &self.sg) {
+            crate::controller::claims::release(
+                &self.ctx.kube,
+                &self.ctx.claims_namespace,
+                uuid,
+                &self.sg,
+            )
+            .await?;
+        }
+        self.ctx.held_here.release(uuid, &self.sg);
+        Ok(())
+    }
+
     async fn claim_with(&self, uuid: &WaldurUuid, lease: bool) -> Result<Option<String>, Error> {
         use crate::controller::claims::Claim;
         if self.sg.spec.management_policy != ManagementPolicy::Managed {
             return Ok(None);
         }
         let held_here = &self.ctx.held_here;
-        if let Claim::HeldBy(owner) = held_here.claim(uuid, &self.sg, &self.ctx.store) {
+        if let Claim::HeldBy(owner) = held_here.claim(uuid, &self.sg, &self.ctx.store, lease) {
             return Ok(Some(owner));
         }
         if !lease {

@@ -26,14 +26,7 @@ impl Reconciler {
         if let Some(previous) = self.status_uuid().filter(|u| *u != group.uuid) {
             // Bound to another group now (rebound or recreated): the claim on the old one goes
             // (review N7), or it would stand for ever.
-            crate::controller::claims::release(
-                &self.ctx.kube,
-                &self.ctx.claims_namespace,
-                &previous,
-                &self.sg,
-            )
-            .await?;
-            self.ctx.held_here.release(&previous, &self.sg);
+            self.release_claim(&previous).await?;
         }
         let mut handled = plan::tokens_at_first_binding(&self.sg)
             .or(self.status().handled_requests.map(|h| *h))
