@@ -421,11 +421,12 @@ pub struct AutoPull {
 impl ServerGroup {
     /// The name the group has (or will have) in Waldur.
     pub fn waldur_name(&self) -> String {
-        self.spec
-            .name
-            .clone()
-            .or_else(|| self.metadata.name.clone())
-            .unwrap_or_default()
+        self.waldur_name_str().unwrap_or_default().to_string()
+    }
+
+    /// [`Self::waldur_name`] borrowed: for the walks and indexes that must not allocate.
+    pub fn waldur_name_str(&self) -> Option<&str> {
+        self.spec.name.as_deref().or(self.metadata.name.as_deref())
     }
 
     pub fn annotation(&self, key: &str) -> Option<&str> {

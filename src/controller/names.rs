@@ -53,12 +53,7 @@ impl Entry {
                 name: sg.metadata.name.as_deref()?.into(),
                 uid: sg.metadata.uid.as_deref()?.into(),
             },
-            waldur_name: sg
-                .spec
-                .name
-                .as_deref()
-                .or(sg.metadata.name.as_deref())?
-                .into(),
+            waldur_name: sg.waldur_name_str()?.into(),
         })
     }
 }

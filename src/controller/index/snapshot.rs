@@ -151,8 +151,7 @@ impl Wanted {
             {
                 wanted.backend_ids.insert(fingerprint(&[backend_id]));
             }
-            let name = sg.spec.name.as_deref().or(sg.metadata.name.as_deref());
-            if let (Some(tenant), Some(name)) = (sg.spec.tenant.as_deref(), name) {
+            if let (Some(tenant), Some(name)) = (sg.spec.tenant.as_deref(), sg.waldur_name_str()) {
                 wanted.names.extend(uuid_fingerprint(tenant, Some(name)));
             }
         }

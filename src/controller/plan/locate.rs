@@ -268,12 +268,7 @@ pub fn holds_name_while_away(other: &ServerGroup, tenant: &WaldurUuid, name: &st
 /// walk over every cached ServerGroup before each create stays cheap (at 10,000 resources the
 /// walks parsed every other resource's intent and tenant: 124 s of CPU to create them all).
 pub fn named(other: &ServerGroup, name: &str) -> bool {
-    other
-        .spec
-        .name
-        .as_deref()
-        .or(other.metadata.name.as_deref())
-        == Some(name)
+    other.waldur_name_str() == Some(name)
 }
 
 /// Whether a create recorded by `intent` may have made `group` of this tenant and name: not
