@@ -308,11 +308,7 @@ impl Reconciler {
         let holder = self.named(name).find(|other| {
             other.metadata.uid.as_deref() != me && plan::holds_name_while_away(other, tenant, name)
         })?;
-        Some(format!(
-            "{}/{}",
-            holder.namespace().unwrap_or_default(),
-            holder.name_any()
-        ))
+        Some(namespaced_name(&holder))
     }
 
     /// The cached ServerGroups that would make their group under `name` (the names index,
@@ -348,16 +344,8 @@ impl Reconciler {
                 .find(|g| plan::may_have_made(&intent, tenant, name, g))
                 .cloned()
         };
-        let creator = self.named(name).find(|other| made_by(other).is_some())?;
-        let made = made_by(&creator)?;
-        Some((
-            format!(
-                "{}/{}",
-                creator.namespace().unwrap_or_default(),
-                creator.name_any()
-            ),
-            made,
-        ))
+        self.named(name)
+            .find_map(|other| made_by(&other).map(|made| (namespaced_name(&other), made)))
     }
 
     /// The create's 400 for a taken name: held by another ServerGroup (reported as such, not
@@ -666,11 +654,7 @@ impl Reconciler {
                     .is_some_and(|theirs| uuid.is(theirs))
                 && other.metadata.uid.as_deref() != me
         })?;
-        Some(format!(
-            "{}/{}",
-            owner.namespace().unwrap_or_default(),
-            owner.name_any()
-        ))
+        Some(namespaced_name(&owner))
     }
 
     /// Claims a group this Managed resource is about to bind: `Some` names the resource that
@@ -732,6 +716,11 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// `namespace/name`: how a message names another ServerGroup.
+fn namespaced_name(sg: &ServerGroup) -> String {
+    format!("{}/{}", sg.namespace().unwrap_or_default(), sg.name_any())
 }
 
 pub(super) fn not_found_message(lookup: &Lookup) -> String {
