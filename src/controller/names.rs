@@ -8,10 +8,10 @@
 //! the checks tolerate: they read a cache that lags the API server anyway, and the claims are
 //! what make a binding safe.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
 use crate::api::ServerGroup;
@@ -28,8 +28,6 @@ struct Inner {
     by_name: HashMap<Box<str>, Vec<Filed>>,
     /// uid -> the name it is filed under, to move it when its name changes.
     name_of: HashMap<Box<str>, Box<str>>,
-    /// The relist in progress (between `Init` and `InitDone`), as the reflector keeps one.
-    relist: Option<Vec<Entry>>,
 }
 
 /// Where to find one resource in the cache, and its uid.
@@ -90,32 +88,19 @@ impl Names {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Follows one watch event, as the reflector does for the cache.
-    pub fn apply(&self, event: &watcher::Event<ServerGroup>) {
+    /// Follows one watch event, after the reflector has applied it to `cache`. A relist is
+    /// read from the cache once it is done (the reflector keeps the relist in progress; until
+    /// `InitDone` the old picture stands, as it does in the cache).
+    pub fn apply(&self, event: &watcher::Event<ServerGroup>, cache: &Store<ServerGroup>) {
         let mut inner = self.lock();
         match event {
-            watcher::Event::Init => inner.relist = Some(Vec::new()),
-            watcher::Event::InitApply(sg) => {
-                let Some(entry) = Entry::of(sg) else { return };
-                match inner.relist.as_mut() {
-                    Some(relist) => relist.push(entry),
-                    None => inner.insert(entry),
-                }
-            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
             watcher::Event::InitDone => {
-                let relisted = inner.relist.take().unwrap_or_default();
-                let present: HashSet<&str> = relisted.iter().map(|e| &*e.filed.uid).collect();
-                let gone: Vec<Box<str>> = inner
-                    .name_of
-                    .keys()
-                    .filter(|uid| !present.contains(&***uid))
-                    .cloned()
-                    .collect();
-                for uid in gone {
-                    inner.remove(&uid);
-                }
-                for entry in relisted {
-                    inner.insert(entry);
+                *inner = Inner::default();
+                for sg in cache.state() {
+                    if let Some(entry) = Entry::of(&sg) {
+                        inner.insert(entry);
+                    }
                 }
             }
             watcher::Event::Apply(sg) => {
@@ -163,6 +148,29 @@ mod tests {
         sg
     }
 
+    /// The cache and the names index, fed one event as the watch feeds them.
+    struct Fed {
+        names: Names,
+        cache: Store<ServerGroup>,
+        writer: kube::runtime::reflector::store::Writer<ServerGroup>,
+    }
+
+    impl Fed {
+        fn new() -> Self {
+            let (cache, writer) = kube::runtime::reflector::store();
+            Self {
+                names: Names::default(),
+                cache,
+                writer,
+            }
+        }
+
+        fn apply(&mut self, event: watcher::Event<ServerGroup>) {
+            self.writer.apply_watcher_event(&event);
+            self.names.apply(&event, &self.cache);
+        }
+    }
+
     fn names_of(names: &Names, name: &str) -> Vec<String> {
         let mut found: Vec<String> = names.named(name).into_iter().map(|r| r.name).collect();
         found.sort();
@@ -171,31 +179,31 @@ mod tests {
 
     #[test]
     fn resources_are_filed_under_the_name_their_group_has_in_waldur() {
-        let names = Names::default();
-        names.apply(&watcher::Event::Apply(sg("a", "u1", None)));
-        names.apply(&watcher::Event::Apply(sg("b", "u2", Some("a"))));
-        names.apply(&watcher::Event::Apply(sg("c", "u3", None)));
-        assert_eq!(names_of(&names, "a"), ["a", "b"]);
+        let mut fed = Fed::new();
+        fed.apply(watcher::Event::Apply(sg("a", "u1", None)));
+        fed.apply(watcher::Event::Apply(sg("b", "u2", Some("a"))));
+        fed.apply(watcher::Event::Apply(sg("c", "u3", None)));
+        assert_eq!(names_of(&fed.names, "a"), ["a", "b"]);
         // A name changed: moved, not listed twice.
-        names.apply(&watcher::Event::Apply(sg("b", "u2", Some("c"))));
-        assert_eq!(names_of(&names, "a"), ["a"]);
-        assert_eq!(names_of(&names, "c"), ["b", "c"]);
-        names.apply(&watcher::Event::Delete(sg("c", "u3", None)));
-        assert_eq!(names_of(&names, "c"), ["b"]);
-        assert!(names.named("nobody").is_empty());
+        fed.apply(watcher::Event::Apply(sg("b", "u2", Some("c"))));
+        assert_eq!(names_of(&fed.names, "a"), ["a"]);
+        assert_eq!(names_of(&fed.names, "c"), ["b", "c"]);
+        fed.apply(watcher::Event::Delete(sg("c", "u3", None)));
+        assert_eq!(names_of(&fed.names, "c"), ["b"]);
+        assert!(fed.names.named("nobody").is_empty());
     }
 
     #[test]
     fn a_relist_drops_what_was_deleted_while_the_watch_was_down() {
-        let names = Names::default();
-        names.apply(&watcher::Event::Apply(sg("a", "u1", None)));
-        names.apply(&watcher::Event::Apply(sg("b", "u2", None)));
-        names.apply(&watcher::Event::Init);
-        names.apply(&watcher::Event::InitApply(sg("b", "u2", None)));
+        let mut fed = Fed::new();
+        fed.apply(watcher::Event::Apply(sg("a", "u1", None)));
+        fed.apply(watcher::Event::Apply(sg("b", "u2", None)));
+        fed.apply(watcher::Event::Init);
+        fed.apply(watcher::Event::InitApply(sg("b", "u2", None)));
         // Until the relist is done, the old picture stands.
-        assert_eq!(names_of(&names, "a"), ["a"]);
-        names.apply(&watcher::Event::InitDone);
-        assert!(names.named("a").is_empty());
-        assert_eq!(names_of(&names, "b"), ["b"]);
+        assert_eq!(names_of(&fed.names, "a"), ["a"]);
+        fed.apply(watcher::Event::InitDone);
+        assert!(fed.names.named("a").is_empty());
+        assert_eq!(names_of(&fed.names, "b"), ["b"]);
     }
 }

@@ -66,7 +66,7 @@ pub async fn run(
             let reader = reader.clone();
             move |e| {
                 if let Ok(event) = e {
-                    names.apply(event);
+                    names.apply(event, &reader);
                 }
                 match e {
                     Ok(watcher::Event::InitDone) => {

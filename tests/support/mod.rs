@@ -260,7 +260,7 @@ impl Harness {
         let mut writer = self.writer.lock().unwrap();
         let mut apply = |event: watcher::Event<ServerGroup>| {
             writer.apply_watcher_event(&event);
-            self.ctx.names.apply(&event);
+            self.ctx.names.apply(&event, &self.ctx.store);
         };
         apply(watcher::Event::Init);
         for sg in objects {
