@@ -13,6 +13,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use kube::api::PostParams;
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
+mod floor;
 mod kube_side;
 mod nova;
 mod orc;
@@ -91,11 +92,17 @@ struct Args {
     /// Run only the peer's rows (with `--peer`).
     #[arg(long, requires = "peer")]
     peer_only: bool,
+    /// Be the floor client that `--peer floor` runs (a child process of the benchmark).
+    #[arg(long, hide = true)]
+    floor_client: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
 enum Peer {
     Orc,
+    /// The Kubernetes floor: a client making the operator's three writes a resource with the
+    /// same bodies, and nothing else (no Waldur): what the API server alone needs for them.
+    Floor,
 }
 
 /// Whose row: this operator on one read path, or the peer.
@@ -103,6 +110,7 @@ enum Peer {
 enum Who {
     Ours(Mode),
     Orc,
+    Floor,
 }
 
 impl Who {
@@ -110,6 +118,7 @@ impl Who {
         match self {
             Who::Ours(mode) => mode.flag(),
             Who::Orc => "ORC v2.6.0",
+            Who::Floor => "floor: our 3 writes, no Waldur",
         }
     }
 
@@ -117,26 +126,27 @@ impl Who {
         match self {
             Who::Ours(_) => "waldur-operator",
             Who::Orc => "orc",
+            Who::Floor => "floor",
         }
     }
 
     fn resource(self) -> kube::api::ApiResource {
         match self {
-            Who::Ours(_) => resource(),
+            Who::Ours(_) | Who::Floor => resource(),
             Who::Orc => orc::resource(),
         }
     }
 
     fn manifest(self, i: usize) -> Value {
         match self {
-            Who::Ours(_) => manifest(i),
+            Who::Ours(_) | Who::Floor => manifest(i),
             Who::Orc => orc::manifest(i),
         }
     }
 
     fn is_ready(self, obj: &kube::api::DynamicObject) -> bool {
         match self {
-            Who::Ours(_) => condition_true(obj, "Ready"),
+            Who::Ours(_) | Who::Floor => condition_true(obj, "Ready"),
             Who::Orc => orc::is_ready(obj),
         }
     }
@@ -290,6 +300,11 @@ fn rss_bar_mib(n: usize) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    if args.floor_client {
+        let stopped = floor::run(usize::from(args.concurrency)).await;
+        eprintln!("floor client: {stopped:?}");
+        std::process::exit(1);
+    }
     if !args.peer_only && !args.operator.exists() {
         eprintln!(
             "no operator binary at {}: run `cargo build --release` first",
@@ -304,7 +319,10 @@ async fn main() {
             .iter()
             .filter(|_| !args.peer_only)
             .map(|m| Who::Ours(*m));
-        let peers = args.peer.iter().map(|Peer::Orc| Who::Orc);
+        let peers = args.peer.iter().map(|peer| match peer {
+            Peer::Orc => Who::Orc,
+            Peer::Floor => Who::Floor,
+        });
         for who in ours.chain(peers) {
             match run(&args, who, n).await {
                 Ok(row) => rows.push(row),
@@ -329,7 +347,8 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
     let kube_server = KubeSide::start(args.kube == Kube::Real).await?;
     let latency = Duration::from_millis(args.latency_ms);
     let backend = match who {
-        Who::Ours(_) => {
+        // The floor talks to no backend; an idle simulator keeps the run's checks the same.
+        Who::Ours(_) | Who::Floor => {
             let half = Duration::from_millis(args.transition_ms / 2);
             let sim = Simulator::start(SimConfig {
                 delays: Delays {
@@ -355,6 +374,7 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
     let mut operators = Vec::new();
     let commands = match (&who, &backend) {
         (Who::Ours(mode), Backend::Waldur(sim)) => our_commands(args, *mode, &kubeconfig, sim),
+        (Who::Floor, Backend::Waldur(_)) => vec![floor_command(args, &kubeconfig)?],
         (Who::Orc, Backend::Nova(nova)) => {
             let orc = orc::Orc::find()?;
             orc.install(&client, nova).await?;
@@ -569,6 +589,22 @@ fn our_commands(
             cmd
         })
         .collect()
+}
+
+/// The floor client: this binary again, as a process of its own like the operator.
+fn floor_command(
+    args: &Args,
+    kubeconfig: &std::path::Path,
+) -> Result<tokio::process::Command, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut cmd = tokio::process::Command::new(me);
+    cmd.arg("--floor-client")
+        .arg(format!("--concurrency={}", args.concurrency))
+        .env("KUBECONFIG", kubeconfig)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    Ok(cmd)
 }
 
 /// Writes recorded between two counts, by resource.
@@ -869,7 +905,7 @@ const MAX_GROWTH_KIB: f64 = 10.0;
 fn targets_met(args: &Args, rows: &[Row]) -> bool {
     let mut ok = true;
     // The peer's rows are for comparison: no bound of ours applies to them.
-    for r in rows.iter().filter(|r| r.who != Who::Orc) {
+    for r in rows.iter().filter(|r| matches!(r.who, Who::Ours(_))) {
         let mode = format!("{} N={}", r.who.label(), r.n);
         if r.who == Who::Ours(Mode::Batched) {
             // Each shard sweeps every group its credentials see: K shards, K sweeps.
@@ -1027,10 +1063,14 @@ fn settings_line(args: &Args) -> String {
         args.latency_ms,
         args.transition_ms,
         args.resync,
-        if args.peer.is_some() {
-            "; ORC v2.6.0 as shipped (its own defaults) against a Keystone and Nova emulator that creates at once"
-        } else {
-            ""
+        match args.peer {
+            Some(Peer::Orc) => {
+                "; ORC v2.6.0 as shipped (its own defaults) against a Keystone and Nova emulator that creates at once"
+            }
+            Some(Peer::Floor) => {
+                "; the floor client makes our writes at the same concurrency, with no backend"
+            }
+            None => "",
         }
     )
 }
@@ -1052,7 +1092,7 @@ fn print_table(args: &Args, rows: &[Row]) {
             // The target models Waldur's side (its transition, our in-flight limit).
             match r.who {
                 Who::Ours(_) => format!("{:.1}", time_bound(args, r)),
-                Who::Orc => "-".into(),
+                Who::Orc | Who::Floor => "-".into(),
             },
             r.create_per_resource,
             r.tail_per_resource,
@@ -1091,7 +1131,7 @@ fn print_json(args: &Args, rows: &[Row]) {
             "kube": r.kube,
             "kube_apiserver_cpu_s": r.server_cpu_secs,
             "operator": r.who.operator(),
-            "read_path": match r.who { Who::Ours(mode) => Some(mode.flag()), Who::Orc => None },
+            "read_path": match r.who { Who::Ours(mode) => Some(mode.flag()), Who::Orc | Who::Floor => None },
             "settings": settings_line(args),
             "n": r.n,
             "all_ready_s": r.ready_secs,
