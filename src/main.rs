@@ -256,8 +256,22 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Run(args)) => run(*args).await,
-        None => run(cli.run).await,
+        Some(Command::Run(args)) => run_on_workers(*args).await,
+        None => run_on_workers(cli.run).await,
+    }
+}
+
+/// Runs the operator as a task of the runtime, not in `main`'s own future: tokio polls that
+/// future on the main thread, outside the worker pool, so the controller's watch streams and
+/// scheduler would make a third busy thread, woken through a futex for every event, beside
+/// the workers that run the reconciles.
+async fn run_on_workers(args: RunArgs) -> ExitCode {
+    match tokio::spawn(run(args)).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: the operator stopped: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
