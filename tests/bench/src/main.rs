@@ -383,7 +383,10 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         _ => return Err("no such pairing".into()),
     };
     for mut cmd in commands {
-        tie_to_this_process(&mut cmd);
+        // The kernel kills the operator (ours or ORC's) if the benchmark dies without stopping
+        // it (Ctrl-C or a kill run no `Drop`): an orphan would go on retrying against an API
+        // server that is gone. Spawned from `main`'s thread, which lives as long as the process.
+        control_plane::die_with_spawning_thread(cmd.as_std_mut());
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start the {}: {e}", who.operator()))?;
@@ -822,22 +825,6 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 
 /// SIGTERM, as Kubernetes stops a pod (a heap-profiling build writes its profile then), and
 /// SIGKILL if it has not exited within a minute.
-/// Has the kernel kill the operator (ours or ORC's) if the benchmark dies without stopping it:
-/// Ctrl-C or a kill leaves no `Drop` to run, and an orphaned operator would go on retrying
-/// against an API server that is gone. `PR_SET_PDEATHSIG` fires when the forking *thread* ends;
-/// the children are spawned from the runtime's own threads, which live as long as the process.
-fn tie_to_this_process(cmd: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe, and nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 async fn stop(child: &mut tokio::process::Child, pid: u32) {
     let _ = tokio::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -615,17 +615,7 @@ pub fn spawn_tied_to_this_process(command: Command) -> std::io::Result<Child> {
             .name("control-plane-spawner".into())
             .spawn(move || {
                 for (mut command, reply) in rx {
-                    // SAFETY: prctl, close_range and fcntl are async-signal-safe; nothing
-                    // else runs between fork and exec.
-                    unsafe {
-                        command.pre_exec(|| {
-                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                            close_inherited_descriptors_on_exec();
-                            Ok(())
-                        });
-                    }
+                    die_with_spawning_thread(&mut command);
                     let _ = reply.send(command.spawn());
                 }
             });
@@ -640,6 +630,23 @@ pub fn spawn_tied_to_this_process(command: Command) -> std::io::Result<Child> {
     reply_rx
         .recv()
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// Has the kernel kill (SIGKILL) the process `command` starts once the thread that spawns it
+/// ends, and keeps the descriptors this process inherited from passing on to it. The thread
+/// must live as long as the process should: [`spawn_tied_to_this_process`] has one of its own.
+pub fn die_with_spawning_thread(command: &mut Command) {
+    // SAFETY: prctl, close_range and fcntl are async-signal-safe; nothing else runs between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            close_inherited_descriptors_on_exec();
+            Ok(())
+        });
+    }
 }
 
 /// What a certificate from [`ControlPlane::issue`] is for.
