@@ -73,8 +73,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    const KEY: &str = "openstack.waldur.com/create-intent";
-    const FIN: &str = "openstack.waldur.com/server-group";
+    use crate::api::{ANNOTATION_CREATE_INTENT as KEY, FINALIZER as FIN};
 
     fn meta(
         annotations: Option<&[(&str, &str)]>,

@@ -4,14 +4,14 @@ pub mod claims;
 pub mod credentials;
 mod error;
 pub mod events;
-mod finalizers;
+pub mod finalizers;
 pub mod index;
 pub mod names;
 pub mod plan;
 mod reconcile;
 pub mod released;
 pub mod secret_guard;
-mod status;
+pub mod status;
 pub mod tenant_pulls;
 
 use std::collections::{HashMap, HashSet};

@@ -1,8 +1,8 @@
 //! The Kubernetes floor (`--peer floor`): a client that makes, for each ServerGroup, the three
-//! writes the operator makes on the happy path, with the same bodies and field manager, and
-//! nothing else: no Waldur, no wait for a group to be made, no caches. Creating: the finalizer
-//! with the create intent, the Created Event, the status once Ready. Deleting: the Deleting
-//! status, the finalizer's removal, the Deleted Event.
+//! writes the operator makes on the happy path, built by the operator's own functions and sent
+//! under its field manager, and nothing else: no Waldur, no wait for a group to be made, no
+//! caches. Creating: the finalizer with the create intent, the Created Event, the status once
+//! Ready. Deleting: the Deleting status, the finalizer's removal, the Deleted Event.
 //!
 //! Its time to all Ready is what the API server (and this machine) needs for those writes alone:
 //! a bound no client making them can beat. The operator's row beside it shows what Waldur and
@@ -15,19 +15,19 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use waldur_operator::api::conditions::{
+    ConditionStatus, READY, SYNCED, ready_reason, set_condition, synced_reason,
+};
+use waldur_operator::api::{
+    ANNOTATION_CREATE_INTENT, CreateIntent, FINALIZER, ServerGroup, ServerGroupStatus,
+};
 use waldur_operator::controller::events::EventWriter;
-
-/// What the operator writes under: its field manager and Event reporter, its finalizer and
-/// its create-intent annotation.
-const MANAGER: &str = "waldur-operator";
-const FINALIZER: &str = "openstack.waldur.com/server-group";
-const INTENT: &str = "openstack.waldur.com/create-intent";
+use waldur_operator::controller::{MANAGER, finalizers, status};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Job {
@@ -37,9 +37,9 @@ enum Job {
 
 /// What to do for an object as the watch sees it: a new one is taken in, a deleted one let
 /// go; anything else (its own writes coming back) needs nothing.
-fn job(obj: &DynamicObject) -> Option<Job> {
-    let deleting = obj.metadata.deletion_timestamp.is_some();
-    let finalized = obj.finalizers().iter().any(|f| f == FINALIZER);
+fn job(sg: &ServerGroup) -> Option<Job> {
+    let deleting = sg.metadata.deletion_timestamp.is_some();
+    let finalized = sg.finalizers().iter().any(|f| f == FINALIZER);
     match (deleting, finalized) {
         (false, false) => Some(Job::Create),
         (true, true) => Some(Job::Delete),
@@ -58,17 +58,16 @@ pub async fn run(concurrency: usize) -> Result<(), String> {
             instance: None,
         },
     ));
-    let all: Api<DynamicObject> = Api::all_with(client.clone(), &crate::resource());
     let taken: Arc<Mutex<HashSet<(String, Job)>>> = Arc::default();
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut objects = watcher(all, watcher::Config::default())
+    let mut objects = watcher(Api::<ServerGroup>::all(client.clone()), Default::default())
         .default_backoff()
         .applied_objects()
         .boxed();
-    while let Some(obj) = objects.next().await {
-        let Ok(obj) = obj else { continue };
-        let Some(job) = job(&obj) else { continue };
-        let key = (obj.uid().unwrap_or_default(), job);
+    while let Some(sg) = objects.next().await {
+        let Ok(sg) = sg else { continue };
+        let Some(job) = job(&sg) else { continue };
+        let key = (sg.uid().unwrap_or_default(), job);
         if !lock(&taken).insert(key.clone()) {
             continue;
         }
@@ -79,12 +78,13 @@ pub async fn run(concurrency: usize) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let (client, events, taken) = (client.clone(), events.clone(), taken.clone());
         tokio::spawn(async move {
+            let api = Api::<ServerGroup>::namespaced(client, &sg.namespace().unwrap_or_default());
             let done = match job {
-                Job::Create => create(&client, &events, &obj).await,
-                Job::Delete => delete(&client, &events, &obj).await,
+                Job::Create => create(&api, &events, &sg).await,
+                Job::Delete => delete(&api, &events, &sg).await,
             };
             if let Err(e) = done {
-                eprintln!("floor client: {}: {e}", obj.name_any());
+                eprintln!("floor client: {}: {e}", sg.name_any());
                 // Taken again when the watch next shows it.
                 lock(&taken).remove(&key);
             }
@@ -98,137 +98,147 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn api(client: &Client, obj: &DynamicObject) -> Api<DynamicObject> {
-    let ns = obj.namespace().unwrap_or_default();
-    Api::namespaced_with(client.clone(), &ns, &crate::resource())
-}
-
-fn manager() -> PatchParams {
-    PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..Default::default()
-    }
-}
-
-fn now() -> Value {
-    serde_json::to_value(Time(Timestamp::now())).unwrap_or_default()
-}
-
-async fn create(client: &Client, events: &EventWriter, obj: &DynamicObject) -> Result<(), String> {
-    let api = api(client, obj);
-    let name = obj.name_any();
-    let spec = &obj.data["spec"];
-    let intent = json!({"tenant": spec["tenant"], "name": name, "at": now()}).to_string();
+async fn create(
+    api: &Api<ServerGroup>,
+    events: &EventWriter,
+    sg: &ServerGroup,
+) -> Result<(), kube::Error> {
+    let tenant = sg.spec.tenant.clone().unwrap_or_default();
+    let intent = CreateIntent {
+        tenant: tenant.clone(),
+        name: sg.waldur_name(),
+        at: Timestamp::now().to_string(),
+        replaces: String::new(),
+        foreign: Vec::new(),
+    };
+    let intent = serde_json::to_string(&intent).map_err(kube::Error::SerdeError)?;
     json_patch(
-        &api,
-        &name,
-        json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": obj.resource_version()},
-            {"op": "add", "path": "/metadata/annotations", "value": {INTENT: intent}},
-            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
-        ]),
+        api,
+        sg,
+        finalizers::annotate_and_finalize_patch(
+            &sg.metadata,
+            ANNOTATION_CREATE_INTENT,
+            &intent,
+            FINALIZER,
+        ),
     )
     .await?;
     // Waldur's ids, as long as a real group's: the object's uid stands in for both.
-    let backend_id = obj.uid().unwrap_or_default();
+    let backend_id = sg.uid().unwrap_or_default();
     let uuid = backend_id.replace('-', "");
-    event(
-        events,
-        obj,
-        "Created",
-        "Bind",
-        &format!("created Waldur server group {uuid}"),
-    )
-    .await?;
-    let at = now();
-    let generation = obj.metadata.generation;
-    let condition = |type_: &str, reason: &str, message: &str| {
-        json!({"type": type_, "status": "True", "reason": reason, "message": message,
-               "observedGeneration": generation, "lastTransitionTime": at})
+    let note = format!("created Waldur server group {uuid}");
+    event(events, sg, "Created", "Bind", &note).await?;
+    let now = Time(Timestamp::now());
+    let mut next = ServerGroupStatus {
+        observed_generation: sg.metadata.generation,
+        url: Some(format!(
+            "http://127.0.0.1:40000/api/openstack-server-groups/{uuid}/"
+        )),
+        uuid: Some(uuid),
+        tenant_uuid: Some(tenant),
+        backend_id: Some(backend_id),
+        state: Some("OK".into()),
+        name: Some(sg.waldur_name()),
+        policy: sg.spec.policy.as_ref().map(|p| p.to_string()),
+        instance_count: Some(0),
+        last_sync_time: Some(now.clone()),
+        ..Default::default()
     };
-    let status = json!({
-        "backendId": backend_id,
-        "conditions": [
-            condition("Ready", "Available", "the group is OK in Waldur"),
-            condition("Synced", "ReconcileSuccess", ""),
-        ],
-        "instanceCount": 0,
-        "lastSyncTime": at,
-        "name": name,
-        "observedGeneration": generation,
-        "policy": spec["policy"],
-        "state": "OK",
-        "tenantUuid": spec["tenant"],
-        "url": format!("http://127.0.0.1:40000/api/openstack-server-groups/{uuid}/"),
-        "uuid": uuid,
-    });
-    apply_status(&api, obj, status).await
+    condition(
+        &mut next,
+        sg,
+        READY,
+        true,
+        ready_reason::AVAILABLE,
+        "the group is OK in Waldur",
+        &now,
+    );
+    condition(
+        &mut next,
+        sg,
+        SYNCED,
+        true,
+        synced_reason::RECONCILED,
+        "",
+        &now,
+    );
+    status::write(api, sg, &next).await.map(drop)
 }
 
-async fn delete(client: &Client, events: &EventWriter, obj: &DynamicObject) -> Result<(), String> {
-    let api = api(client, obj);
-    let name = obj.name_any();
-    let mut status = obj.data["status"].clone();
-    status["conditions"] = json!([
-        {"type": "Ready", "status": "False", "reason": "Deleting",
-         "message": "deleting the Waldur group", "observedGeneration": obj.metadata.generation,
-         "lastTransitionTime": now()},
-        status["conditions"][1].clone(),
-    ]);
-    apply_status(&api, obj, status).await?;
-    let left: Vec<&String> = obj
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .collect();
-    json_patch(
-        &api,
-        &name,
-        json!([
-            {"op": "test", "path": "/metadata/finalizers", "value": obj.finalizers()},
-            {"op": "replace", "path": "/metadata/finalizers", "value": left},
-        ]),
-    )
-    .await?;
-    event(events, obj, "Deleted", "Delete", "deleted the Waldur group").await
+async fn delete(
+    api: &Api<ServerGroup>,
+    events: &EventWriter,
+    sg: &ServerGroup,
+) -> Result<(), kube::Error> {
+    let mut next = sg.status.clone().unwrap_or_default();
+    let now = Time(Timestamp::now());
+    let message = "deleting the Waldur group";
+    condition(
+        &mut next,
+        sg,
+        READY,
+        false,
+        ready_reason::DELETING,
+        message,
+        &now,
+    );
+    status::write(api, sg, &next).await?;
+    if let Some(patch) = finalizers::remove_patch(sg.finalizers(), FINALIZER) {
+        json_patch(api, sg, patch).await?;
+    }
+    event(events, sg, "Deleted", "Delete", "deleted the Waldur group").await
 }
 
-async fn json_patch(api: &Api<DynamicObject>, name: &str, patch: Value) -> Result<(), String> {
-    let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|e| e.to_string())?;
-    api.patch(name, &manager(), &Patch::<()>::Json(patch))
+/// A condition for `sg`'s generation, as the operator sets it.
+fn condition(
+    status: &mut ServerGroupStatus,
+    sg: &ServerGroup,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) {
+    let value = if ok {
+        ConditionStatus::True
+    } else {
+        ConditionStatus::False
+    };
+    let generation = sg.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        type_,
+        value,
+        reason,
+        message,
+        generation,
+        now,
+    );
+}
+
+async fn json_patch(
+    api: &Api<ServerGroup>,
+    sg: &ServerGroup,
+    patch: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(kube::Error::SerdeError)?;
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..Default::default()
+    };
+    api.patch(&sg.name_any(), &params, &Patch::<()>::Json(patch))
         .await
         .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-async fn apply_status(
-    api: &Api<DynamicObject>,
-    obj: &DynamicObject,
-    status: Value,
-) -> Result<(), String> {
-    let patch = json!({
-        "apiVersion": "openstack.waldur.com/v1alpha1",
-        "kind": "ServerGroup",
-        "metadata": {"uid": obj.uid()},
-        "status": status,
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map(drop)
-    .map_err(|e| e.to_string())
 }
 
 async fn event(
     events: &EventWriter,
-    obj: &DynamicObject,
+    sg: &ServerGroup,
     reason: &str,
     action: &str,
     note: &str,
-) -> Result<(), String> {
+) -> Result<(), kube::Error> {
     let event = Event {
         type_: EventType::Normal,
         reason: reason.into(),
@@ -236,8 +246,5 @@ async fn event(
         action: action.into(),
         secondary: None,
     };
-    events
-        .publish(&event, &obj.object_ref(&crate::resource()))
-        .await
-        .map_err(|e| e.to_string())
+    events.publish(&event, &sg.object_ref(&())).await
 }
