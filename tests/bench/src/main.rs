@@ -365,7 +365,9 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         Who::Orc => Backend::Nova(nova::Nova::start(latency).await?),
     };
 
-    let dir = RunDir(std::env::temp_dir().join(format!("waldur-bench-{}", std::process::id())));
+    // A killed benchmark runs no `Drop`: its run directories go at the next start.
+    control_plane::remove_stale_dirs(RUN_DIR_PREFIX);
+    let dir = RunDir(std::env::temp_dir().join(format!("{RUN_DIR_PREFIX}{}", std::process::id())));
     std::fs::create_dir_all(&dir.0).map_err(|e| e.to_string())?;
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, kube_server.kubeconfig_yaml()).map_err(|e| e.to_string())?;
@@ -540,6 +542,9 @@ async fn run(args: &Args, who: Who, n: usize) -> Result<Row, String> {
         peak_rss_deleting_mib: peak_rss_deleting,
     })
 }
+
+/// Where a run's directory is made: `<prefix><pid>` in the temporary directory.
+const RUN_DIR_PREFIX: &str = "waldur-bench-";
 
 /// A run's directory (the operators' kubeconfig), removed when the run ends, failed or not.
 struct RunDir(std::path::PathBuf);

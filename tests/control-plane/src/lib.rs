@@ -137,7 +137,7 @@ impl ControlPlane {
     fn start_once(options: Options) -> Result<ControlPlane, String> {
         let started = Instant::now();
         let assets = assets_dir()?;
-        remove_stale_dirs();
+        remove_stale_dirs(DIR_PREFIX);
         let dir = options.dir.clone().unwrap_or_else(|| {
             std::env::temp_dir().join(format!(
                 "{DIR_PREFIX}{}-{}",
@@ -557,15 +557,16 @@ fn next_serial() -> u32 {
     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Removes directories left by test processes that were killed (their pid is gone).
-fn remove_stale_dirs() {
+/// Removes the directories `<prefix><pid>...` in the temporary directory that processes which
+/// were killed left behind (their pid is gone).
+pub fn remove_stale_dirs(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = name
-            .strip_prefix(DIR_PREFIX)
+            .strip_prefix(prefix)
             .and_then(|rest| rest.split('-').next())
             .and_then(|p| p.parse::<u32>().ok())
         else {
